@@ -1,0 +1,118 @@
+"""Which WebSocket paths the middleware serves, and where their session id comes from."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from urllib.parse import parse_qsl
+
+from ._types import Scope
+
+__all__ = ["DEFAULT_SESSION_ID_PATTERN", "NoSessionId", "PathMatcher", "SessionIdValidator"]
+
+DEFAULT_SESSION_ID_PATTERN = r"[A-Za-z0-9_-]{1,128}"
+
+_PLACEHOLDER = "{session_id}"
+_ANY_PLACEHOLDER = re.compile(r"\{[^}]*\}")
+# Session ids become NATS subject tokens and log fields. Whatever pattern a user configures,
+# these never pass: subject wildcards and separators, whitespace and control characters.
+_NEVER_IN_ID = re.compile(r"[.*>\s\x00-\x1f\x7f]")
+_MAX_ID_LENGTH = 256
+
+
+class NoSessionId:
+    """A served path whose session id cannot be read; ``reason`` says why, for the log."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"NoSessionId({self.reason!r})"
+
+
+_MISSING = NoSessionId("missing")
+_REPEATED = NoSessionId("repeated query parameter")
+
+
+class PathMatcher:
+    """Matches a WebSocket scope against the configured paths and extracts the raw session id.
+
+    Exact paths are one dict lookup; patterns with a ``{session_id}`` segment are compiled once.
+    """
+
+    def __init__(self, paths: Iterable[str], *, session_id_param: str) -> None:
+        if isinstance(paths, str):
+            raise TypeError(f"paths must be a list of paths, not a string: use paths=[{paths!r}]")
+        self._exact: set[str] = set()
+        self._patterns: list[re.Pattern[str]] = []
+        for path in paths:
+            self._add(path)
+        if not self._exact and not self._patterns:
+            raise ValueError("paths must name at least one WebSocket path")
+        if not session_id_param:
+            raise ValueError("session_id_param must be a non-empty query parameter name")
+        self._param = session_id_param
+
+    def _add(self, path: str) -> None:
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise ValueError(f"paths must start with '/': got {path!r}")
+        placeholders = _ANY_PLACEHOLDER.findall(path)
+        if not placeholders:
+            self._exact.add(path)
+            return
+        if placeholders != [_PLACEHOLDER]:
+            raise ValueError(
+                f"a path pattern may hold exactly one '{{session_id}}' placeholder: got {path!r}"
+            )
+        before, after = path.split(_PLACEHOLDER)
+        if not before.endswith("/") or not (after == "" or after.startswith("/")):
+            raise ValueError(f"'{{session_id}}' must be a whole path segment: got {path!r}")
+        regex = f"{re.escape(before)}(?P<session_id>[^/]+){re.escape(after)}"
+        self._patterns.append(re.compile(regex))
+
+    def match(self, scope: Scope) -> str | NoSessionId | None:
+        """Return the raw session id, why there is none, or ``None`` when the path is not served."""
+        path = scope.get("path", "")
+        if path in self._exact:
+            return self._query_param(scope)
+        for pattern in self._patterns:
+            found = pattern.fullmatch(path)
+            if found is not None:
+                return found["session_id"]
+        return None
+
+    def _query_param(self, scope: Scope) -> str | NoSessionId:
+        raw = scope.get("query_string", b"")
+        if not raw:
+            return _MISSING
+        # errors="replace": undecodable bytes become U+FFFD, which no valid id contains.
+        values = [
+            value
+            for name, value in parse_qsl(
+                raw.decode("latin-1"), keep_blank_values=True, encoding="utf-8", errors="replace"
+            )
+            if name == self._param
+        ]
+        if not values:
+            return _MISSING
+        if len(values) > 1:
+            # Two ids in one URL are ambiguous; different layers could pick different ones.
+            return _REPEATED
+        return str(values[0])
+
+
+class SessionIdValidator:
+    """Accepts a session id only if it fully matches the pattern and is safe as a subject token."""
+
+    def __init__(self, pattern: str | re.Pattern[str]) -> None:
+        self._pattern = re.compile(pattern) if isinstance(pattern, str) else pattern
+
+    def __call__(self, session_id: str) -> bool:
+        """Return whether ``session_id`` may reach a loader."""
+        return (
+            0 < len(session_id) <= _MAX_ID_LENGTH
+            and _NEVER_IN_ID.search(session_id) is None
+            and self._pattern.fullmatch(session_id) is not None
+        )

@@ -1,0 +1,61 @@
+"""What a loader is given and what it returns."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from pydantic import BaseModel
+
+from ._types import Scope
+from .events import Version
+
+__all__ = ["LoaderResult", "SessionContext", "SessionLoader", "Snapshot"]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A session's current state, with what the loader knows about it.
+
+    Return one from a loader when you know the session's owner or version; a loader may also
+    return the bare session (a mapping or a pydantic model) or ``None``.
+
+    Attributes:
+        session: The state sent to the client, serialised as JSON.
+        owner: Who owns the session, sent as ``owner`` in the event.
+        version: The session's version (an int, a ``datetime`` or an ISO-8601 string), sent as
+            ``version`` in the event and used to order the snapshot against live events.
+    """
+
+    session: Mapping[str, Any] | BaseModel
+    owner: str | None = None
+    version: Version | None = None
+
+
+LoaderResult = Mapping[str, Any] | BaseModel | Snapshot | None
+"""What a loader may return; ``None`` means there is nothing to send (no such session)."""
+
+
+@dataclass(frozen=True)
+class SessionContext:
+    """What a loader knows about the connection it loads for.
+
+    Attributes:
+        session_id: The validated session id from the path or the query string.
+        scope: The connection's ASGI scope, as the app saw it when it accepted.
+        user: Who is connecting: what ``authenticate(scope)`` returned when the middleware was
+            given one, else ``scope.get("user")`` (set by an auth middleware), else ``None``.
+    """
+
+    session_id: str
+    scope: Scope
+    user: Any = None
+
+
+class SessionLoader(Protocol):
+    """The shape of a snapshot loader: ``async def load_session(ctx) -> LoaderResult``."""
+
+    async def __call__(self, ctx: SessionContext, /) -> LoaderResult:
+        """Load the current state of ``ctx.session_id``, or return ``None`` when there is none."""
+        ...

@@ -1,0 +1,457 @@
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+from typing import Any
+
+import anyio
+import pytest
+from pydantic import BaseModel
+
+from asgi_session_sync import SessionContext, SessionSyncMiddleware, Snapshot
+from asgi_session_sync._types import Message, Receive, Scope, Send
+from asgi_session_sync.testing import WebSocketRejected, connect_websocket
+
+pytestmark = pytest.mark.anyio
+
+SESSION = {"title": "demo", "interactions": [{"prompt": "hi", "response": "hello"}]}
+
+
+async def greeting_app(scope: Scope, receive: Receive, send: Send) -> None:
+    """Accepts, greets at once, then echoes until the client leaves."""
+    assert scope["type"] == "websocket"
+    assert (await receive())["type"] == "websocket.connect"
+    await send({"type": "websocket.accept"})
+    await send({"type": "websocket.send", "text": "hello"})
+    while True:
+        message = await receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        await send({"type": "websocket.send", "text": "echo:" + message["text"]})
+
+
+class RecordingLoader:
+    """A loader that records every context it was called with."""
+
+    def __init__(self, result: Any = None) -> None:
+        self.result = SESSION if result is None else result
+        self.calls: list[SessionContext] = []
+
+    async def __call__(self, ctx: SessionContext) -> Any:
+        self.calls.append(ctx)
+        return self.result
+
+
+def wrap(app: Any = greeting_app, **options: Any) -> SessionSyncMiddleware:
+    options.setdefault("loader", RecordingLoader())
+    options.setdefault("paths", ["/ws/sessions/{session_id}", "/ws"])
+    return SessionSyncMiddleware(app, **options)
+
+
+async def test_snapshot_is_first_frame_after_accept() -> None:
+    loader = RecordingLoader(Snapshot(SESSION, owner="alice", version=7))
+    async with connect_websocket(wrap(loader=loader), "/ws/sessions/s1") as ws:
+        assert await ws.receive_json() == {
+            "type": "session_update",
+            "session_id": "s1",
+            "owner": "alice",
+            "session": SESSION,
+            "version": 7,
+        }
+        assert await ws.receive_text() == "hello"
+        await ws.send_text("ping")
+        assert await ws.receive_text() == "echo:ping"
+    assert [ctx.session_id for ctx in loader.calls] == ["s1"]
+
+
+async def test_frame_has_no_version_key_when_version_unknown() -> None:
+    async with connect_websocket(wrap(), "/ws/sessions/s1") as ws:
+        assert await ws.receive_json() == {
+            "type": "session_update",
+            "session_id": "s1",
+            "owner": None,
+            "session": SESSION,
+        }
+
+
+async def test_timestamp_version_is_sent_as_iso_8601() -> None:
+    when = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    loader = RecordingLoader(Snapshot(SESSION, version=when))
+    async with connect_websocket(wrap(loader=loader), "/ws/sessions/s1") as ws:
+        assert (await ws.receive_json())["version"] == "2026-01-02T03:04:05Z"
+
+
+async def test_pydantic_session_is_serialised() -> None:
+    class Interaction(BaseModel):
+        prompt: str
+        at: datetime
+
+    class Session(BaseModel):
+        interactions: list[Interaction]
+
+    when = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    loader = RecordingLoader(Session(interactions=[Interaction(prompt="hi", at=when)]))
+    async with connect_websocket(wrap(loader=loader), "/ws/sessions/s1") as ws:
+        event = await ws.receive_json()
+    assert event["session"] == {"interactions": [{"prompt": "hi", "at": "2026-01-01T00:00:00Z"}]}
+
+
+async def test_session_id_from_query_parameter_on_exact_path() -> None:
+    loader = RecordingLoader()
+    async with connect_websocket(wrap(loader=loader), "/ws?session_id=abc&x=1") as ws:
+        assert (await ws.receive_json())["session_id"] == "abc"
+    assert loader.calls[0].session_id == "abc"
+
+
+async def test_custom_session_id_param() -> None:
+    loader = RecordingLoader()
+    app = wrap(loader=loader, paths=["/live"], session_id_param="sid")
+    async with connect_websocket(app, "/live?sid=abc") as ws:
+        assert (await ws.receive_json())["session_id"] == "abc"
+
+
+async def test_custom_event_type() -> None:
+    async with connect_websocket(wrap(event_type="snapshot"), "/ws/sessions/s1") as ws:
+        assert (await ws.receive_json())["type"] == "snapshot"
+
+
+async def test_accept_is_forwarded_unchanged() -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await send(
+            {"type": "websocket.accept", "subprotocol": "v2", "headers": [(b"x-served-by", b"a")]}
+        )
+        await receive()
+
+    async with connect_websocket(wrap(app), "/ws/sessions/s1", subprotocols=["v1", "v2"]) as ws:
+        assert ws.subprotocol == "v2"
+        assert ws.accept_headers == [(b"x-served-by", b"a")]
+        assert (await ws.receive_json())["session_id"] == "s1"
+
+
+@pytest.mark.parametrize("path", ["/other", "/ws/sessions", "/ws/sessions/s1/extra", "/WS"])
+async def test_unserved_paths_pass_through_untouched(path: str) -> None:
+    seen: list[tuple[Receive, Send]] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.append((receive, send))
+        await greeting_app(scope, receive, send)
+
+    loader = RecordingLoader()
+    async with connect_websocket(wrap(app, loader=loader), path) as ws:
+        assert await ws.receive_text() == "hello"
+        server_receive, server_send = ws._asgi_receive, ws._asgi_send
+    assert seen == [(server_receive, server_send)]
+    assert loader.calls == []
+
+
+@pytest.mark.parametrize("scope_type", ["http", "lifespan"])
+async def test_http_and_lifespan_pass_through_untouched(scope_type: str) -> None:
+    calls: list[tuple[Scope, Receive, Send]] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        calls.append((scope, receive, send))
+
+    async def receive() -> Message:
+        raise AssertionError("not called")
+
+    async def send(message: Message) -> None:
+        raise AssertionError("not called")
+
+    loader = RecordingLoader()
+    scope = {"type": scope_type, "path": "/ws"}
+    await wrap(app, loader=loader)(scope, receive, send)
+    assert calls == [(scope, receive, send)]
+    assert loader.calls == []
+
+
+async def test_loader_returning_none_is_transparent() -> None:
+    async def nothing(ctx: SessionContext) -> None:
+        return None
+
+    async def frames(app: Any) -> list[str]:
+        async with connect_websocket(app, "/ws/sessions/s1") as ws:
+            await ws.send_text("a")
+            return [await ws.receive_text(), await ws.receive_text()]
+
+    assert await frames(wrap(loader=nothing)) == await frames(greeting_app)
+
+
+async def test_loader_error_is_logged_and_app_goes_on(caplog: pytest.LogCaptureFixture) -> None:
+    errors: list[tuple[str, Exception]] = []
+
+    async def broken(ctx: SessionContext) -> None:
+        raise LookupError("db said no")
+
+    app = wrap(loader=broken, on_error=lambda ctx, exc: errors.append((ctx.session_id, exc)))
+    with caplog.at_level(logging.ERROR, logger="asgi_session_sync"):
+        async with connect_websocket(app, "/ws/sessions/s1") as ws:
+            assert await ws.receive_text() == "hello"
+    assert [(sid, type(exc)) for sid, exc in errors] == [("s1", LookupError)]
+    [record] = caplog.records
+    assert "loader raised" in record.getMessage()
+    assert "session_id=s1" in record.getMessage()
+    assert record.exc_info is not None
+
+
+async def test_on_error_hook_failure_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    async def broken(ctx: SessionContext) -> None:
+        raise LookupError
+
+    def bad_hook(ctx: SessionContext, exc: Exception) -> None:
+        raise RuntimeError("hook bug")
+
+    with caplog.at_level(logging.ERROR, logger="asgi_session_sync"):
+        async with connect_websocket(
+            wrap(loader=broken, on_error=bad_hook), "/ws/sessions/s1"
+        ) as ws:
+            assert await ws.receive_text() == "hello"
+    assert any("on_error hook raised" in r.getMessage() for r in caplog.records)
+
+
+async def test_loader_timeout_cancels_and_app_goes_on_promptly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cancelled = anyio.Event()
+    errors: list[Exception] = []
+
+    async def hanging(ctx: SessionContext) -> None:
+        try:
+            await anyio.sleep_forever()
+        finally:
+            cancelled.set()
+
+    app = wrap(loader=hanging, timeout=0.05, on_error=lambda ctx, exc: errors.append(exc))
+    with caplog.at_level(logging.WARNING, logger="asgi_session_sync"):
+        async with connect_websocket(app, "/ws/sessions/s1", timeout=2) as ws:
+            assert await ws.receive_text() == "hello"
+    assert cancelled.is_set()
+    assert [type(e) for e in errors] == [TimeoutError]
+    assert any("timed out" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    "rejection",
+    [
+        [{"type": "websocket.close", "code": 4403}],
+        [
+            {"type": "websocket.http.response.start", "status": 403, "headers": []},
+            {"type": "websocket.http.response.body", "body": b"no"},
+        ],
+    ],
+    ids=["close", "http-response"],
+)
+async def test_loader_never_called_when_app_rejects(rejection: list[Message]) -> None:
+    async def rejecting(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        for message in rejection:
+            await send(message)
+
+    loader = RecordingLoader()
+    with pytest.raises(WebSocketRejected):
+        async with connect_websocket(wrap(rejecting, loader=loader), "/ws/sessions/s1"):
+            pass
+    assert loader.calls == []
+
+
+async def test_disconnect_during_load_cancels_loader_and_reaches_app() -> None:
+    loading = anyio.Event()
+    cancelled = anyio.Event()
+    app_received: list[Message] = []
+
+    async def slow(ctx: SessionContext) -> None:
+        loading.set()
+        try:
+            await anyio.sleep_forever()
+        finally:
+            cancelled.set()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        app_received.append(await receive())
+
+    async with connect_websocket(wrap(app, loader=slow, timeout=30), "/ws/sessions/s1") as ws:
+        await loading.wait()
+        await ws.disconnect(1001)
+        await ws.wait_app_done()
+        assert cancelled.is_set()
+        assert app_received == [{"type": "websocket.disconnect", "code": 1001}]
+        assert ws.sent_after_close == []
+
+
+async def test_client_messages_during_load_reach_app_in_order() -> None:
+    loading = anyio.Event()
+    release = anyio.Event()
+
+    async def gated(ctx: SessionContext) -> dict[str, str]:
+        loading.set()
+        await release.wait()
+        return {"ok": "yes"}
+
+    async with connect_websocket(wrap(loader=gated), "/ws/sessions/s1") as ws:
+        await loading.wait()
+        await ws.send_text("one")
+        await ws.send_text("two")
+        release.set()
+        assert (await ws.receive_json())["session"] == {"ok": "yes"}
+        assert await ws.receive_text() == "hello"
+        assert await ws.receive_text() == "echo:one"
+        assert await ws.receive_text() == "echo:two"
+
+
+INVALID_IDS = ["*", ">", "a.b", "a b", "a\tb", "a\x00b", "a\x1b[31m", "x" * 129, "ünï", "a/b%2e"]
+
+
+@pytest.mark.parametrize("session_id", INVALID_IDS)
+async def test_loader_never_called_for_invalid_query_session_id(session_id: str) -> None:
+    from urllib.parse import quote
+
+    loader = RecordingLoader()
+    async with connect_websocket(wrap(loader=loader), "/ws?session_id=" + quote(session_id)) as ws:
+        assert await ws.receive_text() == "hello"
+    assert loader.calls == []
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/ws/sessions/*",
+        "/ws/sessions/%3E",
+        "/ws/sessions/a.b",
+        "/ws/sessions/a%20b",
+        "/ws/sessions/",
+    ],
+)
+async def test_loader_never_called_for_invalid_path_session_id(path: str) -> None:
+    loader = RecordingLoader()
+    async with connect_websocket(wrap(loader=loader), path) as ws:
+        assert await ws.receive_text() == "hello"
+    assert loader.calls == []
+
+
+@pytest.mark.parametrize("query", ["", "other=1", "session_id=", "session_id=a&session_id=b"])
+async def test_loader_never_called_for_missing_or_ambiguous_query_id(query: str) -> None:
+    loader = RecordingLoader()
+    async with connect_websocket(wrap(loader=loader), "/ws?" + query) as ws:
+        assert await ws.receive_text() == "hello"
+    assert loader.calls == []
+
+
+async def test_custom_pattern_never_admits_subject_wildcards() -> None:
+    loader = RecordingLoader()
+    app = wrap(loader=loader, session_id_pattern=r".+")
+    async with connect_websocket(app, "/ws?session_id=a.%3E") as ws:
+        assert await ws.receive_text() == "hello"
+    async with connect_websocket(app, "/ws?session_id=a:b") as ws:
+        assert (await ws.receive_json())["session_id"] == "a:b"
+    assert [ctx.session_id for ctx in loader.calls] == ["a:b"]
+
+
+async def test_oversize_snapshot_is_not_sent(caplog: pytest.LogCaptureFixture) -> None:
+    loader = RecordingLoader({"blob": "x" * 2000})
+    with caplog.at_level(logging.WARNING, logger="asgi_session_sync"):
+        async with connect_websocket(wrap(loader=loader, max_bytes=1000), "/ws/sessions/s1") as ws:
+            assert await ws.receive_text() == "hello"
+    assert any("exceeds max_bytes=1000" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("result", [42, "text", ["a", "list"]])
+async def test_wrong_loader_result_type_is_logged(
+    result: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.ERROR, logger="asgi_session_sync"):
+        async with connect_websocket(wrap(loader=RecordingLoader(result)), "/ws/sessions/s1") as ws:
+            assert await ws.receive_text() == "hello"
+    assert any("expected a mapping" in r.getMessage() for r in caplog.records)
+
+
+async def test_unserialisable_session_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    loader = RecordingLoader({"thing": object()})
+    with caplog.at_level(logging.ERROR, logger="asgi_session_sync"):
+        async with connect_websocket(wrap(loader=loader), "/ws/sessions/s1") as ws:
+            assert await ws.receive_text() == "hello"
+    assert any("cannot serialise" in r.getMessage() for r in caplog.records)
+
+
+async def test_user_from_authenticate() -> None:
+    async def authenticate(scope: Scope) -> str:
+        return dict(scope["headers"])[b"authorization"].decode()
+
+    loader = RecordingLoader()
+    app = wrap(loader=loader, authenticate=authenticate)
+    async with connect_websocket(app, "/ws/sessions/s1", headers={"Authorization": "bob"}) as ws:
+        await ws.receive_json()
+    assert loader.calls[0].user == "bob"
+
+
+async def test_user_from_scope_set_by_inner_auth_middleware() -> None:
+    def auth_middleware(app: Any) -> Any:
+        async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+            scope["user"] = "carol"  # as Starlette's AuthenticationMiddleware does
+            await app(scope, receive, send)
+
+        return middleware
+
+    loader = RecordingLoader()
+    async with connect_websocket(
+        wrap(auth_middleware(greeting_app), loader=loader), "/ws/sessions/s1"
+    ) as ws:
+        await ws.receive_json()
+    assert loader.calls[0].user == "carol"
+    assert loader.calls[0].scope["path"] == "/ws/sessions/s1"
+
+
+async def test_asgi2_app_is_supported() -> None:
+    class Asgi2App:
+        def __init__(self, scope: Scope) -> None:
+            self.scope = scope
+
+        async def __call__(self, receive: Receive, send: Send) -> None:
+            await greeting_app(self.scope, receive, send)
+
+    async with connect_websocket(wrap(Asgi2App), "/ws/sessions/s1") as ws:
+        assert (await ws.receive_json())["session_id"] == "s1"
+        assert await ws.receive_text() == "hello"
+
+
+async def test_send_failure_of_snapshot_is_not_raised_into_app() -> None:
+    async def send_fails(message: Message) -> None:
+        if message["type"] == "websocket.send":
+            raise OSError("socket gone")
+
+    messages = iter([{"type": "websocket.connect"}, {"type": "websocket.disconnect", "code": 1006}])
+
+    async def receive() -> Message:
+        return next(messages)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        assert (await receive())["type"] == "websocket.disconnect"
+
+    scope = {"type": "websocket", "path": "/ws/sessions/s1", "query_string": b""}
+    await wrap(app)(scope, receive, send_fails)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"paths": ["ws"]}, "paths must start with '/'"),
+        ({"paths": "/ws"}, "not a string"),
+        ({"paths": []}, "at least one"),
+        ({"paths": ["/ws/{id}"]}, "exactly one '{session_id}'"),
+        ({"paths": ["/ws/{session_id}/{session_id}"]}, "exactly one"),
+        ({"paths": ["/ws/x{session_id}"]}, "whole path segment"),
+        ({"timeout": 0}, "timeout must be a positive"),
+        ({"max_bytes": 0}, "max_bytes must be positive"),
+        ({"session_id_param": ""}, "session_id_param"),
+        ({"event_type": ""}, "event_type"),
+        ({"loader": "not callable"}, "loader must be an async callable"),
+    ],
+)
+def test_bad_configuration_fails_at_construction(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(
+        (ValueError, TypeError), match=message.replace("{", r"\{").replace("}", r"\}")
+    ):
+        wrap(**options)
