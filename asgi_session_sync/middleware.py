@@ -17,7 +17,14 @@ from ._types import ASGIApp, Message, Receive, Scope, Send
 from .events import SessionUpdate
 from .snapshot import SessionContext, SessionLoader, Snapshot
 
-__all__ = ["Authenticate", "ErrorHook", "SessionSyncMiddleware"]
+__all__ = [
+    "SCOPE_KEY",
+    "Authenticate",
+    "ErrorHook",
+    "Resync",
+    "SessionSyncMiddleware",
+    "get_resync",
+]
 
 logger = logging.getLogger("asgi_session_sync")
 
@@ -26,6 +33,12 @@ Authenticate = Callable[[Scope], Awaitable[Any]]
 
 ErrorHook = Callable[[SessionContext, Exception], object]
 """``def on_error(ctx, exc)``: called when a load failed or timed out."""
+
+Resync = Callable[[], Awaitable[str | None]]
+"""Loads the connection's session afresh; returns the snapshot frame's JSON text or ``None``."""
+
+SCOPE_KEY = "asgi_session_sync"
+"""Scope key where the middleware leaves a served connection's state, for :func:`get_resync`."""
 
 # Client messages read while the loader runs are kept for the app. Past this many the middleware
 # stops reading (the server then applies backpressure), so a flooding client cannot grow memory.
@@ -128,20 +141,23 @@ class SessionSyncMiddleware:
             await self.app(scope, receive, send)
             return
         responder = SnapshotResponder(self, scope, receive, send, session_id)
+        scope[SCOPE_KEY] = responder
         await self.app(scope, responder.receive_buffered, responder.send_with_snapshot)
 
+    async def authenticated(self, ctx: SessionContext) -> SessionContext:
+        """Return ``ctx`` with ``user`` from ``authenticate`` when the middleware has one."""
+        if self.authenticate is None:
+            return ctx
+        return SessionContext(ctx.session_id, ctx.scope, await self.authenticate(ctx.scope))
+
     async def load_frame(self, ctx: SessionContext) -> bytes | None:
-        """Run ``authenticate`` and the loader for ``ctx`` and return the snapshot frame.
+        """Run the loader for ``ctx`` and return the snapshot frame as JSON bytes.
 
         Returns ``None``, having logged why, when there is nothing to send. Never raises
         ``Exception``; cancellation propagates.
         """
         try:
             with anyio.fail_after(self.timeout):
-                if self.authenticate is not None:
-                    ctx = SessionContext(
-                        ctx.session_id, ctx.scope, await self.authenticate(ctx.scope)
-                    )
                 result = await self.loader(ctx)
         except TimeoutError as exc:
             logger.warning(
@@ -217,6 +233,7 @@ class SnapshotResponder:
 
     __slots__ = (
         "_buffered",
+        "_ctx",
         "_done",
         "_failure",
         "_receive",
@@ -242,6 +259,36 @@ class SnapshotResponder:
         self._done = False
         self._buffered: deque[Message] = deque()
         self._failure: BaseException | None = None
+        self._ctx: SessionContext | None = None
+
+    async def resync(self) -> str | None:
+        """Load the session afresh for this connection and return the snapshot frame's text.
+
+        For code that must resend the current state on a live connection (the NATS bridge after
+        a broker restart): same loader, user, timeout and limits as the first snapshot. Returns
+        ``None`` when there is nothing to send; the reason is logged.
+        """
+        ctx = await self._context()
+        if ctx is None:
+            return None
+        frame = await self.middleware.load_frame(ctx)
+        return None if frame is None else frame.decode()
+
+    async def _context(self) -> SessionContext | None:
+        """The loader's context, authenticated once per connection; ``None`` if that failed."""
+        if self._ctx is None:
+            ctx = SessionContext(self.session_id, self.scope, self.scope.get("user"))
+            try:
+                with anyio.fail_after(self.middleware.timeout):
+                    self._ctx = await self.middleware.authenticated(ctx)
+            except Exception:
+                logger.exception(
+                    "no snapshot: authenticate failed session_id=%s path=%r",
+                    self.session_id,
+                    _clip(self.scope["path"]),
+                )
+                return None
+        return self._ctx
 
     async def receive_buffered(self) -> Message:
         """The app's ``receive``: what the middleware read during the load, then the server's."""
@@ -269,7 +316,6 @@ class SnapshotResponder:
         await self._send(message)
 
     async def _send_snapshot(self) -> None:
-        ctx = SessionContext(self.session_id, self.scope, self.scope.get("user"))
         frame: bytes | None = None
         disconnected = False
         async with anyio.create_task_group() as tg:
@@ -282,7 +328,9 @@ class SnapshotResponder:
                     tg.cancel_scope.cancel()
 
             tg.start_soon(watch_disconnect)
-            frame = await self.middleware.load_frame(ctx)
+            ctx = await self._context()
+            if ctx is not None:
+                frame = await self.middleware.load_frame(ctx)
             tg.cancel_scope.cancel()
         if disconnected:
             logger.debug(
@@ -315,3 +363,14 @@ class SnapshotResponder:
 def _clip(value: str) -> str:
     """Shorten an attacker-controlled value for a log line."""
     return value if len(value) <= _LOG_ID_CHARS else value[:_LOG_ID_CHARS] + "..."
+
+
+def get_resync(scope: Scope) -> Resync | None:
+    """Return the resync function of a connection served by :class:`SessionSyncMiddleware`.
+
+    ``None`` when the middleware does not serve this connection (another path, an invalid id).
+    Pass it to code that must resend the current state without the client reconnecting, such
+    as the NATS bridge's ``subscribe``.
+    """
+    responder = scope.get(SCOPE_KEY)
+    return responder.resync if isinstance(responder, SnapshotResponder) else None

@@ -455,3 +455,52 @@ def test_bad_configuration_fails_at_construction(options: dict[str, Any], messag
         (ValueError, TypeError), match=message.replace("{", r"\{").replace("}", r"\}")
     ):
         wrap(**options)
+
+
+async def test_authenticate_failure_is_logged_and_app_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def authenticate(scope: Scope) -> str:
+        raise PermissionError("bad token")
+
+    loader = RecordingLoader()
+    with caplog.at_level(logging.ERROR, logger="asgi_session_sync"):
+        async with connect_websocket(
+            wrap(loader=loader, authenticate=authenticate), "/ws/sessions/s1"
+        ) as ws:
+            assert await ws.receive_text() == "hello"
+    assert loader.calls == []
+    assert any("authenticate failed" in r.getMessage() for r in caplog.records)
+
+
+async def test_resync_loads_afresh_for_the_same_user() -> None:
+    from asgi_session_sync import get_resync
+
+    versions = iter([1, 2])
+
+    async def versioned(ctx: SessionContext) -> Snapshot:
+        return Snapshot({"user": ctx.user}, version=next(versions))
+
+    frames: list[str | None] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        resync = get_resync(scope)
+        assert resync is not None
+        frames.append(await resync())
+        await receive()
+
+    async with connect_websocket(
+        wrap(app, loader=versioned), "/ws/sessions/s1", scope={"user": "dave"}
+    ) as ws:
+        assert (await ws.receive_json())["version"] == 1
+    assert frames == [
+        '{"type":"session_update","session_id":"s1","version":2,"owner":null,"session":{"user":"dave"}}'
+    ]
+
+
+def test_get_resync_is_none_for_unserved_scope() -> None:
+    from asgi_session_sync import get_resync
+
+    assert get_resync({"type": "websocket", "path": "/other"}) is None
