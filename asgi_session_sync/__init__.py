@@ -1,22 +1,44 @@
 """Send the current state as the first WebSocket frame, so live UIs never show stale state."""
 
 from .events import SessionSynced, SessionUpdate, Version
-from .middleware import Authenticate, ErrorHook, Resync, SessionSyncMiddleware, get_resync
-from .snapshot import LoaderResult, SessionContext, SessionLoader, Snapshot
+from .middleware import (
+    Authenticate,
+    ErrorHook,
+    FlightKey,
+    Resync,
+    SessionSyncMiddleware,
+    default_flight_key,
+    get_resync,
+)
+from .snapshot import (
+    LoaderResult,
+    SessionContext,
+    SessionLoader,
+    Snapshot,
+    VersionLoader,
+    user_identity,
+)
+from .stats import MetricHook, SessionSyncStats
 
 __all__ = [
     "Authenticate",
     "ErrorHook",
+    "FlightKey",
     "LoaderResult",
+    "MetricHook",
     "Resync",
     "SessionContext",
     "SessionLoader",
     "SessionSyncMiddleware",
+    "SessionSyncStats",
     "SessionSynced",
     "SessionUpdate",
     "Snapshot",
     "Version",
+    "VersionLoader",
+    "default_flight_key",
     "get_resync",
+    "user_identity",
 ]
 
 __version__ = "0.1.0"

@@ -8,7 +8,13 @@ from urllib.parse import parse_qsl
 
 from ._types import Scope
 
-__all__ = ["DEFAULT_SESSION_ID_PATTERN", "NoSessionId", "PathMatcher", "SessionIdValidator"]
+__all__ = [
+    "DEFAULT_SESSION_ID_PATTERN",
+    "NoSessionId",
+    "PathMatcher",
+    "SessionIdValidator",
+    "query_values",
+]
 
 DEFAULT_SESSION_ID_PATTERN = r"[A-Za-z0-9_-]{1,128}"
 
@@ -84,23 +90,25 @@ class PathMatcher:
         return None
 
     def _query_param(self, scope: Scope) -> str | NoSessionId:
-        raw = scope.get("query_string", b"")
-        if not raw:
-            return _MISSING
-        # errors="replace": undecodable bytes become U+FFFD, which no valid id contains.
-        values = [
-            value
-            for name, value in parse_qsl(
-                raw.decode("latin-1"), keep_blank_values=True, encoding="utf-8", errors="replace"
-            )
-            if name == self._param
-        ]
+        values = query_values(scope, self._param)
         if not values:
             return _MISSING
         if len(values) > 1:
             # Two ids in one URL are ambiguous; different layers could pick different ones.
             return _REPEATED
-        return str(values[0])
+        return values[0]
+
+
+def query_values(scope: Scope, name: str) -> list[str]:
+    """Return every value of the query parameter ``name`` in the scope's query string."""
+    raw = scope.get("query_string", b"")
+    if not raw:
+        return []
+    # errors="replace": undecodable bytes become U+FFFD, which no valid id or version contains.
+    pairs = parse_qsl(
+        raw.decode("latin-1"), keep_blank_values=True, encoding="utf-8", errors="replace"
+    )
+    return [str(value) for key, value in pairs if key == name]
 
 
 class SessionIdValidator:

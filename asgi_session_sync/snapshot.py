@@ -11,7 +11,14 @@ from pydantic import BaseModel
 from ._types import Scope
 from .events import Version
 
-__all__ = ["LoaderResult", "SessionContext", "SessionLoader", "Snapshot"]
+__all__ = [
+    "LoaderResult",
+    "SessionContext",
+    "SessionLoader",
+    "Snapshot",
+    "VersionLoader",
+    "user_identity",
+]
 
 
 @dataclass(frozen=True)
@@ -46,11 +53,42 @@ class SessionContext:
         scope: The connection's ASGI scope, as the app saw it when it accepted.
         user: Who is connecting: what ``authenticate(scope)`` returned when the middleware was
             given one, else ``scope.get("user")`` (set by an auth middleware), else ``None``.
+        since: The version the client says it already has (the ``since`` query parameter),
+            or ``None``. Digits are parsed as an int; anything else is kept as a string.
     """
 
     session_id: str
     scope: Scope
     user: Any = None
+    since: Version | None = None
+
+
+def user_identity(user: object) -> str | None:
+    """Return a stable string naming ``user``, or ``None`` when it cannot tell.
+
+    Understands what auth layers commonly leave in ``scope["user"]``: a ``str`` or ``int`` id;
+    an object with ``identity`` (Starlette's ``BaseUser``), ``id`` or ``username``; a mapping
+    with ``"id"``, ``"sub"`` or ``"username"``. Unauthenticated Starlette users give ``None``.
+    """
+    if user is None or isinstance(user, bool):
+        return None
+    if isinstance(user, (str, int)):
+        return str(user)
+    if isinstance(user, Mapping):
+        for key in ("id", "sub", "username"):
+            if user.get(key) is not None:
+                return str(user[key])
+        return None
+    if getattr(user, "is_authenticated", True) is False:
+        return None
+    for attribute in ("identity", "id", "username"):
+        try:
+            value = getattr(user, attribute, None)
+        except NotImplementedError:  # Starlette's BaseUser.identity
+            continue
+        if value is not None:
+            return str(value)
+    return None
 
 
 class SessionLoader(Protocol):
@@ -58,4 +96,16 @@ class SessionLoader(Protocol):
 
     async def __call__(self, ctx: SessionContext, /) -> LoaderResult:
         """Load the current state of ``ctx.session_id``, or return ``None`` when there is none."""
+        ...
+
+
+class VersionLoader(Protocol):
+    """A cheap loader of a session's current version only (``SELECT updated_at ...``).
+
+    Asked before the full load when a client resumes with ``since``: when it returns the same
+    version, the full load and the snapshot are skipped. ``None`` means "unknown": load in full.
+    """
+
+    async def __call__(self, ctx: SessionContext, /) -> Version | None:
+        """Return the current version of ``ctx.session_id``, or ``None``."""
         ...

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta, timezone
 
 from .events import Version
 
-__all__ = ["is_newer", "version_key"]
+__all__ = ["is_newer", "parse_version", "same_version", "version_key"]
 
 VersionKey = tuple[int, int]
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -49,3 +49,21 @@ def is_newer(candidate: Version | object, baseline: Version | object) -> bool | 
     if new is None or old is None or new[0] != old[0]:
         return None
     return new[1] > old[1]
+
+
+def same_version(a: object, b: object) -> bool:
+    """Whether ``a`` and ``b`` are versions naming the same point (``1 == 1``, equal instants)."""
+    key = version_key(a)
+    return key is not None and key == version_key(b)
+
+
+def parse_version(text: str) -> Version | None:
+    """Parse a version from a query parameter: digits give an int, a timestamp stays a string.
+
+    Returns ``None`` for anything that is not a version (and for over-long input).
+    """
+    if len(text) > 64:
+        return None
+    if text.isascii() and text.isdigit():
+        return int(text)
+    return text if version_key(text) is not None else None

@@ -1,0 +1,88 @@
+"""The version fence: after a snapshot, drop the app's event frames that are not newer than it.
+
+Apps subscribe to live updates before the snapshot is read, so nothing is missed; but an event
+queued during the load can be older than the snapshot and arrive right after it, rolling the UI
+back. The fence reads the app's outgoing text frames after the snapshot and drops, for the
+fenced event types, those whose ``version`` is not newer than the snapshot's. It stops at the
+first newer frame (the live stream has caught up) or after a bounded window of frames and
+seconds, so a settled connection costs nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Collection
+
+import anyio
+
+from .versions import is_newer
+
+__all__ = ["VersionFence"]
+
+logger = logging.getLogger("asgi_session_sync")
+
+
+class VersionFence:
+    """Decides, frame by frame, whether an app frame may follow a snapshot of ``version``.
+
+    A text frame is dropped only when all hold: it is a JSON object whose ``type`` is one of
+    ``event_types``, whose ``session_id`` is this session's (or absent), and whose ``version``
+    compares with the baseline (see :mod:`asgi_session_sync.versions`) and is not newer.
+    Everything else passes: binary frames, other types, frames without a comparable version.
+    """
+
+    __slots__ = ("_deadline", "_event_types", "_frames_left", "baseline", "dropped", "session_id")
+
+    def __init__(
+        self,
+        session_id: str,
+        baseline: object,
+        *,
+        event_types: Collection[str],
+        max_frames: int,
+        max_seconds: float,
+    ) -> None:
+        self.session_id = session_id
+        self.baseline = baseline
+        self.dropped = 0
+        self._event_types = event_types
+        self._frames_left = max_frames
+        self._deadline = anyio.current_time() + max_seconds
+
+    def admit(self, text: str) -> bool | None:
+        """False: drop ``text``. True: pass it, keep fencing. None: pass it, stop fencing."""
+        self._frames_left -= 1
+        if self._frames_left < 0 or anyio.current_time() > self._deadline:
+            return None
+        version = self._fenced_version(text)
+        if version is None:
+            return True
+        newer = is_newer(version, self.baseline)
+        if newer is None:
+            return True
+        if newer:
+            return None
+        self.dropped += 1
+        logger.debug(
+            "fenced a stale frame session_id=%s version=%r snapshot_version=%r",
+            self.session_id,
+            version,
+            self.baseline,
+        )
+        return False
+
+    def _fenced_version(self, text: str) -> object:
+        """The frame's version if it is a fenced event of this session, else None."""
+        # Cheap tests first: most frames on a busy socket are not versioned events.
+        if not text.startswith("{") or '"version"' not in text:
+            return None
+        try:
+            event = json.loads(text)
+        except ValueError:
+            return None
+        if not isinstance(event, dict) or event.get("type") not in self._event_types:
+            return None
+        if event.get("session_id", self.session_id) != self.session_id:
+            return None
+        return event.get("version")

@@ -1,0 +1,103 @@
+"""Counters a user can read and export, with no metrics dependency."""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+__all__ = ["LATENCY_BUCKETS", "MetricHook", "SessionSyncStats"]
+
+logger = logging.getLogger("asgi_session_sync")
+
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+)
+"""Upper bounds, in seconds, of the load latency histogram (Prometheus' default buckets)."""
+
+MetricHook = Callable[[str, float], object]
+"""``def on_metric(name, value)``: called for every counter increment and every latency sample."""
+
+
+@dataclass
+class SessionSyncStats:
+    """What the middleware did since it was created; read it, or export it with ``on_metric``.
+
+    Attributes:
+        connections: WebSocket connections on a served path with a valid session id.
+        invalid_ids: Connections on a served path whose session id was missing or refused.
+        loads: Loader calls actually made (after single-flight and the cache).
+        coalesced: Loads that joined another connection's in-flight load instead of calling.
+        cache_hits: Loads answered from the opt-in TTL cache.
+        version_loads: ``version_loader`` calls actually made.
+        snapshots_sent: Snapshot frames sent.
+        skipped_by_resume: Snapshots not sent because the client's ``since`` was current.
+        fenced_frames: App frames dropped because they were not newer than the snapshot.
+        errors: Loads that raised, returned something unusable or could not be serialised.
+        timeouts: Connections whose load (or wait for one) ran past ``timeout``.
+        oversize: Snapshots over ``max_bytes``, not sent.
+        disconnects_during_load: Clients that left while their snapshot was loading.
+        load_seconds_total: Sum of the durations of the loader calls made.
+        load_seconds_max: The longest loader call.
+        load_seconds_buckets: Histogram of loader call durations: item ``i`` counts the calls
+            that took at most ``LATENCY_BUCKETS[i]`` and longer than the bound before it; the
+            last item counts the calls longer than every bound.
+    """
+
+    connections: int = 0
+    invalid_ids: int = 0
+    loads: int = 0
+    coalesced: int = 0
+    cache_hits: int = 0
+    version_loads: int = 0
+    snapshots_sent: int = 0
+    skipped_by_resume: int = 0
+    fenced_frames: int = 0
+    errors: int = 0
+    timeouts: int = 0
+    oversize: int = 0
+    disconnects_during_load: int = 0
+    load_seconds_total: float = 0.0
+    load_seconds_max: float = 0.0
+    load_seconds_buckets: list[int] = field(
+        default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1)
+    )
+    on_metric: MetricHook | None = field(default=None, repr=False, compare=False)
+
+    def incr(self, name: str, amount: int = 1) -> None:
+        """Add ``amount`` to the counter ``name`` and report it to ``on_metric``."""
+        setattr(self, name, getattr(self, name) + amount)
+        if self.on_metric is not None:
+            self._report(name, amount)
+
+    def observe_load(self, seconds: float) -> None:
+        """Record the duration of one loader call."""
+        self.load_seconds_total += seconds
+        self.load_seconds_max = max(self.load_seconds_max, seconds)
+        self.load_seconds_buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        if self.on_metric is not None:
+            self._report("load_seconds", seconds)
+
+    def _report(self, name: str, value: float) -> None:
+        assert self.on_metric is not None
+        try:
+            self.on_metric(name, value)
+        except Exception:
+            logger.exception("on_metric hook raised metric=%s", name)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return every counter as a plain dict, ready for JSON or a metrics exporter."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "on_metric"}
