@@ -53,7 +53,7 @@ class VersionFence:
     def admit(self, text: str) -> bool | None:
         """False: drop ``text``. True: pass it, keep fencing. None: pass it, stop fencing."""
         self._frames_left -= 1
-        if self._frames_left < 0 or anyio.current_time() > self._deadline:
+        if self._frames_left < 0 or anyio.current_time() >= self._deadline:
             return None
         version = self._fenced_version(text)
         if version is None:
