@@ -1,0 +1,432 @@
+"""The middleware in each framework, installed with that framework's own one-line idiom.
+
+Every app here has the same WebSocket endpoint at ``/ws/sessions/{session_id}``: it accepts,
+sends "hello" at once, then echoes. The snapshot must still come first, and the user set by the
+framework's authentication must reach the loader as ``ctx.user``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import pytest
+from fastapi import Depends, FastAPI
+from fastapi import WebSocket as FastAPIWebSocket
+from fastapi import WebSocketDisconnect as FastAPIWebSocketDisconnect
+from litestar import Litestar, websocket
+from litestar.connection import ASGIConnection
+from litestar.connection import WebSocket as LitestarWebSocket
+from litestar.exceptions import NotAuthorizedException
+from litestar.exceptions import WebSocketDisconnect as LitestarWebSocketDisconnect
+from litestar.middleware import (
+    AbstractAuthenticationMiddleware,
+    AuthenticationResult,
+    DefineMiddleware,
+)
+from quart import Quart
+from quart import websocket as quart_websocket
+from starlette.applications import Starlette
+from starlette.authentication import (
+    AuthCredentials,
+    AuthenticationBackend,
+    BaseUser,
+    SimpleUser,
+    UnauthenticatedUser,
+)
+from starlette.middleware import Middleware
+from starlette.middleware.authentication import AuthenticationMiddleware
+from starlette.requests import HTTPConnection
+from starlette.routing import WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from asgi_session_sync import SessionContext, SessionSyncMiddleware, Snapshot
+from asgi_session_sync._types import Receive, Scope, Send
+from asgi_session_sync.testing import connect_websocket
+
+pytestmark = pytest.mark.anyio
+
+PATHS = ["/ws/sessions/{session_id}"]
+SESSION = {"title": "demo"}
+TOKENS = {"t-alice": "alice"}
+
+
+class RecordingLoader:
+    """Returns the session owned by the connecting user's name; records every context."""
+
+    def __init__(self) -> None:
+        self.calls: list[SessionContext] = []
+
+    async def __call__(self, ctx: SessionContext) -> Snapshot:
+        self.calls.append(ctx)
+        return Snapshot(SESSION, owner=user_name(ctx.user), version=1)
+
+    @property
+    def users(self) -> list[str | None]:
+        return [user_name(ctx.user) for ctx in self.calls]
+
+
+def user_name(user: Any) -> str | None:
+    """The name of a user from any of the frameworks here, ``None`` when anonymous."""
+    if user is None or isinstance(user, UnauthenticatedUser):
+        return None
+    if isinstance(user, BaseUser):
+        return user.display_name
+    return str(user)
+
+
+def token_of(scope: Scope) -> str | None:
+    """The bearer token from the ``authorization`` header or the ``token`` query parameter."""
+    conn = HTTPConnection(scope)
+    header = conn.headers.get("authorization", "")
+    if header.startswith("Bearer "):
+        return header.removeprefix("Bearer ")
+    return conn.query_params.get("token")
+
+
+async def authenticate(scope: Scope) -> str | None:
+    """For ``SessionSyncMiddleware(authenticate=...)``: the user named by the token."""
+    token = token_of(scope)
+    return None if token is None else TOKENS.get(token)
+
+
+async def assert_snapshot_then_app_frames(
+    app: Any, loader: RecordingLoader, *, user: str | None = None, **connect: Any
+) -> None:
+    """Connect to session s1: the snapshot first, then the app's "hello", then an echo.
+
+    ``app`` is ``Any`` because Litestar and Quart type their ASGI scopes as TypedDicts, which
+    mypy does not accept where a ``MutableMapping`` scope is expected.
+    """
+    async with connect_websocket(app, "/ws/sessions/s1", **connect) as ws:
+        assert await ws.receive_json() == {
+            "type": "session_update",
+            "session_id": "s1",
+            "owner": user,
+            "session": SESSION,
+            "version": 1,
+        }
+        assert await ws.receive_text() == "hello"
+        await ws.send_text("ping")
+        assert await ws.receive_text() == "echo:ping"
+    assert [ctx.session_id for ctx in loader.calls] == ["s1"]
+    assert loader.users == [user]
+
+
+BEARER_ALICE = {"headers": {"authorization": "Bearer t-alice"}}
+
+
+# Raw ASGI
+
+
+async def raw_app(scope: Scope, receive: Receive, send: Send) -> None:
+    assert (await receive())["type"] == "websocket.connect"
+    await send({"type": "websocket.accept"})
+    await send({"type": "websocket.send", "text": "hello"})
+    while True:
+        message = await receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        await send({"type": "websocket.send", "text": "echo:" + message["text"]})
+
+
+async def test_raw_asgi() -> None:
+    loader = RecordingLoader()
+    app = SessionSyncMiddleware(raw_app, loader=loader, paths=PATHS)
+    await assert_snapshot_then_app_frames(app, loader)
+
+
+async def test_raw_asgi_user_from_scope() -> None:
+    loader = RecordingLoader()
+    app = SessionSyncMiddleware(raw_app, loader=loader, paths=PATHS)
+    await assert_snapshot_then_app_frames(app, loader, user="alice", scope={"user": "alice"})
+
+
+# Starlette
+
+
+async def starlette_endpoint(ws: WebSocket) -> None:
+    await ws.accept()
+    await ws.send_text("hello")
+    while True:
+        try:
+            text = await ws.receive_text()
+        except WebSocketDisconnect:
+            return
+        await ws.send_text("echo:" + text)
+
+
+STARLETTE_ROUTES = [WebSocketRoute("/ws/sessions/{session_id}", starlette_endpoint)]
+
+
+class TokenBackend(AuthenticationBackend):
+    """Starlette authentication from a bearer token header or a ``token`` query parameter."""
+
+    async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, BaseUser] | None:
+        name = TOKENS.get(token_of(conn.scope) or "")
+        return None if name is None else (AuthCredentials(["authenticated"]), SimpleUser(name))
+
+
+async def test_starlette_middleware_list() -> None:
+    loader = RecordingLoader()
+    app = Starlette(
+        routes=STARLETTE_ROUTES,
+        middleware=[Middleware(SessionSyncMiddleware, loader=loader, paths=PATHS)],
+    )
+    await assert_snapshot_then_app_frames(app, loader)
+
+
+async def test_starlette_add_middleware() -> None:
+    loader = RecordingLoader()
+    app = Starlette(routes=STARLETTE_ROUTES)
+    app.add_middleware(SessionSyncMiddleware, loader=loader, paths=PATHS)
+    await assert_snapshot_then_app_frames(app, loader)
+
+
+@pytest.mark.parametrize(
+    "connect",
+    [BEARER_ALICE, {"scope": {"query_string": b"token=t-alice"}}],
+    ids=["header", "query"],
+)
+async def test_starlette_auth_middleware_outside_sets_ctx_user(connect: dict[str, Any]) -> None:
+    loader = RecordingLoader()
+    app = Starlette(
+        routes=STARLETTE_ROUTES,
+        # Starlette runs the list top to bottom: authentication first, then the snapshot.
+        middleware=[
+            Middleware(AuthenticationMiddleware, backend=TokenBackend()),
+            Middleware(SessionSyncMiddleware, loader=loader, paths=PATHS),
+        ],
+    )
+    await assert_snapshot_then_app_frames(app, loader, user="alice", **connect)
+    assert isinstance(loader.calls[0].user, SimpleUser)
+
+
+async def test_starlette_auth_middleware_inside_sets_ctx_user() -> None:
+    # The user is read when the app accepts, and Starlette's AuthenticationMiddleware writes it
+    # into the same scope dict, so it is there even when it runs inside SessionSyncMiddleware.
+    loader = RecordingLoader()
+    app = Starlette(
+        routes=STARLETTE_ROUTES,
+        middleware=[
+            Middleware(SessionSyncMiddleware, loader=loader, paths=PATHS),
+            Middleware(AuthenticationMiddleware, backend=TokenBackend()),
+        ],
+    )
+    await assert_snapshot_then_app_frames(app, loader, user="alice", **BEARER_ALICE)
+
+
+async def test_starlette_auth_added_last_runs_first_and_sets_ctx_user() -> None:
+    loader = RecordingLoader()
+    app = Starlette(routes=STARLETTE_ROUTES)
+    # add_middleware puts each one outside the ones added before it: authentication runs first.
+    app.add_middleware(SessionSyncMiddleware, loader=loader, paths=PATHS)
+    app.add_middleware(AuthenticationMiddleware, backend=TokenBackend())
+    await assert_snapshot_then_app_frames(app, loader, user="alice", **BEARER_ALICE)
+
+
+async def test_starlette_anonymous_user_reaches_loader_as_unauthenticated_user() -> None:
+    loader = RecordingLoader()
+    app = Starlette(
+        routes=STARLETTE_ROUTES,
+        middleware=[
+            Middleware(AuthenticationMiddleware, backend=TokenBackend()),
+            Middleware(SessionSyncMiddleware, loader=loader, paths=PATHS),
+        ],
+    )
+    await assert_snapshot_then_app_frames(app, loader)
+    assert isinstance(loader.calls[0].user, UnauthenticatedUser)
+
+
+# FastAPI
+
+
+def fastapi_app() -> FastAPI:
+    app = FastAPI()
+
+    @app.websocket("/ws/sessions/{session_id}")
+    async def session_socket(ws: FastAPIWebSocket, session_id: str) -> None:
+        await ws.accept()
+        await ws.send_text("hello")
+        while True:
+            try:
+                text = await ws.receive_text()
+            except FastAPIWebSocketDisconnect:
+                return
+            await ws.send_text("echo:" + text)
+
+    return app
+
+
+async def test_fastapi_add_middleware() -> None:
+    loader = RecordingLoader()
+    app = fastapi_app()
+    app.add_middleware(SessionSyncMiddleware, loader=loader, paths=PATHS)
+    await assert_snapshot_then_app_frames(app, loader)
+
+
+async def test_fastapi_authenticate_option_sets_ctx_user() -> None:
+    # FastAPI authenticates in dependencies, inside the endpoint, where no middleware sees the
+    # user: the middleware's own authenticate= reads the token instead.
+    loader = RecordingLoader()
+    app = fastapi_app()
+    app.add_middleware(SessionSyncMiddleware, loader=loader, paths=PATHS, authenticate=authenticate)
+    await assert_snapshot_then_app_frames(app, loader, user="alice", **BEARER_ALICE)
+
+
+async def test_fastapi_authenticate_option_without_token_gives_anonymous_user() -> None:
+    loader = RecordingLoader()
+    app = fastapi_app()
+    app.add_middleware(SessionSyncMiddleware, loader=loader, paths=PATHS, authenticate=authenticate)
+    await assert_snapshot_then_app_frames(app, loader)
+
+
+async def current_user(ws: FastAPIWebSocket) -> str | None:
+    """A FastAPI dependency: the user named by the connection's token."""
+    return await authenticate(ws.scope)
+
+
+# Module level: with postponed annotations FastAPI resolves Depends(current_user) in globals.
+CurrentUser = Annotated[str | None, Depends(current_user)]
+
+
+async def test_fastapi_dependency_user_does_not_reach_loader() -> None:
+    # What authenticate= is for: a dependency's result lives in the endpoint, not in the scope.
+    seen: list[str | None] = []
+    app = FastAPI()
+
+    @app.websocket("/ws/sessions/{session_id}")
+    async def session_socket(ws: FastAPIWebSocket, user: CurrentUser) -> None:
+        seen.append(user)
+        await ws.accept()
+        await ws.send_text("hello")
+        assert await ws.receive_text() == "ping"
+        await ws.send_text("echo:ping")
+        with pytest.raises(FastAPIWebSocketDisconnect):
+            await ws.receive_text()
+
+    loader = RecordingLoader()
+    app.add_middleware(SessionSyncMiddleware, loader=loader, paths=PATHS)
+    await assert_snapshot_then_app_frames(app, loader, user=None, **BEARER_ALICE)
+    assert seen == ["alice"]
+
+
+async def test_fastapi_with_starlette_auth_middleware_sets_ctx_user() -> None:
+    loader = RecordingLoader()
+    app = fastapi_app()
+    app.add_middleware(SessionSyncMiddleware, loader=loader, paths=PATHS)
+    app.add_middleware(AuthenticationMiddleware, backend=TokenBackend())
+    await assert_snapshot_then_app_frames(app, loader, user="alice", **BEARER_ALICE)
+
+
+# Litestar
+#
+# The ``type: ignore[arg-type]`` on DefineMiddleware(SessionSyncMiddleware, ...): Litestar types
+# ASGI scopes as TypedDicts, which mypy will not pass where asgi_session_sync's
+# MutableMapping[str, Any] scope is expected. It runs fine; only the static types disagree.
+# ``logging_config=None``: Litestar's default installs a handler on the process's root logger.
+
+
+# The handler takes no session_id argument: declaring one without ``FromPath`` is deprecated
+# in Litestar 2.25, and ``FromPath`` does not exist in older 2.x releases.
+@websocket("/ws/sessions/{session_id:str}")
+async def litestar_socket(socket: LitestarWebSocket[Any, Any, Any]) -> None:
+    await socket.accept()
+    await socket.send_text("hello")
+    while True:
+        try:
+            text = await socket.receive_text()
+        except LitestarWebSocketDisconnect:
+            return
+        await socket.send_text("echo:" + text)
+
+
+class LitestarTokenAuth(AbstractAuthenticationMiddleware):
+    """Litestar authentication from a bearer token header or a ``token`` query parameter."""
+
+    async def authenticate_request(
+        self, connection: ASGIConnection[Any, Any, Any, Any]
+    ) -> AuthenticationResult:
+        token = token_of(connection.scope)  # type: ignore[arg-type]
+        name = TOKENS.get(token or "")
+        if name is None:
+            raise NotAuthorizedException("a valid token is required")
+        return AuthenticationResult(user=name, auth=token)
+
+
+async def test_litestar_define_middleware() -> None:
+    loader = RecordingLoader()
+    app = Litestar(
+        route_handlers=[litestar_socket],
+        logging_config=None,
+        middleware=[DefineMiddleware(SessionSyncMiddleware, loader=loader, paths=PATHS)],  # type: ignore[arg-type]
+    )
+    await assert_snapshot_then_app_frames(app, loader)
+
+
+@pytest.mark.parametrize("auth_first", [True, False], ids=["auth-outside", "auth-inside"])
+async def test_litestar_auth_middleware_sets_ctx_user(auth_first: bool) -> None:
+    loader = RecordingLoader()
+    auth = DefineMiddleware(LitestarTokenAuth)
+    sync = DefineMiddleware(SessionSyncMiddleware, loader=loader, paths=PATHS)  # type: ignore[arg-type]
+    # Litestar, like Starlette, runs the list top to bottom. The user is read when the app
+    # accepts, and the auth middleware writes it into the same scope dict, so both orders work.
+    app = Litestar(
+        route_handlers=[litestar_socket],
+        logging_config=None,
+        middleware=[auth, sync] if auth_first else [sync, auth],
+    )
+    await assert_snapshot_then_app_frames(app, loader, user="alice", **BEARER_ALICE)
+
+
+async def test_litestar_authenticate_option_sets_ctx_user() -> None:
+    # For Litestar guards, which run inside the handler's layer where no middleware sees them.
+    loader = RecordingLoader()
+    app = Litestar(
+        route_handlers=[litestar_socket],
+        logging_config=None,
+        middleware=[
+            DefineMiddleware(
+                SessionSyncMiddleware,  # type: ignore[arg-type]
+                loader=loader,
+                paths=PATHS,
+                authenticate=authenticate,
+            )
+        ],
+    )
+    await assert_snapshot_then_app_frames(app, loader, user="alice", **BEARER_ALICE)
+
+
+# Quart
+
+
+def quart_app(loader: RecordingLoader, **options: Any) -> Quart:
+    app = Quart(__name__)
+
+    @app.websocket("/ws/sessions/<session_id>")
+    async def session_socket(session_id: str) -> None:
+        await quart_websocket.accept()
+        await quart_websocket.send("hello")
+        while True:
+            text = await quart_websocket.receive()
+            assert isinstance(text, str)
+            await quart_websocket.send("echo:" + text)
+
+    # Quart's documented way to add ASGI middleware. mypy objects to assigning to a method and,
+    # as with Litestar, to Quart's TypedDict scopes; it runs fine.
+    app.asgi_app = SessionSyncMiddleware(app.asgi_app, loader=loader, paths=PATHS, **options)  # type: ignore[method-assign, assignment, arg-type]
+    return app
+
+
+# Quart runs its handlers in asyncio tasks (asyncio.ensure_future): it cannot run under trio.
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_quart_asgi_app() -> None:
+    loader = RecordingLoader()
+    await assert_snapshot_then_app_frames(quart_app(loader), loader)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_quart_authenticate_option_sets_ctx_user() -> None:
+    # Quart has no authentication middleware that sets scope["user"]; authenticate= reads it.
+    loader = RecordingLoader()
+    app = quart_app(loader, authenticate=authenticate)
+    await assert_snapshot_then_app_frames(app, loader, user="alice", **BEARER_ALICE)
