@@ -64,31 +64,43 @@ class SessionContext:
 
 
 def user_identity(user: object) -> str | None:
-    """Return a stable string naming ``user``, or ``None`` when it cannot tell.
+    """Return the id of the connecting user: what ownership checks and load sharing compare.
 
-    Understands what auth layers commonly leave in ``scope["user"]``: a ``str`` or ``int`` id;
-    an object with ``identity`` (Starlette's ``BaseUser``), ``id`` or ``username``; a mapping
-    with ``"id"``, ``"sub"`` or ``"username"``. Unauthenticated Starlette users give ``None``.
+    ``user`` is ``ctx.user``, whatever ``authenticate`` or an auth middleware produced. In order:
+
+    - ``None``, a ``bool``, or an object whose ``is_authenticated`` is ``False`` (Starlette's
+      ``UnauthenticatedUser``): no user, ``None``;
+    - a ``str`` or an ``int``: itself, as a string;
+    - a mapping: its ``"id"`` item;
+    - any other object: its ``id`` attribute, else its ``identity`` attribute (Starlette's
+      ``BaseUser``).
+
+    An empty or missing id is ``None``. Deliberately narrow: falling back to a username could
+    make one user's name equal another user's id.
     """
     if user is None or isinstance(user, bool):
         return None
+    value: object
     if isinstance(user, (str, int)):
-        return str(user)
-    if isinstance(user, Mapping):
-        for key in ("id", "sub", "username"):
-            if user.get(key) is not None:
-                return str(user[key])
+        value = user
+    elif isinstance(user, Mapping):
+        value = user.get("id")
+    else:
+        if _attribute(user, "is_authenticated") is False:
+            return None
+        value = _attribute(user, "id")
+        if value is None:
+            value = _attribute(user, "identity")
+    if value is None or isinstance(value, bool):
         return None
-    if getattr(user, "is_authenticated", True) is False:
+    return str(value) or None
+
+
+def _attribute(user: object, name: str) -> object:
+    try:
+        return getattr(user, name, None)
+    except NotImplementedError:  # Starlette's BaseUser members, when a subclass has none
         return None
-    for attribute in ("identity", "id", "username"):
-        try:
-            value = getattr(user, attribute, None)
-        except NotImplementedError:  # Starlette's BaseUser.identity
-            continue
-        if value is not None:
-            return str(value)
-    return None
 
 
 class SessionLoader(Protocol):

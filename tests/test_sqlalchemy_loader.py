@@ -33,12 +33,11 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from asgi_session_sync import SessionContext, SessionSyncMiddleware, Snapshot
+from asgi_session_sync import SessionContext, SessionSyncMiddleware, Snapshot, user_identity
 from asgi_session_sync._types import Receive, Scope, Send
 from asgi_session_sync.loaders.sqlalchemy import (
     SQLAlchemyLoader,
     column_values,
-    default_user_id,
     sqlalchemy_loader,
 )
 from asgi_session_sync.testing import connect_websocket
@@ -376,7 +375,7 @@ async def test_users_of_every_shape_are_matched(
     sessionmaker: async_sessionmaker[AsyncSession], user: Any
 ) -> None:
     def username_else_default(user: Any) -> str | None:
-        return user.username if isinstance(user, Account) else default_user_id(user)
+        return user.username if isinstance(user, Account) else user_identity(user)
 
     loader = chat_loader(sessionmaker, user_id=username_else_default)
 
@@ -583,8 +582,8 @@ class Anonymous:
     ],
     ids=repr,
 )
-def test_default_user_id(user: Any, expected: str | None) -> None:
-    assert default_user_id(user) == expected
+def test_user_identity_for_owner_checks(user: Any, expected: str | None) -> None:
+    assert user_identity(user) == expected
 
 
 def test_column_values_of_an_unsaved_row() -> None:

@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 
 from ..events import Version
-from ..snapshot import SessionContext, Snapshot
+from ..snapshot import SessionContext, Snapshot, user_identity
 
 try:
     from sqlalchemy import BigInteger, Integer, SmallInteger, Uuid, bindparam, inspect, select
@@ -60,7 +60,6 @@ __all__ = [
     "OrderBy",
     "SQLAlchemyLoader",
     "column_values",
-    "default_user_id",
     "sqlalchemy_loader",
 ]
 
@@ -75,39 +74,6 @@ OrderBy = ColumnElement[Any] | QueryableAttribute[Any]
 _ID_PARAM = "asgi_session_sync_id"
 _DECIMAL_INTEGER = re.compile(r"-?[0-9]{1,20}")
 _LOG_PATH_CHARS = 64
-
-
-def default_user_id(user: Any) -> str | None:
-    """Return the id of the connecting user, the one compared with the session's owner.
-
-    The default ``user_id`` of :func:`sqlalchemy_loader`. ``user`` is ``ctx.user``: whatever
-    ``authenticate`` or an auth middleware produced. In order:
-
-    - ``None``, a ``bool``, or an object whose ``is_authenticated`` is ``False`` (Starlette's
-      ``UnauthenticatedUser``): no user, ``None``;
-    - a ``str`` or an ``int``: itself, as a string;
-    - a mapping: its ``"id"`` item;
-    - any other object: its ``id`` attribute, else its ``identity`` attribute (Starlette's
-      ``BaseUser``).
-
-    An empty or missing id is ``None``, and ``None`` never owns a session.
-    """
-    if user is None or isinstance(user, bool):
-        return None
-    value: object
-    if isinstance(user, str | int):
-        value = user
-    elif isinstance(user, Mapping):
-        value = user.get("id")
-    else:
-        if _attribute(user, "is_authenticated") is False:
-            return None
-        value = _attribute(user, "id")
-        if value is None:
-            value = _attribute(user, "identity")
-    if value is None or isinstance(value, bool):
-        return None
-    return str(value) or None
 
 
 def column_values(row: object) -> dict[str, Any]:
@@ -281,7 +247,7 @@ def sqlalchemy_loader(
     owner: QueryableAttribute[Any],
     version: QueryableAttribute[Any],
     id_column: QueryableAttribute[Any] | None = None,
-    user_id: Callable[[Any], str | None] = default_user_id,
+    user_id: Callable[[Any], str | None] = user_identity,
     check_owner: bool = True,
     serialize: Callable[[_Model], Mapping[str, Any] | BaseModel] | None = None,
     order_by: OrderBy | Sequence[OrderBy] | None = None,
@@ -311,7 +277,7 @@ def sqlalchemy_loader(
             for wider ids) and a ``Uuid`` column only valid UUIDs; any other id gives ``None``
             without a query.
         user_id: ``def user_id(user) -> str | None``: the id of ``ctx.user`` compared with the
-            owner column (as strings). Default :func:`default_user_id`.
+            owner column (as strings). Default :func:`~asgi_session_sync.user_identity`.
         check_owner: Compare the owner with the connecting user. Turn it off only when
             something before the middleware already guarantees it.
         serialize: ``def serialize(row) -> Mapping | BaseModel``: the snapshot's ``session``,
@@ -461,13 +427,6 @@ def _default_serializer(key: str) -> Callable[[Any], Mapping[str, Any]]:
         return {**column_values(row), key: [column_values(item) for item in getattr(row, key)]}
 
     return serialize
-
-
-def _attribute(user: object, name: str) -> object:
-    try:
-        return getattr(user, name, None)
-    except NotImplementedError:  # Starlette's BaseUser.identity, when a subclass has none
-        return None
 
 
 def _require_asyncio() -> None:
