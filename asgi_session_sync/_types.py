@@ -10,3 +10,7 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+AnyASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
+"""Any ASGI app, whatever its framework calls its scope type (Litestar and Quart use TypedDicts,
+which mypy does not accept as a ``MutableMapping``); used in public signatures."""

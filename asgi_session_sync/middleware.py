@@ -20,7 +20,7 @@ from ._paths import (
     SessionIdValidator,
     query_values,
 )
-from ._types import ASGIApp, Message, Receive, Scope, Send
+from ._types import AnyASGIApp, ASGIApp, Message, Receive, Scope, Send
 from .events import SessionSynced, SessionUpdate, Version
 from .fence import VersionFence
 from .snapshot import SessionContext, SessionLoader, Snapshot, VersionLoader, user_identity
@@ -150,7 +150,7 @@ class SessionSyncMiddleware:
 
     def __init__(
         self,
-        app: ASGIApp,
+        app: AnyASGIApp,
         *,
         loader: SessionLoader,
         paths: Iterable[str],
@@ -215,8 +215,8 @@ class SessionSyncMiddleware:
         self._paths = PathMatcher(paths, session_id_param=session_id_param)
         self._is_valid_id = SessionIdValidator(session_id_pattern)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Serve one ASGI connection."""
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        """Serve one ASGI connection (typed loosely so every framework's app type accepts it)."""
         if scope["type"] != "websocket":
             await self.app(scope, receive, send)
             return
@@ -380,13 +380,16 @@ class SnapshotResponder:
     """One served WebSocket: wraps the app's ``send`` to put the snapshot right after accept."""
 
     __slots__ = (
+        "_accepting",
         "_buffered",
         "_ctx",
         "_done",
         "_failure",
         "_fence",
+        "_reading",
         "_receive",
         "_send",
+        "_wakeup",
         "middleware",
         "scope",
         "session_id",
@@ -406,8 +409,14 @@ class SnapshotResponder:
         self._receive = receive
         self._send = send
         self._done = False
+        self._accepting: anyio.Event | None = None
         self._buffered: deque[Message] = deque()
         self._failure: BaseException | None = None
+        # While the middleware reads receive() during the load, the app's own receive() calls
+        # (frameworks like Quart read in a task of their own) wait on the buffer instead, so
+        # there is one reader and no message is overtaken.
+        self._reading = False
+        self._wakeup: anyio.Event | None = None
         self._ctx: SessionContext | None = None
         self._fence: VersionFence | None = None
 
@@ -427,12 +436,16 @@ class SnapshotResponder:
 
     async def receive_buffered(self) -> Message:
         """The app's ``receive``: what the middleware read during the load, then the server's."""
-        if self._buffered:
-            return self._buffered.popleft()
-        if self._failure is not None:
-            failure, self._failure = self._failure, None
-            raise failure
-        return await self._receive()
+        while True:
+            if self._buffered:
+                return self._buffered.popleft()
+            if self._failure is not None:
+                failure, self._failure = self._failure, None
+                raise failure
+            if not self._reading:
+                return await self._receive()
+            assert self._wakeup is not None
+            await self._wakeup.wait()
 
     async def send_with_snapshot(self, message: Message) -> None:
         """The app's ``send``: sends the snapshot after ``websocket.accept``, then fences."""
@@ -443,11 +456,20 @@ class SnapshotResponder:
                     return
             await self._send(message)
             return
+        if self._accepting is not None:
+            # Another of the app's tasks is in send(accept): nothing may overtake the snapshot.
+            await self._accepting.wait()
+            await self.send_with_snapshot(message)
+            return
         message_type = message["type"]
         if message_type == "websocket.accept":
-            self._done = True
-            await self._send(message)
-            await self._send_snapshot()
+            self._accepting = anyio.Event()
+            try:
+                await self._send(message)
+                await self._send_snapshot()
+            finally:
+                self._done = True
+                self._accepting.set()
             return
         if message_type in ("websocket.close", "websocket.http.response.start"):
             # Rejected before accepting: there is no one to send a snapshot to.
@@ -560,17 +582,25 @@ class SnapshotResponder:
 
     async def _read_until_disconnect(self) -> bool:
         """Buffer client messages for the app; return True on ``websocket.disconnect``."""
-        while len(self._buffered) < _MAX_BUFFERED_MESSAGES:
-            try:
-                message = await self._receive()
-            except Exception as exc:
-                # Hand the server's error to the app on its next receive(), as if it had read it.
-                self._failure = exc
-                return False
-            self._buffered.append(message)
-            if message["type"] == "websocket.disconnect":
-                return True
-        return False
+        self._reading = True
+        self._wakeup = anyio.Event()
+        try:
+            while len(self._buffered) < _MAX_BUFFERED_MESSAGES:
+                try:
+                    message = await self._receive()
+                except Exception as exc:
+                    # Hand the server's error to the app's next receive(), as if it had read it.
+                    self._failure = exc
+                    return False
+                self._buffered.append(message)
+                self._wakeup.set()
+                self._wakeup = anyio.Event()
+                if message["type"] == "websocket.disconnect":
+                    return True
+            return False
+        finally:
+            self._reading = False
+            self._wakeup.set()
 
 
 def get_resync(scope: Scope) -> Resync | None:

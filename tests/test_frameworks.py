@@ -320,9 +320,6 @@ async def test_fastapi_with_starlette_auth_middleware_sets_ctx_user() -> None:
 
 # Litestar
 #
-# The ``type: ignore[arg-type]`` on DefineMiddleware(SessionSyncMiddleware, ...): Litestar types
-# ASGI scopes as TypedDicts, which mypy will not pass where asgi_session_sync's
-# MutableMapping[str, Any] scope is expected. It runs fine; only the static types disagree.
 # ``logging_config=None``: Litestar's default installs a handler on the process's root logger.
 
 
@@ -358,7 +355,7 @@ async def test_litestar_define_middleware() -> None:
     app = Litestar(
         route_handlers=[litestar_socket],
         logging_config=None,
-        middleware=[DefineMiddleware(SessionSyncMiddleware, loader=loader, paths=PATHS)],  # type: ignore[arg-type]
+        middleware=[DefineMiddleware(SessionSyncMiddleware, loader=loader, paths=PATHS)],
     )
     await assert_snapshot_then_app_frames(app, loader)
 
@@ -367,7 +364,7 @@ async def test_litestar_define_middleware() -> None:
 async def test_litestar_auth_middleware_sets_ctx_user(auth_first: bool) -> None:
     loader = RecordingLoader()
     auth = DefineMiddleware(LitestarTokenAuth)
-    sync = DefineMiddleware(SessionSyncMiddleware, loader=loader, paths=PATHS)  # type: ignore[arg-type]
+    sync = DefineMiddleware(SessionSyncMiddleware, loader=loader, paths=PATHS)
     # Litestar, like Starlette, runs the list top to bottom. The user is read when the app
     # accepts, and the auth middleware writes it into the same scope dict, so both orders work.
     app = Litestar(
@@ -386,7 +383,7 @@ async def test_litestar_authenticate_option_sets_ctx_user() -> None:
         logging_config=None,
         middleware=[
             DefineMiddleware(
-                SessionSyncMiddleware,  # type: ignore[arg-type]
+                SessionSyncMiddleware,
                 loader=loader,
                 paths=PATHS,
                 authenticate=authenticate,
@@ -411,9 +408,9 @@ def quart_app(loader: RecordingLoader, **options: Any) -> Quart:
             assert isinstance(text, str)
             await quart_websocket.send("echo:" + text)
 
-    # Quart's documented way to add ASGI middleware. mypy objects to assigning to a method and,
-    # as with Litestar, to Quart's TypedDict scopes; it runs fine.
-    app.asgi_app = SessionSyncMiddleware(app.asgi_app, loader=loader, paths=PATHS, **options)  # type: ignore[method-assign, assignment, arg-type]
+    # Quart's documented way to add ASGI middleware; mypy objects to assigning to a method.
+
+    app.asgi_app = SessionSyncMiddleware(app.asgi_app, loader=loader, paths=PATHS, **options)  # type: ignore[method-assign]
     return app
 
 

@@ -504,3 +504,35 @@ def test_get_resync_is_none_for_unserved_scope() -> None:
     from asgi_session_sync import get_resync
 
     assert get_resync({"type": "websocket", "path": "/other"}) is None
+
+
+async def test_app_reading_in_its_own_task_gets_messages_in_order() -> None:
+    # Quart and others read receive() in a task of their own while the handler accepts.
+    loading = anyio.Event()
+    release = anyio.Event()
+
+    async def gated(ctx: SessionContext) -> dict[str, str]:
+        loading.set()
+        await release.wait()
+        return {}
+
+    async def reading_app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        async with anyio.create_task_group() as tg:
+
+            async def reader() -> None:
+                while (message := await receive())["type"] == "websocket.receive":
+                    await send({"type": "websocket.send", "text": "echo:" + message["text"]})
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(reader)
+            await send({"type": "websocket.accept"})
+
+    async with connect_websocket(wrap(reading_app, loader=gated), "/ws/sessions/s1") as ws:
+        await loading.wait()
+        for n in range(5):
+            await ws.send_text(f"m{n}")
+            await anyio.lowlevel.checkpoint()
+        release.set()
+        assert (await ws.receive_json())["type"] == "session_update"
+        assert [await ws.receive_text() for _ in range(5)] == [f"echo:m{n}" for n in range(5)]
