@@ -386,6 +386,7 @@ class SnapshotResponder:
         "_done",
         "_failure",
         "_fence",
+        "_gone",
         "_reading",
         "_receive",
         "_send",
@@ -409,6 +410,7 @@ class SnapshotResponder:
         self._receive = receive
         self._send = send
         self._done = False
+        self._gone = False
         self._accepting: anyio.Event | None = None
         self._buffered: deque[Message] = deque()
         self._failure: BaseException | None = None
@@ -443,7 +445,10 @@ class SnapshotResponder:
                 failure, self._failure = self._failure, None
                 raise failure
             if not self._reading:
-                return await self._receive()
+                message = await self._receive()
+                if not self._done and message["type"] == "websocket.disconnect":
+                    self._gone = True  # the app accepts a connection already over: no snapshot
+                return message
             assert self._wakeup is not None
             await self._wakeup.wait()
 
@@ -466,7 +471,8 @@ class SnapshotResponder:
             self._accepting = anyio.Event()
             try:
                 await self._send(message)
-                await self._send_snapshot()
+                if not self._gone:
+                    await self._send_snapshot()
             finally:
                 self._done = True
                 self._accepting.set()
