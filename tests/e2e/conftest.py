@@ -149,7 +149,9 @@ CHROMIUM_ARGS = [
 ]
 
 
-@pytest.fixture(scope="session")
+# Module scope, not session: Playwright's sync API keeps an event loop in this thread while it
+# is open, and anyio tests in other modules need the thread free.
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     """Headless Chromium from the OS, driven by Playwright; skipped outside CI when absent."""
     if not (os.path.exists(CHROMIUM) or shutil.which("chromium")):
