@@ -255,6 +255,7 @@ class ServerOptions:
     pool_size: int
     max_concurrent_loads: int
     port: int = 0
+    watch_stdin: bool = False
 
 
 def raise_open_files_limit() -> int:
@@ -266,7 +267,12 @@ def raise_open_files_limit() -> int:
 
 
 async def serve(options: ServerOptions) -> None:
-    """Serve until SIGTERM/SIGINT; print ``{"port": N}`` on stdout once accepting connections."""
+    """Serve until SIGTERM/SIGINT; print ``{"port": N}`` on stdout once accepting connections.
+
+    With ``options.watch_stdin``, also stops when stdin reaches end of file: the parent holds
+    the other end of that pipe, so a parent killed before it could stop this server does not
+    leave it running.
+    """
     raise_open_files_limit()
     engine = open_engine(options.db, pool_size=options.pool_size)
     try:
@@ -306,8 +312,14 @@ async def serve(options: ServerOptions) -> None:
             sys.stdout.write(json.dumps({"port": port}) + "\n")
             sys.stdout.flush()
 
+        async def exit_with_parent() -> None:
+            await anyio.wait_readable(sys.stdin.fileno())  # nothing is ever written: EOF
+            server.should_exit = True
+
         async with anyio.create_task_group() as tg:
             tg.start_soon(announce)
+            if options.watch_stdin:
+                tg.start_soon(exit_with_parent)
             await server.serve(sockets=[sock])
             tg.cancel_scope.cancel()
     finally:

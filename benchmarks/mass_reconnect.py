@@ -21,6 +21,7 @@ import json
 import math
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -208,8 +209,11 @@ async def running_server(options: ServerOptions) -> AsyncIterator[int]:
         str(options.pool_size),
         "--max-concurrent-loads",
         str(options.max_concurrent_loads),
+        "--watch-stdin",
     ]
-    process = await anyio.open_process(command, stdout=subprocess.PIPE, stderr=None, cwd=REPOSITORY)
+    process = await anyio.open_process(
+        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, cwd=REPOSITORY
+    )
     try:
         assert process.stdout is not None
         with anyio.fail_after(SERVER_START_TIMEOUT):
@@ -512,6 +516,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     serve_parser.add_argument("--db", required=True)
     serve_parser.add_argument("--single-flight", choices=("on", "off"), required=True)
     serve_parser.add_argument("--port", type=int, default=0)
+    serve_parser.add_argument(
+        "--watch-stdin", action="store_true", help="stop when stdin closes (the parent is gone)"
+    )
     add_server_arguments(serve_parser)
     args = parser.parse_args(argv)
     if args.quick:
@@ -545,10 +552,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             pool_size=args.pool_size,
             max_concurrent_loads=args.max_concurrent_loads,
             port=args.port,
+            watch_stdin=args.watch_stdin,
         )
         anyio.run(serve, options)
         return 0
 
+    # SIGTERM unwinds like Ctrl-C, so the finally blocks stop the servers and remove the database.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     machine = machine_info()
     with tempfile.TemporaryDirectory(prefix="mass-reconnect-") as tmp:
         db = str(Path(tmp) / "sessions.sqlite3")
@@ -556,7 +566,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         query_ms = time_query(db, session_ids(1)[0], repeats=200) * 1000
         print(describe(args, query_ms, machine), flush=True)
         started = time.perf_counter()
-        rounds = anyio.run(run_benchmark, args, db)
+        try:
+            rounds = anyio.run(run_benchmark, args, db)
+        except KeyboardInterrupt:
+            print("interrupted: servers stopped, nothing written", file=sys.stderr)
+            return 130
         elapsed = time.perf_counter() - started
     summary = summarise(rounds, args.sessions)
     print()
