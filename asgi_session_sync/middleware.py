@@ -495,6 +495,7 @@ class SnapshotResponder:
     async def _send_snapshot(self) -> None:
         frame: bytes | None = None
         disconnected = False
+        fatal: BaseException | None = None
         async with anyio.create_task_group() as tg:
             # The app is blocked in send(accept) here, so nobody reads receive: we must, or a
             # client that leaves during a slow load would go unnoticed until the timeout.
@@ -505,8 +506,21 @@ class SnapshotResponder:
                     tg.cancel_scope.cancel()
 
             tg.start_soon(watch_disconnect)
-            frame = await self._first_frame()
+            try:
+                frame = await self._first_frame()
+            except anyio.get_cancelled_exc_class():
+                raise
+            except BaseException as exc:
+                # Not an Exception (those are logged and absorbed below us): SystemExit,
+                # KeyboardInterrupt, a library's own BaseException. Re-raised as it is, outside
+                # the task group, so the server sees it and not an ExceptionGroup around it.
+                fatal = exc
             tg.cancel_scope.cancel()
+        if fatal is not None:
+            logger.error(
+                "loader raised %s, re-raised session_id=%s", type(fatal).__name__, self.session_id
+            )
+            raise fatal
         if disconnected:
             self.middleware.stats.incr("disconnects_during_load")
             logger.debug(

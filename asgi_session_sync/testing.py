@@ -110,7 +110,9 @@ class WebSocketClient:
     async def _run(self, app: ASGIApp) -> None:
         try:
             await app(self.scope, self._asgi_receive, self._asgi_send)
-        except Exception as exc:
+        except anyio.get_cancelled_exc_class():
+            raise
+        except BaseException as exc:  # kept for the test, re-raised when the connection ends
             self._app_error = exc
         finally:
             self._app_done.set()
@@ -252,20 +254,25 @@ async def connect_websocket(
     }
     client = WebSocketClient(full_scope, timeout)
     asgi_app: ASGIApp = guarantee_single_callable(app)  # type: ignore[no-untyped-call]
-    error: Exception | None = None
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(client._run, asgi_app)
-        try:
-            await client._handshake()
-            yield client
-            if client._closed_by_app is None:
-                await client.disconnect()
-            await client.wait_app_done()
-        except Exception as exc:
-            # Raised outside the task group, so callers see it as is, not in an ExceptionGroup.
-            error = exc
-        finally:
-            tg.cancel_scope.cancel()
-    client._close_streams()
+    error: BaseException | None = None
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(client._run, asgi_app)
+            try:
+                await client._handshake()
+                yield client
+                if client._closed_by_app is None:
+                    await client.disconnect()
+                await client.wait_app_done()
+            except anyio.get_cancelled_exc_class():
+                raise
+            except BaseException as exc:
+                # Raised outside the task group, so callers see it as is, not in an
+                # ExceptionGroup.
+                error = exc
+            finally:
+                tg.cancel_scope.cancel()
+    finally:
+        client._close_streams()
     if error is not None:
         raise error

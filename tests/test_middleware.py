@@ -536,3 +536,21 @@ async def test_app_reading_in_its_own_task_gets_messages_in_order() -> None:
         release.set()
         assert (await ws.receive_json())["type"] == "session_update"
         assert [await ws.receive_text() for _ in range(5)] == [f"echo:m{n}" for n in range(5)]
+
+
+class Fatal(BaseException):
+    """A library's own BaseException, neither an Exception nor a cancellation."""
+
+
+async def test_loader_base_exception_propagates_unwrapped_and_frees_the_flight(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def fatal(ctx: SessionContext) -> None:
+        raise Fatal("stop")
+
+    app = wrap(loader=fatal)
+    with caplog.at_level(logging.ERROR, logger="asgi_session_sync"), pytest.raises(Fatal):
+        async with connect_websocket(app, "/ws/sessions/s1"):
+            pass
+    assert app._snapshots.in_flight == 0
+    assert "loader raised Fatal, re-raised session_id=s1" in caplog.text
