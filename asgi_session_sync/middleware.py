@@ -493,7 +493,6 @@ class SnapshotResponder:
         return verdict
 
     async def _send_snapshot(self) -> None:
-        frame: bytes | None = None
         disconnected = False
         fatal: BaseException | None = None
         async with anyio.create_task_group() as tg:
@@ -508,6 +507,10 @@ class SnapshotResponder:
             tg.start_soon(watch_disconnect)
             try:
                 frame = await self._first_frame()
+                # Sent before the watcher is stopped: stopping it takes an event-loop turn,
+                # which under a reconnect storm is a long wait the snapshot need not pay.
+                if frame is not None:
+                    await self._send_frame(frame)
             except anyio.get_cancelled_exc_class():
                 raise
             except BaseException as exc:
@@ -526,9 +529,8 @@ class SnapshotResponder:
             logger.debug(
                 "no snapshot: client disconnected during load session_id=%s", self.session_id
             )
-            return
-        if frame is None:
-            return
+
+    async def _send_frame(self, frame: bytes) -> None:
         try:
             await self._send({"type": "websocket.send", "text": frame.decode()})
         except OSError:

@@ -112,6 +112,10 @@ class WebSocketClient:
             await app(self.scope, self._asgi_receive, self._asgi_send)
         except anyio.get_cancelled_exc_class():
             raise
+        except ClientDisconnected:
+            # The app sent after the client left, learning it that way: servers treat this as
+            # the normal end of the connection, and so does this transport.
+            pass
         except BaseException as exc:  # kept for the test, re-raised when the connection ends
             self._app_error = exc
         finally:
