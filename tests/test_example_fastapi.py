@@ -1,0 +1,209 @@
+"""The FastAPI example in-process: its API and its WebSocket, on SQLite and a real nats-server."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from asgi_session_sync.nats import EmbeddedNats
+from asgi_session_sync.testing import WebSocketClient, WebSocketRejected, connect_websocket
+from examples.fastapi_app import Settings, create_app
+from examples.fastapi_app.responder import simulated_tokens
+
+pytestmark = pytest.mark.anyio
+
+TOKENS = 5
+FINAL_TEXT = "".join(simulated_tokens(TOKENS))
+ALICE = {"Authorization": "Bearer alice"}
+BOB = {"Authorization": "Bearer bob"}
+WAIT = 5.0
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    # nats-py and SQLAlchemy's asyncio extension run on asyncio only.
+    return "asyncio"
+
+
+@pytest.fixture
+async def nats_server() -> AsyncIterator[EmbeddedNats]:
+    async with EmbeddedNats() as server:
+        yield server
+
+
+@pytest.fixture
+def settings(tmp_path: Path, nats_server: EmbeddedNats) -> Settings:
+    return Settings(
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'example.sqlite3'}",
+        nats_url=nats_server.url,
+        response_tokens=TOKENS,
+        token_interval=0.01,
+    )
+
+
+@pytest.fixture
+async def app(settings: Settings) -> AsyncIterator[FastAPI]:
+    app = create_app(settings)
+    with anyio.fail_after(WAIT):
+        async with app.router.lifespan_context(app):
+            yield app
+
+
+@pytest.fixture
+async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        yield client
+
+
+async def create_session(client: httpx.AsyncClient, title: str = "Demo") -> dict[str, Any]:
+    response = await client.post("/api/sessions", json={"title": title}, headers=ALICE)
+    assert response.status_code == 201, response.text
+    session: dict[str, Any] = response.json()
+    return session
+
+
+async def receive_event(ws: WebSocketClient) -> dict[str, Any]:
+    event: dict[str, Any] = await ws.receive_json()
+    return event
+
+
+async def test_created_session_is_the_first_frame_with_owner_and_version(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    session = await create_session(client)
+    assert session["owner"] == "alice"
+    assert session["version"] == 1
+
+    async with connect_websocket(app, f"/ws/sessions/{session['id']}?token=alice") as ws:
+        assert await receive_event(ws) == {
+            "type": "session_update",
+            "session_id": session["id"],
+            "owner": "alice",
+            "session": session,
+            "version": 1,
+        }
+
+
+async def test_prompt_streams_tokens_as_updates_with_increasing_versions(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    session = await create_session(client)
+    async with connect_websocket(app, f"/ws/sessions/{session['id']}?token=alice") as ws:
+        events = [await receive_event(ws)]
+        response = await client.post(
+            f"/api/sessions/{session['id']}/prompts", json={"prompt": "hello"}, headers=ALICE
+        )
+        assert response.status_code == 202, response.text
+        assert response.json()["version"] == 2
+        while (
+            not events[-1]["session"]["interactions"]
+            or not (events[-1]["session"]["interactions"][0]["done"])
+        ):
+            events.append(await receive_event(ws))
+
+    # The snapshot, the prompt, then one update per token, each one version newer.
+    assert [event["version"] for event in events] == list(range(1, TOKENS + 3))
+    assert all(event["type"] == "session_update" for event in events)
+    assert all(event["owner"] == "alice" for event in events)
+    responses = [event["session"]["interactions"][0]["response"] for event in events[1:]]
+    assert responses == ["", *("".join(simulated_tokens(n)) for n in range(1, TOKENS + 1))]
+    assert responses[-1] == FINAL_TEXT
+
+    state = (await client.get(f"/api/sessions/{session['id']}", headers=ALICE)).json()
+    assert state == events[-1]["session"]
+    assert state["interactions"] == [
+        {"position": 0, "prompt": "hello", "response": FINAL_TEXT, "done": True}
+    ]
+
+
+async def test_another_user_never_sees_the_session(app: FastAPI, client: httpx.AsyncClient) -> None:
+    session = await create_session(client)
+    path = f"/api/sessions/{session['id']}"
+
+    assert (await client.get(path, headers=BOB)).status_code == 404
+    prompt = await client.post(f"{path}/prompts", json={"prompt": "mine now"}, headers=BOB)
+    assert prompt.status_code == 404
+    # Refused before accepting: no snapshot, and no subscription to the live updates.
+    with pytest.raises(WebSocketRejected):
+        async with connect_websocket(app, f"/ws/sessions/{session['id']}?token=bob"):
+            pass
+    # Nobody at all: 401 on HTTP, refused on the WebSocket.
+    assert (await client.get(path)).status_code == 401
+    with pytest.raises(WebSocketRejected):
+        async with connect_websocket(app, f"/ws/sessions/{session['id']}"):
+            pass
+    # Alice's session is untouched.
+    assert (await client.get(path, headers=ALICE)).json() == session
+
+
+async def test_current_client_resuming_gets_no_snapshot_only_new_updates(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    session = await create_session(client)
+    async with connect_websocket(app, f"/ws/sessions/{session['id']}?token=alice&since=1") as ws:
+        await client.post(
+            f"/api/sessions/{session['id']}/prompts", json={"prompt": "hi"}, headers=ALICE
+        )
+        # The version loader found the client current: the first frame is the next update.
+        assert (await receive_event(ws))["version"] == 2
+
+
+async def test_invalid_session_ids_are_refused(app: FastAPI, client: httpx.AsyncClient) -> None:
+    assert (await client.get("/api/sessions/not-a-session", headers=ALICE)).status_code == 422
+    with pytest.raises(WebSocketRejected):
+        async with connect_websocket(app, "/ws/sessions/not-a-session?token=alice"):
+            pass
+
+
+async def test_shutdown_stops_a_streaming_response(settings: Settings) -> None:
+    app = create_app(dataclasses.replace(settings, token_interval=60.0))
+    transport = httpx.ASGITransport(app=app)
+    with anyio.fail_after(WAIT):
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=transport, base_url="http://test") as client,
+        ):
+            session = await create_session(client)
+            response = await client.post(
+                f"/api/sessions/{session['id']}/prompts", json={"prompt": "hi"}, headers=ALICE
+            )
+            assert response.status_code == 202
+        # The lifespan ended, cancelling the stream that was waiting for its first token.
+
+
+async def test_page_loads_the_shipped_client(client: httpx.AsyncClient) -> None:
+    page = await client.get("/")
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    assert 'import { SessionSync } from "/session-sync.js";' in page.text
+    assert 'id="state"' in page.text
+    script = await client.get("/session-sync.js", follow_redirects=True)
+    assert script.status_code == 200
+    assert script.headers["content-type"].startswith("text/javascript")
+    assert "export class SessionSync" in script.text
+
+
+def test_settings_come_from_the_environment() -> None:
+    assert Settings.from_env({}) == Settings()
+    settings = Settings.from_env(
+        {
+            "DATABASE_URL": "postgresql://app:secret@db:5432/chat",
+            "NATS_URL": "nats://nats:4222",
+            "HOST": "0.0.0.0",
+            "PORT": "9000",
+        }
+    )
+    assert settings.database_url == "postgresql+asyncpg://app:secret@db:5432/chat"
+    assert settings.nats_url == "nats://nats:4222"
+    assert (settings.host, settings.port) == ("0.0.0.0", 9000)
+    assert Settings(database_url="sqlite:///x.db").database_url == "sqlite+aiosqlite:///x.db"
+    with pytest.raises(ValueError, match="PORT must be an integer"):
+        Settings.from_env({"PORT": "http"})
