@@ -33,7 +33,8 @@ class SingleFlight(Generic[T]):
     so its cancel scopes (timeout, disconnect) apply. A waiter that is cancelled just stops
     waiting; the leader and the other waiters go on. If the leader is cancelled, the call is
     abandoned and one of the waiters becomes the new leader, so nobody is left without a load.
-    ``fn`` must not raise ``Exception``: failures are results (``None``), shared like any other.
+    ``fn`` must not raise ``Exception``: failures are results (``None``), shared like any other
+    with the callers in flight, but never cached.
 
     Leaders hold a slot of ``limiter``, a fair (FIFO) semaphore, while their call runs, so at
     most its initial value of calls run at once however many keys are loading.
@@ -81,10 +82,11 @@ class SingleFlight(Generic[T]):
             async with self._limiter:
                 flight.result = await fn()
             flight.finished = True
-            if self._ttl is not None:
+            if self._ttl is not None and flight.result is not None:
                 flight.expires = anyio.current_time() + self._ttl
         finally:
-            if (not flight.finished or self._ttl is None) and self._flights.get(key) is flight:
+            cached = flight.finished and flight.expires != math.inf
+            if not cached and self._flights.get(key) is flight:
                 del self._flights[key]
             flight.done.set()
         return flight.result

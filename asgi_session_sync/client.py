@@ -3,9 +3,10 @@
 ``static/session-sync.js`` is a dependency-free ES module (see its header for usage). Serve it
 from your app with one line:
 
-- Starlette / FastAPI: ``app.mount("/session-sync.js", client_script_app)``
-- Litestar: ``asgi("/session-sync.js", is_mount=True)(client_script_app)`` in ``route_handlers``,
-  or ``create_static_files_router(path="/static", directories=[STATIC_DIR])``
+- Starlette / FastAPI: ``app.add_route("/session-sync.js", client_script_app)``
+- Litestar: ``asgi("/session-sync.js", copy_scope=True)(client_script_app)`` in
+  ``route_handlers``, or
+  ``create_static_files_router(path="/static", directories=[STATIC_DIR])``
 - anything else: serve the file at :data:`CLIENT_SCRIPT`.
 """
 
@@ -14,10 +15,11 @@ from __future__ import annotations
 import functools
 import hashlib
 from pathlib import Path
+from typing import Any
 
-from ._types import Receive, Scope, Send
+from ._types import Send
 
-__all__ = ["CLIENT_SCRIPT", "STATIC_DIR", "client_script_app"]
+__all__ = ["CLIENT_SCRIPT", "STATIC_DIR", "ClientScript", "client_script_app"]
 
 STATIC_DIR = Path(__file__).with_name("static")
 """The directory holding the browser client."""
@@ -32,29 +34,38 @@ def _script() -> tuple[bytes, bytes]:
     return body, b'"' + hashlib.sha256(body).hexdigest()[:16].encode() + b'"'
 
 
-async def client_script_app(scope: Scope, receive: Receive, send: Send) -> None:
-    """ASGI app serving the browser client at whatever path it is mounted on.
+class ClientScript:
+    """ASGI app serving the browser client at whatever path it is routed to.
 
     ``GET`` and ``HEAD`` get the script as ``text/javascript`` with an ``ETag`` (a matching
-    ``If-None-Match`` gets 304); other methods get 405.
+    ``If-None-Match`` gets 304); other methods get 405. An object rather than a function, so
+    Starlette's ``add_route`` serves it as an ASGI app at exactly its path (a ``mount`` would
+    redirect ``/session-sync.js`` to ``/session-sync.js/``).
     """
-    if scope["type"] != "http":
-        return
-    body, etag = _script()
-    method = scope.get("method", "GET")
-    if method not in ("GET", "HEAD"):
-        await _respond(send, 405, [(b"allow", b"GET, HEAD")], b"")
-        return
-    headers = [
-        (b"content-type", b"text/javascript; charset=utf-8"),
-        (b"etag", etag),
-        (b"cache-control", b"no-cache"),
-    ]
-    if dict(scope.get("headers", [])).get(b"if-none-match") == etag:
-        await _respond(send, 304, headers, b"")
-        return
-    headers.append((b"content-length", str(len(body)).encode()))
-    await _respond(send, 200, headers, b"" if method == "HEAD" else body)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        """Serve one HTTP request for the script."""
+        if scope["type"] != "http":
+            return
+        body, etag = _script()
+        method = scope.get("method", "GET")
+        if method not in ("GET", "HEAD"):
+            await _respond(send, 405, [(b"allow", b"GET, HEAD")], b"")
+            return
+        headers = [
+            (b"content-type", b"text/javascript; charset=utf-8"),
+            (b"etag", etag),
+            (b"cache-control", b"no-cache"),
+        ]
+        if dict(scope.get("headers", [])).get(b"if-none-match") == etag:
+            await _respond(send, 304, headers, b"")
+            return
+        headers.append((b"content-length", str(len(body)).encode()))
+        await _respond(send, 200, headers, b"" if method == "HEAD" else body)
+
+
+client_script_app = ClientScript()
+"""The browser client as an ASGI app: ``app.add_route("/session-sync.js", client_script_app)``."""
 
 
 async def _respond(

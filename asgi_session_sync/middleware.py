@@ -119,8 +119,9 @@ class SessionSyncMiddleware:
         session_id_pattern: Regular expression a session id must fully match before it reaches
             the loader. Whatever it allows, ids with ``.``, ``*``, ``>``, whitespace or control
             characters, and ids over 256 characters, are always refused.
-        timeout: Seconds a connection waits for its snapshot (queueing, loading, sharing);
-            ``authenticate`` has its own budget of the same length.
+        timeout: Seconds a connection waits for its snapshot (queueing, loading, sharing).
+            ``authenticate`` and ``version_loader`` each have a budget of the same length, so
+            a resuming connection waits at most three times this.
         max_bytes: Largest snapshot frame sent, in bytes of JSON; larger ones are logged and
             dropped. ``None`` for no limit.
         event_type: The ``type`` field of the snapshot event.
@@ -140,8 +141,10 @@ class SessionSyncMiddleware:
         single_flight: Share concurrent loads with equal ``flight_key``.
         flight_key: Which connections may share a load; :func:`default_flight_key` by default.
         max_concurrent_loads: Loader calls running at once, at most.
-        cache_ttl: Opt-in: seconds a finished load is reused for new connections. ``None``
-            (the default) caches nothing.
+        cache_ttl: Opt-in: seconds a successful load is reused for new connections (failed
+            and empty loads are not). ``None`` (the default) caches nothing. A cached snapshot
+            can miss an update published before the new connection subscribed, until the next
+            update: keep it short, or use it only where updates repeat the whole state.
         on_metric: Optional ``def on_metric(name, value)`` called for each counter increment.
 
     Raises:
@@ -266,7 +269,9 @@ class SessionSyncMiddleware:
         """Return the session's current version from ``version_loader``, or ``None``."""
         if self.version_loader is None:
             return None
-        return await self._fetch(ctx, self._versions, lambda: self._load_version(ctx))
+        return await self._fetch(
+            ctx, self._versions, lambda: self._load_version(ctx), what="version load"
+        )
 
     async def _fetch(
         self,
@@ -275,6 +280,7 @@ class SessionSyncMiddleware:
         load: Callable[[], Awaitable[T | None]],
         *,
         use_cache: bool = True,
+        what: str = "snapshot load",
     ) -> T | None:
         with anyio.move_on_after(self.timeout) as deadline:
             result, how = await flights.run(self._flight_key(ctx), load, use_cache=use_cache)
@@ -286,12 +292,13 @@ class SessionSyncMiddleware:
         if deadline.cancelled_caught:
             self.stats.incr("timeouts")
             logger.warning(
-                "no snapshot: load timed out after %ss session_id=%s path=%r",
+                "%s timed out after %ss session_id=%s path=%r",
+                what,
                 self.timeout,
                 ctx.session_id,
                 _clip(ctx.scope["path"]),
             )
-            self._report(ctx, TimeoutError(f"snapshot load timed out after {self.timeout}s"))
+            self._report(ctx, TimeoutError(f"{what} timed out after {self.timeout}s"))
         return None
 
     async def _load_snapshot(self, ctx: SessionContext) -> _Frame | None:
@@ -584,7 +591,9 @@ class SnapshotResponder:
             try:
                 with anyio.fail_after(self.middleware.timeout):
                     self._ctx = await self.middleware.authenticated(ctx)
-            except Exception:
+            except Exception as exc:
+                self.middleware.stats.incr("errors")
+                self.middleware._report(ctx, exc)
                 logger.exception(
                     "no snapshot: authenticate failed session_id=%s path=%r",
                     self.session_id,

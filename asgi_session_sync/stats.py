@@ -46,8 +46,10 @@ class SessionSyncStats:
         snapshots_sent: Snapshot frames sent.
         skipped_by_resume: Snapshots not sent because the client's ``since`` was current.
         fenced_frames: App frames dropped because they were not newer than the snapshot.
-        errors: Loads that raised, returned something unusable or could not be serialised.
-        timeouts: Connections whose load (or wait for one) ran past ``timeout``.
+        errors: Loads (snapshot or version) that raised, returned something unusable or could
+            not be serialised, and ``authenticate`` calls that raised.
+        timeouts: Waits for a snapshot or a version load that ran past ``timeout``; a resuming
+            connection can count twice.
         oversize: Snapshots over ``max_bytes``, not sent.
         disconnects_during_load: Clients that left while their snapshot was loading.
         load_seconds_total: Sum of the durations of the loader calls made.

@@ -219,7 +219,8 @@ async def connect_websocket(
     """Open a WebSocket to ``app`` in-process and yield its client side.
 
     On exit the client disconnects (if the app has not closed) and waits for the app to return,
-    re-raising the app's exception if it failed.
+    re-raising the app's exception if it failed. The app's lifespan is not run: enter it
+    yourself (or open what it would open) when the app needs it.
 
     Args:
         app: Any ASGI 3 or ASGI 2 application.

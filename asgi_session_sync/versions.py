@@ -1,7 +1,9 @@
 """Ordering session versions: ints by value, timestamps by the instant they name.
 
 A version is an ``int`` (a counter, a row version) or a timestamp: a ``datetime`` or an
-ISO-8601 string such as ``"2026-11-25T13:01:43.123456+00:00"``. Timestamps compare as instants,
+ISO-8601 string ``YYYY-MM-DDTHH:MM:SS[.fraction][Z|+HH:MM|+HHMM]`` such as
+``"2026-11-25T13:01:43.123456+00:00"`` (the same grammar on every Python version and in the
+browser client; a fraction is kept to the microsecond). Timestamps compare as instants,
 so ``"2026-01-01T01:00:00+01:00"`` equals ``"2026-01-01T00:00:00Z"``; a timestamp without an
 offset is taken as UTC. An int and a timestamp never compare: such a pair is "unknown", and
 code that orders events lets the frame through rather than guess. ``bool`` is not a version.
@@ -9,6 +11,7 @@ code that orders events lets the frame through rather than guess. ``bool`` is no
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timedelta, timezone
 
 from .events import Version
@@ -31,9 +34,8 @@ def version_key(version: object) -> VersionKey | None:
     if isinstance(version, int):
         return (0, version)
     if isinstance(version, str):
-        try:
-            version = datetime.fromisoformat(version.replace("Z", "+00:00", 1))
-        except ValueError:
+        version = _parse_timestamp(version)
+        if version is None:
             return None
     if isinstance(version, datetime):
         if version.tzinfo is None:
@@ -67,3 +69,30 @@ def parse_version(text: str) -> Version | None:
     if text.isascii() and text.isdigit():
         return int(text)
     return text if version_key(text) is not None else None
+
+
+# One grammar on every Python version and in the browser client (session-sync.js): date, "T",
+# time to the second, an optional fraction (kept to the microsecond), an optional offset.
+_TIMESTAMP = re.compile(
+    r"(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(?:\.(\d{1,9}))?(Z|[+-]\d{2}:?\d{2})?",
+    re.IGNORECASE,
+)
+
+
+def _parse_timestamp(text: str) -> datetime | None:
+    match = _TIMESTAMP.fullmatch(text)
+    if match is None:
+        return None
+    base, fraction, offset = match.groups()
+    try:
+        when = datetime.fromisoformat(base)
+    except ValueError:  # 2026-02-30T...
+        return None
+    when = when.replace(microsecond=int((fraction or "").ljust(6, "0")[:6]))
+    if offset is None or offset.upper() == "Z":
+        return when.replace(tzinfo=timezone.utc)
+    sign = -1 if offset[0] == "-" else 1
+    hours, minutes = int(offset[1:3]), int(offset[-2:])
+    if hours > 23 or minutes > 59:
+        return None
+    return when.replace(tzinfo=timezone(sign * timedelta(hours=hours, minutes=minutes)))

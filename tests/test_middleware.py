@@ -464,13 +464,13 @@ async def test_authenticate_failure_is_logged_and_app_goes_on(
         raise PermissionError("bad token")
 
     loader = RecordingLoader()
+    app = wrap(loader=loader, authenticate=authenticate)
     with caplog.at_level(logging.ERROR, logger="asgi_session_sync"):
-        async with connect_websocket(
-            wrap(loader=loader, authenticate=authenticate), "/ws/sessions/s1"
-        ) as ws:
+        async with connect_websocket(app, "/ws/sessions/s1") as ws:
             assert await ws.receive_text() == "hello"
     assert loader.calls == []
     assert any("authenticate failed" in r.getMessage() for r in caplog.records)
+    assert app.stats.errors == 1
 
 
 async def test_resync_loads_afresh_for_the_same_user() -> None:

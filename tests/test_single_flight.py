@@ -221,3 +221,24 @@ async def test_cache_ttl_reuses_a_finished_load() -> None:
         async with connect_websocket(uncached, "/ws/s1") as ws:
             await ws.receive_json()
     assert len(loader.calls) == 4
+
+
+async def test_cache_ttl_never_keeps_a_failed_load() -> None:
+    calls = 0
+
+    async def flaky(ctx: SessionContext) -> Snapshot:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ConnectionError("db down")
+        return Snapshot({"n": calls}, version=calls)
+
+    app = wrap(flaky, cache_ttl=60)
+    async with connect_websocket(app, "/ws/s1") as ws:
+        assert await ws.receive_text() == "hello"  # no snapshot: the load failed
+    async with connect_websocket(app, "/ws/s1") as ws:
+        assert (await ws.receive_json())["version"] == 2  # loaded again, not the failure
+    async with connect_websocket(app, "/ws/s1") as ws:
+        assert (await ws.receive_json())["version"] == 2  # now from the cache
+    assert calls == 2
+    assert app.stats.cache_hits == 1

@@ -89,3 +89,24 @@ class Anonymous:
 )
 def test_user_identity(user: object, expected: str | None) -> None:
     assert user_identity(user) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2026-01-01",
+        "2026-01-01T00:00",
+        "2026-01-01T00:00:00+01",
+        "2026-02-30T00:00:00Z",
+        "2026-01-01T00:00:00+25:00",
+        "2026-01-01 00:00:00Z",
+    ],
+)
+def test_timestamps_outside_the_shared_grammar_are_not_versions(text: str) -> None:
+    # The browser client's grammar: no date-only, no minutes-only, no short offsets.
+    assert parse_version(text) is None
+
+
+def test_long_fractions_are_kept_to_the_microsecond() -> None:
+    assert same_version("2026-01-01T00:00:00.123456789Z", "2026-01-01T00:00:00.123456Z")
+    assert same_version("2026-01-01T01:00:00+0100", "2026-01-01T00:00:00Z")

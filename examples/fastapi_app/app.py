@@ -76,7 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="asgi-session-sync FastAPI example", lifespan=lifespan)
     app.state.store = store
     app.include_router(router)
-    app.mount("/session-sync.js", client_script_app)
+    app.add_route("/session-sync.js", client_script_app)
     app.add_middleware(
         SessionSyncMiddleware,
         loader=loader,
