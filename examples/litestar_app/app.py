@@ -1,0 +1,236 @@
+"""The Litestar app: a JSON API, a live WebSocket per session, and the page that uses both."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+import anyio
+from litestar import Controller, Litestar, MediaType, Request, WebSocket, get, post, websocket
+from litestar.connection import ASGIConnection
+from litestar.di import NamedDependency, Provide
+from litestar.exceptions import (
+    HTTPException,
+    NotAuthorizedException,
+    NotFoundException,
+    WebSocketDisconnect,
+)
+from litestar.middleware import DefineMiddleware
+from litestar.params import FromPath, JSONBody
+from litestar.static_files import create_static_files_router
+from litestar.status_codes import HTTP_202_ACCEPTED, WS_1008_POLICY_VIOLATION
+from litestar.types import Scope
+from msgspec import Meta, Struct
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from asgi_session_sync import SessionSyncMiddleware, get_resync
+from asgi_session_sync.client import STATIC_DIR
+from asgi_session_sync.loaders.sqlalchemy import sqlalchemy_loader
+from asgi_session_sync.nats import SessionSubscription
+
+from .live import LiveChat
+from .models import ChatSession, SessionView, session_view
+from .settings import Settings
+from .store import SessionStore
+
+__all__ = ["authenticate", "create_app", "token_user"]
+
+logger = logging.getLogger("examples.litestar_app")
+
+PAGE = Path(__file__).with_name("page.html").read_text(encoding="utf-8")
+
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+# Authentication: the least that makes the owner check real. The token IS the user's name;
+# put your real authentication (a session cookie, a signed JWT) in token_user.
+
+
+def token_user(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
+    """The user a request or WebSocket names: ``Authorization: Bearer <user>`` or ``?token=``."""
+    scheme, _, credentials = connection.headers.get("authorization", "").partition(" ")
+    token = credentials if scheme.lower() == "bearer" else connection.query_params.get("token")
+    return token if token is not None and _TOKEN.fullmatch(token) else None
+
+
+async def authenticate(scope: Scope) -> str | None:
+    """Who opens a session WebSocket, for the snapshot loader's owner check.
+
+    SessionSyncMiddleware runs outside Litestar's dependency injection, so it reads the token
+    from the scope itself.
+    """
+    return token_user(ASGIConnection(scope))
+
+
+async def provide_user(request: Request[Any, Any, Any]) -> str:
+    """The ``user`` dependency of the API: the token's user, or 401."""
+    user = token_user(request)
+    if user is None:
+        raise NotAuthorizedException("pass Authorization: Bearer <user> or ?token=<user>")
+    return user
+
+
+# The JSON API.
+
+
+class NewSession(Struct):
+    """Body of ``POST /api/sessions``."""
+
+    title: Annotated[str, Meta(min_length=1, max_length=200)] = "New session"
+
+
+class NewPrompt(Struct):
+    """Body of ``POST /api/sessions/{id}/prompts``."""
+
+    prompt: Annotated[str, Meta(min_length=1, max_length=4000)]
+
+
+class SessionController(Controller):
+    """The current user's chat sessions."""
+
+    path = "/api/sessions"
+
+    @post("/")
+    async def create_session(
+        self,
+        data: JSONBody[NewSession],
+        user: NamedDependency[str],
+        store: NamedDependency[SessionStore],
+    ) -> SessionView:
+        """Create an empty session owned by the user."""
+        return await store.create_session(user, data.title)
+
+    @get("/{session_id:str}")
+    async def get_session(
+        self,
+        session_id: FromPath[str],
+        user: NamedDependency[str],
+        store: NamedDependency[SessionStore],
+    ) -> SessionView:
+        """The session as it is now: 404 unless the user owns it."""
+        session = await store.get_session(session_id)
+        if session is None or session["owner"] != user:
+            # One answer for "missing" and "someone else's": guessing ids reveals nothing.
+            raise NotFoundException("no such session")
+        return session
+
+    @post("/{session_id:str}/prompts", status_code=HTTP_202_ACCEPTED)
+    async def add_prompt(
+        self,
+        session_id: FromPath[str],
+        data: JSONBody[NewPrompt],
+        user: NamedDependency[str],
+        live: NamedDependency[LiveChat],
+    ) -> SessionView:
+        """Add a prompt; its response streams in over the session's WebSocket."""
+        session = await live.add_prompt(session_id, user, data.prompt)
+        if session is None:
+            raise NotFoundException("no such session")
+        return session
+
+
+# The live WebSocket.
+
+
+@websocket("/ws/sessions/{session_id:str}")
+async def session_socket(
+    socket: WebSocket[Any, Any, Any],
+    session_id: FromPath[str],
+    store: NamedDependency[SessionStore],
+    live: NamedDependency[LiveChat],
+) -> None:
+    """The session's state: the snapshot at accept (from the middleware), then every update."""
+    user = token_user(socket)
+    if user is None or await store.owner_of(session_id) != user:
+        # Refused before accepting: no snapshot, no updates, not even whether the id exists.
+        await socket.close(code=WS_1008_POLICY_VIOLATION, reason="no such session")
+        return
+    # Subscribe BEFORE accepting: the snapshot is loaded during accept, so every update
+    # committed after that load is already on its way to this subscription.
+    resync = get_resync(socket.scope)  # type: ignore[arg-type]  # Litestar's scope is a TypedDict
+    async with live.bridge.subscribe(session_id, resync=resync) as updates:
+        await socket.accept()  # SessionSyncMiddleware sends the snapshot here
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(forward_updates, socket, updates)
+            # Reading is how the handler learns that the client left.
+            async for _ in socket.iter_data(mode="text"):
+                pass
+            tg.cancel_scope.cancel()
+
+
+async def forward_updates(socket: WebSocket[Any, Any, Any], updates: SessionSubscription) -> None:
+    """Send each update (and each resync after NATS trouble) to the client."""
+    try:
+        async for frame in updates:
+            await socket.send_text(frame)
+    except (WebSocketDisconnect, OSError):
+        # The client left while we were sending; the handler's reader sees it too and ends.
+        return
+
+
+# The page, and the browser client it imports.
+
+
+@get("/", media_type=MediaType.HTML, include_in_schema=False)
+async def index() -> str:
+    """The page: open ``/?token=alice``."""
+    return PAGE
+
+
+async def log_exception(exc: Exception, scope: Scope) -> None:
+    """Log what became a 500, since the app leaves logging configuration to whoever runs it."""
+    if isinstance(exc, HTTPException) and exc.status_code < 500:
+        return
+    logger.error("unhandled exception path=%s", scope["path"], exc_info=exc)
+
+
+def create_app(settings: Settings) -> Litestar:
+    """Build the app; nothing connects until its lifespan starts.
+
+    The lifespan creates the tables, starts NATS (a private ``nats-server`` unless
+    ``settings.nats_url`` names one), opens the bridge and the task group that streams
+    responses, and undoes all of it in reverse order on shutdown.
+    """
+    store = SessionStore(create_async_engine(settings.database_url))
+    live = LiveChat(
+        store,
+        nats_url=settings.nats_url,
+        reply_tokens=settings.reply_tokens,
+        token_interval=settings.token_interval,
+    )
+    loader = sqlalchemy_loader(
+        store.sessionmaker,
+        ChatSession,
+        interactions=ChatSession.interactions,
+        owner=ChatSession.owner,
+        version=ChatSession.version,
+        serialize=session_view,  # the shape the API returns and the bridge publishes
+    )
+    return Litestar(
+        route_handlers=[
+            index,
+            SessionController,
+            session_socket,
+            create_static_files_router(path="/static", directories=[STATIC_DIR]),
+        ],
+        dependencies={
+            "store": Provide(lambda: store, sync_to_thread=False),
+            "live": Provide(lambda: live, sync_to_thread=False),
+            "user": Provide(provide_user),
+        },
+        lifespan=[store, live],
+        middleware=[
+            DefineMiddleware(
+                SessionSyncMiddleware,
+                loader=loader,
+                version_loader=loader.version_loader,
+                paths=["/ws/sessions/{session_id}"],
+                authenticate=authenticate,
+            )
+        ],
+        after_exception=[log_exception],
+        # Logging is configured by whoever runs the app (__main__, uvicorn, a test), not here.
+        logging_config=None,
+    )

@@ -1,0 +1,205 @@
+"""The Litestar example in-process: its API, its WebSocket and the snapshot, against real NATS.
+
+The app runs with its own lifespan (tables, bridge, the task group that streams responses) on a
+temporary SQLite file and a private nats-server, as ``python -m examples.litestar_app`` would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from litestar import Litestar
+
+from asgi_session_sync.nats import EmbeddedNats
+from asgi_session_sync.testing import WebSocketClient, WebSocketRejected, connect_websocket
+from examples.litestar_app import Settings, create_app
+from examples.litestar_app.live import simulated_reply
+from examples.litestar_app.settings import async_database_url
+
+pytestmark = pytest.mark.anyio
+
+TOKENS = 5
+WAIT = 5.0
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    # nats-py and SQLAlchemy's asyncio extension (with aiosqlite) run on asyncio only.
+    return "asyncio"
+
+
+@pytest.fixture
+async def nats_server() -> AsyncIterator[EmbeddedNats]:
+    async with EmbeddedNats() as server:
+        yield server
+
+
+@pytest.fixture
+async def app(tmp_path: Path, nats_server: EmbeddedNats) -> AsyncIterator[Litestar]:
+    settings = Settings(
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}",
+        nats_url=nats_server.url,
+        reply_tokens=TOKENS,
+        token_interval=0.01,
+    )
+    app = create_app(settings)
+    async with app.lifespan():
+        yield app
+
+
+@pytest.fixture
+async def http(app: Litestar) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        yield client
+
+
+async def call(
+    http: httpx.AsyncClient, method: str, path: str, user: str | None, body: Any = None
+) -> httpx.Response:
+    """One API request as ``user`` (``None``: no token), bounded by WAIT."""
+    headers = {} if user is None else {"authorization": f"Bearer {user}"}
+    with anyio.fail_after(WAIT):
+        return await http.request(method, path, json=body, headers=headers)
+
+
+async def create_session(http: httpx.AsyncClient, user: str = "alice") -> dict[str, Any]:
+    response = await call(http, "POST", "/api/sessions", user, {"title": "Demo"})
+    assert response.status_code == 201, response.text
+    session: dict[str, Any] = response.json()
+    return session
+
+
+async def next_event(ws: WebSocketClient) -> dict[str, Any]:
+    event: dict[str, Any] = await ws.receive_json()
+    return event
+
+
+async def test_new_session_arrives_as_the_snapshot_with_its_owner_and_version(
+    app: Litestar, http: httpx.AsyncClient
+) -> None:
+    session = await create_session(http)
+    assert session["owner"] == "alice"
+    assert session["version"] == 1
+    assert session["interactions"] == []
+
+    path = f"/ws/sessions/{session['id']}?token=alice"
+    async with connect_websocket(app, path, timeout=WAIT) as ws:
+        assert await next_event(ws) == {
+            "type": "session_update",
+            "session_id": session["id"],
+            "owner": "alice",
+            "session": session,
+            "version": 1,
+        }
+
+
+async def test_prompt_streams_tokens_as_updates_with_increasing_versions(
+    app: Litestar, http: httpx.AsyncClient
+) -> None:
+    session = await create_session(http)
+    async with connect_websocket(app, f"/ws/sessions/{session['id']}?token=alice") as ws:
+        assert (await next_event(ws))["version"] == 1
+
+        prompts = f"/api/sessions/{session['id']}/prompts"
+        response = await call(http, "POST", prompts, "alice", {"prompt": "hi"})
+        assert response.status_code == 202, response.text
+        assert response.json()["interactions"] == [
+            {"position": 0, "prompt": "hi", "response": "", "done": False}
+        ]
+
+        events = []
+        with anyio.fail_after(WAIT):
+            while not events or not events[-1]["session"]["interactions"][0]["done"]:
+                events.append(await next_event(ws))
+
+    assert {event["type"] for event in events} == {"session_update"}
+    # The prompt, then one version per token: every change was published, in order.
+    assert [event["version"] for event in events] == list(range(2, TOKENS + 3))
+    responses = [event["session"]["interactions"][0]["response"] for event in events]
+    expected = simulated_reply(TOKENS)
+    assert responses == ["".join(expected[:count]) for count in range(TOKENS + 1)]
+
+    current = await call(http, "GET", f"/api/sessions/{session['id']}", "alice")
+    assert current.json() == events[-1]["session"]
+    assert current.json()["version"] == TOKENS + 2
+
+
+async def test_resuming_client_that_is_current_gets_updates_but_no_snapshot(
+    app: Litestar, http: httpx.AsyncClient
+) -> None:
+    session = await create_session(http)
+    path = f"/ws/sessions/{session['id']}?token=alice&since=1"
+    async with connect_websocket(app, path, timeout=WAIT) as ws:
+        prompts = f"/api/sessions/{session['id']}/prompts"
+        response = await call(http, "POST", prompts, "alice", {"prompt": "hi"})
+        assert response.status_code == 202, response.text
+        # The first frame is the prompt's update: the version loader found the client current.
+        assert (await next_event(ws))["version"] == 2
+
+
+async def test_another_user_never_sees_the_session(app: Litestar, http: httpx.AsyncClient) -> None:
+    session = await create_session(http)
+    base = f"/api/sessions/{session['id']}"
+
+    assert (await call(http, "GET", base, "bob")).status_code == 404
+    assert (await call(http, "POST", f"{base}/prompts", "bob", {"prompt": "x"})).status_code == 404
+    assert (await call(http, "GET", base, None)).status_code == 401
+    for query in ("?token=bob", "", "?token=not%20a%20token"):
+        with pytest.raises(WebSocketRejected) as rejected:
+            async with connect_websocket(app, f"/ws/sessions/{session['id']}{query}"):
+                pass
+        assert rejected.value.code == 1008
+
+    # Bob's prompt changed nothing, and alice still gets her session.
+    current = await call(http, "GET", base, "alice")
+    assert current.json() == session
+
+
+async def test_unknown_and_invalid_session_ids_are_refused(
+    app: Litestar, http: httpx.AsyncClient
+) -> None:
+    for session_id in ("0" * 32, "a.b", "x" * 300):
+        response = await call(http, "GET", f"/api/sessions/{session_id}", "alice")
+        assert response.status_code == 404
+        with pytest.raises(WebSocketRejected):
+            async with connect_websocket(app, f"/ws/sessions/{session_id}?token=alice"):
+                pass
+
+
+async def test_page_and_browser_client_are_served(http: httpx.AsyncClient) -> None:
+    page = await call(http, "GET", "/", None)
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    assert 'import { SessionSync } from "/static/session-sync.js"' in page.text
+    script = await call(http, "GET", "/static/session-sync.js", None)
+    assert script.status_code == 200
+    assert "export class SessionSync" in script.text
+
+
+async def test_bad_bodies_get_400(app: Litestar, http: httpx.AsyncClient) -> None:
+    session = await create_session(http)
+    prompts = f"/api/sessions/{session['id']}/prompts"
+    response = await call(http, "POST", prompts, "alice", {"prompt": ""})
+    assert response.status_code == 400
+    assert response.json()["status_code"] == 400
+
+
+def test_settings_from_the_environment() -> None:
+    settings = Settings.from_env(
+        {"DATABASE_URL": "postgresql://u:p@db/chat", "NATS_URL": "nats://n:4222", "PORT": "9000"}
+    )
+    assert settings.database_url == "postgresql+asyncpg://u:p@db/chat"
+    assert settings.nats_url == "nats://n:4222"
+    assert (settings.host, settings.port) == ("127.0.0.1", 9000)
+    defaults = Settings.from_env({})
+    assert defaults.database_url.startswith("sqlite+aiosqlite:///")
+    assert (defaults.nats_url, defaults.port) == (None, 8001)
+    assert async_database_url("sqlite+aiosqlite:///x.db") == "sqlite+aiosqlite:///x.db"
+    with pytest.raises(ValueError, match="PORT"):
+        Settings.from_env({"PORT": "http"})
