@@ -3,11 +3,11 @@
 ``static/session-sync.js`` is a dependency-free ES module (see its header for usage). Serve it
 from your app with one line:
 
-- Starlette / FastAPI: ``app.add_route("/session-sync.js", client_script_app)``
-- Litestar: ``asgi("/session-sync.js", copy_scope=True)(client_script_app)`` in
-  ``route_handlers``, or
-  ``create_static_files_router(path="/static", directories=[STATIC_DIR])``
-- anything else: serve the file at :data:`CLIENT_SCRIPT`.
+- Starlette / FastAPI: ``app.mount("/static/session-sync", StaticFiles(directory=STATIC_DIR))``,
+  then import ``/static/session-sync/session-sync.js``
+- Litestar: ``create_static_files_router(path="/static/session-sync", directories=[STATIC_DIR])``
+- raw ASGI and anything else: route one path to :data:`client_script_app`, or serve the file at
+  :data:`CLIENT_SCRIPT`.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ class ClientScript:
 
     ``GET`` and ``HEAD`` get the script as ``text/javascript`` with an ``ETag`` (a matching
     ``If-None-Match`` gets 304); other methods get 405. An object rather than a function, so
-    Starlette's ``add_route`` serves it as an ASGI app at exactly its path (a ``mount`` would
-    redirect ``/session-sync.js`` to ``/session-sync.js/``).
+    routers that tell request handlers from ASGI apps by type (Starlette's ``Route``) serve it
+    as an ASGI app at exactly its path.
     """
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -65,7 +65,7 @@ class ClientScript:
 
 
 client_script_app = ClientScript()
-"""The browser client as an ASGI app: ``app.add_route("/session-sync.js", client_script_app)``."""
+"""The browser client as an ASGI app, for routers without a static files helper."""
 
 
 async def _respond(

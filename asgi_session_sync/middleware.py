@@ -42,7 +42,7 @@ logger = logging.getLogger("asgi_session_sync")
 
 T = TypeVar("T")
 
-Authenticate = Callable[[Scope], Awaitable[Any]]
+Authenticate = Callable[[Any], Awaitable[Any]]
 """``async def authenticate(scope) -> user``: who is connecting (cookie, header, token)."""
 
 ErrorHook = Callable[[SessionContext, Exception], object]
@@ -634,10 +634,11 @@ class SnapshotResponder:
             self._wakeup.set()
 
 
-def get_resync(scope: Scope) -> Resync | None:
+def get_resync(scope: Any) -> Resync | None:
     """Return the resync function of a connection served by :class:`SessionSyncMiddleware`.
 
     ``None`` when the middleware does not serve this connection (another path, an invalid id).
+    ``scope`` is typed loosely so every framework's scope type fits (Litestar's is a TypedDict).
     Pass it to code that must resend the current state without the client reconnecting, such
     as the NATS bridge's ``subscribe``.
     """

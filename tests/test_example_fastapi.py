@@ -183,9 +183,9 @@ async def test_page_loads_the_shipped_client(client: httpx.AsyncClient) -> None:
     page = await client.get("/")
     assert page.status_code == 200
     assert page.headers["content-type"].startswith("text/html")
-    assert 'import { SessionSync } from "/session-sync.js";' in page.text
+    assert 'import { SessionSync } from "/static/session-sync/session-sync.js";' in page.text
     assert 'id="state"' in page.text
-    script = await client.get("/session-sync.js", follow_redirects=True)
+    script = await client.get("/static/session-sync/session-sync.js")
     assert script.status_code == 200
     assert script.headers["content-type"].startswith("text/javascript")
     assert "export class SessionSync" in script.text

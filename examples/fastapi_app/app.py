@@ -7,10 +7,11 @@ from contextlib import AsyncExitStack, asynccontextmanager
 
 import anyio
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
 from asgi_session_sync import SessionSyncMiddleware
-from asgi_session_sync.client import client_script_app
+from asgi_session_sync.client import STATIC_DIR
 from asgi_session_sync.loaders.sqlalchemy import sqlalchemy_loader
 from asgi_session_sync.nats import EmbeddedNats, NatsBridge
 
@@ -76,7 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="asgi-session-sync FastAPI example", lifespan=lifespan)
     app.state.store = store
     app.include_router(router)
-    app.add_route("/session-sync.js", client_script_app)
+    app.mount("/static/session-sync", StaticFiles(directory=STATIC_DIR))
     app.add_middleware(
         SessionSyncMiddleware,
         loader=loader,

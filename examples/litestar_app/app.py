@@ -149,7 +149,7 @@ async def session_socket(
         return
     # Subscribe BEFORE accepting: the snapshot is loaded during accept, so every update
     # committed after that load is already on its way to this subscription.
-    resync = get_resync(socket.scope)  # type: ignore[arg-type]  # Litestar's scope is a TypedDict
+    resync = get_resync(socket.scope)
     async with live.bridge.subscribe(session_id, resync=resync) as updates:
         await socket.accept()  # SessionSyncMiddleware sends the snapshot here
         async with anyio.create_task_group() as tg:
