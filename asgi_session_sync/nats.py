@@ -881,7 +881,9 @@ class EmbeddedNats:
 
     ``async with EmbeddedNats() as server:`` starts it on a free port (or ``port``), waits
     until it is ready, and stops it on exit, also when the body raises or is cancelled:
-    terminate, then kill after ``stop_timeout``, and always reap the process.
+    terminate, then kill after ``stop_timeout``, and always reap the process. If the Python
+    process itself is killed (SIGKILL), no code of its runs and the server is left running:
+    for production, run nats-server under your process supervisor and pass its URL.
 
     Attributes:
         host: The address the server binds.
@@ -985,10 +987,16 @@ class EmbeddedNats:
             command += ["--jetstream", "--store_dir", str(workdir / "jetstream")]
         command += self.args
         try:
-            # The server writes to the file; it never blocks on a full pipe nobody reads.
+            # The server writes to the file; it never blocks on a full pipe nobody reads. In a
+            # session of its own, so Ctrl+C in a terminal reaches the app, which then stops the
+            # server after its own shutdown, not the server first.
             with log.open("wb") as log_file:
                 self.process = await anyio.open_process(
-                    command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file
+                    command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=log_file,
+                    start_new_session=True,
                 )
             await self._wait_ready(log)
         except BaseException:
