@@ -8,7 +8,6 @@ snapshot, from whichever app replica it is connected to.
 ```python
 from contextlib import asynccontextmanager
 
-import anyio
 from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket
@@ -25,17 +24,7 @@ async def session_socket(websocket: WebSocket) -> None:
     # published after that load is already on its way to this subscription.
     async with bridge.subscribe(session_id, resync=get_resync(websocket.scope)) as updates:
         await websocket.accept()  # the middleware sends the snapshot here
-        async with anyio.create_task_group() as tg:
-
-            async def forward() -> None:
-                async for frame in updates:
-                    await websocket.send_text(frame)
-
-            tg.start_soon(forward)
-            # Reading is how the app learns that the client left.
-            while (await websocket.receive())["type"] != "websocket.disconnect":
-                pass
-            tg.cancel_scope.cancel()
+        await updates.forward(websocket.send_text, websocket.receive)
 
 
 @asynccontextmanager
@@ -791,6 +780,57 @@ class SessionSubscription:
             return
         with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
             await self._send.send(frame)
+
+    async def forward(
+        self,
+        send_text: Callable[[str], Awaitable[object]],
+        receive: Callable[[], Awaitable[Mapping[str, Any]]],
+        *,
+        on_message: Callable[[Mapping[str, Any]], Awaitable[object]] | None = None,
+    ) -> None:
+        """Send every update to the socket until the client disconnects.
+
+        The loop every WebSocket handler needs: one task sends the frames, this one reads the
+        socket, since reading is how an app learns that the client left. Client messages go to
+        ``on_message`` (or are dropped). Returns on ``websocket.disconnect``, or when the
+        bridge closes. An exception from ``send_text`` (the client left mid-send: the
+        framework's disconnect error) propagates as it is, as from the app's own send.
+
+        ```python
+        async with bridge.subscribe(session_id, resync=get_resync(websocket.scope)) as updates:
+            await websocket.accept()
+            await updates.forward(websocket.send_text, websocket.receive)
+        ```
+
+        Args:
+            send_text: Sends one text frame: ``websocket.send_text`` in Starlette and FastAPI,
+                ``socket.send_text`` in Litestar.
+            receive: The raw ASGI receive of the socket: ``websocket.receive`` (Starlette,
+                FastAPI), ``socket.receive`` (Litestar).
+            on_message: Called with each ``websocket.receive`` message the client sends.
+        """
+        failure: Exception | None = None
+        async with anyio.create_task_group() as tg:
+
+            async def send_updates() -> None:
+                nonlocal failure
+                try:
+                    async for frame in self:
+                        await send_text(frame)
+                except Exception as exc:  # re-raised below, outside the task group
+                    failure = exc
+                tg.cancel_scope.cancel()  # failed, or the bridge closed: nothing more to send
+
+            tg.start_soon(send_updates)
+            while True:
+                message = await receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                if on_message is not None and message["type"] == "websocket.receive":
+                    await on_message(message)
+            tg.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
 
     def __aiter__(self) -> SessionSubscription:
         """Iterate over the frames."""

@@ -508,3 +508,51 @@ async def test_reconnect_resyncs_only_open_subscriptions(
                     assert (await next_event(updates))["version"] == 7
     assert store.calls == 1
     assert any("resyncing 1 subscriptions" in record.message for record in caplog.records)
+
+
+async def test_forward_sends_updates_and_hands_client_messages_until_disconnect(
+    bridge: NatsBridge,
+) -> None:
+    sent: list[str] = []
+    got_update = anyio.Event()
+    to_app_send, to_app = anyio.create_memory_object_stream[dict[str, Any]](10)
+    heard: list[str] = []
+
+    async def send_text(text: str) -> None:
+        sent.append(text)
+        got_update.set()
+
+    async def on_message(message: Any) -> None:
+        heard.append(message["text"])
+
+    async with (
+        bridge.subscribe("s1") as updates,
+        to_app_send,
+        to_app,
+        anyio.create_task_group() as tg,
+    ):
+        tg.start_soon(lambda: updates.forward(send_text, to_app.receive, on_message=on_message))
+        await bridge.publish("s1", {"n": 1}, version=1)
+        with anyio.fail_after(WAIT):
+            await got_update.wait()
+        await to_app_send.send({"type": "websocket.receive", "text": "hi"})
+        await to_app_send.send({"type": "websocket.disconnect", "code": 1000})
+    assert [json.loads(text)["version"] for text in sent] == [1]
+    assert heard == ["hi"]
+
+
+async def test_forward_reraises_the_send_error_unwrapped(bridge: NatsBridge) -> None:
+    class Gone(Exception):
+        pass
+
+    async def send_text(text: str) -> None:
+        raise Gone
+
+    async def receive() -> dict[str, Any]:
+        await anyio.sleep_forever()
+        raise AssertionError
+
+    async with bridge.subscribe("s1") as updates:
+        await bridge.publish("s1", {"n": 1}, version=1)
+        with anyio.fail_after(WAIT), pytest.raises(Gone):
+            await updates.forward(send_text, receive)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path as FilePath
 from typing import Annotated
 
-import anyio
 from fastapi import APIRouter, Depends, HTTPException, Path, WebSocket, status
 from fastapi.responses import HTMLResponse
 from starlette.requests import HTTPConnection
@@ -105,14 +104,4 @@ async def session_socket(
     # published after that load is already on its way to this subscription.
     async with bridge.subscribe(session_id, resync=get_resync(websocket.scope)) as updates:
         await websocket.accept()  # SessionSyncMiddleware sends the snapshot here
-        async with anyio.create_task_group() as tg:
-
-            async def forward() -> None:
-                async for frame in updates:
-                    await websocket.send_text(frame)
-
-            tg.start_soon(forward)
-            # Reading is how the app learns that the client left.
-            while (await websocket.receive())["type"] != "websocket.disconnect":
-                pass
-            tg.cancel_scope.cancel()
+        await updates.forward(websocket.send_text, websocket.receive)

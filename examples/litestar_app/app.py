@@ -7,7 +7,6 @@ import re
 from pathlib import Path
 from typing import Annotated, Any
 
-import anyio
 from litestar import Controller, Litestar, MediaType, Request, WebSocket, get, post, websocket
 from litestar.connection import ASGIConnection
 from litestar.di import NamedDependency, Provide
@@ -28,7 +27,6 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from asgi_session_sync import SessionSyncMiddleware, get_resync
 from asgi_session_sync.client import STATIC_DIR
 from asgi_session_sync.loaders.sqlalchemy import sqlalchemy_loader
-from asgi_session_sync.nats import SessionSubscription
 
 from .live import LiveChat
 from .models import ChatSession, SessionView, session_view
@@ -152,22 +150,11 @@ async def session_socket(
     resync = get_resync(socket.scope)
     async with live.bridge.subscribe(session_id, resync=resync) as updates:
         await socket.accept()  # SessionSyncMiddleware sends the snapshot here
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(forward_updates, socket, updates)
-            # Reading is how the handler learns that the client left.
-            async for _ in socket.iter_data(mode="text"):
-                pass
-            tg.cancel_scope.cancel()
-
-
-async def forward_updates(socket: WebSocket[Any, Any, Any], updates: SessionSubscription) -> None:
-    """Send each update (and each resync after NATS trouble) to the client."""
-    try:
-        async for frame in updates:
-            await socket.send_text(frame)
-    except (WebSocketDisconnect, OSError):
-        # The client left while we were sending; the handler's reader sees it too and ends.
-        return
+        try:
+            # Sends each update (and each resync after NATS trouble) until the client leaves.
+            await updates.forward(socket.send_text, socket.receive)
+        except WebSocketDisconnect:
+            return  # the client left while an update was being sent
 
 
 # The page, and the browser client it imports.

@@ -112,16 +112,7 @@ def build_app(db_url: str, nats_url: str) -> Any:
         resync = get_resync(websocket.scope)
         async with bridge.subscribe(session_id, resync=resync) as updates:
             await websocket.accept()
-            async with anyio.create_task_group() as tg:
-
-                async def forward() -> None:
-                    async for frame in updates:
-                        await websocket.send_text(frame)
-
-                tg.start_soon(forward)
-                while (await websocket.receive())["type"] != "websocket.disconnect":
-                    pass
-                tg.cancel_scope.cancel()
+            await updates.forward(websocket.send_text, websocket.receive)
 
     async def health(request: Request) -> JSONResponse:
         s = stack["s"]
