@@ -11,6 +11,8 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from asgi_session_sync.nats import find_nats_server
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -36,40 +38,43 @@ def wait_for_port(port: int, timeout: float) -> None:
             time.sleep(0.05)  # polling a port: there is no event to await across processes
 
 
-class AppProcess:
-    """``python -m <module>`` with ``env``, listening on ``port``; its output goes to ``log``.
+class ServerProcess:
+    """A server ``command`` listening on ``port`` of 127.0.0.1; its output goes to ``log``.
 
     ``start()`` returns once the port accepts connections, at the monotonic time it did (the
     moment the restart tests measure from). ``kill()`` is a SIGKILL: no shutdown code runs.
+    ``started`` keeps the pid of every process started, for leak checks.
     """
 
-    def __init__(self, module: str, port: int, env: Mapping[str, str], log: Path) -> None:
-        self.module = module
+    def __init__(
+        self, command: list[str], port: int, log: Path, env: Mapping[str, str] | None = None
+    ) -> None:
+        self.command = command
         self.port = port
-        self.env = {**os.environ, **env, "PORT": str(port), "PYTHONUNBUFFERED": "1"}
+        self.env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
         self.log = log
         self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        self.started: set[int] = set()
 
     def start(self, timeout: float = 20.0) -> float:
         assert self.process is None, "already running"
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", self.module],
+                self.command,
                 cwd=ROOT,
                 env=self.env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
+        self.started.add(self.process.pid)
         try:
             wait_for_port(self.port, timeout)
         except TimeoutError:
             self.stop()
-            raise TimeoutError(f"{self.module} did not start:\n{self.output()[-3000:]}") from None
+            raise TimeoutError(
+                f"{self.command[:3]} did not start:\n{self.output()[-3000:]}"
+            ) from None
         return time.monotonic()
 
     def kill(self) -> None:
@@ -93,3 +98,26 @@ class AppProcess:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+class AppProcess(ServerProcess):
+    """An example app: ``python -m <module>`` with ``env`` and ``PORT`` set."""
+
+    def __init__(self, module: str, port: int, env: Mapping[str, str], log: Path) -> None:
+        super().__init__([sys.executable, "-m", module], port, log, {**env, "PORT": str(port)})
+        self.module = module
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+class NatsProcess(ServerProcess):
+    """``nats-server`` on a fixed port, so it can be SIGKILLed and come back at the same URL."""
+
+    def __init__(self, port: int, log: Path) -> None:
+        super().__init__([find_nats_server(), "-a", "127.0.0.1", "-p", str(port)], port, log)
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"

@@ -7,9 +7,7 @@ without a reload.
 
 from __future__ import annotations
 
-import signal
 import sqlite3
-import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import closing
@@ -19,10 +17,9 @@ from typing import Any
 import httpx
 import pytest
 
-from asgi_session_sync.nats import find_nats_server
 from examples.fastapi_app.responder import simulated_tokens
 
-from .app_process import AppProcess, free_port, wait_for_port
+from .app_process import AppProcess, NatsProcess, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -46,41 +43,6 @@ SHOWS = f"""(expected) => {{
   return shown.state === "live" && shown.version === expected.version
     && JSON.stringify(shown.interactions) === JSON.stringify(expected.interactions);
 }}"""
-
-
-class NatsProcess:
-    """``nats-server`` on a fixed port, so it can be SIGKILLed and come back at the same URL."""
-
-    def __init__(self, port: int, log: Path) -> None:
-        self.port = port
-        self.log = log
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
-
-    def start(self) -> float:
-        """Start it; return the monotonic time at which it accepted connections."""
-        assert self.process is None, "already running"
-        command = [find_nats_server(), "-a", "127.0.0.1", "-p", str(self.port)]
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
-            )
-        try:
-            wait_for_port(self.port, timeout=10)
-        except TimeoutError:
-            self.kill()
-            raise
-        return time.monotonic()
-
-    def kill(self) -> None:
-        """SIGKILL it and reap it."""
-        if self.process is not None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(timeout=10)
-            self.process = None
 
 
 @pytest.fixture

@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import sqlite3
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from asgi_session_sync.nats import find_nats_server
-
-from .app_process import AppProcess, free_port, wait_for_port
+from .app_process import AppProcess, NatsProcess, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -42,75 +39,13 @@ SHOWS_STATE = """({version, responses}) => {
 }"""
 
 
-class NatsServer:
-    """A nats-server process on a fixed port of 127.0.0.1, killed and restarted by the test."""
-
-    def __init__(self, port: int, log: Path) -> None:
-        self.port = port
-        self.log = log
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 10.0) -> float:
-        """Start it; return the monotonic time at which it accepted connections."""
-        assert self.process is None, "already running"
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                [find_nats_server(), "-a", "127.0.0.1", "-p", str(self.port)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        try:
-            wait_for_port(self.port, timeout)
-        except TimeoutError:
-            self.stop()
-            raise
-        return time.monotonic()
-
-    def kill(self) -> None:
-        """SIGKILL it, as a crash would end it, and reap it."""
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait(timeout=10)
-            self.process = None
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL after a bounded wait."""
-        if self.process is None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
-        self.process = None
-
-
 @dataclass
 class Stack:
-    """The app, its broker and its database file; remembers every process it started."""
+    """The app, its broker and its database file."""
 
     app: AppProcess
-    nats: NatsServer
+    nats: NatsProcess
     db: Path
-    pids: set[int] = field(default_factory=set)
-
-    def start_app(self) -> float:
-        accepting = self.app.start()
-        assert self.app.process is not None
-        self.pids.add(self.app.process.pid)
-        return accepting
-
-    def start_nats(self) -> float:
-        accepting = self.nats.start()
-        assert self.nats.process is not None
-        self.pids.add(self.nats.process.pid)
-        return accepting
 
 
 def running(pattern: str) -> set[int]:
@@ -123,21 +58,21 @@ def running(pattern: str) -> set[int]:
 
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[Stack]:
-    nats = NatsServer(free_port(), tmp_path / "nats-server.log")
+    nats = NatsProcess(free_port(), tmp_path / "nats-server.log")
     db = tmp_path / "chat.db"
     env = {"DATABASE_URL": f"sqlite:///{db}", "NATS_URL": nats.url, "HOST": "127.0.0.1"}
     app = AppProcess(MODULE, free_port(), env, tmp_path / "app.log")
     stack = Stack(app, nats, db)
     try:
-        stack.start_nats()
-        stack.start_app()
+        stack.nats.start()
+        stack.app.start()
         yield stack
     finally:
         app.stop()
         nats.stop()
     # Other test runs may have processes of their own: only ours must be gone.
-    assert not running(MODULE) & stack.pids, "an app process outlived the test"
-    assert not running("nats-server") & stack.pids, "a nats-server outlived the test"
+    assert not running(MODULE) & app.started, "an app process outlived the test"
+    assert not running("nats-server") & nats.started, "a nats-server outlived the test"
 
 
 def open_page(browser: Any, url: str) -> Any:
@@ -216,7 +151,7 @@ def test_api_restart_page_shows_the_final_state_without_reloading(
             ],
             session_id,
         )
-        stack.start_app()
+        stack.app.start()
         page.wait_for_function(
             SHOWS_STATE,
             arg={
@@ -247,7 +182,7 @@ def test_nats_restart_page_shows_the_current_state_over_the_same_socket(
             [add_interaction(session_id, 0, "Where is NATS?", "Changed while NATS was down.")],
             session_id,
         )
-        stack.start_nats()
+        stack.nats.start()
         page.wait_for_function(
             SHOWS_STATE,
             arg={"version": version, "responses": ["Changed while NATS was down."]},
