@@ -49,6 +49,10 @@
  * @property {number} [factor=2] Growth of the delay per failed attempt.
  * @property {number} [jitter=0.5] Fraction of each delay taken off at random (0..1), so clients
  *   dropped together do not come back together.
+ * @property {number[]} [stopOnCodes=[1008, 4401, 4403, 4404]] Close codes after which the client
+ *   stops instead of reconnecting: the server refused this user or session for good. (A refusal
+ *   before the WebSocket is accepted reaches browsers as 1006, like a network error: accept,
+ *   then close with one of these codes, to make it final.)
  * @property {string | string[]} [protocols] WebSocket subprotocols.
  * @property {typeof WebSocket} [WebSocketImpl] For tests; the browser's WebSocket by default.
  */
@@ -105,6 +109,7 @@ export class SessionSync {
       maxDelay: 10000,
       factor: 2,
       jitter: 0.5,
+      stopOnCodes: [1008, 4401, 4403, 4404],
       ...options,
     };
     /** @type {ConnectionState} Until start(), "closed". */
@@ -163,10 +168,16 @@ export class SessionSync {
     socket.onmessage = (message) => {
       if (this.socket === socket && typeof message.data === "string") this.receive(message.data);
     };
-    socket.onclose = () => {
+    socket.onclose = (event) => {
       if (this.socket !== socket) return;
       this.socket = null;
-      if (!this.stopped) this.scheduleReconnect();
+      if (this.stopped) return;
+      if (this.options.stopOnCodes.includes(event.code)) {
+        this.stopped = true;
+        this.setState("closed", 0);
+        return;
+      }
+      this.scheduleReconnect();
     };
     // An error is always followed by close, which reconnects.
     socket.onerror = () => {};

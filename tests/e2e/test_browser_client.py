@@ -151,3 +151,36 @@ def test_compare_versions_matches_the_server(
     if is_newer(b, a):
         server_view = -1
     assert result == server_view
+
+
+class RefusingServer(ScriptedServer):
+    """Accepts, sends nothing, and closes with 4403: this user may not watch the session."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await super().__call__(scope, receive, send)
+            return
+        await receive()
+        with self.lock:
+            self.attempts.append((time.monotonic(), scope["query_string"].decode()))
+        await send({"type": "websocket.accept"})
+        await send({"type": "websocket.close", "code": 4403})
+
+
+def test_client_stops_after_a_final_refusal(browser: Any, serve: Callable[[ASGIApp], str]) -> None:
+    server = RefusingServer()
+    base = serve(server).replace("ws://", "http://")
+    page = browser.new_page()
+    try:
+        page.goto(base + "/")
+        page.wait_for_function(
+            "window.states && window.states.some(([state]) => state === 'closed')",
+            timeout=10_000,
+        )
+        states = [state for state, _ in page.evaluate("window.states")]
+        pending = page.evaluate("window.sync.timer !== null || window.sync.socket !== null")
+    finally:
+        page.close()
+    assert states == ["connecting", "live", "closed"]
+    assert pending is False  # no reconnect scheduled, no socket open
+    assert len(server.attempts) == 1
