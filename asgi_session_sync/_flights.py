@@ -17,13 +17,21 @@ _SWEEP_AT = 1024
 
 
 class _Flight(Generic[T]):
-    __slots__ = ("done", "expires", "finished", "result")
+    __slots__ = ("done", "ended", "expires", "finished", "result")
 
     def __init__(self) -> None:
-        self.done = anyio.Event()
-        self.finished = False  # False once done means the leader was cancelled: retry
+        # Made by the first waiter: most flights have none, and an Event costs a backend lookup.
+        self.done: anyio.Event | None = None
+        self.ended = False
+        self.finished = False  # False once ended means the leader was cancelled: retry
         self.result: T | None = None
         self.expires = math.inf
+
+    async def wait(self) -> None:
+        if not self.ended:
+            if self.done is None:
+                self.done = anyio.Event()
+            await self.done.wait()
 
 
 class SingleFlight(Generic[T]):
@@ -69,7 +77,7 @@ class SingleFlight(Generic[T]):
                 if use_cache:
                     return flight.result, "cached"
                 return await self._lead(key, fn), "loaded"
-            await flight.done.wait()
+            await flight.wait()
             if flight.finished:
                 return flight.result, "coalesced"
 
@@ -88,7 +96,9 @@ class SingleFlight(Generic[T]):
             cached = flight.finished and flight.expires != math.inf
             if not cached and self._flights.get(key) is flight:
                 del self._flights[key]
-            flight.done.set()
+            flight.ended = True
+            if flight.done is not None:
+                flight.done.set()
         return flight.result
 
     def _sweep(self) -> None:

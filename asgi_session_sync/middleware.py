@@ -387,6 +387,7 @@ class SnapshotResponder:
     """One served WebSocket: wraps the app's ``send`` to put the snapshot right after accept."""
 
     __slots__ = (
+        "_accepted",
         "_accepting",
         "_buffered",
         "_ctx",
@@ -418,7 +419,8 @@ class SnapshotResponder:
         self._send = send
         self._done = False
         self._gone = False
-        self._accepting: anyio.Event | None = None
+        self._accepting = False
+        self._accepted: anyio.Event | None = None  # made only if an app task must wait
         self._buffered: deque[Message] = deque()
         self._failure: BaseException | None = None
         # While the middleware reads receive() during the load, the app's own receive() calls
@@ -456,7 +458,8 @@ class SnapshotResponder:
                 if not self._done and message["type"] == "websocket.disconnect":
                     self._gone = True  # the app accepts a connection already over: no snapshot
                 return message
-            assert self._wakeup is not None
+            if self._wakeup is None:  # made only when an app task waits, which is rare
+                self._wakeup = anyio.Event()
             await self._wakeup.wait()
 
     async def send_with_snapshot(self, message: Message) -> None:
@@ -468,21 +471,24 @@ class SnapshotResponder:
                     return
             await self._send(message)
             return
-        if self._accepting is not None:
+        if self._accepting:
             # Another of the app's tasks is in send(accept): nothing may overtake the snapshot.
-            await self._accepting.wait()
+            if self._accepted is None:
+                self._accepted = anyio.Event()
+            await self._accepted.wait()
             await self.send_with_snapshot(message)
             return
         message_type = message["type"]
         if message_type == "websocket.accept":
-            self._accepting = anyio.Event()
+            self._accepting = True
             try:
                 await self._send(message)
                 if not self._gone:
                     await self._send_snapshot()
             finally:
                 self._done = True
-                self._accepting.set()
+                if self._accepted is not None:
+                    self._accepted.set()
             return
         if message_type in ("websocket.close", "websocket.http.response.start"):
             # Rejected before accepting: there is no one to send a snapshot to.
@@ -588,6 +594,9 @@ class SnapshotResponder:
         """The loader's context, authenticated once per connection; ``None`` if that failed."""
         if self._ctx is None:
             ctx = SessionContext(self.session_id, self.scope, self.scope.get("user"), self._since())
+            if self.middleware.authenticate is None:
+                self._ctx = ctx
+                return ctx
             try:
                 with anyio.fail_after(self.middleware.timeout):
                     self._ctx = await self.middleware.authenticated(ctx)
@@ -614,7 +623,6 @@ class SnapshotResponder:
     async def _read_until_disconnect(self) -> bool:
         """Buffer client messages for the app; return True on ``websocket.disconnect``."""
         self._reading = True
-        self._wakeup = anyio.Event()
         try:
             while len(self._buffered) < _MAX_BUFFERED_MESSAGES:
                 try:
@@ -624,14 +632,18 @@ class SnapshotResponder:
                     self._failure = exc
                     return False
                 self._buffered.append(message)
-                self._wakeup.set()
-                self._wakeup = anyio.Event()
+                self._wake_readers()
                 if message["type"] == "websocket.disconnect":
                     return True
             return False
         finally:
             self._reading = False
+            self._wake_readers()
+
+    def _wake_readers(self) -> None:
+        if self._wakeup is not None:
             self._wakeup.set()
+            self._wakeup = None
 
 
 def get_resync(scope: Any) -> Resync | None:
