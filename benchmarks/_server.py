@@ -7,16 +7,12 @@ never imports uvicorn's serving path, only the schema and the loader (to time on
 from __future__ import annotations
 
 import json
-import resource
-import socket
-import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import anyio
-import uvicorn
 from sqlalchemy import (
     Column,
     DateTime,
@@ -37,10 +33,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from asgi_session_sync import SessionContext, SessionSyncMiddleware, Snapshot
 from asgi_session_sync._types import Receive, Scope, Send
 
+from ._serving import serve_app
+
 __all__ = [
     "ServerOptions",
     "SessionStore",
-    "raise_open_files_limit",
     "seed_database",
     "serve",
     "session_ids",
@@ -258,22 +255,13 @@ class ServerOptions:
     watch_stdin: bool = False
 
 
-def raise_open_files_limit() -> int:
-    """Raise this process's soft ``RLIMIT_NOFILE`` to the hard limit; return the new limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard
-
-
 async def serve(options: ServerOptions) -> None:
-    """Serve until SIGTERM/SIGINT; print ``{"port": N}`` on stdout once accepting connections.
+    """Serve until SIGTERM/SIGINT; announce the port on stdout once accepting connections.
 
-    With ``options.watch_stdin``, also stops when stdin reaches end of file: the parent holds
-    the other end of that pipe, so a parent killed before it could stop this server does not
-    leave it running.
+    See :func:`benchmarks._serving.serve_app`. With ``options.watch_stdin``, also stops when
+    stdin reaches end of file: the parent holds the other end of that pipe, so a parent killed
+    before it could stop this server does not leave it running.
     """
-    raise_open_files_limit()
     engine = open_engine(options.db, pool_size=options.pool_size)
     try:
         store = SessionStore(engine, latency=options.latency)
@@ -287,41 +275,16 @@ async def serve(options: ServerOptions) -> None:
             max_concurrent_loads=options.max_concurrent_loads,
         )
         app.middleware = middleware
-        config = uvicorn.Config(
-            middleware,
-            log_level="warning",
-            access_log=False,
-            ws="websockets-sansio",  # what "auto" picks when websockets is installed
-            lifespan="off",
-            backlog=4096,
-        )
-        server = uvicorn.Server(config)
-        # Bind here, on port 0 by default, so the port is free by construction and known
-        # before the parent connects: no race between choosing a port and binding it.
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", options.port))
-        port = sock.getsockname()[1]
 
-        async def announce() -> None:
-            while not server.started:
-                if server.should_exit:
-                    return
-                await anyio.sleep(0.01)
+        def count_from_now() -> None:
             app.cpu_started = time.process_time()  # count the rounds' work, not the start-up
-            sys.stdout.write(json.dumps({"port": port}) + "\n")
-            sys.stdout.flush()
 
-        async def exit_with_parent() -> None:
-            await anyio.wait_readable(sys.stdin.fileno())  # nothing is ever written: EOF
-            server.should_exit = True
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(announce)
-            if options.watch_stdin:
-                tg.start_soon(exit_with_parent)
-            await server.serve(sockets=[sock])
-            tg.cancel_scope.cancel()
+        await serve_app(
+            middleware,
+            port=options.port,
+            watch_stdin=options.watch_stdin,
+            on_started=count_from_now,
+        )
     finally:
         await engine.dispose()
 

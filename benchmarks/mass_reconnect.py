@@ -20,42 +20,42 @@ import argparse
 import json
 import math
 import os
-import platform
 import signal
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import anyio
-from anyio.abc import Process
-from anyio.streams.buffered import BufferedByteReceiveStream
 from websockets.asyncio.client import ClientConnection, connect
 
+from ._report import (
+    PartResult,
+    Spread,
+    Target,
+    figure,
+    machine_info,
+    machine_line,
+    percentile,
+    ratio,
+    spread,
+    table,
+)
 from ._server import (
     ServerOptions,
-    raise_open_files_limit,
     seed_database,
     serve,
     session_ids,
     time_query,
 )
+from ._serving import raise_open_files_limit, running_server
 
-REPOSITORY = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results" / "mass_reconnect.json"
-
-# Bounded waits, in seconds: a server that does not start, or stop, does not hang the run.
-SERVER_START_TIMEOUT = 30.0
-SERVER_STOP_TIMEOUT = 10.0
 
 VARIANTS = ("off", "on")  # the baseline first, in every round
 
@@ -96,14 +96,6 @@ class RoundResult:
     client_cpu_s: float
     other_cpu_s: float
     server: dict[str, Any] = field(repr=False)
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The ``q``-th percentile of ``values`` by the nearest-rank method; ``nan`` when empty."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
 def check_frame(frame: str | bytes, session_id: str) -> str | None:
@@ -191,12 +183,9 @@ def get_json(url: str) -> dict[str, Any]:
         return payload
 
 
-@asynccontextmanager
-async def running_server(options: ServerOptions) -> AsyncIterator[int]:
-    """Start ``serve`` in a child process; yield its port; always stop it, within bounds."""
-    command = [
-        sys.executable,
-        "-m",
+def server_command(options: ServerOptions) -> list[str]:
+    """The module and arguments that run ``serve`` with ``options`` in a child process."""
+    return [
         "benchmarks.mass_reconnect",
         "serve",
         "--db",
@@ -211,30 +200,6 @@ async def running_server(options: ServerOptions) -> AsyncIterator[int]:
         str(options.max_concurrent_loads),
         "--watch-stdin",
     ]
-    process = await anyio.open_process(
-        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, cwd=REPOSITORY
-    )
-    try:
-        assert process.stdout is not None
-        with anyio.fail_after(SERVER_START_TIMEOUT):
-            line = await BufferedByteReceiveStream(process.stdout).receive_until(b"\n", 4096)
-        yield int(json.loads(line)["port"])
-    finally:
-        # Shielded: the server must be stopped even when this run is being cancelled.
-        with anyio.CancelScope(shield=True):
-            await stop(process)
-
-
-async def stop(process: Process) -> None:
-    """SIGTERM the server, SIGKILL it if it is still running after the bound, and reap it."""
-    if process.returncode is None:
-        process.terminate()
-        with anyio.move_on_after(SERVER_STOP_TIMEOUT):
-            await process.wait()
-    if process.returncode is None:
-        process.kill()
-        await process.wait()
-    await process.aclose()
 
 
 def machine_cpu_seconds() -> float:
@@ -252,7 +217,8 @@ async def run_round(
     options: ServerOptions, variant: str, number: int, ids: Sequence[str], args: argparse.Namespace
 ) -> RoundResult:
     """Run one reconnect storm against a fresh server and summarise it."""
-    async with running_server(options) as port:
+    async with running_server(server_command(options)) as server_process:
+        port = server_process.port
         machine_started = machine_cpu_seconds()
         cpu_started = time.process_time()
         results, released_at = await reconnect_storm(
@@ -318,16 +284,6 @@ async def run_benchmark(args: argparse.Namespace, db: str) -> list[RoundResult]:
                 flush=True,
             )
     return rounds
-
-
-def spread(values: Sequence[float]) -> dict[str, float]:
-    """Median, min and max of one figure across rounds."""
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
-def ratio(baseline: float, value: float) -> float:
-    """``baseline / value``, or ``nan`` when ``value`` is zero."""
-    return baseline / value if value else math.nan
 
 
 def summarise(rounds: Sequence[RoundResult], sessions: int) -> dict[str, Any]:
@@ -408,14 +364,9 @@ def format_tables(summary: dict[str, Any]) -> str:
     )
 
 
-def figure(fmt: str, suffix: str = "") -> Callable[[dict[str, float]], str]:
-    """Formats a spread as ``median (min-max)``."""
-    return lambda s: f"{s['median']:{fmt}}{suffix} ({s['min']:{fmt}}-{s['max']:{fmt}})"
-
-
 def render(
     summary: dict[str, Any],
-    columns: Sequence[tuple[str, str, Callable[[dict[str, float]], str]]],
+    columns: Sequence[tuple[str, str, Callable[[Spread], str]]],
     extra: tuple[str, dict[str, str]] | None,
 ) -> str:
     """One table: a row per variant, then the off/on ratios of every column."""
@@ -436,41 +387,7 @@ def render(
         for row, variant in zip(rows[1:], VARIANTS, strict=False):
             row.append(cells[variant])
         rows[-1].append("")
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = [
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-        for row in rows
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def machine_info() -> dict[str, Any]:
-    """What the figures were measured on."""
-    versions: dict[str, str | None] = {}
-    for name in ("uvicorn", "websockets", "sqlalchemy", "aiosqlite", "anyio", "asgi-session-sync"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=REPOSITORY,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": f"{platform.python_implementation()} {platform.python_version()}",
-        "packages": versions,
-        "git_commit": commit,
-    }
+    return table(rows)
 
 
 def describe(args: argparse.Namespace, query_ms: float, machine: dict[str, Any]) -> str:
@@ -489,7 +406,7 @@ def describe(args: argparse.Namespace, query_ms: float, machine: dict[str, Any])
             f"+ {args.db_latency_ms:g} ms simulated remote-DB round trip (anyio.sleep holding "
             f"the pooled connection); pool {args.pool_size}, "
             f"max_concurrent_loads {args.max_concurrent_loads}",
-            f"machine: {machine['cpu_count']} CPUs, {machine['platform']}, {machine['python']}",
+            machine_line(machine),
             "figures: median (min-max) across rounds; ratios are off/on per round",
         ]
     )
@@ -540,6 +457,72 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-concurrent-loads", type=int, default=64)
 
 
+def measure(args: argparse.Namespace, machine: dict[str, Any]) -> PartResult:
+    """Run every round on a freshly seeded database; return the tables and every figure.
+
+    Progress goes to stderr as the rounds run. Raises ``KeyboardInterrupt`` (SIGTERM too, from
+    ``main``) after stopping the servers and removing the database.
+    """
+    with tempfile.TemporaryDirectory(prefix="mass-reconnect-") as tmp:
+        db = str(Path(tmp) / "sessions.sqlite3")
+        seed_database(db, sessions_count=args.sessions, interactions_per_session=args.interactions)
+        query_ms = time_query(db, session_ids(1)[0], repeats=200) * 1000
+        header = describe(args, query_ms, machine)
+        print(header, file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        rounds = anyio.run(run_benchmark, args, db)
+        elapsed = time.perf_counter() - started
+    summary = summarise(rounds, args.sessions)
+    failures = sum(summary[v]["errors"] for v in VARIANTS)
+    notes = [f"run took {elapsed:.0f} s; {failures} client error(s) in all"]
+    problems = [f"{failures} client error(s)"] if failures else []
+    for r in rounds:
+        if r.loader_calls != r.loader_calls_counted_by_loader:
+            notes.append(
+                f"round {r.round} single-flight {r.variant}: the middleware counted "
+                f"{r.loader_calls} loads, the loader {r.loader_calls_counted_by_loader}"
+            )
+    for variant in VARIANTS:
+        s = summary[variant]
+        if s["server_timeouts"] or s["server_errors"]:
+            notes.append(
+                f"single-flight {variant}: server counted {s['server_timeouts']} timeout(s) and "
+                f"{s['server_errors']} loader error(s)"
+            )
+    report = {
+        "benchmark": "mass_reconnect",
+        "config": {
+            "clients": args.clients,
+            "sessions": args.sessions,
+            "rounds": args.rounds,
+            "interactions_per_session": args.interactions,
+            "db_latency_ms": args.db_latency_ms,
+            "query_ms_measured_alone": query_ms,
+            "pool_size": args.pool_size,
+            "max_concurrent_loads": args.max_concurrent_loads,
+            "client_timeout_s": args.timeout,
+        },
+        "machine": machine,
+        "elapsed_s": elapsed,
+        "summary": summary,
+        "rounds": [asdict(r) for r in rounds],
+    }
+    return PartResult(
+        name="mass_reconnect",
+        text="\n\n".join([header, format_tables(summary), "\n".join(notes)]),
+        data=report,
+        failures=problems,
+        targets=[
+            Target(
+                "5. mass reconnect: loader calls per session with single-flight",
+                "== 1.00",
+                summary["on"]["calls_per_session"],
+                summary["on"]["calls_per_session"]["max"] == 1.0,
+            )
+        ],
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark (or, with ``serve``, one server); return the exit status."""
     args = parse_args(argv)
@@ -559,59 +542,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # SIGTERM unwinds like Ctrl-C, so the finally blocks stop the servers and remove the database.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    machine = machine_info()
-    with tempfile.TemporaryDirectory(prefix="mass-reconnect-") as tmp:
-        db = str(Path(tmp) / "sessions.sqlite3")
-        seed_database(db, sessions_count=args.sessions, interactions_per_session=args.interactions)
-        query_ms = time_query(db, session_ids(1)[0], repeats=200) * 1000
-        print(describe(args, query_ms, machine), flush=True)
-        started = time.perf_counter()
-        try:
-            rounds = anyio.run(run_benchmark, args, db)
-        except KeyboardInterrupt:
-            print("interrupted: servers stopped, nothing written", file=sys.stderr)
-            return 130
-        elapsed = time.perf_counter() - started
-    summary = summarise(rounds, args.sessions)
-    print()
-    print(format_tables(summary))
-    failures = sum(summary[v]["errors"] for v in VARIANTS)
-    print(f"\nrun took {elapsed:.0f} s; {failures} client error(s) in all")
-    for r in rounds:
-        if r.loader_calls != r.loader_calls_counted_by_loader:
-            print(
-                f"round {r.round} single-flight {r.variant}: the middleware counted "
-                f"{r.loader_calls} loads, the loader {r.loader_calls_counted_by_loader}"
-            )
-    for variant in VARIANTS:
-        s = summary[variant]
-        if s["server_timeouts"] or s["server_errors"]:
-            print(
-                f"single-flight {variant}: server counted {s['server_timeouts']} timeout(s) and "
-                f"{s['server_errors']} loader error(s)"
-            )
+    try:
+        result = measure(args, machine_info())
+    except KeyboardInterrupt:
+        print("interrupted: servers stopped, nothing written", file=sys.stderr)
+        return 130
+    print(result.text)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    report = {
-        "benchmark": "mass_reconnect",
-        "config": {
-            "clients": args.clients,
-            "sessions": args.sessions,
-            "rounds": args.rounds,
-            "interactions_per_session": args.interactions,
-            "db_latency_ms": args.db_latency_ms,
-            "query_ms_measured_alone": query_ms,
-            "pool_size": args.pool_size,
-            "max_concurrent_loads": args.max_concurrent_loads,
-            "client_timeout_s": args.timeout,
-        },
-        "machine": machine,
-        "elapsed_s": elapsed,
-        "summary": summary,
-        "rounds": [asdict(r) for r in rounds],
-    }
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    args.json.write_text(json.dumps(result.data, indent=2) + "\n")
     print(f"wrote {args.json}")
-    return 1 if failures else 0
+    return 1 if result.failures else 0
 
 
 if __name__ == "__main__":
