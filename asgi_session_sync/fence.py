@@ -32,7 +32,15 @@ class VersionFence:
     Everything else passes: binary frames, other types, frames without a comparable version.
     """
 
-    __slots__ = ("_deadline", "_event_types", "_frames_left", "baseline", "dropped", "session_id")
+    __slots__ = (
+        "_deadline",
+        "_event_types",
+        "_frames_left",
+        "_type_marks",
+        "baseline",
+        "dropped",
+        "session_id",
+    )
 
     def __init__(
         self,
@@ -47,17 +55,21 @@ class VersionFence:
         self.baseline = baseline
         self.dropped = 0
         self._event_types = event_types
+        # Every fenced type's name must appear, quoted, in a frame that could be dropped.
+        self._type_marks = tuple(f'"{event_type}"' for event_type in event_types)
         self._frames_left = max_frames
         self._deadline = anyio.current_time() + max_seconds
 
     def admit(self, text: str) -> bool | None:
         """False: drop ``text``. True: pass it, keep fencing. None: pass it, stop fencing."""
         self._frames_left -= 1
-        if self._frames_left < 0 or anyio.current_time() >= self._deadline:
+        if self._frames_left < 0:
             return None
         version = self._fenced_version(text)
         if version is None:
             return True
+        if anyio.current_time() >= self._deadline:  # read only for frames it could drop
+            return None
         newer = is_newer(version, self.baseline)
         if newer is None:
             return True
@@ -74,8 +86,10 @@ class VersionFence:
 
     def _fenced_version(self, text: str) -> object:
         """The frame's version if it is a fenced event of this session, else None."""
-        # Cheap tests first: most frames on a busy socket are not versioned events.
+        # Cheap tests first: most frames on a busy socket are not versioned fenced events.
         if not text.startswith("{") or '"version"' not in text:
+            return None
+        if not any(mark in text for mark in self._type_marks):
             return None
         try:
             # pydantic-core's parser: about twice as fast as json.loads on event frames.

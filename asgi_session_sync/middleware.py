@@ -246,7 +246,12 @@ class SessionSyncMiddleware:
         self.stats.incr("connections")
         responder = SnapshotResponder(self, scope, receive, send, session_id)
         scope[SCOPE_KEY] = responder
-        await self.app(scope, responder.receive_buffered, responder.send_with_snapshot)
+        try:
+            await self.app(scope, responder.receive_buffered, responder.send_with_snapshot)
+        finally:
+            # The responder refers to the scope: without this cycle a closed connection is
+            # freed at once, not at the garbage collector's next pass.
+            scope.pop(SCOPE_KEY, None)
 
     async def authenticated(self, ctx: SessionContext) -> SessionContext:
         """Return ``ctx`` with ``user`` from ``authenticate`` when the middleware has one."""
@@ -421,7 +426,7 @@ class SnapshotResponder:
         self._gone = False
         self._accepting = False
         self._accepted: anyio.Event | None = None  # made only if an app task must wait
-        self._buffered: deque[Message] = deque()
+        self._buffered: deque[Message] | None = None  # made on the first buffered message
         self._failure: BaseException | None = None
         # While the middleware reads receive() during the load, the app's own receive() calls
         # (frameworks like Quart read in a task of their own) wait on the buffer instead, so
@@ -445,8 +450,13 @@ class SnapshotResponder:
         frame = await self.middleware.fetch_snapshot(ctx, fresh=True)
         return None if frame is None else frame.data.decode()
 
-    async def receive_buffered(self) -> Message:
+    def receive_buffered(self) -> Awaitable[Message]:
         """The app's ``receive``: what the middleware read during the load, then the server's."""
+        if self._done and not self._buffered and self._failure is None:
+            return self._receive()  # settled: the server's receive itself, no extra coroutine
+        return self._receive_during_snapshot()
+
+    async def _receive_during_snapshot(self) -> Message:
         while True:
             if self._buffered:
                 return self._buffered.popleft()
@@ -462,8 +472,13 @@ class SnapshotResponder:
                 self._wakeup = anyio.Event()
             await self._wakeup.wait()
 
-    async def send_with_snapshot(self, message: Message) -> None:
+    def send_with_snapshot(self, message: Message) -> Awaitable[None]:
         """The app's ``send``: sends the snapshot after ``websocket.accept``, then fences."""
+        if self._done and self._fence is None:
+            return self._send(message)  # settled: the server's send itself, no extra coroutine
+        return self._send_during_snapshot(message)
+
+    async def _send_during_snapshot(self, message: Message) -> None:
         if self._done:
             if self._fence is not None and message["type"] == "websocket.send":
                 text = message.get("text")
@@ -507,12 +522,15 @@ class SnapshotResponder:
 
     async def _send_snapshot(self) -> None:
         disconnected = False
+        load_over = False
         fatal: BaseException | None = None
         async with anyio.create_task_group() as tg:
             # The app is blocked in send(accept) here, so nobody reads receive: we must, or a
             # client that leaves during a slow load would go unnoticed until the timeout.
             async def watch_disconnect() -> None:
                 nonlocal disconnected
+                if load_over:  # the load never waited: nothing to watch
+                    return
                 disconnected = await self._read_until_disconnect()
                 if disconnected:
                     tg.cancel_scope.cancel()
@@ -531,7 +549,12 @@ class SnapshotResponder:
                 # KeyboardInterrupt, a library's own BaseException. Re-raised as it is, outside
                 # the task group, so the server sees it and not an ExceptionGroup around it.
                 fatal = exc
-            tg.cancel_scope.cancel()
+            if self._reading:
+                tg.cancel_scope.cancel()
+            else:
+                # The watcher has not started (or is done): cancelling it would cost a cancel
+                # scope's delivery and leave garbage cycles for nothing.
+                load_over = True
         if fatal is not None:
             logger.error(
                 "loader raised %s, re-raised session_id=%s", type(fatal).__name__, self.session_id
@@ -624,14 +647,15 @@ class SnapshotResponder:
         """Buffer client messages for the app; return True on ``websocket.disconnect``."""
         self._reading = True
         try:
-            while len(self._buffered) < _MAX_BUFFERED_MESSAGES:
+            buffered = self._buffered = self._buffered or deque()
+            while len(buffered) < _MAX_BUFFERED_MESSAGES:
                 try:
                     message = await self._receive()
                 except Exception as exc:
                     # Hand the server's error to the app's next receive(), as if it had read it.
                     self._failure = exc
                     return False
-                self._buffered.append(message)
+                buffered.append(message)
                 self._wake_readers()
                 if message["type"] == "websocket.disconnect":
                     return True
