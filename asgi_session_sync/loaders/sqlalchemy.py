@@ -26,6 +26,7 @@ Install it with ``pip install asgi-session-sync[sqlalchemy]`` (``[postgres]`` fo
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import uuid
@@ -40,6 +41,7 @@ from ..snapshot import SessionContext, Snapshot, user_identity
 
 try:
     from sqlalchemy import BigInteger, Integer, SmallInteger, Uuid, bindparam, inspect, select
+    from sqlalchemy.exc import NoInspectionAvailable
     from sqlalchemy.ext.asyncio import AsyncSession
     from sqlalchemy.orm import (
         ColumnProperty,
@@ -49,6 +51,7 @@ try:
         configure_mappers,
         contains_eager,
     )
+    from sqlalchemy.orm.base import instance_state
     from sqlalchemy.sql import ColumnElement, Select
     from sqlalchemy.types import TypeEngine
 except ImportError as exc:  # pragma: no cover (the extra is installed wherever tests run)
@@ -88,9 +91,19 @@ def column_values(row: object) -> dict[str, Any]:
     Raises:
         sqlalchemy.exc.NoInspectionAvailable: ``row`` is not an instance of a mapped class.
     """
-    state = inspect(row)
+    try:
+        # instance_state, not inspect(): inspect() first tries the class's own inspector
+        # (DeclarativeBase registers one that refuses instances), a quarter of the load's time.
+        state = instance_state(row)
+    except AttributeError:
+        raise NoInspectionAvailable(f"not an instance of a mapped class: {row!r}") from None
     loaded = state.dict
-    return {prop.key: loaded[prop.key] for prop in state.mapper.column_attrs if prop.key in loaded}
+    return {key: loaded[key] for key in _column_keys(state.mapper) if key in loaded}
+
+
+@functools.cache
+def _column_keys(mapper: Mapper[Any]) -> tuple[str, ...]:
+    return tuple(prop.key for prop in mapper.column_attrs)
 
 
 class SQLAlchemyLoader:
