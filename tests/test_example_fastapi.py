@@ -33,12 +33,6 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture
-async def nats_server() -> AsyncIterator[EmbeddedNats]:
-    async with EmbeddedNats() as server:
-        yield server
-
-
-@pytest.fixture
 def settings(tmp_path: Path, nats_server: EmbeddedNats) -> Settings:
     return Settings(
         database_url=f"sqlite+aiosqlite:///{tmp_path / 'example.sqlite3'}",

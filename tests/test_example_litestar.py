@@ -34,12 +34,6 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture
-async def nats_server() -> AsyncIterator[EmbeddedNats]:
-    async with EmbeddedNats() as server:
-        yield server
-
-
-@pytest.fixture
 async def app(tmp_path: Path, nats_server: EmbeddedNats) -> AsyncIterator[Litestar]:
     settings = Settings(
         database_url=f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}",

@@ -41,12 +41,6 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture
-async def nats_server() -> AsyncIterator[EmbeddedNats]:
-    async with EmbeddedNats() as server:
-        yield server
-
-
-@pytest.fixture
 async def bridge(nats_server: EmbeddedNats) -> AsyncIterator[NatsBridge]:
     async with NatsBridge(nats_server.url, **FAST) as bridge:
         yield bridge
