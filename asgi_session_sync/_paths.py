@@ -13,6 +13,7 @@ __all__ = [
     "NoSessionId",
     "PathMatcher",
     "SessionIdValidator",
+    "clip_for_log",
     "query_values",
 ]
 
@@ -24,6 +25,7 @@ _ANY_PLACEHOLDER = re.compile(r"\{[^}]*\}")
 # these never pass: subject wildcards and separators, whitespace and control characters.
 _NEVER_IN_ID = re.compile(r"[.*>\s\x00-\x1f\x7f]")
 _MAX_ID_LENGTH = 256
+_LOG_CHARS = 64
 
 
 class NoSessionId:
@@ -124,3 +126,8 @@ class SessionIdValidator:
             and _NEVER_IN_ID.search(session_id) is None
             and self._pattern.fullmatch(session_id) is not None
         )
+
+
+def clip_for_log(value: str) -> str:
+    """Shorten an attacker-controlled value (a path, an id) for a log line."""
+    return value if len(value) <= _LOG_CHARS else value[:_LOG_CHARS] + "..."

@@ -18,6 +18,7 @@ from ._paths import (
     NoSessionId,
     PathMatcher,
     SessionIdValidator,
+    clip_for_log,
     query_values,
 )
 from ._types import AnyASGIApp, ASGIApp, Message, Receive, Scope, Send
@@ -60,7 +61,6 @@ SCOPE_KEY = "asgi_session_sync"
 # Client messages read while the loader runs are kept for the app. Past this many the middleware
 # stops reading (the server then applies backpressure), so a flooding client cannot grow memory.
 _MAX_BUFFERED_MESSAGES = 64
-_LOG_ID_CHARS = 64
 
 
 class _Frame(NamedTuple):
@@ -230,7 +230,7 @@ class SessionSyncMiddleware:
         if isinstance(session_id, NoSessionId):
             self.stats.incr("invalid_ids")
             logger.info(
-                "no snapshot: session id %s path=%r", session_id.reason, _clip(scope["path"])
+                "no snapshot: session id %s path=%r", session_id.reason, clip_for_log(scope["path"])
             )
             await self.app(scope, receive, send)
             return
@@ -238,8 +238,8 @@ class SessionSyncMiddleware:
             self.stats.incr("invalid_ids")
             logger.warning(
                 "no snapshot: invalid session id session_id=%r path=%r",
-                _clip(session_id),
-                _clip(scope["path"]),
+                clip_for_log(session_id),
+                clip_for_log(scope["path"]),
             )
             await self.app(scope, receive, send)
             return
@@ -301,7 +301,7 @@ class SessionSyncMiddleware:
                 what,
                 self.timeout,
                 ctx.session_id,
-                _clip(ctx.scope["path"]),
+                clip_for_log(ctx.scope["path"]),
             )
             self._report(ctx, TimeoutError(f"{what} timed out after {self.timeout}s"))
         return None
@@ -316,7 +316,7 @@ class SessionSyncMiddleware:
             logger.exception(
                 "no snapshot: loader raised session_id=%s path=%r",
                 ctx.session_id,
-                _clip(ctx.scope["path"]),
+                clip_for_log(ctx.scope["path"]),
             )
             self._report(ctx, exc)
             return None
@@ -629,7 +629,7 @@ class SnapshotResponder:
                 logger.exception(
                     "no snapshot: authenticate failed session_id=%s path=%r",
                     self.session_id,
-                    _clip(self.scope["path"]),
+                    clip_for_log(self.scope["path"]),
                 )
                 return None
         return self._ctx
@@ -684,8 +684,3 @@ def get_resync(scope: Any) -> Resync | None:
 
 def _unshared(ctx: SessionContext) -> Hashable:
     return object()
-
-
-def _clip(value: str) -> str:
-    """Shorten an attacker-controlled value for a log line."""
-    return value if len(value) <= _LOG_ID_CHARS else value[:_LOG_ID_CHARS] + "..."

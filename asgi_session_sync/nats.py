@@ -115,7 +115,7 @@ try:
 except ImportError as exc:
     raise ImportError("install asgi-session-sync[nats] to use asgi_session_sync.nats") from exc
 
-from ._paths import DEFAULT_SESSION_ID_PATTERN, SessionIdValidator
+from ._paths import DEFAULT_SESSION_ID_PATTERN, SessionIdValidator, clip_for_log
 from .events import SessionUpdate, Version
 from .middleware import Resync
 from .versions import is_newer, version_key
@@ -127,15 +127,10 @@ logger = logging.getLogger("asgi_session_sync")
 UserCallback = Callable[..., Awaitable[None]]
 
 _PREFIX = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
-_LOG_ID_CHARS = 64
 # Bounds on clean-up work that must finish even when the caller is cancelled.
 _UNSUBSCRIBE_TIMEOUT = 2.0
 _CONFIRM_TIMEOUT = 2  # nats-py types flush timeouts as int seconds
 _NO_VERSION = object()
-
-
-def _clip(value: str) -> str:
-    return value if len(value) <= _LOG_ID_CHARS else value[:_LOG_ID_CHARS] + "..."
 
 
 # --------------------------------------------------------------------------------------------
@@ -562,7 +557,7 @@ def _without_credentials(url: str) -> str:
 
 
 def _invalid_id_reason(session_id: str) -> str:
-    shown = repr(_clip(session_id))
+    shown = repr(clip_for_log(session_id))
     if not session_id:
         return "invalid session id: it is empty"
     for char, what in (("*", "a NATS wildcard"), (">", "a NATS wildcard"), (".", "a separator")):
