@@ -9,6 +9,7 @@ from .middleware import (
     SessionSyncMiddleware,
     default_flight_key,
     get_resync,
+    get_snapshot_version,
 )
 from .snapshot import (
     LoaderResult,
@@ -38,6 +39,7 @@ __all__ = [
     "VersionLoader",
     "default_flight_key",
     "get_resync",
+    "get_snapshot_version",
     "user_identity",
 ]
 

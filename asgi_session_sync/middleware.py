@@ -37,6 +37,7 @@ __all__ = [
     "SessionSyncMiddleware",
     "default_flight_key",
     "get_resync",
+    "get_snapshot_version",
 ]
 
 logger = logging.getLogger("asgi_session_sync")
@@ -407,6 +408,7 @@ class SnapshotResponder:
         "middleware",
         "scope",
         "session_id",
+        "version",
     )
 
     def __init__(
@@ -435,6 +437,9 @@ class SnapshotResponder:
         self._wakeup: anyio.Event | None = None
         self._ctx: SessionContext | None = None
         self._fence: VersionFence | None = None
+        # The version of the state the client was given first: the snapshot's, or its own
+        # ``since`` when resume skipped the snapshot. None when unknown or nothing was sent.
+        self.version: Version | None = None
 
     async def resync(self) -> str | None:
         """Load the session afresh for this connection and return the snapshot frame's text.
@@ -602,6 +607,7 @@ class SnapshotResponder:
         return SessionSynced(session_id=self.session_id, version=version).to_json()
 
     def _arm_fence(self, version: Version | None) -> None:
+        self.version = version
         middleware = self.middleware
         if version is None or middleware.fence_max_frames == 0:
             return
@@ -680,6 +686,18 @@ def get_resync(scope: Any) -> Resync | None:
     """
     responder = scope.get(SCOPE_KEY)
     return responder.resync if isinstance(responder, SnapshotResponder) else None
+
+
+def get_snapshot_version(scope: Any) -> Version | None:
+    """Return the version of the state the middleware gave this connection's client.
+
+    That is the first snapshot's version, or the client's own ``since`` when resume found it
+    current and skipped the snapshot. ``None`` before the app accepted, when nothing was sent,
+    when the snapshot had no version, or when the middleware does not serve this connection.
+    Code that streams deltas after the snapshot (the NATS bridge's patches) chains from it.
+    """
+    responder = scope.get(SCOPE_KEY)
+    return responder.version if isinstance(responder, SnapshotResponder) else None
 
 
 def _unshared(ctx: SessionContext) -> Hashable:
