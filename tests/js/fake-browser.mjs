@@ -1,0 +1,111 @@
+// A fake WebSocket and the page events (online, visibilitychange) the client listens to, for
+// driving session-sync.js under node:test with mocked timers. Not a test file itself.
+
+/** Every socket the client opened, in order; the test plays the server on each. */
+export class FakeServer {
+  constructor() {
+    /** @type {FakeWebSocket[]} */
+    this.sockets = [];
+    const server = this;
+    this.WebSocket = class extends FakeWebSocket {
+      constructor(url, protocols) {
+        super(url, protocols);
+        server.sockets.push(this);
+      }
+    };
+  }
+
+  /** The newest socket. */
+  get last() {
+    return this.sockets[this.sockets.length - 1];
+  }
+
+  /** The `since` query parameter of each attempt, null where absent. */
+  get sinces() {
+    return this.sockets.map((socket) => new URL(socket.url).searchParams.get("since"));
+  }
+}
+
+export class FakeWebSocket {
+  constructor(url, protocols) {
+    this.url = url;
+    this.protocols = protocols;
+    this.readyState = 0; // CONNECTING
+    /** Set when the client closed this socket: {code, reason}. */
+    this.closedByClient = null;
+    this.onopen = this.onmessage = this.onclose = this.onerror = null;
+  }
+
+  /** The server accepts. */
+  open() {
+    this.readyState = 1;
+    this.onopen?.({ type: "open" });
+  }
+
+  /** The server sends one frame: an object is sent as JSON, a string as is. */
+  send(frame) {
+    const data = typeof frame === "string" ? frame : JSON.stringify(frame);
+    this.onmessage?.({ type: "message", data });
+  }
+
+  /** The server (or the network) closes the connection. */
+  drop(code = 1006) {
+    this.readyState = 3;
+    this.onerror?.({ type: "error" });
+    this.onclose?.({ type: "close", code, reason: "" });
+  }
+
+  /** The client closes: like a browser, the close event comes later, if anyone still listens. */
+  close(code, reason) {
+    this.closedByClient = { code, reason };
+    this.readyState = 3;
+    queueMicrotask(() => this.onclose?.({ type: "close", code, reason }));
+  }
+}
+
+/** Installs `addEventListener` (for "online") and `document` on globalThis; uninstall() after. */
+export class FakePage {
+  constructor() {
+    this.window = new EventTarget();
+    this.document = new EventTarget();
+    this.document.visibilityState = "visible";
+    this.saved = {};
+  }
+
+  install() {
+    for (const name of ["addEventListener", "removeEventListener", "document"]) {
+      this.saved[name] = Object.getOwnPropertyDescriptor(globalThis, name);
+    }
+    globalThis.addEventListener = this.window.addEventListener.bind(this.window);
+    globalThis.removeEventListener = this.window.removeEventListener.bind(this.window);
+    globalThis.document = this.document;
+    return this;
+  }
+
+  uninstall() {
+    for (const [name, descriptor] of Object.entries(this.saved)) {
+      if (descriptor) Object.defineProperty(globalThis, name, descriptor);
+      else delete globalThis[name];
+    }
+  }
+
+  goOnline() {
+    this.window.dispatchEvent(new Event("online"));
+  }
+
+  /** @param {"visible" | "hidden"} state */
+  setVisibility(state) {
+    this.document.visibilityState = state;
+    this.document.dispatchEvent(new Event("visibilitychange"));
+  }
+}
+
+/** A session_update frame. */
+export function update(version, session = { v: version }) {
+  return { type: "session_update", session_id: "s1", version, session };
+}
+
+/** A session_patch frame. */
+export function patch(base_version, version, operations) {
+  return { type: "session_patch", session_id: "s1", base_version, version, patch: operations };
+}

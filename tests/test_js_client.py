@@ -1,0 +1,41 @@
+"""The browser client's node:test suites (tests/js/), run as part of the Python suite."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+JS_TESTS = Path(__file__).with_name("js")
+# Seconds for the whole node run (about 1 s when healthy); a hung test fails instead of hanging.
+TIMEOUT = 120
+
+
+def test_browser_client_passes_its_node_test_suites() -> None:
+    node = shutil.which("node")
+    if node is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must run the browser client's node tests, but node is not on PATH")
+        pytest.skip("node is not on PATH: install Node.js 20+ to run tests/js/ (browser client)")
+    try:
+        result = subprocess.run(
+            [node, "--test", "--test-reporter=tap", str(JS_TESTS)],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            cwd=JS_TESTS.parent.parent,
+            env={**os.environ, "NO_COLOR": "1", "NODE_OPTIONS": ""},
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"node --test did not finish within {TIMEOUT}s:\n{exc.stdout}\n{exc.stderr}")
+    assert result.returncode == 0, f"node --test failed:\n{result.stdout}\n{result.stderr}"
+    # A run that found no test files exits 0 too: make sure the suites ran.
+    passed = re.search(r"^# pass (\d+)$", result.stdout, re.MULTILINE)
+    assert passed is not None, result.stdout
+    assert int(passed.group(1)) > 0, result.stdout
+    assert re.search(r"^# fail 0$", result.stdout, re.MULTILINE), result.stdout
