@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import anyio
 import pytest
 
 from asgi_session_sync._types import ASGIApp, Receive, Scope, Send
@@ -22,28 +23,36 @@ import { SessionSync, compareVersions } from "/session-sync.js";
 window.compareVersions = compareVersions;
 window.applied = [];
 window.states = [];
+window.onlineEvents = 0;
+addEventListener("online", () => window.onlineEvents++);
 window.sync = new SessionSync({
   url: "/ws/sessions/s1",
   minDelay: 200, factor: 2, jitter: 0.5, maxDelay: 5000,
-  onSession: (session, event) => window.applied.push(event.version),
+  ...OPTIONS,
+  onSession: (session, event) => window.applied.push([event.version, session]),
   onState: (state, detail) => window.states.push([state, detail.delay]),
 }).start();
 </script>"""
+
+
+def page_html(**options: object) -> bytes:
+    """The test page: a SessionSync with the defaults above, overridden by ``options``."""
+    return PAGE.replace("OPTIONS", json.dumps(options)).encode()
 
 
 def event(version: int, type_: str = "session_update") -> dict[str, Any]:
     return {"type": type_, "session_id": "s1", "version": version, "session": {"v": version}}
 
 
-class ScriptedServer:
-    """Serves the page and the client; plays a fixed script on each WebSocket attempt.
+class PageServer:
+    """Serves the test page and the client; each WebSocket attempt goes to ``play``.
 
-    Attempt 1: snapshot v1, then an older event, a duplicate and a newer one, then drops the
-    socket. Attempts 2 and 3 are refused before accepting. Attempt 4: snapshot v3, held open.
+    ``attempts`` logs every attempt as (monotonic time, query string).
     """
 
-    def __init__(self) -> None:
-        self.attempts: list[tuple[float, str]] = []  # (monotonic time, query string)
+    def __init__(self, **options: object) -> None:
+        self.page = page_html(**options)
+        self.attempts: list[tuple[float, str]] = []
         self.lock = threading.Lock()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -51,7 +60,6 @@ class ScriptedServer:
             if scope["path"] == "/session-sync.js":
                 await client_script_app(scope, receive, send)
                 return
-            body = PAGE.encode()
             await send(
                 {
                     "type": "http.response.start",
@@ -59,12 +67,42 @@ class ScriptedServer:
                     "headers": [(b"content-type", b"text/html; charset=utf-8")],
                 }
             )
-            await send({"type": "http.response.body", "body": body})
+            await send({"type": "http.response.body", "body": self.page})
             return
         await receive()
         with self.lock:
             self.attempts.append((time.monotonic(), scope["query_string"].decode()))
             attempt = len(self.attempts)
+        await self.play(attempt, receive, send)
+
+    async def play(self, attempt: int, receive: Receive, send: Send) -> None:
+        """Play one WebSocket attempt (numbered from 1), after its connect message."""
+        raise NotImplementedError
+
+    @property
+    def queries(self) -> list[str]:
+        """The query string of each attempt."""
+        with self.lock:
+            return [query for _, query in self.attempts]
+
+
+async def until_disconnect(receive: Receive) -> dict[str, Any]:
+    """Wait for the client to go; returns the disconnect message."""
+    while True:
+        message = await receive()
+        if message["type"] == "websocket.disconnect":
+            return dict(message)
+
+
+class ScriptedServer(PageServer):
+    """Plays a fixed script on each WebSocket attempt.
+
+    Attempt 1: snapshot v1, then an older event, a duplicate and a newer one, then drops the
+    socket. Attempts 2 and 3 are refused before accepting. Attempt 4: snapshot v3, held open.
+    """
+
+    async def play(self, attempt: int, receive: Receive, send: Send) -> None:
+        """Play the script above."""
         if attempt in (2, 3):
             await send({"type": "websocket.close", "code": 1013})
             return
@@ -75,8 +113,7 @@ class ScriptedServer:
         if attempt == 1:
             await send({"type": "websocket.close", "code": 1012})
             return
-        while (await receive())["type"] != "websocket.disconnect":
-            pass
+        await until_disconnect(receive)
 
 
 def test_client_reconnects_with_backoff_resumes_and_never_rolls_back(
@@ -87,8 +124,10 @@ def test_client_reconnects_with_backoff_resumes_and_never_rolls_back(
     page = browser.new_page()
     try:
         page.goto(base + "/")
-        page.wait_for_function("window.applied && window.applied.includes(3)", timeout=10_000)
-        applied = page.evaluate("window.applied")
+        page.wait_for_function(
+            "window.applied && window.applied.some(([version]) => version === 3)", timeout=10_000
+        )
+        applied = [version for version, _ in page.evaluate("window.applied")]
         states = page.evaluate("window.states")
         page.evaluate("window.sync.close()")
     finally:
@@ -153,16 +192,11 @@ def test_compare_versions_matches_the_server(
     assert result == server_view
 
 
-class RefusingServer(ScriptedServer):
+class RefusingServer(PageServer):
     """Accepts, sends nothing, and closes with 4403: this user may not watch the session."""
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            await super().__call__(scope, receive, send)
-            return
-        await receive()
-        with self.lock:
-            self.attempts.append((time.monotonic(), scope["query_string"].decode()))
+    async def play(self, attempt: int, receive: Receive, send: Send) -> None:
+        """Refuse for good."""
         await send({"type": "websocket.accept"})
         await send({"type": "websocket.close", "code": 4403})
 
@@ -184,3 +218,187 @@ def test_client_stops_after_a_final_refusal(browser: Any, serve: Callable[[ASGIA
     assert states == ["connecting", "live", "closed"]
     assert pending is False  # no reconnect scheduled, no socket open
     assert len(server.attempts) == 1
+
+
+HEARTBEAT = json.dumps({"type": "heartbeat"})
+
+
+class HeldOpenServer(PageServer):
+    """Every attempt: a snapshot whose version is the attempt's number, then held open.
+
+    ``heartbeat`` seconds > 0 sends a heartbeat that often while open. ``silent_attempts`` go
+    quiet after the snapshot without closing, as a half-open socket looks to the client; the
+    disconnect message of each is kept in ``disconnects``.
+    """
+
+    def __init__(
+        self, *, heartbeat: float = 0, silent_attempts: tuple[int, ...] = (), **options: object
+    ) -> None:
+        super().__init__(**options)
+        self.heartbeat = heartbeat
+        self.silent_attempts = silent_attempts
+        self.silent_since: dict[int, float] = {}
+        self.disconnects: dict[int, dict[str, Any]] = {}
+        self.disconnected = threading.Condition(self.lock)
+
+    async def play(self, attempt: int, receive: Receive, send: Send) -> None:
+        """Send the snapshot, then beat (or stay silent) until the client goes."""
+        await send({"type": "websocket.accept"})
+        await send({"type": "websocket.send", "text": json.dumps(event(attempt))})
+        silent = attempt in self.silent_attempts
+        if silent:
+            self.silent_since[attempt] = time.monotonic()
+        async with anyio.create_task_group() as tasks:
+            if self.heartbeat > 0 and not silent:
+                tasks.start_soon(self.beat, send)
+            message = await until_disconnect(receive)
+            tasks.cancel_scope.cancel()
+        with self.disconnected:
+            self.disconnects[attempt] = message
+            self.disconnected.notify_all()
+
+    async def beat(self, send: Send) -> None:
+        """Send a heartbeat every ``heartbeat`` seconds."""
+        while True:
+            await anyio.sleep(self.heartbeat)
+            await send({"type": "websocket.send", "text": HEARTBEAT})
+
+    def wait_disconnect(self, attempt: int, timeout: float) -> dict[str, Any]:
+        """The disconnect message of ``attempt``, waiting up to ``timeout`` seconds for it."""
+        with self.disconnected:
+            assert self.disconnected.wait_for(lambda: attempt in self.disconnects, timeout)
+            return self.disconnects[attempt]
+
+
+def applied_versions(page: Any) -> list[object]:
+    return [version for version, _ in page.evaluate("window.applied")]
+
+
+def wait_applied(page: Any, version: object, timeout: float = 10_000) -> None:
+    page.wait_for_function(
+        "(v) => window.applied && window.applied.some(([version]) => version === v)",
+        arg=version,
+        timeout=timeout,
+    )
+
+
+def test_client_reconnects_when_the_server_goes_silent_without_closing(
+    browser: Any, serve: Callable[[ASGIApp], str]
+) -> None:
+    # Heartbeats every 200 ms: 500 ms of silence means the socket is dead.
+    server = HeldOpenServer(heartbeat=0.2, silent_attempts=(1,), heartbeatInterval=200)
+    base = serve(server).replace("ws://", "http://")
+    page = browser.new_page()
+    try:
+        page.goto(base + "/")
+        wait_applied(page, 2)
+        page.wait_for_timeout(700)  # more than 2.5 intervals: the beating socket stays
+        states = [state for state, _ in page.evaluate("window.states")]
+        versions = applied_versions(page)
+        page.evaluate("window.sync.close()")
+    finally:
+        page.close()
+
+    assert server.queries == ["", "since=1"]
+    assert versions == [1, 2]
+    assert states[:2] == ["connecting", "live"]
+    assert "reconnecting" in states[2:]
+    assert states[-1] == "live"
+    # The client closed the silent socket itself, no sooner than 2.5 intervals after its last
+    # frame, and reconnected within the first backoff delay (200 ms) after that.
+    assert server.wait_disconnect(1, 5)["code"] == 1000
+    gap = server.attempts[1][0] - server.silent_since[1]
+    assert 0.5 <= gap < 0.5 + 0.2 + 1.5, gap  # 1.5 s of slack for a loaded machine
+
+
+def test_client_reconnects_at_once_when_the_browser_comes_back_online(
+    browser: Any, serve: Callable[[ASGIApp], str]
+) -> None:
+    # Backoff of 10 s: a reconnect within seconds can only come from the "online" handler.
+    server = HeldOpenServer(minDelay=10_000, maxDelay=10_000, jitter=0)
+    base = serve(server).replace("ws://", "http://")
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(base + "/")
+        wait_applied(page, 1)
+        context.set_offline(True)
+        page.wait_for_function("navigator.onLine === false", timeout=5_000)
+        context.set_offline(False)
+        online_at = time.monotonic()
+        wait_applied(page, 2, timeout=5_000)
+        online_events = page.evaluate("window.onlineEvents")
+        page.evaluate("window.sync.close()")
+    finally:
+        context.close()
+
+    assert online_events == 1
+    assert server.queries == ["", "since=1"]
+    assert server.attempts[1][0] - online_at < 5  # well under the 10 s backoff
+    assert server.wait_disconnect(1, 5)["code"] in (1000, 1006)
+
+
+class BigVersionServer(PageServer):
+    """Versions beyond 2**53, sent as JSON numbers (as a server ignoring the wire rule would).
+
+    Attempt 1: snapshot at 2**53, a patch to 2**53 + 1 (the same double: JSON.parse alone makes
+    them equal), then a patch whose base is ahead (a lost patch). Attempt 2: a snapshot at
+    2**53 + 4, its version a string of digits, as the wire rule has it.
+    """
+
+    async def play(self, attempt: int, receive: Receive, send: Send) -> None:
+        """Play the script above."""
+        await send({"type": "websocket.accept"})
+        top = 2**53
+        if attempt == 1:
+            frames: list[dict[str, Any]] = [
+                {"type": "session_update", "session_id": "s1", "version": top, "session": {"n": 0}},
+                patch_event(top, top + 1, [{"op": "replace", "path": "/n", "value": 1}]),
+                patch_event(top + 2, top + 3, [{"op": "replace", "path": "/n", "value": 3}]),
+            ]
+        else:
+            frames = [
+                {
+                    "type": "session_update",
+                    "session_id": "s1",
+                    "version": str(top + 4),
+                    "session": {"n": 4},
+                }
+            ]
+        for frame in frames:
+            await send({"type": "websocket.send", "text": json.dumps(frame)})
+        await until_disconnect(receive)
+
+
+def patch_event(base: object, version: object, operations: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "type": "session_patch",
+        "session_id": "s1",
+        "base_version": base,
+        "version": version,
+        "patch": operations,
+    }
+
+
+def test_client_keeps_every_digit_of_big_versions_and_resyncs_on_a_patch_gap(
+    browser: Any, serve: Callable[[ASGIApp], str]
+) -> None:
+    server = BigVersionServer(minDelay=50, jitter=0)
+    base = serve(server).replace("ws://", "http://")
+    page = browser.new_page()
+    try:
+        page.goto(base + "/")
+        wait_applied(page, str(2**53 + 4))
+        applied = page.evaluate("window.applied")
+        page.evaluate("window.sync.close()")
+    finally:
+        page.close()
+
+    # The page read 2**53 and 2**53 + 1 as exact digit strings, so the patch between them chained;
+    # the patch with a base ahead was never applied, and the resync asked with the exact digits.
+    assert applied == [
+        [str(2**53), {"n": 0}],
+        [str(2**53 + 1), {"n": 1}],
+        [str(2**53 + 4), {"n": 4}],
+    ]
+    assert server.queries == ["", f"since={2**53 + 1}"]
