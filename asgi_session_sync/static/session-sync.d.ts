@@ -115,13 +115,28 @@ export interface SessionSyncOptions<S = unknown> {
   WebSocketImpl?: new (url: string, protocols?: string | string[]) => WebSocket;
 }
 
+/** The options that have a default. */
+export type DefaultedOption =
+  | "sinceParam"
+  | "updateType"
+  | "patchType"
+  | "minDelay"
+  | "maxDelay"
+  | "factor"
+  | "jitter"
+  | "stableAfter"
+  | "heartbeatInterval"
+  | "staleAfter"
+  | "stopOnCodes";
+
 /** Keeps one session current over a self-healing WebSocket. */
 export class SessionSync<S = unknown> {
   /** @throws {TypeError} Without url or onSession. @throws {RangeError} For a bad delay. */
   constructor(options: SessionSyncOptions<S>);
   /** The options, with defaults filled in. */
-  readonly options: Required<Omit<SessionSyncOptions<S>, "protocols" | "WebSocketImpl">> &
-    Pick<SessionSyncOptions<S>, "protocols" | "WebSocketImpl">;
+  readonly options: Readonly<
+    SessionSyncOptions<S> & Required<Pick<SessionSyncOptions<S>, DefaultedOption>>
+  >;
   /** The connection state. */
   readonly state: ConnectionState;
   /** The version of the state last applied, or null. */

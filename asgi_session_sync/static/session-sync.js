@@ -94,8 +94,9 @@ function parseFrame(text) {
   /** @type {[object, string, string][]} */
   const exact = [];
   const root = JSON.parse(text, function (key, value, context) {
-    if (VERSION_FIELDS.includes(key) && isUnsafeInt(value) && DIGITS.test(context?.source)) {
-      exact.push([this, key, context.source]);
+    const source = context === undefined ? undefined : context.source;
+    if (VERSION_FIELDS.includes(key) && isUnsafeInt(value) && DIGITS.test(source)) {
+      exact.push([this, key, source]);
     }
     return value;
   });

@@ -82,3 +82,8 @@ applyPatch({}, [{ op: "rename", path: "/a" }]);
 applyPatch({}, [{ op: "move", path: "/a" }]);
 // @ts-expect-error version is read-only
 sync.version = 3;
+// Defaults are filled in; callbacks the caller left out may be absent.
+const delay: number = sync.options.minDelay;
+// @ts-expect-error onEvent is optional, even on the filled-in options
+sync.options.onEvent(sync as unknown as SessionEvent);
+void delay;
