@@ -46,7 +46,7 @@ async def greeting_app(scope: Scope, receive: Receive, send: Send) -> None:
 
 
 class Loader:
-    """Loads any session at once, except ``slow``, which waits until cancelled.
+    """Loads any session at once, except ``slow``, which waits until its timeout cancels it.
 
     Runs on the server's thread, so it reports to the test through threading events.
     """
@@ -63,13 +63,11 @@ class Loader:
             try:
                 await anyio.sleep_forever()
             finally:
-                # Only a cancellation ends sleep_forever; the timeout is far beyond the test's.
                 self.slow_cancelled.set()
         return Snapshot(SESSION, owner="alice", version=3)
 
 
 def wrap(loader: Loader) -> SessionSyncMiddleware:
-    # A timeout far longer than any wait here: only a disconnect can cancel the slow loader.
     return SessionSyncMiddleware(greeting_app, loader=loader, paths=PATHS, timeout=60)
 
 
@@ -124,14 +122,32 @@ async def test_snapshot_is_first_frame_then_app_frames(serve: Serve) -> None:
     assert loader.session_ids == ["s1"]
 
 
-async def test_client_leaving_during_slow_load_cancels_loader(serve: Serve) -> None:
+async def test_client_leaving_during_slow_load_is_told_to_the_app_after_it(serve: Serve) -> None:
     loader = Loader()
-    url = serve(wrap(loader))
-    async with client(f"{url}/ws/sessions/{SLOW_SESSION_ID}"):
+    app_returned = threading.Event()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await greeting_app(scope, receive, send)
+        finally:
+            app_returned.set()
+
+    middleware = SessionSyncMiddleware(app, loader=loader, paths=PATHS, timeout=1)
+    url = serve(middleware)
+    host, port = url.removeprefix("ws://").split(":")
+    # A bare handshake request, so the client can leave while the accept is held.
+    async with await anyio.connect_tcp(host, int(port)) as stream:
+        await stream.send(
+            f"GET /ws/sessions/{SLOW_SESSION_ID} HTTP/1.1\r\nHost: {host}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".encode()
+        )
         await wait_for(loader.slow_started)
-    # The client has closed; the middleware reads the disconnect while the app is still
-    # blocked in send(accept), and cancels the load without waiting for its timeout.
+    # The middleware never reads receive(), so the load runs to its timeout (1 s here), then
+    # the server tells the app that the client left, as it would without the middleware.
     await wait_for(loader.slow_cancelled)
+    await wait_for(app_returned)
+    assert middleware.stats.timeouts == 1
     async with client(f"{url}/ws/sessions/s2") as ws:
         assert json.loads(await receive_text(ws)) == snapshot_frame("s2")
         await assert_greets_and_echoes(ws)
