@@ -628,3 +628,127 @@ async def test_loader_base_exception_propagates_unwrapped_and_frees_the_flight(
             pass
     assert app.fetcher._snapshots.in_flight == 0
     assert "loader raised Fatal, re-raised session_id=s1" in caplog.text
+
+
+class ExplodingUser:
+    """A user object whose ``id`` property raises, as a lazy ORM attribute can."""
+
+    @property
+    def id(self) -> str:
+        raise LookupError("user row gone")
+
+
+async def failing_server_send(message: Message) -> None:
+    """Stands in for a server whose send raises its own type (hypercorn does)."""
+    raise RuntimeError("server refused the frame")
+
+
+@pytest.mark.parametrize(
+    ("options", "scope", "cause"),
+    [
+        ({}, {"user": ExplodingUser()}, "LookupError: user row gone"),
+        ({"flight_key": lambda ctx: 1 / 0}, {}, "ZeroDivisionError"),
+    ],
+    ids=["user-id-property-raises", "flight-key-raises"],
+)
+async def test_failures_outside_the_loader_are_absorbed_like_loader_failures(
+    caplog: pytest.LogCaptureFixture, options: dict[str, Any], scope: Scope, cause: str
+) -> None:
+    errors: list[Exception] = []
+    loader = RecordingLoader()
+    app = wrap(loader=loader, on_error=lambda ctx, exc: errors.append(exc), **options)
+    with caplog.at_level(logging.ERROR, logger="asgi_session_sync"):
+        async with connect_websocket(app, "/ws/sessions/s1", scope=scope) as ws:
+            assert await ws.receive_text() == "hello"  # no snapshot, and the app goes on
+    assert loader.calls == []
+    assert app.stats.errors == 1
+    assert len(errors) == 1
+    assert "loader raised" not in caplog.text
+    assert "flight_key raised session_id=s1" in caplog.text
+    assert cause in caplog.text
+
+
+async def test_server_send_failure_on_the_snapshot_is_absorbed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    errors: list[Exception] = []
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        if message["type"] == "websocket.send":
+            await failing_server_send(message)
+        sent.append(message)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+
+    server = RecordingServer()
+    middleware = wrap(app, on_error=lambda ctx, exc: errors.append(exc))
+    with caplog.at_level(logging.ERROR, logger="asgi_session_sync"):
+        await middleware(server.scope(), server.receive, send)
+    assert sent == [{"type": "websocket.accept"}]
+    assert [type(e) for e in errors] == [RuntimeError]
+    assert middleware.stats.errors == 1
+    assert middleware.stats.snapshots_sent == 0
+    assert "the server's send raised session_id=s1" in caplog.text
+    assert "loader raised" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "session_id",
+    [
+        "a\u0085b",  # C1: next line
+        "a\u009bb",  # C1: control sequence introducer
+        "a\u202eb",  # bidi: right-to-left override
+        "a\u2066b",  # bidi: left-to-right isolate
+        "a\u200bb",  # zero-width space
+        "a\u200db",  # zero-width joiner
+        "a\ufeffb",  # zero-width no-break space
+        "a\u2028b",  # line separator
+    ],
+)
+async def test_invisible_and_control_characters_never_pass_a_custom_pattern(
+    session_id: str,
+) -> None:
+    from urllib.parse import quote
+
+    loader = RecordingLoader()
+    app = wrap(loader=loader, session_id_pattern=r"[^/]+")
+    async with connect_websocket(app, "/ws/sessions/" + quote(session_id)) as ws:
+        assert await ws.receive_text() == "hello"
+    assert loader.calls == []
+    assert app.stats.invalid_ids == 1
+
+
+async def test_custom_pattern_still_admits_other_unicode() -> None:
+    loader = RecordingLoader()
+    app = wrap(loader=loader, session_id_pattern=r"[^/]+")
+    async with connect_websocket(app, "/ws/sessions/caf%C3%A9-%E4%BC%9A%E8%AF%9D") as ws:
+        assert (await ws.receive_json())["session_id"] == "café-会话"
+
+
+@pytest.mark.parametrize(
+    ("root_path", "path"),
+    [
+        ("/api", "/api/ws/sessions/s1"),  # the ASGI spec: path includes root_path
+        ("/api", "/ws/sessions/s1"),  # older servers: path without root_path
+        ("", "/ws/sessions/s1"),
+    ],
+)
+async def test_paths_match_the_route_path_under_a_root_path(root_path: str, path: str) -> None:
+    loader = RecordingLoader()
+    app = wrap(loader=loader)
+    async with connect_websocket(app, path, scope={"root_path": root_path}) as ws:
+        assert (await ws.receive_json())["session_id"] == "s1"
+
+
+@pytest.mark.parametrize(
+    ("root_path", "path"),
+    [("/api", "/apiws/sessions/s1"), ("/api", "/api"), ("/ws", "/ws/ws/sessions")],
+)
+async def test_root_path_is_removed_only_at_a_segment_boundary(root_path: str, path: str) -> None:
+    loader = RecordingLoader()
+    async with connect_websocket(wrap(loader=loader), path, scope={"root_path": root_path}) as ws:
+        assert await ws.receive_text() == "hello"
+    assert loader.calls == []

@@ -7,6 +7,7 @@ import shutil
 import socket
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -80,11 +81,10 @@ class LiveServer:
         self.ws = ws
 
 
-@pytest.fixture(scope="session", params=["websockets-sansio", "wsproto"])
-def live_server(request: pytest.FixtureRequest) -> Iterator[LiveServer]:
-    """uvicorn with one of its WebSocket implementations, on a free port of 127.0.0.1."""
-    ws = str(request.param)
-    app = SwappableApp()
+@contextmanager
+def uvicorn_in_thread(app: ASGIApp, *, ws: str, **options: Any) -> Iterator[str]:
+    """Serve ``app`` with uvicorn (``ws`` implementation, other ``uvicorn.Config`` options) in a
+    background thread on a free port of 127.0.0.1; yields the ``ws://`` base URL."""
     # Bound before uvicorn starts, so the port is known and free; uvicorn listens on it.
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
@@ -96,6 +96,7 @@ def live_server(request: pytest.FixtureRequest) -> Iterator[LiveServer]:
         log_config=None,  # leave the test process's logging configuration alone
         log_level="warning",
         timeout_graceful_shutdown=2,  # seconds, within WAIT
+        **options,
     )
     server = ThreadedServer(config)
     thread = threading.Thread(
@@ -105,12 +106,21 @@ def live_server(request: pytest.FixtureRequest) -> Iterator[LiveServer]:
     try:
         assert server.startup_done.wait(WAIT), f"uvicorn ({ws}) did not start within {WAIT}s"
         assert server.started, f"uvicorn ({ws}) failed to start"
-        yield LiveServer(f"ws://127.0.0.1:{port}", app, ws)
+        yield f"ws://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(timeout=WAIT)
         sock.close()
     assert not thread.is_alive(), f"uvicorn ({ws}) did not shut down within {WAIT}s"
+
+
+@pytest.fixture(scope="session", params=["websockets-sansio", "wsproto"])
+def live_server(request: pytest.FixtureRequest) -> Iterator[LiveServer]:
+    """uvicorn with one of its WebSocket implementations, on a free port of 127.0.0.1."""
+    ws = str(request.param)
+    app = SwappableApp()
+    with uvicorn_in_thread(app, ws=ws) as url:
+        yield LiveServer(url, app, ws)
 
 
 @pytest.fixture

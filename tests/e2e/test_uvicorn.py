@@ -17,7 +17,7 @@ from websockets.typing import Subprotocol
 from asgi_session_sync import SessionContext, SessionSyncMiddleware, Snapshot
 from asgi_session_sync._types import ASGIApp, Receive, Scope, Send
 
-from .conftest import WAIT, LiveServer
+from .conftest import WAIT, LiveServer, uvicorn_in_thread
 
 pytestmark = [
     pytest.mark.e2e,
@@ -180,3 +180,15 @@ async def test_hostile_session_id_gets_no_snapshot_but_app_works(
     async with client(f"{url}/ws/sessions/{session_id}") as ws:
         await assert_greets_and_echoes(ws)
     assert loader.session_ids == []
+
+
+async def test_paths_match_under_uvicorn_root_path(live_server: LiveServer) -> None:
+    # FastAPI's documented way to run behind a proxy that strips a prefix: uvicorn --root-path.
+    # The proxy sends /ws/sessions/s1; uvicorn gives the app path="/api/ws/sessions/s1".
+    loader = Loader()
+    app = wrap(loader)
+    with uvicorn_in_thread(app, ws=live_server.ws, root_path="/api") as url:
+        async with client(f"{url}/ws/sessions/s1") as ws:
+            assert json.loads(await receive_text(ws)) == snapshot_frame("s1")
+            await assert_greets_and_echoes(ws)
+    assert loader.session_ids == ["s1"]
