@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
+import falcon
+import falcon.asgi
 import pytest
 from fastapi import Depends, FastAPI
 from fastapi import WebSocket as FastAPIWebSocket
@@ -36,7 +38,7 @@ from starlette.authentication import (
 from starlette.middleware import Middleware
 from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.requests import HTTPConnection
-from starlette.routing import WebSocketRoute
+from starlette.routing import Mount, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from asgi_session_sync import SessionContext, SessionSyncMiddleware, Snapshot
@@ -129,7 +131,7 @@ async def raw_app(scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "websocket.send", "text": "echo:" + message["text"]})
 
 
-async def test_raw_asgi() -> None:
+async def test_raw_asgi_app_wrapped_directly_gets_snapshot_first() -> None:
     loader = RecordingLoader()
     app = SessionSyncMiddleware(raw_app, loader=loader, paths=PATHS)
     await assert_snapshot_then_app_frames(app, loader)
@@ -166,7 +168,7 @@ class TokenBackend(AuthenticationBackend):
         return None if name is None else (AuthCredentials(["authenticated"]), SimpleUser(name))
 
 
-async def test_starlette_middleware_list() -> None:
+async def test_starlette_middleware_list_gets_snapshot_first() -> None:
     loader = RecordingLoader()
     app = Starlette(
         routes=STARLETTE_ROUTES,
@@ -175,7 +177,7 @@ async def test_starlette_middleware_list() -> None:
     await assert_snapshot_then_app_frames(app, loader)
 
 
-async def test_starlette_add_middleware() -> None:
+async def test_starlette_add_middleware_gets_snapshot_first() -> None:
     loader = RecordingLoader()
     app = Starlette(routes=STARLETTE_ROUTES)
     app.add_middleware(SessionSyncMiddleware, loader=loader, paths=PATHS)
@@ -237,6 +239,18 @@ async def test_starlette_anonymous_user_reaches_loader_as_unauthenticated_user()
     assert isinstance(loader.calls[0].user, UnauthenticatedUser)
 
 
+async def test_starlette_mounted_sub_app_matches_its_own_route_paths() -> None:
+    # Starlette 0.33 and later give a mounted app the full path and root_path="/api".
+    loader = RecordingLoader()
+    inner = Starlette(routes=STARLETTE_ROUTES)
+    inner.add_middleware(SessionSyncMiddleware, loader=loader, paths=PATHS)
+    app = Starlette(routes=[Mount("/api", app=inner)])
+    async with connect_websocket(app, "/api/ws/sessions/s1") as ws:
+        assert (await ws.receive_json())["session_id"] == "s1"
+        assert await ws.receive_text() == "hello"
+    assert [ctx.scope["root_path"] for ctx in loader.calls] == ["/api"]
+
+
 # FastAPI
 
 
@@ -257,7 +271,7 @@ def fastapi_app() -> FastAPI:
     return app
 
 
-async def test_fastapi_add_middleware() -> None:
+async def test_fastapi_add_middleware_gets_snapshot_first() -> None:
     loader = RecordingLoader()
     app = fastapi_app()
     app.add_middleware(SessionSyncMiddleware, loader=loader, paths=PATHS)
@@ -350,7 +364,7 @@ class LitestarTokenAuth(AbstractAuthenticationMiddleware):
         return AuthenticationResult(user=name, auth=token)
 
 
-async def test_litestar_define_middleware() -> None:
+async def test_litestar_define_middleware_gets_snapshot_first() -> None:
     loader = RecordingLoader()
     app = Litestar(
         route_handlers=[litestar_socket],
@@ -416,7 +430,7 @@ def quart_app(loader: RecordingLoader, **options: Any) -> Quart:
 
 # Quart runs its handlers in asyncio tasks (asyncio.ensure_future): it cannot run under trio.
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
-async def test_quart_asgi_app() -> None:
+async def test_quart_asgi_app_wrapped_gets_snapshot_first() -> None:
     loader = RecordingLoader()
     await assert_snapshot_then_app_frames(quart_app(loader), loader)
 
@@ -427,3 +441,143 @@ async def test_quart_authenticate_option_sets_ctx_user() -> None:
     loader = RecordingLoader()
     app = quart_app(loader, authenticate=authenticate)
     await assert_snapshot_then_app_frames(app, loader, user="alice", **BEARER_ALICE)
+
+
+# Falcon
+
+
+class FalconSessionResource:
+    async def on_websocket(self, req: Any, ws: Any, session_id: str) -> None:
+        await ws.accept()
+        await ws.send_text("hello")
+        while True:
+            try:
+                text = await ws.receive_text()
+            except falcon.WebSocketDisconnected:
+                return
+            await ws.send_text("echo:" + text)
+
+
+def falcon_app() -> falcon.asgi.App:
+    app = falcon.asgi.App()
+    app.add_route("/ws/sessions/{session_id}", FalconSessionResource())
+    return app
+
+
+# Falcon's WebSocket reads receive() in an asyncio task of its own: it cannot run under trio.
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_falcon_app_wrapped_gets_snapshot_first() -> None:
+    loader = RecordingLoader()
+    app = SessionSyncMiddleware(falcon_app(), loader=loader, paths=PATHS)
+    await assert_snapshot_then_app_frames(app, loader)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_falcon_authenticate_option_sets_ctx_user() -> None:
+    # Falcon's middleware (process_request_ws) runs inside the app: no scope["user"] to read.
+    loader = RecordingLoader()
+    app = SessionSyncMiddleware(falcon_app(), loader=loader, paths=PATHS, authenticate=authenticate)
+    await assert_snapshot_then_app_frames(app, loader, user="alice", **BEARER_ALICE)
+
+
+# Django Channels
+
+
+@pytest.fixture(scope="module")
+def django_settings() -> None:
+    from django.conf import settings
+
+    if not settings.configured:
+        settings.configure(
+            SECRET_KEY="tests-only",
+            INSTALLED_APPS=[
+                "django.contrib.auth",
+                "django.contrib.contenttypes",
+                "django.contrib.sessions",
+                "channels",
+            ],
+            DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}},
+        )
+        import django
+
+        django.setup()
+
+
+def channels_router() -> Any:
+    from channels.generic.websocket import AsyncWebsocketConsumer
+    from channels.routing import URLRouter
+    from django.urls import path
+
+    class SessionConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
+        async def connect(self) -> None:
+            await self.accept()
+            await self.send(text_data="hello")
+
+        async def receive(self, text_data: str | None = None, bytes_data: Any = None) -> None:
+            await self.send(text_data=f"echo:{text_data}")
+
+    return URLRouter([path("ws/sessions/<session_id>", SessionConsumer.as_asgi())])
+
+
+def channels_token_auth(inner: Any) -> Any:
+    """A Channels auth middleware as Channels writes them: it copies the scope, then sets
+    ``user`` on the copy (``BaseMiddleware.__call__`` and ``AuthMiddleware`` both do)."""
+    from channels.middleware import BaseMiddleware
+
+    class TokenAuthMiddleware(BaseMiddleware):  # type: ignore[misc]
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> Any:
+            scope = dict(scope, user=TOKENS.get(token_of(scope) or ""))
+            return await super().__call__(scope, receive, send)
+
+    return TokenAuthMiddleware(inner)
+
+
+async def channels_conversation(app: Any, headers: list[tuple[bytes, bytes]]) -> None:
+    from channels.testing import WebsocketCommunicator
+
+    communicator = WebsocketCommunicator(app, "/ws/sessions/s1", headers=headers)
+    connected, _ = await communicator.connect(timeout=5)
+    assert connected
+    try:
+        assert (await communicator.receive_json_from(timeout=5))["session_id"] == "s1"
+        assert await communicator.receive_from(timeout=5) == "hello"
+        await communicator.send_to(text_data="ping")
+        assert await communicator.receive_from(timeout=5) == "echo:ping"
+    finally:
+        await communicator.disconnect()
+
+
+ALICE_HEADER = [(b"authorization", b"Bearer t-alice")]
+
+
+# Channels runs on asyncio (asgiref's ApplicationCommunicator).
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.usefixtures("django_settings")
+async def test_channels_inside_auth_middleware_sets_ctx_user() -> None:
+    loader = RecordingLoader()
+    app = channels_token_auth(SessionSyncMiddleware(channels_router(), loader=loader, paths=PATHS))
+    await channels_conversation(app, ALICE_HEADER)
+    assert loader.users == ["alice"]
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.usefixtures("django_settings")
+async def test_channels_outside_auth_middleware_cannot_see_the_user() -> None:
+    # Channels' middleware copies the scope, so a user it sets never reaches an outer layer:
+    # SessionSyncMiddleware must sit inside AuthMiddlewareStack (or pass authenticate=).
+    loader = RecordingLoader()
+    app = SessionSyncMiddleware(channels_token_auth(channels_router()), loader=loader, paths=PATHS)
+    await channels_conversation(app, ALICE_HEADER)
+    assert loader.users == [None]
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.usefixtures("django_settings")
+async def test_channels_auth_middleware_stack_gives_anonymous_user() -> None:
+    from channels.auth import AuthMiddlewareStack
+    from django.contrib.auth.models import AnonymousUser
+
+    loader = RecordingLoader()
+    app = AuthMiddlewareStack(SessionSyncMiddleware(channels_router(), loader=loader, paths=PATHS))
+    await channels_conversation(app, [])
+    assert isinstance(loader.calls[0].user, AnonymousUser)
