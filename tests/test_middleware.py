@@ -8,6 +8,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import pytest
+from conftest import SESSION, RecordingLoader, greeting_app
 from pydantic import BaseModel
 
 from asgi_session_sync import SessionContext, SessionSyncMiddleware, Snapshot
@@ -15,33 +16,6 @@ from asgi_session_sync._types import Message, Receive, Scope, Send
 from asgi_session_sync.testing import WebSocketRejected, connect_websocket
 
 pytestmark = pytest.mark.anyio
-
-SESSION = {"title": "demo", "interactions": [{"prompt": "hi", "response": "hello"}]}
-
-
-async def greeting_app(scope: Scope, receive: Receive, send: Send) -> None:
-    """Accepts, greets at once, then echoes until the client leaves."""
-    assert scope["type"] == "websocket"
-    assert (await receive())["type"] == "websocket.connect"
-    await send({"type": "websocket.accept"})
-    await send({"type": "websocket.send", "text": "hello"})
-    while True:
-        message = await receive()
-        if message["type"] == "websocket.disconnect":
-            return
-        await send({"type": "websocket.send", "text": "echo:" + message["text"]})
-
-
-class RecordingLoader:
-    """A loader that records every context it was called with."""
-
-    def __init__(self, result: Any = None) -> None:
-        self.result = SESSION if result is None else result
-        self.calls: list[SessionContext] = []
-
-    async def __call__(self, ctx: SessionContext) -> Any:
-        self.calls.append(ctx)
-        return self.result
 
 
 def wrap(app: Any = greeting_app, **options: Any) -> SessionSyncMiddleware:

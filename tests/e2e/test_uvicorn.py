@@ -11,6 +11,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 import pytest
+from conftest import greeting_app
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.typing import Subprotocol
 
@@ -30,19 +31,6 @@ Serve = Callable[[ASGIApp], str]
 PATHS = ["/ws/sessions/{session_id}"]
 SESSION = {"title": "demo"}
 SLOW_SESSION_ID = "slow"
-
-
-async def greeting_app(scope: Scope, receive: Receive, send: Send) -> None:
-    """Accepts (with "v2" when the client offers it), greets at once, then echoes."""
-    assert (await receive())["type"] == "websocket.connect"
-    subprotocol = "v2" if "v2" in scope["subprotocols"] else None
-    await send({"type": "websocket.accept", "subprotocol": subprotocol})
-    await send({"type": "websocket.send", "text": "hello"})
-    while True:
-        message = await receive()
-        if message["type"] == "websocket.disconnect":
-            return
-        await send({"type": "websocket.send", "text": "echo:" + message["text"]})
 
 
 class Loader:
