@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import logging
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import anyio
 
@@ -17,10 +17,7 @@ from .fence import VersionFence
 from .snapshot import SessionContext
 from .versions import parse_version
 
-if TYPE_CHECKING:
-    from .middleware import SessionSyncMiddleware
-
-__all__ = ["Phase", "SnapshotResponder"]
+__all__ = ["ConnectionSettings", "Phase", "SnapshotResponder"]
 
 logger = logging.getLogger("asgi_session_sync")
 
@@ -42,6 +39,17 @@ _SETTLED = Phase.SETTLED
 _NOTHING = FirstFrame(None, None)
 
 
+@dataclass(frozen=True)
+class ConnectionSettings:
+    """What every served connection of one middleware shares: made once, at construction."""
+
+    fetcher: SnapshotFetcher
+    since_param: str
+    fence_event_types: frozenset[str]
+    fence_max_frames: int
+    fence_max_seconds: float
+
+
 class SnapshotResponder:
     """Wraps one connection's ``send`` so the snapshot is the first frame after the accept.
 
@@ -54,8 +62,8 @@ class SnapshotResponder:
         "_ctx",
         "_fence",
         "_fetcher",
-        "_middleware",
         "_send",
+        "_settings",
         "phase",
         "scope",
         "session_id",
@@ -63,10 +71,10 @@ class SnapshotResponder:
     )
 
     def __init__(
-        self, middleware: SessionSyncMiddleware, scope: Scope, send: Send, session_id: str
+        self, settings: ConnectionSettings, scope: Scope, send: Send, session_id: str
     ) -> None:
-        self._middleware = middleware
-        self._fetcher: SnapshotFetcher = middleware.fetcher
+        self._settings = settings
+        self._fetcher = settings.fetcher
         self._send = send
         self.scope = scope
         self.session_id = session_id
@@ -149,16 +157,16 @@ class SnapshotResponder:
 
     def _settle(self, version: Version | None) -> None:
         self.version = version
-        middleware = self._middleware
-        if version is None or middleware.fence_max_frames == 0:
+        settings = self._settings
+        if version is None or settings.fence_max_frames == 0:
             self.phase = _SETTLED
             return
         self._fence = VersionFence(
             self.session_id,
             version,
-            event_types=middleware.fence_event_types,
-            max_frames=middleware.fence_max_frames,
-            max_seconds=middleware.fence_max_seconds,
+            event_types=settings.fence_event_types,
+            max_frames=settings.fence_max_frames,
+            max_seconds=settings.fence_max_seconds,
         )
         self.phase = Phase.FENCING
 
@@ -198,7 +206,7 @@ class SnapshotResponder:
         return self._ctx
 
     def _since(self) -> Version | None:
-        values = query_values(self.scope, self._middleware.since_param)
+        values = query_values(self.scope, self._settings.since_param)
         if len(values) != 1:
             return None
         since = parse_version(values[0])

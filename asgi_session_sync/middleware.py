@@ -11,7 +11,7 @@ from asgiref.compatibility import guarantee_single_callable
 
 from ._fetcher import SnapshotFetcher
 from ._paths import NoSessionId, PathMatcher, clip_for_log
-from ._responder import SnapshotResponder
+from ._responder import ConnectionSettings, SnapshotResponder
 from ._session_ids import DEFAULT_SESSION_ID_PATTERN, SessionIdRules
 from ._types import AnyASGIApp, ASGIApp
 from .events import Version
@@ -180,10 +180,6 @@ class SessionSyncMiddleware:
         if cache_ttl is not None and not cache_ttl > 0:
             raise ValueError(f"cache_ttl must be positive or None: got {cache_ttl!r}")
         self.app: ASGIApp = guarantee_single_callable(app)  # type: ignore[no-untyped-call]
-        self.since_param = since_param
-        self.fence_event_types = frozenset({event_type, "session_patch", *fence_event_types})
-        self.fence_max_frames = fence_max_frames
-        self.fence_max_seconds = fence_max_seconds
         self.stats = SessionSyncStats(on_metric=on_metric)
         """Counters since the middleware was created: see :class:`SessionSyncStats`."""
         self.fetcher = SnapshotFetcher(
@@ -201,6 +197,13 @@ class SessionSyncMiddleware:
             stats=self.stats,
         )
         """Loads, shares, encodes and reports snapshots for every connection."""
+        self._connections = ConnectionSettings(
+            fetcher=self.fetcher,
+            since_param=since_param,
+            fence_event_types=frozenset({event_type, "session_patch", *fence_event_types}),
+            fence_max_frames=fence_max_frames,
+            fence_max_seconds=fence_max_seconds,
+        )
         self._paths = PathMatcher(paths, session_id_param=session_id_param)
         self._session_ids = SessionIdRules(session_id_pattern)
 
@@ -231,7 +234,7 @@ class SessionSyncMiddleware:
             await self.app(scope, receive, send)
             return
         self.stats.incr("connections")
-        responder = SnapshotResponder(self, scope, send, session_id)
+        responder = SnapshotResponder(self._connections, scope, send, session_id)
         scope[SCOPE_KEY] = responder
         try:
             # receive is the server's own: the middleware never reads it.
