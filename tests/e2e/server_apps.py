@@ -22,7 +22,7 @@ so a test can make the load slow and ask the process afterwards whether it ever 
 from __future__ import annotations
 
 import gc
-import resource
+import os
 from collections import Counter, defaultdict
 from typing import Any
 from urllib.parse import parse_qs
@@ -154,7 +154,8 @@ async def stats(idle: bool = False) -> dict[str, Any]:
 
     ``objects`` counts the live instances of the library's classes after a full collection
     (per-connection objects that outlive their connection show up here), ``tasks`` the running
-    tasks of the event loop, ``max_rss_kib`` the peak resident set size in KiB.
+    tasks of the event loop, ``rss_kib`` the resident set size in KiB (Linux only, else
+    ``None``).
     """
     if idle:
         with anyio.move_on_after(5):
@@ -166,8 +167,16 @@ async def stats(idle: bool = False) -> dict[str, Any]:
         "open_websockets": app.open,
         "objects": sum(map(is_library_object, gc.get_objects())),
         "tasks": len(anyio.get_running_tasks()),
-        "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        "rss_kib": resident_kib(),
     }
+
+
+def resident_kib() -> int | None:
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+    except OSError:
+        return None
 
 
 def is_library_object(obj: object) -> bool:
