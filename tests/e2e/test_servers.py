@@ -35,19 +35,26 @@ pytestmark = [
 ]
 
 HOST = "127.0.0.1"
-SERVERS = [
-    "uvicorn-websockets-sansio",
-    "uvicorn-websockets",
-    "uvicorn-wsproto",
-    "hypercorn-asyncio",
-    "hypercorn-trio",
-    "daphne",
-    "granian",
-]
 # Daphne closes a WebSocket whose handshake takes longer than this (5 s by default). The
-# middleware now completes the handshake only once the snapshot is loaded, so this must allow
-# the loader's timeout.
+# middleware completes the handshake only once the snapshot is loaded, so this must allow the
+# loader's timeout.
 DAPHNE_CONNECT_TIMEOUT = int(2 * server_apps.LOAD_TIMEOUT)
+UVICORN = "uvicorn {app} --host {host} --port {port} --log-level warning"
+# --workers 0: serve in hypercorn's own process, not in a spawned worker.
+HYPERCORN = "hypercorn {app} --bind {host}:{port} --workers 0"
+SERVERS = {
+    "uvicorn-websockets-sansio": f"{UVICORN} --ws websockets-sansio",
+    "uvicorn-websockets": f"{UVICORN} --ws websockets",
+    "uvicorn-wsproto": f"{UVICORN} --ws wsproto",
+    "hypercorn-asyncio": f"{HYPERCORN} --worker-class asyncio",
+    "hypercorn-trio": f"{HYPERCORN} --worker-class trio",
+    # -v 0: warnings and errors only, no access log.
+    "daphne": "daphne {app} -b {host} -p {port} -v 0 --websocket_connect_timeout "
+    + str(DAPHNE_CONNECT_TIMEOUT),
+    "granian": "granian {app} --interface asgi --host {host} --port {port} --log-level warning",
+}
+"""Each server's command line, run with ``python -m``; ``{app}`` is "module:attribute"."""
+
 SLOW_LOAD_MS = 500
 CONNECTIONS_AT_ONCE = 30
 CHURNED_CONNECTIONS = 200
@@ -57,24 +64,8 @@ GROWTH_ALLOWED = 20
 
 
 def server_command(name: str, port: int, app: str) -> list[str]:
-    """The command line that serves ``app`` ("module:attribute") with server ``name``."""
-    python = [sys.executable, "-m"]
-    if name.startswith("uvicorn-"):
-        ws = name.removeprefix("uvicorn-")
-        return [*python, "uvicorn", app, "--host", HOST, "--port", str(port), "--ws", ws,
-                "--log-level", "warning"]  # fmt: skip
-    if name.startswith("hypercorn-"):
-        worker_class = name.removeprefix("hypercorn-")
-        # --workers 0: serve in this process, not in a spawned worker.
-        return [*python, "hypercorn", app, "--bind", f"{HOST}:{port}",
-                "--worker-class", worker_class, "--workers", "0"]  # fmt: skip
-    if name == "daphne":
-        return [*python, "daphne", "-b", HOST, "-p", str(port), "--access-log", os.devnull,
-                "--websocket_connect_timeout", str(DAPHNE_CONNECT_TIMEOUT), app]  # fmt: skip
-    if name == "granian":
-        return [*python, "granian", "--interface", "asgi", "--host", HOST, "--port", str(port),
-                "--log-level", "warning", app]  # fmt: skip
-    raise ValueError(f"unknown server {name!r}")
+    command = SERVERS[name].format(app=app, host=HOST, port=port)
+    return [sys.executable, "-m", *command.split()]
 
 
 class RunningServer:
