@@ -6,6 +6,8 @@
   when offered and the header ``x-served-by: echo``, sends ``hello``, then answers every text
   message ``m`` with ``echo:m``. ``?do=close`` makes it close before accepting; ``?do=deny``
   makes it send a denial response (401) where the server offers the extension, else close.
+  ``?accept_delay_ms=`` makes it wait before accepting. How it ended is kept in
+  :data:`outcomes`.
 - ``/ws/bare/{session_id}``: the same echo app without the middleware, to compare with.
 - ``/ws/rooms/{room}`` and ``POST /rooms/{room}/broadcast?text=...``: FastAPI with the
   ``ConnectionManager`` of FastAPI's WebSockets docs, which registers a socket for broadcasts
@@ -50,6 +52,9 @@ DENIAL_EXTENSION = "websocket.http.response"
 loads: Counter[str] = Counter()
 """Loader calls per session id since the process started."""
 
+outcomes: dict[str, str] = {}
+"""How the echo app ended, by session id: ``websocket.disconnect`` or the exception's type."""
+
 extensions: dict[str, list[str]] = {}
 """The scope's ``extensions`` keys of each ``?do=deny`` connection, by session id."""
 
@@ -67,31 +72,46 @@ async def load_session(ctx: SessionContext) -> Snapshot:
 
 
 async def echo(scope: Scope, receive: Receive, send: Send) -> None:
-    """The plain ASGI app on ``/ws/sessions/{session_id}`` (see the module docstring)."""
+    """The plain ASGI app on ``/ws/sessions/`` and ``/ws/bare/`` (see the module docstring)."""
     assert (await receive())["type"] == "websocket.connect"
+    session_id = scope["path"].rsplit("/", 1)[-1]
     do = query(scope, "do")
     if do == "close":
         await send({"type": "websocket.close", "code": 1008})
         return
     if do == "deny":
-        offered = sorted(scope.get("extensions") or {})
-        extensions[scope["path"].rsplit("/", 1)[-1]] = offered
-        if DENIAL_EXTENSION not in offered:
-            await send({"type": "websocket.close", "code": 1008})
-            return
-        await send(
-            {
-                "type": "websocket.http.response.start",
-                "status": DENIAL_STATUS,
-                "headers": [
-                    (DENIAL_HEADER[0].encode(), DENIAL_HEADER[1].encode()),
-                    (b"content-type", b"text/plain"),
-                    (b"content-length", str(len(DENIAL_BODY)).encode()),
-                ],
-            }
-        )
-        await send({"type": "websocket.http.response.body", "body": DENIAL_BODY})
+        extensions[session_id] = sorted(scope.get("extensions") or {})
+        await deny(scope, send)
         return
+    try:
+        await anyio.sleep(int(query(scope, "accept_delay_ms") or 0) / 1000)
+        await accept_and_echo(scope, receive, send)
+    except BaseException as exc:  # recorded and re-raised, cancellation included
+        outcomes[session_id] = f"{type(exc).__module__}.{type(exc).__name__}"
+        raise
+    outcomes[session_id] = "websocket.disconnect"
+
+
+async def deny(scope: Scope, send: Send) -> None:
+    """Refuse the handshake with a denial response, or a close where the server has none."""
+    if DENIAL_EXTENSION not in (scope.get("extensions") or {}):
+        await send({"type": "websocket.close", "code": 1008})
+        return
+    await send(
+        {
+            "type": "websocket.http.response.start",
+            "status": DENIAL_STATUS,
+            "headers": [
+                (DENIAL_HEADER[0].encode(), DENIAL_HEADER[1].encode()),
+                (b"content-type", b"text/plain"),
+                (b"content-length", str(len(DENIAL_BODY)).encode()),
+            ],
+        }
+    )
+    await send({"type": "websocket.http.response.body", "body": DENIAL_BODY})
+
+
+async def accept_and_echo(scope: Scope, receive: Receive, send: Send) -> None:
     await send(
         {
             "type": "websocket.accept",
@@ -164,6 +184,7 @@ async def stats(idle: bool = False) -> dict[str, Any]:
     return {
         "loads": loads,
         "extensions": extensions,
+        "outcomes": outcomes,
         "open_websockets": app.open,
         "objects": sum(map(is_library_object, gc.get_objects())),
         "tasks": len(anyio.get_running_tasks()),

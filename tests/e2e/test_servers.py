@@ -270,6 +270,29 @@ async def test_denial_response_reaches_client_and_never_calls_loader(
     assert response.body == server_apps.DENIAL_BODY
 
 
+async def test_client_leaving_during_load_ends_app_as_without_middleware(
+    server: RunningServer,
+) -> None:
+    bare, wrapped = unique("left-bare"), unique("left")
+    # The bare app takes as long to accept as the load takes; the client leaves long before.
+    urls = [
+        server.ws_url(f"/ws/bare/{bare}", accept_delay_ms=SLOW_LOAD_MS),
+        server.ws_url(f"/ws/sessions/{wrapped}", load_ms=SLOW_LOAD_MS),
+    ]
+    for url in urls:
+        with anyio.move_on_after(SLOW_LOAD_MS / 1000 / 5):
+            async with client(url):  # where the handshake completes before the load
+                await anyio.sleep_forever()
+    stats = await server.stats(idle=True)
+    assert stats["open_websockets"] == 0, server.log_tail()
+    assert stats["loads"].get(wrapped, 0) <= 1
+    outcome = stats["outcomes"].get(wrapped)
+    assert outcome == stats["outcomes"].get(bare), (
+        f"the app ended with {outcome}, and {stats['outcomes'].get(bare)} without the "
+        "middleware" + server.log_tail()
+    )
+
+
 async def churn(server: RunningServer, session_id: str, connections: int) -> None:
     """Open, read the first frames of and close ``connections`` WebSockets, 10 at a time."""
 
