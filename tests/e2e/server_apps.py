@@ -173,7 +173,8 @@ async def stats(idle: bool = False) -> dict[str, Any]:
     """What the process holds now; with ``?idle=true``, once no WebSocket is open (5 s at most).
 
     ``objects`` counts the live instances of the library's classes after a full collection
-    (per-connection objects that outlive their connection show up here), ``tasks`` the running
+    (per-connection objects that outlive their connection show up here), ``scopes`` the live
+    WebSocket scopes (a connection kept alive by anything), ``tasks`` the running
     tasks of the event loop, ``rss_kib`` the resident set size in KiB (Linux only, else
     ``None``).
     """
@@ -181,12 +182,14 @@ async def stats(idle: bool = False) -> dict[str, Any]:
         with anyio.move_on_after(5):
             await app.wait_idle()
     gc.collect()
+    live = gc.get_objects()
     return {
         "loads": loads,
         "extensions": extensions,
         "outcomes": outcomes,
         "open_websockets": app.open,
-        "objects": sum(map(is_library_object, gc.get_objects())),
+        "objects": sum(map(is_library_object, live)),
+        "scopes": sum(map(is_websocket_scope, live)),
         "tasks": len(anyio.get_running_tasks()),
         "rss_kib": resident_kib(),
     }
@@ -204,6 +207,10 @@ def is_library_object(obj: object) -> bool:
     # Not every type's __module__ is a string: some of Twisted's (under daphne) are properties.
     module = type(obj).__module__
     return isinstance(module, str) and module.startswith("asgi_session_sync")
+
+
+def is_websocket_scope(obj: object) -> bool:
+    return isinstance(obj, dict) and obj.get("type") == "websocket" and "subprotocols" in obj
 
 
 async def route(scope: Scope, receive: Receive, send: Send) -> None:
