@@ -160,9 +160,8 @@ def snapshot_frame(session_id: str) -> dict[str, Any]:
 
 async def receive_snapshot(ws: ClientConnection, session_id: str, server: RunningServer) -> None:
     frame = await receive_text(ws)
-    assert json.loads(frame) == snapshot_frame(session_id), f"first frame {frame!r}" + (
-        server.log_tail()
-    )
+    message = f"the first frame was {frame!r}{server.log_tail()}"
+    assert json.loads(frame) == snapshot_frame(session_id), message
 
 
 async def test_snapshot_is_first_frame(server: RunningServer) -> None:
@@ -256,7 +255,8 @@ async def test_denial_response_reaches_client_and_never_calls_loader(
             pass
     stats = await server.stats()
     assert stats["loads"].get(session_id, 0) == 0
-    offered = stats["extensions"][session_id]
+    offered = stats["extensions"].get(session_id)
+    assert offered is not None, "the connection never reached the app" + server.log_tail()
     if server_apps.DENIAL_EXTENSION not in offered:
         assert refused.value.response.status_code == 403  # the app closed instead
         pytest.skip(
@@ -274,14 +274,15 @@ async def test_client_leaving_during_load_ends_app_as_without_middleware(
     server: RunningServer,
 ) -> None:
     bare, wrapped = unique("left-bare"), unique("left")
-    # The bare app takes as long to accept as the load takes; the client leaves long before.
+    # The bare app takes as long to accept as the load takes, and the client leaves at a fifth
+    # of that: a deliberate timing, not a wait for something to happen.
     urls = [
         server.ws_url(f"/ws/bare/{bare}", accept_delay_ms=SLOW_LOAD_MS),
         server.ws_url(f"/ws/sessions/{wrapped}", load_ms=SLOW_LOAD_MS),
     ]
     for url in urls:
         with anyio.move_on_after(SLOW_LOAD_MS / 1000 / 5):
-            async with client(url):  # where the handshake completes before the load
+            async with client(url):  # opens only if the accept goes out before the load ends
                 await anyio.sleep_forever()
     stats = await server.stats(idle=True)
     assert stats["open_websockets"] == 0, server.log_tail()
