@@ -4,21 +4,20 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from typing import Any
 
 import anyio
 import anyio.to_thread
 import pytest
 from conftest import greeting_app
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.typing import Subprotocol
+from websockets.asyncio.client import ClientConnection
 
 from asgi_session_sync import SessionContext, SessionSyncMiddleware, Snapshot
 from asgi_session_sync._types import ASGIApp, Receive, Scope, Send
 
 from .conftest import WAIT, LiveServer, uvicorn_in_thread
+from .websocket_client import client, receive_text
 
 pytestmark = [
     pytest.mark.e2e,
@@ -57,27 +56,6 @@ class Loader:
 
 def wrap(loader: Loader) -> SessionSyncMiddleware:
     return SessionSyncMiddleware(greeting_app, loader=loader, paths=PATHS, timeout=60)
-
-
-@asynccontextmanager
-async def client(url: str, *, subprotocols: Sequence[str] = ()) -> AsyncIterator[ClientConnection]:
-    """A real WebSocket client with every wait bounded; never goes through a proxy."""
-    async with connect(
-        url,
-        # None, not []: websockets would send an empty Sec-WebSocket-Protocol header.
-        subprotocols=[Subprotocol(p) for p in subprotocols] or None,
-        proxy=None,
-        open_timeout=WAIT,
-        close_timeout=WAIT,
-    ) as ws:
-        yield ws
-
-
-async def receive_text(ws: ClientConnection) -> str:
-    with anyio.fail_after(WAIT):
-        frame = await ws.recv()
-    assert isinstance(frame, str), f"expected a text frame, got {frame!r}"
-    return frame
 
 
 async def wait_for(event: threading.Event) -> None:
