@@ -15,8 +15,9 @@ becomes an OpenTelemetry observable counter named ``<namespace>.<counter>``, rea
 object whenever the SDK collects: nothing is added to a connection's path for it. Each duration
 the object samples through its ``on_metric`` hook (``"load_seconds"``, one per loader call)
 is recorded in a histogram ``<namespace>.<what>.duration``, in seconds, with
-:data:`~asgi_session_sync.stats.LATENCY_BUCKETS` as its advised buckets. An ``on_metric`` hook
-already set on the object keeps being called.
+:data:`~asgi_session_sync.stats.LATENCY_BUCKETS` as its advised buckets. That hook runs inline
+on every counter increment and does nothing but a dict lookup for anything but a duration; an
+``on_metric`` hook already set on the object keeps being called after it.
 
 Names follow OpenTelemetry's conventions: dot-separated, counts with a ``{thing}`` unit,
 durations in ``s``. A Prometheus exporter turns them into ``asgi_session_sync_loads_total`` and
@@ -49,7 +50,14 @@ except ImportError as exc:
 from . import __version__
 from .stats import LATENCY_BUCKETS, MetricHook
 
-__all__ = ["DEFAULT_NAMESPACES", "UNITS", "SessionSyncMetrics", "StatsSource"]
+__all__ = [
+    "DEFAULT_NAMESPACES",
+    "DEFAULT_UNIT",
+    "INSTRUMENTATION_SCOPE",
+    "UNITS",
+    "SessionSyncMetrics",
+    "StatsSource",
+]
 
 INSTRUMENTATION_SCOPE = "asgi_session_sync"
 """The OpenTelemetry meter's name (the instrumentation scope of every instrument)."""
@@ -78,6 +86,7 @@ UNITS: Mapping[str, str] = {
 """The unit of each counter, as an OpenTelemetry annotation; other counters get ``{event}``."""
 
 DEFAULT_UNIT = "{event}"
+"""The unit of a counter that :data:`UNITS` does not name."""
 
 # A stats object that has a histogram keeps its sum as "<what>_seconds_total" and reports each
 # sample to on_metric as "<what>_seconds".
@@ -129,8 +138,8 @@ class SessionSyncMetrics:
         self._meter = get_meter(INSTRUMENTATION_SCOPE, __version__, meter_provider=meter_provider)
         if self._meter in _METERS_IN_USE:
             raise ValueError(
-                "this MeterProvider already has a SessionSyncMetrics: observe every stats "
-                "object through that one"
+                "this MeterProvider already has a SessionSyncMetrics: create one per provider, "
+                "at start-up, and observe every stats object through it"
             )
         _METERS_IN_USE.add(self._meter)
         self._sources: dict[str, list[_Source]] = {}  # by counter instrument name
