@@ -35,6 +35,7 @@ from typing import Any
 
 import pytest
 
+from asgi_session_sync import SessionContext, SessionSyncMiddleware, Snapshot
 from asgi_session_sync.testing import connect_websocket
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -264,3 +265,39 @@ async def test_getting_started_tab_sends_the_snapshot_first(name: str) -> None:
         event = await ws.receive_json()
         await ws.disconnect()
     assert (event["type"], event["session_id"], event["version"]) == ("session_update", "demo", 1)
+
+
+# What the pages claim about where authentication goes. Starlette's AuthenticationMiddleware in
+# either order is tested in tests/test_frameworks.py; this is the reason to put it outside.
+
+
+def copying_auth(app: Any) -> Any:
+    """An auth middleware that hands the app a copy of the scope with the user in it."""
+
+    async def middleware(scope: Any, receive: Any, send: Any) -> None:
+        await app({**scope, "user": "alice"}, receive, send)
+
+    return middleware
+
+
+@pytest.mark.anyio
+async def test_auth_that_copies_the_scope_is_seen_from_outside_only() -> None:
+    users: list[Any] = []
+
+    async def endpoint(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        await receive()
+
+    async def loader(ctx: SessionContext) -> Snapshot:
+        users.append(ctx.user)
+        return Snapshot({}, version=1)
+
+    def session_sync(app: Any) -> SessionSyncMiddleware:
+        return SessionSyncMiddleware(app, loader=loader, paths=["/ws/{session_id}"])
+
+    for app in (copying_auth(session_sync(endpoint)), session_sync(copying_auth(endpoint))):
+        async with connect_websocket(app, "/ws/s1") as ws:
+            await ws.receive_json()
+            await ws.disconnect()
+    assert users == ["alice", None]  # outside: seen; inside: the copy never reaches the middleware
