@@ -2,30 +2,30 @@
 
 from __future__ import annotations
 
-import math
+from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
-from typing import Generic, TypeVar
+from typing import Generic, Literal, TypeVar
 
 import anyio
 
-__all__ = ["SingleFlight"]
+__all__ = ["How", "SingleFlight"]
 
 T = TypeVar("T")
 
-# Past this many cached entries, expired ones are swept on the next insert.
-_SWEEP_AT = 1024
+How = Literal["loaded", "coalesced", "cached"]
 
 
 class _Flight(Generic[T]):
-    __slots__ = ("done", "ended", "expires", "finished", "result")
+    __slots__ = ("done", "ended", "expires", "finished", "result", "serial")
 
-    def __init__(self) -> None:
+    def __init__(self, serial: int) -> None:
+        self.serial = serial  # flights are numbered in the order they start
         # Made by the first waiter: most flights have none, and an Event costs a backend lookup.
         self.done: anyio.Event | None = None
         self.ended = False
         self.finished = False  # False once ended means the leader was cancelled: retry
         self.result: T | None = None
-        self.expires = math.inf
+        self.expires = 0.0
 
     async def wait(self) -> None:
         if not self.ended:
@@ -38,70 +38,97 @@ class SingleFlight(Generic[T]):
     """Runs at most one call per key at a time; callers that arrive meanwhile share its result.
 
     The caller that finds no flight for its key is the leader: it runs the call in its own task,
-    so its cancel scopes (timeout, disconnect) apply. A waiter that is cancelled just stops
-    waiting; the leader and the other waiters go on. If the leader is cancelled, the call is
-    abandoned and one of the waiters becomes the new leader, so nobody is left without a load.
-    ``fn`` must not raise ``Exception``: failures are results (``None``), shared like any other
-    with the callers in flight, but never cached.
+    so its cancel scopes (timeout) apply. A waiter that is cancelled just stops waiting; the
+    leader and the other waiters go on. If the leader is cancelled, the call is abandoned and
+    one of the waiters becomes the new leader, so nobody is left without a load. ``fn`` must not
+    raise ``Exception``: failures are results (``None``), shared like any other with the callers
+    in flight, but never cached. A key of ``None`` is never shared and never cached.
 
     Leaders hold a slot of ``limiter``, a fair (FIFO) semaphore, while their call runs, so at
     most its initial value of calls run at once however many keys are loading.
+
+    With ``ttl``, a successful result stays in the table for ``ttl`` seconds and answers later
+    callers. Entries expire in the order they were made (one ``ttl`` for all), so expiring
+    them is a look at the oldest: every call costs O(1) amortised, whatever the table's size.
     """
 
     def __init__(self, *, limiter: anyio.Semaphore, ttl: float | None = None) -> None:
         self._flights: dict[Hashable, _Flight[T]] = {}
+        self._expiry: deque[tuple[Hashable, _Flight[T]]] = deque()
         self._limiter = limiter
         self._ttl = ttl
+        self._started = 0
 
     @property
     def in_flight(self) -> int:
-        """Keys being loaded (or cached) now."""
+        """Keys being loaded, or cached, now."""
+        if self._expiry:
+            self._expire()
         return len(self._flights)
 
     async def run(
-        self, key: Hashable, fn: Callable[[], Awaitable[T | None]], *, use_cache: bool = True
-    ) -> tuple[T | None, str]:
+        self, key: Hashable | None, fn: Callable[[], Awaitable[T | None]], *, fresh: bool = False
+    ) -> tuple[T | None, How]:
         """Return ``fn()``'s result for ``key`` and how it was obtained.
 
         The second item is ``"loaded"`` (this caller ran ``fn``), ``"coalesced"`` (it shared
-        another caller's run) or ``"cached"`` (a finished run within ``ttl``).
+        another caller's run) or ``"cached"`` (a finished run within ``ttl``). A ``fresh`` call
+        needs state read after it was asked for: it skips the cache and shares only a run that
+        started after the call did, waiting for an older run to end first. A burst of fresh
+        calls for one key thus makes at most two runs.
         """
+        if key is None:
+            async with self._limiter:
+                return await fn(), "loaded"
+        asked = self._started
+        if self._expiry:
+            self._expire()
         while True:
             flight = self._flights.get(key)
-            if flight is not None and flight.finished and flight.expires <= anyio.current_time():
-                del self._flights[key]
-                flight = None
             if flight is None:
                 return await self._lead(key, fn), "loaded"
+            if fresh and flight.serial <= asked:
+                # Started before the ask: it may have read state older than what the caller
+                # needs. Wait for it to end rather than load beside it, so every fresh caller
+                # of a burst (a broker restart resyncs every socket) shares the next load.
+                if flight.finished:
+                    return await self._lead(key, fn), "loaded"
+                await flight.wait()
+                continue
             if flight.finished:
-                if use_cache:
-                    return flight.result, "cached"
-                return await self._lead(key, fn), "loaded"
+                return flight.result, "cached"
             await flight.wait()
             if flight.finished:
                 return flight.result, "coalesced"
 
     async def _lead(self, key: Hashable, fn: Callable[[], Awaitable[T | None]]) -> T | None:
-        flight: _Flight[T] = _Flight()
-        if len(self._flights) >= _SWEEP_AT:
-            self._sweep()
+        self._started += 1
+        flight: _Flight[T] = _Flight(self._started)
         self._flights[key] = flight
+        cached = False
         try:
             async with self._limiter:
                 flight.result = await fn()
             flight.finished = True
-            if self._ttl is not None and flight.result is not None:
+            if self._ttl is not None and flight.result is not None and self._owns(key, flight):
                 flight.expires = anyio.current_time() + self._ttl
+                self._expiry.append((key, flight))
+                cached = True
         finally:
-            cached = flight.finished and flight.expires != math.inf
-            if not cached and self._flights.get(key) is flight:
+            if not cached and self._owns(key, flight):
                 del self._flights[key]
             flight.ended = True
             if flight.done is not None:
                 flight.done.set()
         return flight.result
 
-    def _sweep(self) -> None:
+    def _owns(self, key: Hashable, flight: _Flight[T]) -> bool:
+        return self._flights.get(key) is flight
+
+    def _expire(self) -> None:
         now = anyio.current_time()
-        for key in [k for k, f in self._flights.items() if f.finished and f.expires <= now]:
-            del self._flights[key]
+        expiry = self._expiry
+        while expiry and expiry[0][1].expires <= now:
+            key, flight = expiry.popleft()
+            if self._owns(key, flight):
+                del self._flights[key]

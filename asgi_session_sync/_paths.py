@@ -8,23 +8,10 @@ from urllib.parse import parse_qsl
 
 from ._types import Scope
 
-__all__ = [
-    "DEFAULT_SESSION_ID_PATTERN",
-    "NoSessionId",
-    "PathMatcher",
-    "SessionIdValidator",
-    "clip_for_log",
-    "query_values",
-]
-
-DEFAULT_SESSION_ID_PATTERN = r"[A-Za-z0-9_-]{1,128}"
+__all__ = ["NoSessionId", "PathMatcher", "clip_for_log", "query_values", "route_path"]
 
 _PLACEHOLDER = "{session_id}"
 _ANY_PLACEHOLDER = re.compile(r"\{[^}]*\}")
-# Session ids become NATS subject tokens and log fields. Whatever pattern a user configures,
-# these never pass: subject wildcards and separators, whitespace and control characters.
-_NEVER_IN_ID = re.compile(r"[.*>\s\x00-\x1f\x7f]")
-_MAX_ID_LENGTH = 256
 _LOG_CHARS = 64
 
 
@@ -81,8 +68,12 @@ class PathMatcher:
         self._patterns.append(re.compile(regex))
 
     def match(self, scope: Scope) -> str | NoSessionId | None:
-        """Return the raw session id, why there is none, or ``None`` when the path is not served."""
-        path = scope.get("path", "")
+        """Return the raw session id, why there is none, or ``None`` when the path is not served.
+
+        The configured paths are route paths: they are matched against :func:`route_path`, so
+        they hold under ``uvicorn --root-path`` and in mounted sub-applications alike.
+        """
+        path = route_path(scope)
         if path in self._exact:
             return self._query_param(scope)
         for pattern in self._patterns:
@@ -101,6 +92,23 @@ class PathMatcher:
         return values[0]
 
 
+def route_path(scope: Scope) -> str:
+    """Return the scope's path relative to the application's mount point, as Starlette routes.
+
+    ASGI servers and frameworks disagree on ``root_path``: the ASGI spec (HTTP connection scope)
+    says ``path`` includes it, and uvicorn ``--root-path`` and Starlette's ``Mount`` (0.33 and
+    later) follow that, while older servers give a ``path`` without it. So ``root_path`` is
+    removed when ``path`` starts with it (at a segment boundary), and the full path is used
+    otherwise.
+    """
+    path: str = scope.get("path", "")
+    root_path: str = scope.get("root_path", "")
+    if not root_path or not path.startswith(root_path):
+        return path
+    rest = path[len(root_path) :]
+    return rest if not rest or rest.startswith("/") else path
+
+
 def query_values(scope: Scope, name: str) -> list[str]:
     """Return every value of the query parameter ``name`` in the scope's query string."""
     raw = scope.get("query_string", b"")
@@ -111,21 +119,6 @@ def query_values(scope: Scope, name: str) -> list[str]:
         raw.decode("latin-1"), keep_blank_values=True, encoding="utf-8", errors="replace"
     )
     return [str(value) for key, value in pairs if key == name]
-
-
-class SessionIdValidator:
-    """Accepts a session id only if it fully matches the pattern and is safe as a subject token."""
-
-    def __init__(self, pattern: str | re.Pattern[str]) -> None:
-        self._pattern = re.compile(pattern) if isinstance(pattern, str) else pattern
-
-    def __call__(self, session_id: str) -> bool:
-        """Return whether ``session_id`` may reach a loader."""
-        return (
-            0 < len(session_id) <= _MAX_ID_LENGTH
-            and _NEVER_IN_ID.search(session_id) is None
-            and self._pattern.fullmatch(session_id) is not None
-        )
 
 
 def clip_for_log(value: str) -> str:

@@ -11,9 +11,9 @@ seconds, so a settled connection costs nothing.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Collection
 
-import anyio
 from pydantic_core import from_json
 
 from .versions import is_newer
@@ -58,7 +58,9 @@ class VersionFence:
         # Every fenced type's name must appear, quoted, in a frame that could be dropped.
         self._type_marks = tuple(f'"{event_type}"' for event_type in event_types)
         self._frames_left = max_frames
-        self._deadline = anyio.current_time() + max_seconds
+        # The monotonic clock, not the event loop's: the same instant on every backend, and
+        # no backend lookup per connection.
+        self._deadline = time.monotonic() + max_seconds
 
     def admit(self, text: str) -> bool | None:
         """False: drop ``text``. True: pass it, keep fencing. None: pass it, stop fencing."""
@@ -68,7 +70,7 @@ class VersionFence:
         version = self._fenced_version(text)
         if version is None:
             return True
-        if anyio.current_time() >= self._deadline:  # read only for frames it could drop
+        if time.monotonic() >= self._deadline:  # read only for frames it could drop
             return None
         newer = is_newer(version, self.baseline)
         if newer is None:

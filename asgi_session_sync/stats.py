@@ -47,11 +47,11 @@ class SessionSyncStats:
         skipped_by_resume: Snapshots not sent because the client's ``since`` was current.
         fenced_frames: App frames dropped because they were not newer than the snapshot.
         errors: Loads (snapshot or version) that raised, returned something unusable or could
-            not be serialised, and ``authenticate`` calls that raised.
+            not be serialised; ``authenticate`` and ``flight_key`` calls that raised; snapshot
+            sends the server refused with anything but an ``OSError``.
         timeouts: Waits for a snapshot or a version load that ran past ``timeout``; a resuming
             connection can count twice.
         oversize: Snapshots over ``max_bytes``, not sent.
-        disconnects_during_load: Clients that left while their snapshot was loading.
         load_seconds_total: Sum of the durations of the loader calls made.
         load_seconds_max: The longest loader call.
         load_seconds_buckets: Histogram of loader call durations: item ``i`` counts the calls
@@ -71,7 +71,6 @@ class SessionSyncStats:
     errors: int = 0
     timeouts: int = 0
     oversize: int = 0
-    disconnects_during_load: int = 0
     load_seconds_total: float = 0.0
     load_seconds_max: float = 0.0
     load_seconds_buckets: list[int] = field(

@@ -83,16 +83,22 @@ async def test_fence_stops_at_first_newer_frame() -> None:
     assert versions(seen) == [7, 4]
 
 
-async def test_patch_types_are_fenced_when_configured() -> None:
-    frames = [event(5, "session_patch"), event(6, "token"), event(7, "session_patch")]
+async def test_extra_event_types_are_fenced_when_configured() -> None:
+    frames = [event(5, "token_delta"), event(6, "token"), event(7, "token_delta")]
     unfenced = await received_after_snapshot(frames)
     assert [(f["type"], f["version"]) for f in unfenced] == [
-        ("session_patch", 5),
+        ("token_delta", 5),
         ("token", 6),
-        ("session_patch", 7),
+        ("token_delta", 7),
     ]
-    fenced = await received_after_snapshot(frames, fence_event_types=["session_patch"])
-    assert [(f["type"], f["version"]) for f in fenced] == [("token", 6), ("session_patch", 7)]
+    fenced = await received_after_snapshot(frames, fence_event_types=["token_delta"])
+    assert [(f["type"], f["version"]) for f in fenced] == [("token", 6), ("token_delta", 7)]
+
+
+async def test_session_patches_are_fenced_by_default() -> None:
+    frames = [event(5, "session_patch"), event(6, "session_patch"), event(7, "session_patch")]
+    seen = await received_after_snapshot(frames)
+    assert [(f["type"], f["version"]) for f in seen] == [("session_patch", 7)]
 
 
 async def test_unfenced_frames_pass() -> None:

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
+import falcon
+import falcon.asgi
 import pytest
+from conftest import SESSION, RecordingLoader, greeting_app
 from fastapi import Depends, FastAPI
 from fastapi import WebSocket as FastAPIWebSocket
 from fastapi import WebSocketDisconnect as FastAPIWebSocketDisconnect
@@ -36,28 +39,23 @@ from starlette.authentication import (
 from starlette.middleware import Middleware
 from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.requests import HTTPConnection
-from starlette.routing import WebSocketRoute
+from starlette.routing import Mount, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from asgi_session_sync import SessionContext, SessionSyncMiddleware, Snapshot
-from asgi_session_sync._types import Receive, Scope, Send
+from asgi_session_sync._types import Scope
 from asgi_session_sync.testing import connect_websocket
 
 pytestmark = pytest.mark.anyio
 
 PATHS = ["/ws/sessions/{session_id}"]
-SESSION = {"title": "demo"}
 TOKENS = {"t-alice": "alice"}
 
 
-class RecordingLoader:
+class OwnedSessionLoader(RecordingLoader):
     """Returns the session owned by the connecting user's name; records every context."""
 
-    def __init__(self) -> None:
-        self.calls: list[SessionContext] = []
-
-    async def __call__(self, ctx: SessionContext) -> Snapshot:
-        self.calls.append(ctx)
+    def result(self, ctx: SessionContext) -> Snapshot:
         return Snapshot(SESSION, owner=user_name(ctx.user), version=1)
 
     @property
@@ -90,7 +88,7 @@ async def authenticate(scope: Scope) -> str | None:
 
 
 async def assert_snapshot_then_app_frames(
-    app: Any, loader: RecordingLoader, *, user: str | None = None, **connect: Any
+    app: Any, loader: OwnedSessionLoader, *, user: str | None = None, **connect: Any
 ) -> None:
     """Connect to session s1: the snapshot first, then the app's "hello", then an echo.
 
@@ -118,26 +116,15 @@ BEARER_ALICE = {"headers": {"authorization": "Bearer t-alice"}}
 # Raw ASGI
 
 
-async def raw_app(scope: Scope, receive: Receive, send: Send) -> None:
-    assert (await receive())["type"] == "websocket.connect"
-    await send({"type": "websocket.accept"})
-    await send({"type": "websocket.send", "text": "hello"})
-    while True:
-        message = await receive()
-        if message["type"] == "websocket.disconnect":
-            return
-        await send({"type": "websocket.send", "text": "echo:" + message["text"]})
-
-
-async def test_raw_asgi() -> None:
-    loader = RecordingLoader()
-    app = SessionSyncMiddleware(raw_app, loader=loader, paths=PATHS)
+async def test_raw_asgi_app_wrapped_directly_gets_snapshot_first() -> None:
+    loader = OwnedSessionLoader()
+    app = SessionSyncMiddleware(greeting_app, loader=loader, paths=PATHS)
     await assert_snapshot_then_app_frames(app, loader)
 
 
 async def test_raw_asgi_user_from_scope() -> None:
-    loader = RecordingLoader()
-    app = SessionSyncMiddleware(raw_app, loader=loader, paths=PATHS)
+    loader = OwnedSessionLoader()
+    app = SessionSyncMiddleware(greeting_app, loader=loader, paths=PATHS)
     await assert_snapshot_then_app_frames(app, loader, user="alice", scope={"user": "alice"})
 
 
@@ -166,8 +153,8 @@ class TokenBackend(AuthenticationBackend):
         return None if name is None else (AuthCredentials(["authenticated"]), SimpleUser(name))
 
 
-async def test_starlette_middleware_list() -> None:
-    loader = RecordingLoader()
+async def test_starlette_middleware_list_gets_snapshot_first() -> None:
+    loader = OwnedSessionLoader()
     app = Starlette(
         routes=STARLETTE_ROUTES,
         middleware=[Middleware(SessionSyncMiddleware, loader=loader, paths=PATHS)],
@@ -175,8 +162,8 @@ async def test_starlette_middleware_list() -> None:
     await assert_snapshot_then_app_frames(app, loader)
 
 
-async def test_starlette_add_middleware() -> None:
-    loader = RecordingLoader()
+async def test_starlette_add_middleware_gets_snapshot_first() -> None:
+    loader = OwnedSessionLoader()
     app = Starlette(routes=STARLETTE_ROUTES)
     app.add_middleware(SessionSyncMiddleware, loader=loader, paths=PATHS)
     await assert_snapshot_then_app_frames(app, loader)
@@ -188,7 +175,7 @@ async def test_starlette_add_middleware() -> None:
     ids=["header", "query"],
 )
 async def test_starlette_auth_middleware_outside_sets_ctx_user(connect: dict[str, Any]) -> None:
-    loader = RecordingLoader()
+    loader = OwnedSessionLoader()
     app = Starlette(
         routes=STARLETTE_ROUTES,
         # Starlette runs the list top to bottom: authentication first, then the snapshot.
@@ -204,7 +191,7 @@ async def test_starlette_auth_middleware_outside_sets_ctx_user(connect: dict[str
 async def test_starlette_auth_middleware_inside_sets_ctx_user() -> None:
     # The user is read when the app accepts, and Starlette's AuthenticationMiddleware writes it
     # into the same scope dict, so it is there even when it runs inside SessionSyncMiddleware.
-    loader = RecordingLoader()
+    loader = OwnedSessionLoader()
     app = Starlette(
         routes=STARLETTE_ROUTES,
         middleware=[
@@ -216,7 +203,7 @@ async def test_starlette_auth_middleware_inside_sets_ctx_user() -> None:
 
 
 async def test_starlette_auth_added_last_runs_first_and_sets_ctx_user() -> None:
-    loader = RecordingLoader()
+    loader = OwnedSessionLoader()
     app = Starlette(routes=STARLETTE_ROUTES)
     # add_middleware puts each one outside the ones added before it: authentication runs first.
     app.add_middleware(SessionSyncMiddleware, loader=loader, paths=PATHS)
@@ -225,7 +212,7 @@ async def test_starlette_auth_added_last_runs_first_and_sets_ctx_user() -> None:
 
 
 async def test_starlette_anonymous_user_reaches_loader_as_unauthenticated_user() -> None:
-    loader = RecordingLoader()
+    loader = OwnedSessionLoader()
     app = Starlette(
         routes=STARLETTE_ROUTES,
         middleware=[
@@ -235,6 +222,18 @@ async def test_starlette_anonymous_user_reaches_loader_as_unauthenticated_user()
     )
     await assert_snapshot_then_app_frames(app, loader)
     assert isinstance(loader.calls[0].user, UnauthenticatedUser)
+
+
+async def test_starlette_mounted_sub_app_matches_its_own_route_paths() -> None:
+    # Starlette 0.33 and later give a mounted app the full path and root_path="/api".
+    loader = OwnedSessionLoader()
+    inner = Starlette(routes=STARLETTE_ROUTES)
+    inner.add_middleware(SessionSyncMiddleware, loader=loader, paths=PATHS)
+    app = Starlette(routes=[Mount("/api", app=inner)])
+    async with connect_websocket(app, "/api/ws/sessions/s1") as ws:
+        assert (await ws.receive_json())["session_id"] == "s1"
+        assert await ws.receive_text() == "hello"
+    assert [ctx.scope["root_path"] for ctx in loader.calls] == ["/api"]
 
 
 # FastAPI
@@ -257,8 +256,8 @@ def fastapi_app() -> FastAPI:
     return app
 
 
-async def test_fastapi_add_middleware() -> None:
-    loader = RecordingLoader()
+async def test_fastapi_add_middleware_gets_snapshot_first() -> None:
+    loader = OwnedSessionLoader()
     app = fastapi_app()
     app.add_middleware(SessionSyncMiddleware, loader=loader, paths=PATHS)
     await assert_snapshot_then_app_frames(app, loader)
@@ -267,14 +266,14 @@ async def test_fastapi_add_middleware() -> None:
 async def test_fastapi_authenticate_option_sets_ctx_user() -> None:
     # FastAPI authenticates in dependencies, inside the endpoint, where no middleware sees the
     # user: the middleware's own authenticate= reads the token instead.
-    loader = RecordingLoader()
+    loader = OwnedSessionLoader()
     app = fastapi_app()
     app.add_middleware(SessionSyncMiddleware, loader=loader, paths=PATHS, authenticate=authenticate)
     await assert_snapshot_then_app_frames(app, loader, user="alice", **BEARER_ALICE)
 
 
 async def test_fastapi_authenticate_option_without_token_gives_anonymous_user() -> None:
-    loader = RecordingLoader()
+    loader = OwnedSessionLoader()
     app = fastapi_app()
     app.add_middleware(SessionSyncMiddleware, loader=loader, paths=PATHS, authenticate=authenticate)
     await assert_snapshot_then_app_frames(app, loader)
@@ -304,14 +303,14 @@ async def test_fastapi_dependency_user_does_not_reach_loader() -> None:
         with pytest.raises(FastAPIWebSocketDisconnect):
             await ws.receive_text()
 
-    loader = RecordingLoader()
+    loader = OwnedSessionLoader()
     app.add_middleware(SessionSyncMiddleware, loader=loader, paths=PATHS)
     await assert_snapshot_then_app_frames(app, loader, user=None, **BEARER_ALICE)
     assert seen == ["alice"]
 
 
 async def test_fastapi_with_starlette_auth_middleware_sets_ctx_user() -> None:
-    loader = RecordingLoader()
+    loader = OwnedSessionLoader()
     app = fastapi_app()
     app.add_middleware(SessionSyncMiddleware, loader=loader, paths=PATHS)
     app.add_middleware(AuthenticationMiddleware, backend=TokenBackend())
@@ -350,8 +349,8 @@ class LitestarTokenAuth(AbstractAuthenticationMiddleware):
         return AuthenticationResult(user=name, auth=token)
 
 
-async def test_litestar_define_middleware() -> None:
-    loader = RecordingLoader()
+async def test_litestar_define_middleware_gets_snapshot_first() -> None:
+    loader = OwnedSessionLoader()
     app = Litestar(
         route_handlers=[litestar_socket],
         logging_config=None,
@@ -362,7 +361,7 @@ async def test_litestar_define_middleware() -> None:
 
 @pytest.mark.parametrize("auth_first", [True, False], ids=["auth-outside", "auth-inside"])
 async def test_litestar_auth_middleware_sets_ctx_user(auth_first: bool) -> None:
-    loader = RecordingLoader()
+    loader = OwnedSessionLoader()
     auth = DefineMiddleware(LitestarTokenAuth)
     sync = DefineMiddleware(SessionSyncMiddleware, loader=loader, paths=PATHS)
     # Litestar, like Starlette, runs the list top to bottom. The user is read when the app
@@ -377,7 +376,7 @@ async def test_litestar_auth_middleware_sets_ctx_user(auth_first: bool) -> None:
 
 async def test_litestar_authenticate_option_sets_ctx_user() -> None:
     # For Litestar guards, which run inside the handler's layer where no middleware sees them.
-    loader = RecordingLoader()
+    loader = OwnedSessionLoader()
     app = Litestar(
         route_handlers=[litestar_socket],
         logging_config=None,
@@ -396,7 +395,7 @@ async def test_litestar_authenticate_option_sets_ctx_user() -> None:
 # Quart
 
 
-def quart_app(loader: RecordingLoader, **options: Any) -> Quart:
+def quart_app(loader: OwnedSessionLoader, **options: Any) -> Quart:
     app = Quart(__name__)
 
     @app.websocket("/ws/sessions/<session_id>")
@@ -416,14 +415,154 @@ def quart_app(loader: RecordingLoader, **options: Any) -> Quart:
 
 # Quart runs its handlers in asyncio tasks (asyncio.ensure_future): it cannot run under trio.
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
-async def test_quart_asgi_app() -> None:
-    loader = RecordingLoader()
+async def test_quart_asgi_app_wrapped_gets_snapshot_first() -> None:
+    loader = OwnedSessionLoader()
     await assert_snapshot_then_app_frames(quart_app(loader), loader)
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_quart_authenticate_option_sets_ctx_user() -> None:
     # Quart has no authentication middleware that sets scope["user"]; authenticate= reads it.
-    loader = RecordingLoader()
+    loader = OwnedSessionLoader()
     app = quart_app(loader, authenticate=authenticate)
     await assert_snapshot_then_app_frames(app, loader, user="alice", **BEARER_ALICE)
+
+
+# Falcon
+
+
+class FalconSessionResource:
+    async def on_websocket(self, req: Any, ws: Any, session_id: str) -> None:
+        await ws.accept()
+        await ws.send_text("hello")
+        while True:
+            try:
+                text = await ws.receive_text()
+            except falcon.WebSocketDisconnected:
+                return
+            await ws.send_text("echo:" + text)
+
+
+def falcon_app() -> falcon.asgi.App:
+    app = falcon.asgi.App()
+    app.add_route("/ws/sessions/{session_id}", FalconSessionResource())
+    return app
+
+
+# Falcon's WebSocket reads receive() in an asyncio task of its own: it cannot run under trio.
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_falcon_app_wrapped_gets_snapshot_first() -> None:
+    loader = OwnedSessionLoader()
+    app = SessionSyncMiddleware(falcon_app(), loader=loader, paths=PATHS)
+    await assert_snapshot_then_app_frames(app, loader)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_falcon_authenticate_option_sets_ctx_user() -> None:
+    # Falcon's middleware (process_request_ws) runs inside the app: no scope["user"] to read.
+    loader = OwnedSessionLoader()
+    app = SessionSyncMiddleware(falcon_app(), loader=loader, paths=PATHS, authenticate=authenticate)
+    await assert_snapshot_then_app_frames(app, loader, user="alice", **BEARER_ALICE)
+
+
+# Django Channels
+
+
+@pytest.fixture(scope="module")
+def django_settings() -> None:
+    from django.conf import settings
+
+    if not settings.configured:
+        settings.configure(
+            SECRET_KEY="tests-only",
+            INSTALLED_APPS=[
+                "django.contrib.auth",
+                "django.contrib.contenttypes",
+                "django.contrib.sessions",
+                "channels",
+            ],
+            DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}},
+        )
+        import django
+
+        django.setup()
+
+
+def channels_router() -> Any:
+    from channels.generic.websocket import AsyncWebsocketConsumer
+    from channels.routing import URLRouter
+    from django.urls import path
+
+    class SessionConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
+        async def connect(self) -> None:
+            await self.accept()
+            await self.send(text_data="hello")
+
+        async def receive(self, text_data: str | None = None, bytes_data: Any = None) -> None:
+            await self.send(text_data=f"echo:{text_data}")
+
+    return URLRouter([path("ws/sessions/<session_id>", SessionConsumer.as_asgi())])
+
+
+def channels_token_auth(inner: Any) -> Any:
+    """A Channels auth middleware as Channels writes them: it copies the scope, then sets
+    ``user`` on the copy (``BaseMiddleware.__call__`` and ``AuthMiddleware`` both do)."""
+    from channels.middleware import BaseMiddleware
+
+    class TokenAuthMiddleware(BaseMiddleware):  # type: ignore[misc]
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> Any:
+            scope = dict(scope, user=TOKENS.get(token_of(scope) or ""))
+            return await super().__call__(scope, receive, send)
+
+    return TokenAuthMiddleware(inner)
+
+
+async def channels_conversation(app: Any, headers: list[tuple[bytes, bytes]]) -> None:
+    from channels.testing import WebsocketCommunicator
+
+    communicator = WebsocketCommunicator(app, "/ws/sessions/s1", headers=headers)
+    connected, _ = await communicator.connect(timeout=5)
+    assert connected
+    try:
+        assert (await communicator.receive_json_from(timeout=5))["session_id"] == "s1"
+        assert await communicator.receive_from(timeout=5) == "hello"
+        await communicator.send_to(text_data="ping")
+        assert await communicator.receive_from(timeout=5) == "echo:ping"
+    finally:
+        await communicator.disconnect()
+
+
+ALICE_HEADER = [(b"authorization", b"Bearer t-alice")]
+
+
+# Channels runs on asyncio (asgiref's ApplicationCommunicator).
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.usefixtures("django_settings")
+async def test_channels_inside_auth_middleware_sets_ctx_user() -> None:
+    loader = OwnedSessionLoader()
+    app = channels_token_auth(SessionSyncMiddleware(channels_router(), loader=loader, paths=PATHS))
+    await channels_conversation(app, ALICE_HEADER)
+    assert loader.users == ["alice"]
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.usefixtures("django_settings")
+async def test_channels_outside_auth_middleware_cannot_see_the_user() -> None:
+    # Channels' middleware copies the scope, so a user it sets never reaches an outer layer:
+    # SessionSyncMiddleware must sit inside AuthMiddlewareStack (or pass authenticate=).
+    loader = OwnedSessionLoader()
+    app = SessionSyncMiddleware(channels_token_auth(channels_router()), loader=loader, paths=PATHS)
+    await channels_conversation(app, ALICE_HEADER)
+    assert loader.users == [None]
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.usefixtures("django_settings")
+async def test_channels_auth_middleware_stack_gives_anonymous_user() -> None:
+    from channels.auth import AuthMiddlewareStack
+    from django.contrib.auth.models import AnonymousUser
+
+    loader = OwnedSessionLoader()
+    app = AuthMiddlewareStack(SessionSyncMiddleware(channels_router(), loader=loader, paths=PATHS))
+    await channels_conversation(app, [])
+    assert isinstance(loader.calls[0].user, AnonymousUser)

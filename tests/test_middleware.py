@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import json
 import logging
 from datetime import datetime, timezone
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
+from conftest import SESSION, RecordingLoader, greeting_app
 from pydantic import BaseModel
 
 from asgi_session_sync import SessionContext, SessionSyncMiddleware, Snapshot
@@ -13,33 +16,6 @@ from asgi_session_sync._types import Message, Receive, Scope, Send
 from asgi_session_sync.testing import WebSocketRejected, connect_websocket
 
 pytestmark = pytest.mark.anyio
-
-SESSION = {"title": "demo", "interactions": [{"prompt": "hi", "response": "hello"}]}
-
-
-async def greeting_app(scope: Scope, receive: Receive, send: Send) -> None:
-    """Accepts, greets at once, then echoes until the client leaves."""
-    assert scope["type"] == "websocket"
-    assert (await receive())["type"] == "websocket.connect"
-    await send({"type": "websocket.accept"})
-    await send({"type": "websocket.send", "text": "hello"})
-    while True:
-        message = await receive()
-        if message["type"] == "websocket.disconnect":
-            return
-        await send({"type": "websocket.send", "text": "echo:" + message["text"]})
-
-
-class RecordingLoader:
-    """A loader that records every context it was called with."""
-
-    def __init__(self, result: Any = None) -> None:
-        self.result = SESSION if result is None else result
-        self.calls: list[SessionContext] = []
-
-    async def __call__(self, ctx: SessionContext) -> Any:
-        self.calls.append(ctx)
-        return self.result
 
 
 def wrap(app: Any = greeting_app, **options: Any) -> SessionSyncMiddleware:
@@ -254,50 +230,125 @@ async def test_loader_never_called_when_app_rejects(rejection: list[Message]) ->
     assert loader.calls == []
 
 
-async def test_disconnect_during_load_cancels_loader_and_reaches_app() -> None:
-    loading = anyio.Event()
-    cancelled = anyio.Event()
-    app_received: list[Message] = []
+class RecordingServer:
+    """A server's side of one WebSocket, by hand: what the app's receive gives, what send got."""
 
-    async def slow(ctx: SessionContext) -> None:
-        loading.set()
-        try:
+    def __init__(self, *incoming: Message) -> None:
+        self.incoming = [{"type": "websocket.connect"}, *incoming]
+        self.sent: list[Message] = []
+        self.sent_event = anyio.Event()
+
+    async def receive(self) -> Message:
+        if not self.incoming:
             await anyio.sleep_forever()
-        finally:
-            cancelled.set()
+        return self.incoming.pop(0)
 
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        await receive()
-        await send({"type": "websocket.accept"})
-        app_received.append(await receive())
+    async def send(self, message: Message) -> None:
+        self.sent.append(message)
+        self.sent_event.set()
+        self.sent_event = anyio.Event()
 
-    async with connect_websocket(wrap(app, loader=slow, timeout=30), "/ws/sessions/s1") as ws:
-        await loading.wait()
-        await ws.disconnect(1001)
-        await ws.wait_app_done()
-        assert cancelled.is_set()
-        assert app_received == [{"type": "websocket.disconnect", "code": 1001}]
-        assert ws.sent_after_close == []
+    def scope(self, path: str = "/ws/sessions/s1") -> Scope:
+        return {"type": "websocket", "path": path, "query_string": b"", "headers": []}
 
 
-async def test_client_messages_during_load_reach_app_in_order() -> None:
+async def test_accept_is_held_until_the_snapshot_is_loaded() -> None:
     loading = anyio.Event()
     release = anyio.Event()
+    returned = anyio.Event()
 
     async def gated(ctx: SessionContext) -> dict[str, str]:
         loading.set()
         await release.wait()
         return {"ok": "yes"}
 
-    async with connect_websocket(wrap(loader=gated), "/ws/sessions/s1") as ws:
-        await loading.wait()
-        await ws.send_text("one")
-        await ws.send_text("two")
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        returned.set()
+
+    server = RecordingServer()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(wrap(app, loader=gated), server.scope(), server.receive, server.send)
+        with anyio.fail_after(5):
+            await loading.wait()
+        assert server.sent == []  # the client is not connected yet: it can send nothing
+        assert not returned.is_set()
         release.set()
-        assert (await ws.receive_json())["session"] == {"ok": "yes"}
-        assert await ws.receive_text() == "hello"
-        assert await ws.receive_text() == "echo:one"
-        assert await ws.receive_text() == "echo:two"
+        with anyio.fail_after(5):
+            await returned.wait()
+    assert [m["type"] for m in server.sent] == ["websocket.accept", "websocket.send"]
+    assert json.loads(server.sent[1]["text"])["session"] == {"ok": "yes"}
+
+
+async def test_app_gets_the_servers_own_receive() -> None:
+    # The middleware never reads receive(): one reader, nothing buffered, nothing cancelled.
+    seen: list[Receive] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.append(receive)
+        await receive()
+        await send({"type": "websocket.accept"})
+
+    server = RecordingServer()
+    await wrap(app)(server.scope(), server.receive, server.send)
+    assert seen == [server.receive]
+
+
+async def test_client_gone_during_the_load_reaches_the_app_after_it() -> None:
+    # The load is not cut short (other connections may share it); the server tells the app
+    # that the client left, exactly as it would without the middleware.
+    loads_done = anyio.Event()
+    app_received: list[Message] = []
+
+    async def slow(ctx: SessionContext) -> dict[str, str]:
+        await anyio.sleep(0.01)
+        loads_done.set()
+        return {}
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        app_received.append(await receive())
+
+    server = RecordingServer({"type": "websocket.disconnect", "code": 1001})
+    await wrap(app, loader=slow)(server.scope(), server.receive, server.send)
+    assert loads_done.is_set()
+    assert app_received == [{"type": "websocket.disconnect", "code": 1001}]
+
+
+async def test_app_task_sending_during_the_load_waits_for_the_snapshot() -> None:
+    loading = anyio.Event()
+    release = anyio.Event()
+
+    async def gated(ctx: SessionContext) -> dict[str, str]:
+        loading.set()
+        await release.wait()
+        return {}
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        async with anyio.create_task_group() as tg:
+
+            async def early() -> None:
+                await loading.wait()
+                await send({"type": "websocket.send", "text": "early"})
+
+            tg.start_soon(early)
+            tg.start_soon(send, {"type": "websocket.accept"})
+            await loading.wait()
+            await anyio.lowlevel.checkpoint()
+            release.set()
+
+    server = RecordingServer()
+    with anyio.fail_after(5):
+        await wrap(app, loader=gated)(server.scope(), server.receive, server.send)
+    assert [m["type"] for m in server.sent] == [
+        "websocket.accept",
+        "websocket.send",
+        "websocket.send",
+    ]
+    assert server.sent[2]["text"] == "early"
 
 
 INVALID_IDS = ["*", ">", "a.b", "a b", "a\tb", "a\x00b", "a\x1b[31m", "x" * 129, "ünï", "a/b%2e"]
@@ -507,12 +558,10 @@ def test_get_resync_is_none_for_unserved_scope() -> None:
 
 
 async def test_app_reading_in_its_own_task_gets_messages_in_order() -> None:
-    # Quart and others read receive() in a task of their own while the handler accepts.
-    loading = anyio.Event()
+    # Quart and others are already inside receive() in a task of their own when they accept.
     release = anyio.Event()
 
     async def gated(ctx: SessionContext) -> dict[str, str]:
-        loading.set()
         await release.wait()
         return {}
 
@@ -526,15 +575,14 @@ async def test_app_reading_in_its_own_task_gets_messages_in_order() -> None:
                 tg.cancel_scope.cancel()
 
             tg.start_soon(reader)
+            await anyio.lowlevel.checkpoint()  # the reader is waiting in receive()
+            release.set()
             await send({"type": "websocket.accept"})
 
     async with connect_websocket(wrap(reading_app, loader=gated), "/ws/sessions/s1") as ws:
-        await loading.wait()
+        assert (await ws.receive_json())["type"] == "session_update"
         for n in range(5):
             await ws.send_text(f"m{n}")
-            await anyio.lowlevel.checkpoint()
-        release.set()
-        assert (await ws.receive_json())["type"] == "session_update"
         assert [await ws.receive_text() for _ in range(5)] == [f"echo:m{n}" for n in range(5)]
 
 
@@ -552,5 +600,129 @@ async def test_loader_base_exception_propagates_unwrapped_and_frees_the_flight(
     with caplog.at_level(logging.ERROR, logger="asgi_session_sync"), pytest.raises(Fatal):
         async with connect_websocket(app, "/ws/sessions/s1"):
             pass
-    assert app._snapshots.in_flight == 0
+    assert app.fetcher._snapshots.in_flight == 0
     assert "loader raised Fatal, re-raised session_id=s1" in caplog.text
+
+
+class ExplodingUser:
+    """A user object whose ``id`` property raises, as a lazy ORM attribute can."""
+
+    @property
+    def id(self) -> str:
+        raise LookupError("user row gone")
+
+
+async def failing_server_send(message: Message) -> None:
+    """Stands in for a server whose send raises its own type (hypercorn does)."""
+    raise RuntimeError("server refused the frame")
+
+
+@pytest.mark.parametrize(
+    ("options", "scope", "cause"),
+    [
+        ({}, {"user": ExplodingUser()}, "LookupError: user row gone"),
+        ({"flight_key": lambda ctx: 1 / 0}, {}, "ZeroDivisionError"),
+    ],
+    ids=["user-id-property-raises", "flight-key-raises"],
+)
+async def test_failures_outside_the_loader_are_absorbed_like_loader_failures(
+    caplog: pytest.LogCaptureFixture, options: dict[str, Any], scope: Scope, cause: str
+) -> None:
+    errors: list[Exception] = []
+    loader = RecordingLoader()
+    app = wrap(loader=loader, on_error=lambda ctx, exc: errors.append(exc), **options)
+    with caplog.at_level(logging.ERROR, logger="asgi_session_sync"):
+        async with connect_websocket(app, "/ws/sessions/s1", scope=scope) as ws:
+            assert await ws.receive_text() == "hello"  # no snapshot, and the app goes on
+    assert loader.calls == []
+    assert app.stats.errors == 1
+    assert len(errors) == 1
+    assert "loader raised" not in caplog.text
+    assert "flight_key raised session_id=s1" in caplog.text
+    assert cause in caplog.text
+
+
+async def test_server_send_failure_on_the_snapshot_is_absorbed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    errors: list[Exception] = []
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        if message["type"] == "websocket.send":
+            await failing_server_send(message)
+        sent.append(message)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+
+    server = RecordingServer()
+    middleware = wrap(app, on_error=lambda ctx, exc: errors.append(exc))
+    with caplog.at_level(logging.ERROR, logger="asgi_session_sync"):
+        await middleware(server.scope(), server.receive, send)
+    assert sent == [{"type": "websocket.accept"}]
+    assert [type(e) for e in errors] == [RuntimeError]
+    assert middleware.stats.errors == 1
+    assert middleware.stats.snapshots_sent == 0
+    assert "the server's send raised session_id=s1" in caplog.text
+    assert "loader raised" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "session_id",
+    [
+        "a\u0085b",  # C1: next line
+        "a\u009bb",  # C1: control sequence introducer
+        "a\u202eb",  # bidi: right-to-left override
+        "a\u2066b",  # bidi: left-to-right isolate
+        "a\u200bb",  # zero-width space
+        "a\u200db",  # zero-width joiner
+        "a\ufeffb",  # zero-width no-break space
+        "a\u2028b",  # line separator
+    ],
+)
+async def test_invisible_and_control_characters_never_pass_a_custom_pattern(
+    session_id: str,
+) -> None:
+    from urllib.parse import quote
+
+    loader = RecordingLoader()
+    app = wrap(loader=loader, session_id_pattern=r"[^/]+")
+    async with connect_websocket(app, "/ws/sessions/" + quote(session_id)) as ws:
+        assert await ws.receive_text() == "hello"
+    assert loader.calls == []
+    assert app.stats.invalid_ids == 1
+
+
+async def test_custom_pattern_still_admits_other_unicode() -> None:
+    loader = RecordingLoader()
+    app = wrap(loader=loader, session_id_pattern=r"[^/]+")
+    async with connect_websocket(app, "/ws/sessions/caf%C3%A9-%E4%BC%9A%E8%AF%9D") as ws:
+        assert (await ws.receive_json())["session_id"] == "café-会话"
+
+
+@pytest.mark.parametrize(
+    ("root_path", "path"),
+    [
+        ("/api", "/api/ws/sessions/s1"),  # the ASGI spec: path includes root_path
+        ("/api", "/ws/sessions/s1"),  # older servers: path without root_path
+        ("", "/ws/sessions/s1"),
+    ],
+)
+async def test_paths_match_the_route_path_under_a_root_path(root_path: str, path: str) -> None:
+    loader = RecordingLoader()
+    app = wrap(loader=loader)
+    async with connect_websocket(app, path, scope={"root_path": root_path}) as ws:
+        assert (await ws.receive_json())["session_id"] == "s1"
+
+
+@pytest.mark.parametrize(
+    ("root_path", "path"),
+    [("/api", "/apiws/sessions/s1"), ("/api", "/api"), ("/ws", "/ws/ws/sessions")],
+)
+async def test_root_path_is_removed_only_at_a_segment_boundary(root_path: str, path: str) -> None:
+    loader = RecordingLoader()
+    async with connect_websocket(wrap(loader=loader), path, scope={"root_path": root_path}) as ws:
+        assert await ws.receive_text() == "hello"
+    assert loader.calls == []

@@ -206,10 +206,12 @@ BAD_IDS = {
     ">": "wildcard",
     "a.b": "separator",
     "a b": "whitespace",
-    "a" * 10_000: "at most 128",
+    "a" * 10_000: "at most 256",
+    "a" * 200: "pattern",
     "": "empty",
-    "a\r\nPUB x 2": "whitespace or a control",
-    "a\x00b": "control character",
+    "a\r\nPUB x 2": "U\\+000D, a whitespace, control or format character",
+    "a\x00b": "control",
+    "a\u202eb": "U\\+202E",
     "ü": "pattern",
 }
 

@@ -7,8 +7,9 @@ import anyio.lowlevel
 import pytest
 
 from asgi_session_sync import SessionContext, SessionSyncMiddleware, Snapshot
+from asgi_session_sync._flights import SingleFlight
 from asgi_session_sync._types import Receive, Scope, Send
-from asgi_session_sync.testing import WebSocketClient, connect_websocket
+from asgi_session_sync.testing import connect_websocket
 
 pytestmark = pytest.mark.anyio
 
@@ -80,54 +81,168 @@ async def test_concurrent_connections_share_one_load_per_session() -> None:
     assert all(firsts[n]["session"]["id"] == f"s{n % 50}" for n in range(500))
 
 
-async def test_cancelled_waiter_leaves_the_shared_load_alone() -> None:
-    loader = GatedLoader()
-    app = wrap(loader)
-    results: list[Any] = []
-    stayers_in: list[WebSocketClient] = []
+class Load:
+    """A load for SingleFlight that blocks until released; counts calls and cancellations."""
 
-    async def stay() -> None:
-        async with connect_websocket(app, "/ws/s1") as ws:
-            stayers_in.append(ws)
-            results.append(await ws.receive_json())
+    def __init__(self) -> None:
+        self.release = anyio.Event()
+        self.calls = 0
+        self.cancelled = 0
+
+    async def __call__(self) -> int:
+        self.calls += 1
+        call = self.calls
+        try:
+            await self.release.wait()
+        except BaseException:
+            self.cancelled += 1
+            raise
+        return call
+
+
+def flights(ttl: float | None = None, limit: int = 64) -> SingleFlight[int]:
+    return SingleFlight(limiter=anyio.Semaphore(limit, fast_acquire=True), ttl=ttl)
+
+
+async def test_cancelled_waiter_leaves_the_shared_load_alone() -> None:
+    table, load = flights(), Load()
+    results: list[tuple[int | None, str]] = []
+
+    async def run() -> None:
+        results.append(await table.run("s1", load))
 
     async with anyio.create_task_group() as tg:
-        tg.start_soon(stay)
-        await wait_until(lambda: loader.running == 1)
-        async with connect_websocket(app, "/ws/s1") as leaver:
-            await wait_until(lambda: app.stats.connections == 2)
-            await leaver.disconnect()
-            await leaver.wait_app_done()
-        tg.start_soon(stay)
-        await wait_until(lambda: len(stayers_in) == 2)
-        loader.release.set()
-    assert [r["session"]["id"] for r in results] == ["s1", "s1"]
-    assert loader.calls == ["s1"]
-    assert loader.cancelled == 0
-    assert app.stats.disconnects_during_load == 1
+        tg.start_soon(run)
+        await wait_until(lambda: load.calls == 1)
+        with anyio.CancelScope() as waiter:
+            waiter.cancel()
+            await table.run("s1", load)
+        tg.start_soon(run)
+        await anyio.lowlevel.checkpoint()
+        load.release.set()
+    assert sorted(results) == [(1, "coalesced"), (1, "loaded")]
+    assert (load.calls, load.cancelled) == (1, 0)
+    assert table.in_flight == 0
 
 
 async def test_cancelled_leader_hands_the_load_over() -> None:
-    loader = GatedLoader()
-    app = wrap(loader)
-    results: list[Any] = []
+    table, load = flights(), Load()
+    results: list[tuple[int | None, str]] = []
+    leader = anyio.CancelScope()
 
-    async def stay() -> None:
-        async with connect_websocket(app, "/ws/s1") as ws:
-            results.append(await ws.receive_json())
+    async def lead() -> None:
+        with leader:
+            await table.run("s1", load)
+
+    async def wait() -> None:
+        results.append(await table.run("s1", load))
 
     async with anyio.create_task_group() as tg:
-        async with connect_websocket(app, "/ws/s1") as leader:
+        tg.start_soon(lead)
+        await wait_until(lambda: load.calls == 1)
+        tg.start_soon(wait)
+        tg.start_soon(wait)
+        await wait_until(lambda: table._flights["s1"].done is not None)  # someone waits on it
+        await anyio.lowlevel.checkpoint()
+        leader.cancel()
+        await wait_until(lambda: load.calls == 2)
+        load.release.set()
+    assert load.cancelled == 1
+    assert sorted(results) == [(2, "coalesced"), (2, "loaded")]
+
+
+async def test_app_cancelled_during_the_load_frees_the_flight() -> None:
+    # A server that cancels the app (its client left) during the held accept leaves no trace.
+    loader = GatedLoader()
+    app = wrap(loader)
+    sent: list[Any] = []
+
+    async def receive() -> dict[str, str]:
+        return {"type": "websocket.connect"}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    scope = {"type": "websocket", "path": "/ws/s1", "query_string": b"", "headers": []}
+    with anyio.CancelScope() as connection:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(app, scope, receive, send)
             await wait_until(lambda: loader.running == 1)
-            tg.start_soon(stay)
-            tg.start_soon(stay)
-            await wait_until(lambda: app.stats.connections == 3)
-            await leader.disconnect()
-            await leader.wait_app_done()
-        await wait_until(lambda: len(loader.calls) == 2)
-        loader.release.set()
+            connection.cancel()
+    assert sent == []
     assert loader.cancelled == 1
-    assert len(results) == 2
+    assert app.fetcher._snapshots.in_flight == 0
+
+
+async def test_fresh_load_never_shares_a_load_started_before_it_was_asked() -> None:
+    # A second tab's load read v20; v21 is lost; the resync must not coalesce into that load.
+    table, load = flights(), Load()
+    results: dict[str, tuple[int | None, str]] = {}
+
+    async def run(name: str, fresh: bool) -> None:
+        results[name] = await table.run("s1", load, fresh=fresh)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run, "tab", False)
+        await wait_until(lambda: load.calls == 1)
+        tg.start_soon(run, "resync", True)
+        tg.start_soon(run, "other-resync", True)
+        tg.start_soon(run, "new-tab", False)
+        await wait_until(lambda: len(results) == 0 and table._flights["s1"].done is not None)
+        await anyio.lowlevel.checkpoint()
+        load.release.set()
+    assert results["tab"] == (1, "loaded")
+    assert results["new-tab"] == (1, "coalesced")
+    # A burst of resyncs makes one load, after the old one: whichever wakes first leads it.
+    assert sorted([results["resync"], results["other-resync"]]) == [(2, "coalesced"), (2, "loaded")]
+
+
+async def test_fresh_load_skips_the_cache() -> None:
+    table, load = flights(ttl=60), Load()
+    load.release.set()
+    assert await table.run("s1", load) == (1, "loaded")
+    assert await table.run("s1", load) == (1, "cached")
+    assert await table.run("s1", load, fresh=True) == (2, "loaded")
+    assert await table.run("s1", load) == (2, "cached")
+
+
+async def test_unshareable_loads_are_never_kept() -> None:
+    table, load = flights(ttl=60), Load()
+    load.release.set()
+    for _ in range(300):
+        assert (await table.run(None, load))[1] == "loaded"
+    assert table.in_flight == 0
+
+
+async def test_cached_entries_expire_by_time() -> None:
+    table, load = flights(ttl=0.05), Load()
+    load.release.set()
+    for n in range(100):
+        await table.run(f"s{n}", load)
+    assert table.in_flight == 100
+    await anyio.sleep(0.06)  # not synchronisation: the entries must outlive their ttl
+    assert table.in_flight == 0
+    assert await table.run("s0", load) == (101, "loaded")
+
+
+async def test_unnamed_users_get_no_cache_entries() -> None:
+    class Nameless:
+        """A user object with no id the middleware can read."""
+
+    calls = 0
+
+    async def loader(ctx: SessionContext) -> Snapshot:
+        nonlocal calls
+        calls += 1
+        return Snapshot({"n": calls}, version=calls)
+
+    app = wrap(loader, cache_ttl=60)
+    for _ in range(5):
+        async with connect_websocket(app, "/ws/s1", scope={"user": Nameless()}) as ws:
+            await ws.receive_json()
+    assert calls == 5
+    assert app.stats.cache_hits == 0
+    assert app.fetcher._snapshots.in_flight == 0
 
 
 async def test_different_users_never_share_a_load() -> None:

@@ -23,14 +23,23 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_port(port: int, timeout: float) -> None:
-    """Return once 127.0.0.1:``port`` accepts connections; raise TimeoutError after ``timeout``."""
+def wait_for_port(
+    port: int, timeout: float, process: subprocess.Popen[bytes] | None = None
+) -> None:
+    """Return once 127.0.0.1:``port`` accepts connections.
+
+    Raises:
+        TimeoutError: Nothing accepted within ``timeout`` seconds, or ``process`` (the server
+            meant to listen) exited first.
+    """
     deadline = time.monotonic() + timeout
     while True:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 return
         except OSError:
+            if process is not None and process.poll() is not None:
+                raise TimeoutError(f"the server exited with {process.returncode}") from None
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     f"nothing accepted connections on port {port} in {timeout}s"
@@ -69,7 +78,7 @@ class ServerProcess:
             )
         self.started.add(self.process.pid)
         try:
-            wait_for_port(self.port, timeout)
+            wait_for_port(self.port, timeout, self.process)
         except TimeoutError:
             self.stop()
             raise TimeoutError(

@@ -7,6 +7,7 @@ import shutil
 import socket
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -80,11 +81,10 @@ class LiveServer:
         self.ws = ws
 
 
-@pytest.fixture(scope="session", params=["websockets-sansio", "wsproto"])
-def live_server(request: pytest.FixtureRequest) -> Iterator[LiveServer]:
-    """uvicorn with one of its WebSocket implementations, on a free port of 127.0.0.1."""
-    ws = str(request.param)
-    app = SwappableApp()
+@contextmanager
+def uvicorn_in_thread(app: ASGIApp, *, ws: str, **options: Any) -> Iterator[str]:
+    """Serve ``app`` with uvicorn (``ws`` implementation, other ``uvicorn.Config`` options) in a
+    background thread on a free port of 127.0.0.1; yields the ``ws://`` base URL."""
     # Bound before uvicorn starts, so the port is known and free; uvicorn listens on it.
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
@@ -96,6 +96,7 @@ def live_server(request: pytest.FixtureRequest) -> Iterator[LiveServer]:
         log_config=None,  # leave the test process's logging configuration alone
         log_level="warning",
         timeout_graceful_shutdown=2,  # seconds, within WAIT
+        **options,
     )
     server = ThreadedServer(config)
     thread = threading.Thread(
@@ -105,12 +106,21 @@ def live_server(request: pytest.FixtureRequest) -> Iterator[LiveServer]:
     try:
         assert server.startup_done.wait(WAIT), f"uvicorn ({ws}) did not start within {WAIT}s"
         assert server.started, f"uvicorn ({ws}) failed to start"
-        yield LiveServer(f"ws://127.0.0.1:{port}", app, ws)
+        yield f"ws://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(timeout=WAIT)
         sock.close()
     assert not thread.is_alive(), f"uvicorn ({ws}) did not shut down within {WAIT}s"
+
+
+@pytest.fixture(scope="session", params=["websockets-sansio", "wsproto"])
+def live_server(request: pytest.FixtureRequest) -> Iterator[LiveServer]:
+    """uvicorn with one of its WebSocket implementations, on a free port of 127.0.0.1."""
+    ws = str(request.param)
+    app = SwappableApp()
+    with uvicorn_in_thread(app, ws=ws) as url:
+        yield LiveServer(url, app, ws)
 
 
 @pytest.fixture
@@ -135,7 +145,9 @@ def serve(live_server: LiveServer) -> Iterator[Callable[[ASGIApp], str]]:
     assert errors == [], f"the app raised on the server: {errors!r}"
 
 
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+# The browser tests launch the Chromium named by CHROMIUM (a path, or a command on PATH), else
+# the `chromium` command on PATH; Playwright never downloads a browser of its own here.
+CHROMIUM = os.environ.get("CHROMIUM") or "chromium"
 # Flags for a sandbox without a display or a network beyond loopback.
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -154,14 +166,17 @@ CHROMIUM_ARGS = [
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     """Headless Chromium from the OS, driven by Playwright; skipped outside CI when absent."""
-    if not (os.path.exists(CHROMIUM) or shutil.which("chromium")):
+    # The executable checked here is the one launched.
+    chromium = shutil.which(CHROMIUM)
+    if chromium is None:
+        problem = f"no Chromium executable at {CHROMIUM!r}"
         if os.environ.get("CI"):
-            pytest.fail(f"CI must run the browser tests, but no Chromium at {CHROMIUM}")
-        pytest.skip(f"no Chromium at {CHROMIUM}: apt-get install chromium to run browser tests")
+            pytest.fail(f"CI must run the browser tests, but {problem}")
+        pytest.skip(f"{problem}: apt-get install chromium, or set CHROMIUM to its path")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         try:
             yield browser
         finally:

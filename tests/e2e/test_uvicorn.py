@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from typing import Any
 
 import anyio
 import anyio.to_thread
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.typing import Subprotocol
+from conftest import greeting_app
+from websockets.asyncio.client import ClientConnection
 
 from asgi_session_sync import SessionContext, SessionSyncMiddleware, Snapshot
 from asgi_session_sync._types import ASGIApp, Receive, Scope, Send
 
-from .conftest import WAIT, LiveServer
+from .conftest import WAIT, LiveServer, uvicorn_in_thread
+from .websocket_client import client, receive_text
 
 pytestmark = [
     pytest.mark.e2e,
@@ -32,21 +32,8 @@ SESSION = {"title": "demo"}
 SLOW_SESSION_ID = "slow"
 
 
-async def greeting_app(scope: Scope, receive: Receive, send: Send) -> None:
-    """Accepts (with "v2" when the client offers it), greets at once, then echoes."""
-    assert (await receive())["type"] == "websocket.connect"
-    subprotocol = "v2" if "v2" in scope["subprotocols"] else None
-    await send({"type": "websocket.accept", "subprotocol": subprotocol})
-    await send({"type": "websocket.send", "text": "hello"})
-    while True:
-        message = await receive()
-        if message["type"] == "websocket.disconnect":
-            return
-        await send({"type": "websocket.send", "text": "echo:" + message["text"]})
-
-
 class Loader:
-    """Loads any session at once, except ``slow``, which waits until cancelled.
+    """Loads any session at once, except ``slow``, which waits until its timeout cancels it.
 
     Runs on the server's thread, so it reports to the test through threading events.
     """
@@ -63,35 +50,12 @@ class Loader:
             try:
                 await anyio.sleep_forever()
             finally:
-                # Only a cancellation ends sleep_forever; the timeout is far beyond the test's.
                 self.slow_cancelled.set()
         return Snapshot(SESSION, owner="alice", version=3)
 
 
 def wrap(loader: Loader) -> SessionSyncMiddleware:
-    # A timeout far longer than any wait here: only a disconnect can cancel the slow loader.
     return SessionSyncMiddleware(greeting_app, loader=loader, paths=PATHS, timeout=60)
-
-
-@asynccontextmanager
-async def client(url: str, *, subprotocols: Sequence[str] = ()) -> AsyncIterator[ClientConnection]:
-    """A real WebSocket client with every wait bounded; never goes through a proxy."""
-    async with connect(
-        url,
-        # None, not []: websockets would send an empty Sec-WebSocket-Protocol header.
-        subprotocols=[Subprotocol(p) for p in subprotocols] or None,
-        proxy=None,
-        open_timeout=WAIT,
-        close_timeout=WAIT,
-    ) as ws:
-        yield ws
-
-
-async def receive_text(ws: ClientConnection) -> str:
-    with anyio.fail_after(WAIT):
-        frame = await ws.recv()
-    assert isinstance(frame, str), f"expected a text frame, got {frame!r}"
-    return frame
 
 
 async def wait_for(event: threading.Event) -> None:
@@ -124,14 +88,32 @@ async def test_snapshot_is_first_frame_then_app_frames(serve: Serve) -> None:
     assert loader.session_ids == ["s1"]
 
 
-async def test_client_leaving_during_slow_load_cancels_loader(serve: Serve) -> None:
+async def test_client_leaving_during_slow_load_is_told_to_the_app_after_it(serve: Serve) -> None:
     loader = Loader()
-    url = serve(wrap(loader))
-    async with client(f"{url}/ws/sessions/{SLOW_SESSION_ID}"):
+    app_returned = threading.Event()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await greeting_app(scope, receive, send)
+        finally:
+            app_returned.set()
+
+    middleware = SessionSyncMiddleware(app, loader=loader, paths=PATHS, timeout=1)
+    url = serve(middleware)
+    host, port = url.removeprefix("ws://").split(":")
+    # A bare handshake request, so the client can leave while the accept is held.
+    async with await anyio.connect_tcp(host, int(port)) as stream:
+        await stream.send(
+            f"GET /ws/sessions/{SLOW_SESSION_ID} HTTP/1.1\r\nHost: {host}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".encode()
+        )
         await wait_for(loader.slow_started)
-    # The client has closed; the middleware reads the disconnect while the app is still
-    # blocked in send(accept), and cancels the load without waiting for its timeout.
+    # The middleware never reads receive(), so the load runs to its timeout (1 s here), then
+    # the server tells the app that the client left, as it would without the middleware.
     await wait_for(loader.slow_cancelled)
+    await wait_for(app_returned)
+    assert middleware.stats.timeouts == 1
     async with client(f"{url}/ws/sessions/s2") as ws:
         assert json.loads(await receive_text(ws)) == snapshot_frame("s2")
         await assert_greets_and_echoes(ws)
@@ -164,3 +146,15 @@ async def test_hostile_session_id_gets_no_snapshot_but_app_works(
     async with client(f"{url}/ws/sessions/{session_id}") as ws:
         await assert_greets_and_echoes(ws)
     assert loader.session_ids == []
+
+
+async def test_paths_match_under_uvicorn_root_path(live_server: LiveServer) -> None:
+    # FastAPI's documented way to run behind a proxy that strips a prefix: uvicorn --root-path.
+    # The proxy sends /ws/sessions/s1; uvicorn gives the app path="/api/ws/sessions/s1".
+    loader = Loader()
+    app = wrap(loader)
+    with uvicorn_in_thread(app, ws=live_server.ws, root_path="/api") as url:
+        async with client(f"{url}/ws/sessions/s1") as ws:
+            assert json.loads(await receive_text(ws)) == snapshot_frame("s1")
+            await assert_greets_and_echoes(ws)
+    assert loader.session_ids == ["s1"]

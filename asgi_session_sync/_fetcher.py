@@ -1,0 +1,245 @@
+"""What a connection's first frame is: the one owner of loading a snapshot.
+
+:class:`SnapshotFetcher` authenticates the connection, asks the version loader when a client
+resumes, shares loads between connections (single-flight, the load bound, the opt-in cache),
+encodes the result as a ``session_update`` event and reports every failure: counted, passed to
+``on_error`` and logged once with its cause. Nothing it does raises ``Exception`` into the app.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Hashable, Mapping
+from typing import Any, NamedTuple, TypeVar
+
+import anyio
+from pydantic import BaseModel
+
+from ._flights import SingleFlight
+from ._paths import clip_for_log
+from .events import SessionSynced, SessionUpdate, Version
+from .snapshot import SessionContext, SessionLoader, Snapshot, VersionLoader
+from .stats import SessionSyncStats
+from .versions import same_version
+
+__all__ = ["FirstFrame", "SnapshotFetcher"]
+
+logger = logging.getLogger("asgi_session_sync")
+
+T = TypeVar("T")
+
+Authenticate = Callable[[Any], Awaitable[Any]]
+ErrorHook = Callable[[SessionContext, Exception], object]
+FlightKey = Callable[[SessionContext], Hashable | None]
+
+
+class FirstFrame(NamedTuple):
+    """What to send right after the accept, and the version of the state the client then has.
+
+    ``data`` is ``None`` when nothing is sent (no session, a failure, or a current resume
+    without ``send_synced``); ``version`` is ``None`` when the client's version is unknown.
+    """
+
+    data: bytes | None
+    version: Version | None
+
+
+_NOTHING = FirstFrame(None, None)
+
+
+class SnapshotFetcher:
+    """Loads snapshots for the connections of one middleware; holds its loads and counters.
+
+    Every wait (``authenticate``, the version load, the snapshot load with its queueing and
+    sharing) is bounded by ``timeout`` seconds on its own.
+    """
+
+    def __init__(
+        self,
+        *,
+        loader: SessionLoader,
+        version_loader: VersionLoader | None,
+        authenticate: Authenticate | None,
+        on_error: ErrorHook | None,
+        flight_key: FlightKey,
+        timeout: float,
+        max_bytes: int | None,
+        event_type: str,
+        send_synced: bool,
+        max_concurrent_loads: int,
+        cache_ttl: float | None,
+        stats: SessionSyncStats,
+    ) -> None:
+        self.loader = loader
+        self.version_loader = version_loader
+        self.authenticate = authenticate
+        self.on_error = on_error
+        self.flight_key = flight_key
+        self.timeout = timeout
+        self.max_bytes = max_bytes
+        self.event_type = event_type
+        self.send_synced = send_synced
+        self.stats = stats
+        limiter = anyio.Semaphore(max_concurrent_loads, fast_acquire=True)
+        self._snapshots: SingleFlight[FirstFrame] = SingleFlight(limiter=limiter, ttl=cache_ttl)
+        self._versions: SingleFlight[Version] = SingleFlight(limiter=limiter)
+
+    async def context(self, ctx: SessionContext) -> SessionContext | None:
+        """Return ``ctx`` with the user ``authenticate`` names; ``None`` if that failed."""
+        if self.authenticate is None:
+            return ctx
+        try:
+            with anyio.fail_after(self.timeout):
+                user = await self.authenticate(ctx.scope)
+        except Exception as exc:
+            self._fail(ctx, exc, "no snapshot: authenticate failed")
+            return None
+        return SessionContext(ctx.session_id, ctx.scope, user, ctx.since)
+
+    async def first_frame(self, ctx: SessionContext) -> FirstFrame:
+        """The frame to send after the accept: a snapshot, a ``session_synced`` or nothing."""
+        if ctx.since is not None and self.version_loader is not None:
+            current = await self._fetch(ctx, self._versions, self._load_version, "version load")
+            if current is not None and same_version(current, ctx.since):
+                return self._resumed(ctx)
+        loaded = await self.snapshot(ctx)
+        if loaded is None:
+            return _NOTHING
+        if ctx.since is not None and same_version(loaded.version, ctx.since):
+            return self._resumed(ctx)
+        return loaded
+
+    async def snapshot(self, ctx: SessionContext, *, fresh: bool = False) -> FirstFrame | None:
+        """The ``session_update`` frame for ``ctx``, or ``None`` (logged) when there is none.
+
+        ``fresh`` is for resyncs after a lost update: it skips the cache and shares only loads
+        that started after it was asked for, so the state read is never older than the ask.
+        """
+        return await self._fetch(ctx, self._snapshots, self._load_snapshot, "snapshot load", fresh)
+
+    async def _fetch(
+        self,
+        ctx: SessionContext,
+        flights: SingleFlight[T],
+        load: Callable[[SessionContext], Awaitable[T | None]],
+        what: str,
+        fresh: bool = False,
+    ) -> T | None:
+        try:
+            key = self.flight_key(ctx)
+        except Exception as exc:
+            self._fail(ctx, exc, "no snapshot: flight_key raised")
+            return None
+        with anyio.move_on_after(self.timeout):
+            result, how = await flights.run(key, lambda: load(ctx), fresh=fresh)
+            if how != "loaded":
+                self.stats.incr("coalesced" if how == "coalesced" else "cache_hits")
+            return result
+        self.stats.incr("timeouts")
+        logger.warning(
+            "%s timed out after %ss session_id=%s path=%r",
+            what,
+            self.timeout,
+            ctx.session_id,
+            clip_for_log(ctx.scope["path"]),
+        )
+        self.report(ctx, TimeoutError(f"{what} timed out after {self.timeout}s"))
+        return None
+
+    async def _load_snapshot(self, ctx: SessionContext) -> FirstFrame | None:
+        started = time.perf_counter()
+        self.stats.incr("loads")
+        try:
+            result = await self.loader(ctx)
+        except Exception as exc:
+            self._fail(ctx, exc, "no snapshot: loader raised")
+            return None
+        except BaseException as exc:
+            if not isinstance(exc, anyio.get_cancelled_exc_class()):
+                logger.error(
+                    "loader raised %s, re-raised session_id=%s", type(exc).__name__, ctx.session_id
+                )
+            raise
+        finally:
+            self.stats.observe_load(time.perf_counter() - started)
+        return self._encode(ctx, result)
+
+    async def _load_version(self, ctx: SessionContext) -> Version | None:
+        assert self.version_loader is not None
+        self.stats.incr("version_loads")
+        try:
+            return await self.version_loader(ctx)
+        except Exception as exc:
+            self._fail(ctx, exc, "version_loader raised, loading in full")
+            return None
+
+    def _encode(self, ctx: SessionContext, result: object) -> FirstFrame | None:
+        if result is None:
+            logger.debug("no snapshot: loader returned None session_id=%s", ctx.session_id)
+            return None
+        if isinstance(result, Snapshot):
+            session, owner, version = result.session, result.owner, result.version
+        elif isinstance(result, (Mapping, BaseModel)):
+            session, owner, version = result, None, None
+        else:
+            self.stats.incr("errors")
+            logger.error(
+                "no snapshot: loader returned %s, expected a mapping, a pydantic model, "
+                "a Snapshot or None session_id=%s",
+                type(result).__name__,
+                ctx.session_id,
+            )
+            return None
+        try:
+            event = SessionUpdate(
+                type=self.event_type,
+                session_id=ctx.session_id,
+                owner=owner,
+                session=session,
+                version=version,
+            )
+            data = event.to_json()
+        except Exception as exc:
+            self._fail(ctx, exc, "no snapshot: cannot serialise the session")
+            return None
+        if self.max_bytes is not None and len(data) > self.max_bytes:
+            self.stats.incr("oversize")
+            logger.warning(
+                "no snapshot: frame of %d bytes exceeds max_bytes=%d session_id=%s",
+                len(data),
+                self.max_bytes,
+                ctx.session_id,
+            )
+            return None
+        return FirstFrame(data, event.version)
+
+    def _resumed(self, ctx: SessionContext) -> FirstFrame:
+        self.stats.incr("skipped_by_resume")
+        logger.debug("snapshot skipped: client is current session_id=%s", ctx.session_id)
+        if not self.send_synced:
+            return FirstFrame(None, ctx.since)
+        assert ctx.since is not None
+        synced = SessionSynced(session_id=ctx.session_id, version=ctx.since)
+        return FirstFrame(synced.to_json(), ctx.since)
+
+    def _fail(self, ctx: SessionContext, exc: Exception, what: str) -> None:
+        """Count a failure, log it once with its cause, and report it to ``on_error``."""
+        self.stats.incr("errors")
+        logger.error(
+            "%s session_id=%s path=%r",
+            what,
+            ctx.session_id,
+            clip_for_log(ctx.scope["path"]),
+            exc_info=exc,
+        )
+        self.report(ctx, exc)
+
+    def report(self, ctx: SessionContext, exc: Exception) -> None:
+        """Pass ``exc`` to ``on_error``; a hook that raises is logged, never raised."""
+        if self.on_error is None:
+            return
+        try:
+            self.on_error(ctx, exc)
+        except Exception:
+            logger.exception("on_error hook raised session_id=%s", ctx.session_id)
