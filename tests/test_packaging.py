@@ -28,7 +28,10 @@ SDIST_MUST_HAVE = [
     "LICENSE",
     "asgi_session_sync/__init__.py",
     "asgi_session_sync/static/session-sync.js",
+    "asgi_session_sync/static/session-sync.d.ts",
     "tests/conftest.py",
+    "tests/js/session-sync.test.mjs",
+    "tests/js/package-lock.json",
     "tests/e2e/conftest.py",
     "tests/test_doc_snippets.py",
     "examples/__init__.py",
@@ -114,6 +117,7 @@ def test_sdist_readme_is_the_project_readme(dist: Path) -> None:
 def test_wheel_is_the_package_with_its_license_and_extras(dist: Path) -> None:
     names = wheel_names(dist)
     assert "asgi_session_sync/static/session-sync.js" in names
+    assert "asgi_session_sync/static/session-sync.d.ts" in names
     assert "asgi_session_sync/py.typed" in names
     assert "asgi_session_sync/otel.py" in names
     assert {name.split("/", 1)[0] for name in names if "/" in name} == {

@@ -231,7 +231,7 @@ describe("liveness", () => {
     // A frozen page: its timers did not run, so Date moves on without them.
     mock.timers.setTime(Date.now() + 25_000);
     page.setVisibility("visible");
-    assert.equal(server.last.closedByClient, null); // dropped: the reconnect is pending
+    assert.equal(server.last.closedByClient, null); // the new socket, opened at once
     assert.equal(server.sockets[0].closedByClient?.code, 1000);
     assert.equal(server.sockets.length, 2);
     sync.close();
