@@ -131,7 +131,11 @@ export type DefaultedOption =
 
 /** Keeps one session current over a self-healing WebSocket. */
 export class SessionSync<S = unknown> {
-  /** @throws {TypeError} Without url or onSession. @throws {RangeError} For a bad delay. */
+  /**
+   * @throws {TypeError} Without url or onSession.
+   * @throws {RangeError} For a time that is not a number of ms >= 0, a factor below 1, or a
+   *   jitter outside 0..1.
+   */
   constructor(options: SessionSyncOptions<S>);
   /** The options, with defaults filled in. */
   readonly options: Readonly<

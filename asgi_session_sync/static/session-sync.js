@@ -364,6 +364,13 @@ export class SessionSync {
         throw new RangeError(`SessionSync: ${name} must be a number of ms >= 0, got ${value}`);
       }
     }
+    const { factor, jitter } = this.options;
+    if (typeof factor !== "number" || !(factor >= 1) || factor === Infinity) {
+      throw new RangeError(`SessionSync: factor must be a number >= 1, got ${factor}`);
+    }
+    if (typeof jitter !== "number" || !(jitter >= 0 && jitter <= 1)) {
+      throw new RangeError(`SessionSync: jitter must be a number from 0 to 1, got ${jitter}`);
+    }
     /** Until start(), and after close(), "closed". */
     this.state = "closed";
     /** The version of the state last applied, or null. */
@@ -401,13 +408,18 @@ export class SessionSync {
 
   /** Close for good: no more reconnects. */
   close() {
+    this.cancelTimer();
+    this.abandon("client closed");
+    this.halt();
+  }
+
+  /** @private Stop: no more reconnects, no more page listeners. start() may begin again. */
+  halt() {
     this.stopped = true;
     if (typeof removeEventListener === "function") removeEventListener("online", this.onOnline);
     if (typeof document !== "undefined") {
       document.removeEventListener("visibilitychange", this.onVisibility);
     }
-    this.cancelTimer();
-    this.abandon("client closed");
     this.setState("closed", 0);
   }
 
@@ -457,8 +469,7 @@ export class SessionSync {
       this.forget();
       if (this.stopped) return;
       if (this.options.stopOnCodes.includes(event.code)) {
-        this.stopped = true;
-        this.setState("closed", 0);
+        this.halt();
         return;
       }
       this.scheduleReconnect();

@@ -102,6 +102,8 @@ describe("backoff", () => {
       states.map(([s]) => s),
       ["connecting", "live", "closed"],
     );
+    page.goOnline(); // stopped for good: coming online does not bring it back
+    assert.equal(server.sockets.length, 1);
   });
 
   test("options that are not delays in ms are refused at construction", () => {
@@ -109,6 +111,8 @@ describe("backoff", () => {
       assert.throws(() => client({ heartbeatInterval: bad }), RangeError);
       assert.throws(() => client({ stableAfter: bad }), RangeError);
     }
+    assert.throws(() => client({ factor: 0.5 }), RangeError);
+    assert.throws(() => client({ jitter: 1.5 }), RangeError);
     assert.throws(() => new SessionSync({ url: "/ws" }), TypeError);
   });
 });
