@@ -136,6 +136,7 @@ class SessionFeed:
         self._resyncing = False
         self._resync_again = False
         self._runs_started = 0
+        self._results_pending = 0  # runs started whose result the consumer has not judged
         self._warned_unrepairable = False
 
     # Lifetime.
@@ -227,6 +228,7 @@ class SessionFeed:
             while True:
                 self._resync_again = False
                 self._runs_started += 1
+                self._results_pending += 1
                 run = self._runs_started
                 frame = await self._load(resync, run)
                 if self._send is None:
@@ -284,6 +286,7 @@ class SessionFeed:
 
     def _judge(self, frame: Frame) -> None:
         if frame.run != _LIVE:
+            self._results_pending -= 1
             if frame.text is not None:
                 self._full_state(frame)
             self._replay_held(frame.run)
@@ -353,7 +356,10 @@ class SessionFeed:
             self._held.popleft()
             self.stats.incr("patches_unrepaired")
         self._held.append(_Held(frame, self._runs_started + 1))
-        self.request_resync(f"patch {fit.value} base_version={frame.base_version!r}")
+        # A snapshot already loading usually reaches this patch (its base was committed before
+        # it was published): wait for it, and ask again only if it does not.
+        if self._results_pending == 0:
+            self.request_resync(f"patch {fit.value} base_version={frame.base_version!r}")
 
     def _replay_held(self, run: int) -> None:
         """Hand out the held patches that now chain; drop the stale and, after ``run``, the lost."""
@@ -382,6 +388,8 @@ class SessionFeed:
                 else:
                     kept.append(held)
             self._held = kept
+        if run != _LIVE and self._held and self._results_pending == 0:
+            self.request_resync("patches the snapshot did not reach")
 
     async def forward(
         self,
