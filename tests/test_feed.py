@@ -291,43 +291,41 @@ async def test_a_heartbeat_follows_every_period_of_quiet(
     stats: BridgeStats, socket: Socket
 ) -> None:
     period = 0.05
-    async with open_feed(stats, version=1) as feed:
-        async with anyio.create_task_group() as tg:
-            started = anyio.current_time()
-            tg.start_soon(
-                lambda: feed.forward(socket.send_text, socket.to_app.receive, heartbeat=period)
-            )
-            first = await socket.wait_for_heartbeat()
-            second = await socket.wait_for_heartbeat()
-            assert first - started >= period
-            assert second - first >= period
-            # A frame resets the quiet: the next heartbeat comes a full period after it.
-            await put(feed, patch(1, 2))
-            third = await socket.wait_for_heartbeat()
-            [patch_sent_at] = [at for at, text in socket.sent if text != HEARTBEAT]
-            assert third - patch_sent_at >= period
-            await socket.disconnect()
+    async with open_feed(stats, version=1) as feed, anyio.create_task_group() as tg:
+        started = anyio.current_time()
+        tg.start_soon(
+            lambda: feed.forward(socket.send_text, socket.to_app.receive, heartbeat=period)
+        )
+        first = await socket.wait_for_heartbeat()
+        second = await socket.wait_for_heartbeat()
+        assert first - started >= period
+        assert second - first >= period
+        # A frame resets the quiet: the next heartbeat comes a full period after it.
+        await put(feed, patch(1, 2))
+        third = await socket.wait_for_heartbeat()
+        [patch_sent_at] = [at for at, text in socket.sent if text != HEARTBEAT]
+        assert third - patch_sent_at >= period
+        await socket.disconnect()
     assert json.loads(HEARTBEAT) == {"type": "heartbeat"}
     assert stats.heartbeats == 3
 
 
 async def test_a_busy_socket_carries_no_heartbeats(stats: BridgeStats, socket: Socket) -> None:
     period = 0.5
-    async with open_feed(stats, version=0) as feed:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(
-                lambda: feed.forward(socket.send_text, socket.to_app.receive, heartbeat=period)
-            )
-            started = anyio.current_time()
-            version = 0
-            # A frame every tenth of the period, for two periods.
-            while anyio.current_time() - started < 2 * period:
-                await put(feed, patch(version, version + 1))
-                version += 1
-                await anyio.sleep(period / 10)  # pacing the publisher, not synchronisation
+    async with open_feed(stats, version=0) as feed, anyio.create_task_group() as tg:
+        tg.start_soon(
+            lambda: feed.forward(socket.send_text, socket.to_app.receive, heartbeat=period)
+        )
+        started = anyio.current_time()
+        version = 0
+        # A frame every tenth of the period, for two periods.
+        while anyio.current_time() - started < 2 * period:
             await put(feed, patch(version, version + 1))
-            await socket.wait_for_heartbeat()  # once quiet, it comes
-            await socket.disconnect()
+            version += 1
+            await anyio.sleep(period / 10)  # pacing the publisher, not synchronisation
+        await put(feed, patch(version, version + 1))
+        await socket.wait_for_heartbeat()  # once quiet, it comes
+        await socket.disconnect()
     heartbeats = [at for at, text in socket.sent if text == HEARTBEAT]
     last_frame = max(at for at, text in socket.sent if text != HEARTBEAT)
     assert len(heartbeats) == 1
