@@ -13,7 +13,7 @@ it, reads that line, and always stops it (SIGTERM, then SIGKILL after 10 s).
   given (``--single-flight``, ``--max-concurrent-loads``).
 
 The store is in memory (a dict lookup, see :mod:`benchmarks._sessions`) unless ``--db`` names
-a database: then ``bare`` loads by hand with SQLAlchemy Core and ``wrapped`` uses the loader
+a database (:mod:`benchmarks._database`, imported only then): then ``bare`` loads by hand with SQLAlchemy Core and ``wrapped`` uses the loader
 ``--loader`` names (the library's SQLAlchemy loader, or the same hand-written one).
 
 On a session's WebSocket (``/ws/sessions/{id}``), after the snapshot, a client message ``burst
@@ -59,12 +59,9 @@ from asgi_session_sync._types import Receive, Scope, Send
 from ._report import REPOSITORY
 from ._sessions import (
     FILLER,
-    HandLoader,
     filler,
-    library_loader,
     memory_sessions,
     numbered_ids,
-    open_engine,
     session_id_for,
     snapshot_text,
     streamed_content,
@@ -352,6 +349,8 @@ async def serve(args: argparse.Namespace) -> None:
             if bridge is not None:
                 stream = TokenStream(store, bridge, Forwarded())
         else:
+            from ._database import HandLoader, library_loader, open_engine
+
             engine = open_engine(args.db, schema=args.schema, pool_size=args.pool_size)
             stack.push_async_callback(engine.dispose)
             hand = HandLoader(engine, latency=args.db_latency_ms / 1000)
