@@ -25,23 +25,27 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import anyio
 
 from ._report import PartResult, Row, Target, figure, machine_info, machine_line, table
 from ._server import raise_open_files_limit
 
-__all__ = ["Options", "Part", "Report", "main", "measure", "run_alone", "write_report"]
+__all__ = ["RESULTS", "Options", "Part", "Report", "main", "measure", "run_alone", "write_report"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 class Options(Protocol):
-    """What every part's options dataclass has: rounds, and the overrides of a smoke run."""
+    """What every part's options have: a frozen dataclass with ``rounds`` and ``QUICK``.
 
-    rounds: int
-    QUICK: ClassVar[dict[str, Any]]
+    ``QUICK`` (a ``ClassVar``) holds the overrides of a smoke run.
+    """
+
+    @property
+    def rounds(self) -> int:
+        """Rounds to run; each one measures every variant side by side."""
 
 
 OptionsT = TypeVar("OptionsT", bound=Options)
@@ -88,10 +92,11 @@ class Part(Generic[OptionsT]):
 
     def configure(self, quick: bool = False, **overrides: Any) -> OptionsT:
         """The part's options: defaults, then ``QUICK`` when ``quick``, then ``overrides``."""
-        options = self.options()
+        options: Any = self.options()
         if quick:
-            options = dataclasses.replace(options, **self.options.QUICK)
-        return dataclasses.replace(options, **overrides)
+            options = dataclasses.replace(options, **options.QUICK)
+        configured: OptionsT = dataclasses.replace(options, **overrides)
+        return configured
 
 
 def measure(part: Part[OptionsT], options: OptionsT, machine: dict[str, Any]) -> PartResult:
@@ -175,8 +180,7 @@ def write_report(
 
 
 def main(
-    parts: Sequence[Part[Any]],
-    runs: Sequence[tuple[Part[Any], Options]],
+    runs: Sequence[tuple[Part[Any], Any]],
     *,
     command: Sequence[str],
     quick: bool,
@@ -234,7 +238,8 @@ def run_alone(part: Part[Any], argv: Sequence[str] | None = None) -> int:
             parser.add_argument(flag, type=type(value), help=f"default {value}")
         elif isinstance(value, tuple):
             kind = type(value[0]) if value else str
-            parser.add_argument(flag, type=kind, nargs="+", help=f"default {' '.join(map(str, value))}")
+            shown = " ".join(map(str, value))
+            parser.add_argument(flag, type=kind, nargs="+", help=f"default {shown}")
     args = parser.parse_args(argv)
     overrides = {
         option.name: tuple(v) if isinstance(v, list) else v
@@ -243,4 +248,4 @@ def run_alone(part: Part[Any], argv: Sequence[str] | None = None) -> int:
     }
     options = part.configure(args.quick, **overrides)
     command = ["python", "-m", f"benchmarks.{part.name}", *(argv or sys.argv[1:])]
-    return main([part], [(part, options)], command=command, quick=args.quick, path=args.json)
+    return main([(part, options)], command=command, quick=args.quick, path=args.json)

@@ -158,7 +158,9 @@ def compare(
             }
         rounds = sorted(set(sides.get(baseline, {})) & set(sides.get(candidate, {})))
         pairs = [(sides[baseline][n], sides[candidate][n]) for n in rounds]
-        entry["ratio"] = {name: spread(ratio(c[name], b[name]) for b, c in pairs) for name in figures}
+        entry["ratio"] = {
+            name: spread(ratio(c[name], b[name]) for b, c in pairs) for name in figures
+        }
         if difference:
             entry["difference"] = {
                 name: spread(c[name] - b[name] for b, c in pairs) for name in figures
@@ -211,7 +213,9 @@ def comparison_table(
             rows.append(row)
             lead = [""] if group_title else []
         extra = [""] if errors else []
-        rows.append([*lead, ratio_label, *(TIMES(entry["ratio"][c.figure]) for c in columns), *extra])
+        rows.append(
+            [*lead, ratio_label, *(TIMES(entry["ratio"][c.figure]) for c in columns), *extra]
+        )
         if difference_format is not None:
             differences = entry["difference"]
             rows.append(

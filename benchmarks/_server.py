@@ -13,8 +13,9 @@ it, reads that line, and always stops it (SIGTERM, then SIGKILL after 10 s).
   given (``--single-flight``, ``--max-concurrent-loads``).
 
 The store is in memory (a dict lookup, see :mod:`benchmarks._sessions`) unless ``--db`` names
-a database (:mod:`benchmarks._database`, imported only then): then ``bare`` loads by hand with SQLAlchemy Core and ``wrapped`` uses the loader
-``--loader`` names (the library's SQLAlchemy loader, or the same hand-written one).
+a database (:mod:`benchmarks._database`, imported only then): then ``bare`` loads by hand
+with SQLAlchemy Core and ``wrapped`` uses the loader ``--loader`` names (the library's
+SQLAlchemy loader, or the same hand-written one).
 
 On a session's WebSocket (``/ws/sessions/{id}``), after the snapshot, a client message ``burst
 N`` makes the app send the first ``N`` of :func:`token_frames` as fast as it can. With
@@ -178,7 +179,8 @@ class TokenStream:
         """Publish ``tokens`` changes, each once the previous one reached ``clients`` sockets."""
         snapshot = self.store.sessions[session_id]
         session, owner, version = snapshot.session, snapshot.owner, snapshot.version
-        assert isinstance(session, dict) and isinstance(version, int)
+        assert isinstance(session, dict)
+        assert isinstance(version, int)
         last = len(session["interactions"]) - 1
         for k in range(1, tokens + 1):
             content = streamed_content(session_id, last, k)
@@ -195,7 +197,6 @@ class TokenStream:
                 await self.publish_patch(session_id, patch, version - 1, version, owner)
             with anyio.fail_after(TOKEN_TIMEOUT):
                 await self.forwarded.until(session_id, target)
-
 
     async def publish_patch(
         self, session_id: str, patch: list[Any], base_version: int, version: int, owner: Any
@@ -309,9 +310,7 @@ class LiveApp:
                 )
             elif request[:1] == ["stream"] and self.stream is not None and len(request) == 5:
                 try:
-                    await self.stream.run(
-                        request[1], request[2], int(request[3]), int(request[4])
-                    )
+                    await self.stream.run(request[1], request[2], int(request[3]), int(request[4]))
                     answer = "done"
                 except Exception as exc:
                     answer = f"failed: {type(exc).__name__}: {exc}"

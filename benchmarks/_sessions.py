@@ -78,7 +78,9 @@ def streamed_content(session_id: str, position: int, tokens: int) -> str:
     Tokens are the words of :data:`FILLER`, each with its leading space (5 to 12 characters).
     """
     words = FILLER.split()
-    return f"{session_id} #{position}:" + "".join(f" {words[i % len(words)]}" for i in range(tokens))
+    return f"{session_id} #{position}:" + "".join(
+        f" {words[i % len(words)]}" for i in range(tokens)
+    )
 
 
 def snapshot_text(session_id: str, snapshot: Snapshot) -> str:

@@ -19,7 +19,7 @@ from websockets.asyncio.client import ClientConnection
 
 from ._clients import Server, open_client, rotate, server_pair
 from ._harness import Part, Report, run_alone
-from ._report import Column, Row, comparison_table, compare, figure
+from ._report import Column, Row, compare, comparison_table, figure
 from ._sessions import memory_sessions, numbered_ids, snapshot_text
 
 __all__ = ["PART", "IdleMemoryOptions"]

@@ -133,8 +133,7 @@ class Tally:
                     "frames_per_s_p50": percentile(rates, 50),
                     "frames_per_s_p1": percentile(rates, 1),
                     "frames_per_s_total": ratio(frames, sum(b.seconds for b in mine)),
-                    "server_cpu_us_per_frame": ratio(sum(b.server_cpu for b in mine), frames)
-                    * 1e6,
+                    "server_cpu_us_per_frame": ratio(sum(b.server_cpu for b in mine), frames) * 1e6,
                 }
             )
         return rows

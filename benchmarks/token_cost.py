@@ -53,8 +53,8 @@ from ._report import (
     Column,
     Row,
     Target,
-    comparison_table,
     compare,
+    comparison_table,
     figure,
     ratio,
     table,
@@ -111,7 +111,7 @@ async def embedded_nats(options: TokenCostOptions) -> AsyncIterator[Environment]
 def expected_session(options: TokenCostOptions, size: int) -> Any:
     """The session of ``size`` interactions once a stream of ``tokens`` tokens is done."""
     sid = session_id_for(size, 0)
-    session = memory_sessions({sid: size}, text=filler(options.interaction_bytes))[sid].session
+    session: Any = memory_sessions({sid: size}, text=filler(options.interaction_bytes))[sid].session
     session["interactions"][-1]["content"] = streamed_content(sid, size - 1, options.tokens)
     return session
 
@@ -138,9 +138,7 @@ async def stream(
             async with anyio.create_task_group() as tg:
                 for index in range(len(clients)):
                     tg.start_soon(read, index)
-                answer = await server.control.ask(
-                    f"stream {sid} {mode} {tokens} {options.clients}"
-                )
+                answer = await server.control.ask(f"stream {sid} {mode} {tokens} {options.clients}")
             wall = time.perf_counter() - started
             cpu = await server.control.cpu() - cpu_before
             nats_cpu = cpu_seconds(env.pid) - nats_before
@@ -207,8 +205,12 @@ async def run_round(number: int, options: TokenCostOptions, env: Environment) ->
                         "bytes_per_token": ratio(result["bytes"], tokens * options.clients)
                         if result
                         else float("nan"),
-                        "cpu_us_per_token": result["cpu"] / tokens * 1e6 if result else float("nan"),
-                        "wall_ms_per_token": result["wall"] / tokens * 1e3 if result else float("nan"),
+                        "cpu_us_per_token": result["cpu"] / tokens * 1e6
+                        if result
+                        else float("nan"),
+                        "wall_ms_per_token": result["wall"] / tokens * 1e3
+                        if result
+                        else float("nan"),
                         "nats_cpu_us_per_token": result["nats_cpu"] / tokens * 1e6
                         if result
                         else float("nan"),
