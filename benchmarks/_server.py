@@ -495,11 +495,23 @@ def rss_bytes(pid: int) -> int:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User and system CPU seconds process ``pid`` used so far, in clock ticks (10 ms)."""
-    with open(f"/proc/{pid}/stat") as stat:
-        # The command name, in parentheses, may hold spaces: split after it.
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds process ``pid`` used so far, to the nanosecond: the sum over its threads.
+
+    Read from ``/proc/<pid>/task/*/schedstat`` (the scheduler's run time of each thread), so a
+    thread that has exited no longer counts; the servers measured keep their threads. Falls
+    back to ``/proc/<pid>/stat`` (10 ms clock ticks) where schedstat is not available.
+    """
+    total = 0
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/schedstat") as schedstat:
+                total += int(schedstat.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        with open(f"/proc/{pid}/stat") as stat:
+            # The command name, in parentheses, may hold spaces: split after it.
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total / 1e9
 
 
 @asynccontextmanager

@@ -26,8 +26,8 @@ Figures per mode and size: **bytes/token per client** (the JSON text of the fram
 receives, WebSocket framing excluded), **server CPU us/token** (``time.process_time()`` of the
 server process, all threads: publishing, receiving from NATS, forwarding to every socket;
 nats-server's CPU is not in it), **wall ms/token** (from the stream request to every client
-having every frame, divided by the tokens) and **nats-server CPU us/token** (from
-``/proc/<pid>/stat``, 10 ms ticks: coarse). The first client checks its frames after the clock
+having every frame, divided by the tokens) and **nats-server CPU us/token** (the run time of
+its threads in ``/proc/<pid>/task/*/schedstat``). The first client checks its frames after the clock
 stops: every frame is of the mode's type, and the state they lead to equals the session the
 server streamed.
 """
