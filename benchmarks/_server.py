@@ -54,7 +54,7 @@ import anyio
 from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from asgi_session_sync import SessionContext, SessionSyncMiddleware, Snapshot, get_resync
+from asgi_session_sync import SessionContext, SessionSyncMiddleware, Snapshot
 from asgi_session_sync._types import Receive, Scope, Send
 
 from ._report import REPOSITORY
@@ -194,29 +194,11 @@ class TokenStream:
                 patch = [
                     {"op": "replace", "path": f"/interactions/{last}/content", "value": content}
                 ]
-                await self.publish_patch(session_id, patch, version - 1, version, owner)
+                await self.bridge.publish_patch(
+                    session_id, patch, base_version=version - 1, version=version, owner=owner
+                )
             with anyio.fail_after(TOKEN_TIMEOUT):
                 await self.forwarded.until(session_id, target)
-
-    async def publish_patch(
-        self, session_id: str, patch: list[Any], base_version: int, version: int, owner: Any
-    ) -> None:
-        """``NatsBridge.publish_patch``; until the bridge has it, the same event by hand."""
-        if hasattr(self.bridge, "publish_patch"):
-            await self.bridge.publish_patch(
-                session_id, patch, base_version=base_version, version=version, owner=owner
-            )
-            return
-        event = {
-            "type": "session_patch",
-            "session_id": session_id,
-            "base_version": base_version,
-            "version": version,
-            "owner": owner,
-            "patch": patch,
-        }
-        text = json.dumps(event, separators=(",", ":"))
-        await self.bridge.client.publish(self.bridge.subject(session_id), text.encode())
 
 
 class LiveApp:
@@ -284,7 +266,7 @@ class LiveApp:
             await send({"type": "websocket.send", "text": text})
             self.forwarded.add(session_id)
 
-        async with self.bridge.subscribe(session_id, resync=get_resync(scope)) as updates:
+        async with self.bridge.subscribe(session_id, scope=scope) as updates:
             await send({"type": "websocket.accept"})
             if self.by_hand is not None:
                 await self.send_snapshot(session_id, send)
