@@ -32,7 +32,6 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, ClassVar
 
-import anyio
 import pydantic_core
 from pydantic import BaseModel, TypeAdapter
 from typing_extensions import TypedDict  # pydantic needs it for TypedDict on Python < 3.12
@@ -40,7 +39,7 @@ from typing_extensions import TypedDict  # pydantic needs it for TypedDict on Py
 from asgi_session_sync import SessionContext
 from asgi_session_sync.events import SessionUpdate
 
-from ._clients import open_client, rotate, server_pair
+from ._clients import first_frame, rotate, server_pair
 from ._database import HandLoader, database, library_loader, open_engine, postgres_url
 from ._harness import Part, Report, run_alone
 from ._report import Row, compare, figure, percentile, ratio, spread
@@ -87,21 +86,13 @@ async def time_connections(
     waits, totals, frames, errors = [], [], set(), Counter[str]()
     for _ in range(count):
         try:
-            with anyio.fail_after(bound):
-                started = time.perf_counter()
-                ws = await open_client(url, bound=bound)
-                try:
-                    opened = time.perf_counter()
-                    frame = await ws.recv()
-                    done = time.perf_counter()
-                finally:
-                    await ws.close()
+            result = await first_frame(url, bound=bound)
         except Exception as exc:
             errors[type(exc).__name__] += 1
             continue
-        waits.append(done - opened)
-        totals.append(done - started)
-        frames.add(frame if isinstance(frame, str) else frame.decode())
+        waits.append(result.total - result.opened)
+        totals.append(result.total)
+        frames.add(result.text)
     return waits, totals, frames, errors
 
 
