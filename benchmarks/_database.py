@@ -48,10 +48,12 @@ OWNER = "alice"
 
 
 class Base(DeclarativeBase):
-    pass
+    """The declarative base of the benchmark's tables."""
 
 
 class ChatSession(Base):
+    """A chat session: its owner, title and version, and its interactions in order."""
+
     __tablename__ = "bench_chat_sessions"
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -62,6 +64,8 @@ class ChatSession(Base):
 
 
 class Interaction(Base):
+    """One message of a chat session."""
+
     __tablename__ = "bench_interactions"
     __table_args__ = (Index("ix_bench_interactions_session_position", "session_id", "position"),)
 

@@ -149,7 +149,10 @@ class Forwarded:
             waiting[1].set()
 
     async def until(self, session_id: str, count: int) -> None:
-        """Return once ``count`` frames in all were sent to the sockets of ``session_id``."""
+        """Return once ``count`` frames in all were sent to the sockets of ``session_id``.
+
+        One waiter per session at a time: a session streams one response at a time.
+        """
         if self.counts[session_id] >= count:
             return
         reached = anyio.Event()
@@ -176,7 +179,14 @@ class TokenStream:
         self.forwarded = forwarded
 
     async def run(self, session_id: str, mode: str, tokens: int, clients: int) -> None:
-        """Publish ``tokens`` changes, each once the previous one reached ``clients`` sockets."""
+        """Publish ``tokens`` changes, each once the previous one reached ``clients`` sockets.
+
+        Raises:
+            ValueError: ``mode`` is neither ``full`` nor ``patch``.
+            TimeoutError: A token did not reach every socket within ``TOKEN_TIMEOUT``.
+        """
+        if mode not in ("full", "patch"):
+            raise ValueError(f"mode must be full or patch: got {mode!r}")
         snapshot = self.store.sessions[session_id]
         session, owner, version = snapshot.session, snapshot.owner, snapshot.version
         assert isinstance(session, dict)
@@ -225,6 +235,7 @@ class LiveApp:
         self.forwarded = stream.forwarded if stream is not None else Forwarded()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve a session socket or the control socket; ignore everything else."""
         if scope["type"] != "websocket":
             return
         if scope["path"] == CONTROL_PATH:

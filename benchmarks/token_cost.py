@@ -46,6 +46,7 @@ from typing import Any, ClassVar
 
 import anyio
 import jsonpatch
+from websockets.asyncio.client import ClientConnection
 
 from ._clients import Server, open_client, rotate, server_pair
 from ._harness import Part, Report, run_alone
@@ -121,10 +122,10 @@ async def stream(
 ) -> dict[str, Any]:
     """One stream to fresh clients; return its figures and what the first client received."""
     sid = session_id_for(size, 0)
-    clients = [
-        await open_client(server.url(sid), bound=options.timeout) for _ in range(options.clients)
-    ]
+    clients: list[ClientConnection] = []
     try:
+        for _ in range(options.clients):
+            clients.append(await open_client(server.url(sid), bound=options.timeout))
         snapshots = [await ws.recv(decode=False) for ws in clients]
         received: list[list[bytes]] = [[] for _ in clients]
 

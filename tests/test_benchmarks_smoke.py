@@ -1,5 +1,7 @@
 """Every benchmark part runs end to end in its smallest form, so the harness cannot rot.
 
+The e2e tests below do; the others check the harness's own rules without servers.
+
 Each part starts its real servers (uvicorn in child processes, nats-server for the token part,
 SQLite for the database parts) with far less work than even ``--quick``: the figures are noise,
 but every connection must succeed and every frame be the expected one.
@@ -22,9 +24,7 @@ from benchmarks import (
     token_cost,
 )
 from benchmarks._harness import Part, measure, run_alone
-from benchmarks._report import machine_info
-
-pytestmark = pytest.mark.e2e
+from benchmarks._report import compare, machine_info
 
 SMALLEST: list[tuple[Part[Any], dict[str, Any]]] = [
     (first_frame.PART, {"connections": 10, "block": 5, "warmup": 2}),
@@ -45,6 +45,7 @@ SMALLEST: list[tuple[Part[Any], dict[str, Any]]] = [
 ]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(("part", "overrides"), SMALLEST, ids=[p.name for p, _ in SMALLEST])
 def test_part_runs_without_failures_and_reports_every_variant(
     part: Part[Any], overrides: dict[str, Any]
@@ -57,6 +58,7 @@ def test_part_runs_without_failures_and_reports_every_variant(
     assert "round(s) took" in result.text
 
 
+@pytest.mark.e2e
 def test_token_cost_alone_compares_full_state_and_patches_in_the_report(tmp_path: Path) -> None:
     path = tmp_path / "token_cost.json"
     argv = ["--quick", "--json", str(path), "--sizes", "10", "1000", "--tokens", "2"]
@@ -72,3 +74,33 @@ def test_token_cost_alone_compares_full_state_and_patches_in_the_report(tmp_path
     assert by_size["1000"]["full"]["bytes_per_token"]["median"] > 1_000_000
     assert by_size["1000"]["patch"]["bytes_per_token"]["median"] < 1_000
     assert {t["figure"].split(":")[0] for t in report["targets"]} >= {"11. patches"}
+
+
+def test_ratios_are_taken_within_each_round_before_summarising() -> None:
+    rows = [
+        {"variant": "bare", "round": 1, "t": 100.0},
+        {"variant": "wrapped", "round": 1, "t": 110.0},
+        {"variant": "bare", "round": 2, "t": 200.0},
+        {"variant": "wrapped", "round": 2, "t": 200.0},
+    ]
+
+    summary = compare(rows, ["t"], baseline="bare", candidate="wrapped", difference=True)["all"]
+
+    # Per round 1.10 and 1.00; the ratio of the medians (155/150) would hide the first round.
+    assert summary["ratio"]["t"] == {"median": 1.05, "min": 1.0, "max": 1.1}
+    assert summary["difference"]["t"] == {"median": 5.0, "min": 0.0, "max": 10.0}
+    assert summary["wrapped"]["t"]["median"] == 155.0
+
+
+def test_token_cost_flags_a_resync_snapshot_inside_a_patch_stream() -> None:
+    snapshot = b'{"type":"session_update","session_id":"s","version":1,"session":{"a":1}}'
+    patch = b'{"type":"session_patch","session_id":"s","base_version":1,"version":2,'
+    patch += b'"patch":[{"op":"replace","path":"/a","value":2}]}'
+    resync = b'{"type":"session_update","session_id":"s","version":2,"session":{"a":2}}'
+
+    chained = {"snapshot": snapshot, "frames": [patch]}
+    resynced = {"snapshot": snapshot, "frames": [resync]}
+
+    assert token_cost.check("patch", chained, {"a": 2}) is None
+    assert token_cost.check("patch", chained, {"a": 3}) is not None
+    assert token_cost.check("patch", resynced, {"a": 2}) is not None
