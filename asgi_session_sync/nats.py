@@ -1,9 +1,10 @@
 """Live session updates over NATS, with a resync whenever the broker may have lost some.
 
 The middleware sends the current state once, when a WebSocket opens. This module carries the
-updates that follow: a publisher calls :meth:`NatsBridge.publish` after it changes a session,
-and every WebSocket watching that session receives the same ``session_update`` event as the
-snapshot, from whichever app replica it is connected to.
+changes that follow: a publisher calls :meth:`NatsBridge.publish` (the whole new state) or
+:meth:`NatsBridge.publish_patch` (an RFC 6902 patch from one version to the next) after it
+changes a session, and every WebSocket watching that session receives the event, from whichever
+app replica it is connected to.
 
 ```python
 from contextlib import asynccontextmanager
@@ -12,7 +13,7 @@ from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket
 
-from asgi_session_sync import SessionSyncMiddleware, get_resync
+from asgi_session_sync import SessionSyncMiddleware
 from asgi_session_sync.nats import NatsBridge
 
 bridge = NatsBridge(["nats://nats-1:4222", "nats://nats-2:4222", "nats://nats-3:4222"])
@@ -21,10 +22,11 @@ bridge = NatsBridge(["nats://nats-1:4222", "nats://nats-2:4222", "nats://nats-3:
 async def session_socket(websocket: WebSocket) -> None:
     session_id = websocket.path_params["session_id"]
     # Subscribe BEFORE accepting: the snapshot is loaded during accept, so any update
-    # published after that load is already on its way to this subscription.
-    async with bridge.subscribe(session_id, resync=get_resync(websocket.scope)) as updates:
+    # published after that load is already on its way to this subscription. The scope gives
+    # the subscription the middleware's resync and the snapshot's version.
+    async with bridge.subscribe(session_id, scope=websocket.scope) as updates:
         await websocket.accept()  # the middleware sends the snapshot here
-        await updates.forward(websocket.send_text, websocket.receive)
+        await updates.forward(websocket.send_text, websocket.receive, heartbeat=15)
 
 
 @asynccontextmanager
@@ -42,6 +44,9 @@ app = SessionSyncMiddleware(
 
 # Wherever a session changes (a request handler, a worker), after the database commit:
 await bridge.publish(session_id, session, owner=owner, version=version)
+# or, for a small change to a large session, the change alone:
+await bridge.publish_patch(session_id, make_patch(before, after),
+                           base_version=version - 1, version=version)
 ```
 
 What the bridge guarantees:
@@ -55,9 +60,17 @@ What the bridge guarantees:
   slow-consumer drop on a subscription, each affected subscription calls its ``resync()``
   (from :func:`~asgi_session_sync.get_resync`: the middleware's loader, same user, same
   limits) and yields the fresh snapshot in its stream, so the app's own loop sends it.
-* **Order by version.** Each subscription remembers the highest ``version`` it has yielded and
-  drops a later frame (live or resync) whose version is not newer. Frames without a
-  comparable version pass, so publish with versions when order matters.
+* **Order by version.** Each subscription knows the version its socket has (the snapshot's,
+  then that of each frame it yielded) and drops a later full state (live or resync) whose
+  version is not newer. Frames without a comparable version pass, so publish with versions
+  when order matters.
+* **Patches chain, or the socket is resynced.** A patch is yielded only when its
+  ``base_version`` is the socket's version. A patch that does not chain (one before it was
+  lost, or the socket's version is unknown) is never yielded: the subscription resyncs the
+  socket and then yields the patches that chain from the fresh snapshot. No client receives a
+  patch for a state it does not have, and none has to reconnect for it.
+* **Liveness.** ``forward(..., heartbeat=N)`` sends ``{"type": "heartbeat"}`` after N seconds
+  without a frame, so clients can tell a dead socket from a quiet session.
 * **Bounded memory.** Each subscription buffers at most ``max_queued`` frames, and NATS at most
   ``pending_msgs_limit`` more; past that NATS drops updates and the subscription resyncs.
 * **Nothing reaches NATS from an invalid id.** Session ids are checked (the middleware's own
@@ -67,13 +80,14 @@ What the bridge guarantees:
 Scaling out: run several app replicas behind a load balancer, each with one ``NatsBridge``
 connected to the same NATS cluster (list several seed URLs; the client learns the rest), and
 one database that is the source of truth. A publisher, in any replica or a worker, commits to
-the database and then publishes the new full state with its version, on the subject
-``<prefix>.<session_id>``; every replica delivers it to its own WebSockets for that session.
-Because every update carries the whole state and a version, a lost update is repaired by the
-next one or by the resync from the database, and a late one is dropped. Loading happens only
-on connect and on broker trouble: after a cluster-wide outage every open WebSocket reloads
-once, so size ``max_concurrent_resyncs`` (per replica) for what the database can take. Use
-NATS accounts or permissions so that only publishers may publish under the prefix.
+the database and then publishes the new full state, or the patch to it, with its version, on
+the subject ``<prefix>.<session_id>``; every replica delivers it to its own WebSockets for that
+session. A lost full state is repaired by the next one or by the resync from the database; a
+lost patch is noticed at the next one, which does not chain, and repaired by a resync; a late
+frame is dropped. Loading happens only on connect, on broker trouble and on a lost patch:
+after a cluster-wide outage every open WebSocket reloads once, so size
+``max_concurrent_resyncs`` (per replica) for what the database can take. Use NATS accounts or
+permissions so that only publishers may publish under the prefix.
 
 :class:`EmbeddedNats` starts a private ``nats-server`` (the one the ``nats`` extra installs) for
 tests and local development.
@@ -838,7 +852,7 @@ class SessionSubscription:
 
     async def __anext__(self) -> str:
         """Return the next frame's JSON text: a newer update, a chained patch, or a snapshot."""
-        if not self._open:
+        if not self._entered:
             raise RuntimeError("enter the subscription with `async with` before iterating")
         return await self._feed.__anext__()
 
