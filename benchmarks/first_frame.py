@@ -1,10 +1,10 @@
 """Connect to first frame: the middleware's cost per connection, against a bare app.
 
-Each round starts a fresh ``bare`` and ``wrapped`` server (:mod:`benchmarks._overhead_server`),
-each in its own process. The bare app sends the snapshot itself right after accepting, built
-with the same ``SessionUpdate`` from the same in-memory store; the wrapped app is the same app
-without that line, behind ``SessionSyncMiddleware`` with a dict-lookup loader. Every client
-frame is checked to be the very same JSON.
+Each round starts a fresh ``bare`` and ``wrapped`` server (:mod:`benchmarks._server`), each in
+its own process. The bare app sends the snapshot itself right after accepting, built with the
+same ``SessionUpdate`` from the same in-memory store; the wrapped app is the same app without
+that line, behind ``SessionSyncMiddleware`` with a dict-lookup loader. Every client frame is
+checked to be the very same JSON.
 
 Connections are sequential, one at a time, so latency is measured, not throughput. They go in
 blocks alternating between the two servers (the first variant changes every block); per
@@ -16,35 +16,26 @@ CPU time per connection. Figures are per round; ratios are wrapped/bare within a
 from __future__ import annotations
 
 import sys
-import time
 from collections import Counter
-from dataclasses import asdict, dataclass
-from typing import Any
-
-import anyio
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from ._clients import first_frame, rotate, server_pair
-from ._overhead_server import VARIANTS, memory_sessions, snapshot_text
-from ._report import (
-    PartResult,
-    Spread,
-    Target,
-    figure,
-    machine_line,
-    percentile,
-    ratio,
-    spread,
-    table,
-)
+from ._harness import Part, Report, run_alone
+from ._report import Column, Row, Target, compare, comparison_table, figure, percentile, ratio
+from ._sessions import memory_sessions, numbered_ids, snapshot_text
 
-__all__ = ["FirstFrameOptions", "measure"]
+__all__ = ["PART", "FirstFrameOptions"]
 
 TARGET = 1.05  # wrapped/bare, at p50 and at p99
+VARIANTS = ("bare", "wrapped")
 
 
 @dataclass(frozen=True)
 class FirstFrameOptions:
     """How much to measure: connections per variant per round, in blocks of ``block``."""
+
+    QUICK: ClassVar[dict[str, Any]] = {"rounds": 1, "connections": 100, "block": 50, "warmup": 20}
 
     rounds: int = 5
     connections: int = 2000
@@ -55,31 +46,22 @@ class FirstFrameOptions:
     timeout: float = 10.0
 
 
-@dataclass
-class VariantRound:
-    """One variant in one round."""
-
-    variant: str
-    round: int
-    connections: int
-    errors: dict[str, int]
-    p50_us: float
-    p90_us: float
-    p99_us: float
-    open_p50_us: float
-    server_cpu_us_per_connection: float
+def expected_frames(options: FirstFrameOptions) -> dict[str, str]:
+    """The snapshot frame of every session the servers hold."""
+    sizes = dict.fromkeys(numbered_ids(options.sessions), options.interactions)
+    return {sid: snapshot_text(sid, s) for sid, s in memory_sessions(sizes).items()}
 
 
-async def run_round(number: int, options: FirstFrameOptions) -> list[VariantRound]:
+async def run_round(number: int, options: FirstFrameOptions, env: None) -> list[Row]:
     """One round on fresh servers: warm both up, then alternate blocks of connections."""
-    sessions = memory_sessions(options.sessions, options.interactions)
-    ids = list(sessions)
-    expected = {sid: snapshot_text(sid, snapshot) for sid, snapshot in sessions.items()}
+    expected = expected_frames(options)
+    ids = list(expected)
     totals: dict[str, list[float]] = {v: [] for v in VARIANTS}
     opened: dict[str, list[float]] = {v: [] for v in VARIANTS}
     cpu = dict.fromkeys(VARIANTS, 0.0)
     errors: dict[str, Counter[str]] = {v: Counter() for v in VARIANTS}
-    async with server_pair() as servers:
+    sessions = ["--sessions", str(options.sessions), "--interactions", str(options.interactions)]
+    async with server_pair(VARIANTS, *sessions) as servers:
 
         async def connect_block(variant: str, start: int, count: int, record: bool) -> None:
             server = servers[variant]
@@ -100,92 +82,56 @@ async def run_round(number: int, options: FirstFrameOptions) -> list[VariantRoun
             await connect_block(variant, 0, options.warmup, record=False)
         for block in range(options.connections // options.block):
             for variant in rotate(VARIANTS, block + number):
-                server = servers[variant]
-                before = await server.cpu.read()
+                before = await servers[variant].control.cpu()
                 await connect_block(variant, block * options.block, options.block, record=True)
-                cpu[variant] += await server.cpu.read() - before
+                cpu[variant] += await servers[variant].control.cpu() - before
     return [
-        VariantRound(
-            variant=v,
-            round=number,
-            connections=len(totals[v]),
-            errors=dict(errors[v]),
-            p50_us=percentile(totals[v], 50) * 1e6,
-            p90_us=percentile(totals[v], 90) * 1e6,
-            p99_us=percentile(totals[v], 99) * 1e6,
-            open_p50_us=percentile(opened[v], 50) * 1e6,
-            server_cpu_us_per_connection=cpu[v] / max(1, len(totals[v])) * 1e6,
-        )
+        {
+            "variant": v,
+            "round": number,
+            "samples": len(totals[v]) + sum(errors[v].values()),
+            "errors": sum(errors[v].values()),
+            "error_kinds": dict(errors[v]),
+            "p50_us": percentile(totals[v], 50) * 1e6,
+            "p90_us": percentile(totals[v], 90) * 1e6,
+            "p99_us": percentile(totals[v], 99) * 1e6,
+            "open_p50_us": percentile(opened[v], 50) * 1e6,
+            "server_cpu_us_per_connection": cpu[v] / max(1, len(totals[v])) * 1e6,
+        }
         for v in VARIANTS
     ]
 
 
-FIGURES = ("p50_us", "p90_us", "p99_us", "open_p50_us", "server_cpu_us_per_connection")
+def progress(rows: list[Row]) -> str:
+    """p50 of both variants and their ratio, and the p99 ratio."""
+    bare, wrapped = rows
+    return (
+        f"p50 bare {bare['p50_us']:.0f} us, wrapped {wrapped['p50_us']:.0f} us "
+        f"({ratio(wrapped['p50_us'], bare['p50_us']):.3f}x); "
+        f"p99 {ratio(wrapped['p99_us'], bare['p99_us']):.3f}x"
+    )
 
 
-def summarise(rounds: list[VariantRound]) -> dict[str, Any]:
-    """Per variant, each figure across rounds; per round, wrapped/bare and wrapped-bare."""
-    by_variant = {v: [r for r in rounds if r.variant == v] for v in VARIANTS}
-    pairs = list(zip(by_variant["bare"], by_variant["wrapped"], strict=True))
-    summary: dict[str, Any] = {
-        v: {name: spread(getattr(r, name) for r in mine) for name in FIGURES}
-        for v, mine in by_variant.items()
-    }
-    summary["ratio_wrapped_over_bare"] = {
-        name: spread(ratio(getattr(w, name), getattr(b, name)) for b, w in pairs)
-        for name in FIGURES
-    }
-    summary["wrapped_minus_bare_us"] = {
-        name: spread(getattr(w, name) - getattr(b, name) for b, w in pairs) for name in FIGURES
-    }
-    for v, mine in by_variant.items():
-        summary[v]["connections"] = sum(r.connections for r in mine)
-        summary[v]["errors"] = sum(sum(r.errors.values()) for r in mine)
-    return summary
+WHOLE = figure(".0f")
+COLUMNS = [
+    Column("p50 us", "p50_us", WHOLE),
+    Column("p90 us", "p90_us", WHOLE),
+    Column("p99 us", "p99_us", WHOLE),
+    Column("p50 handshake us", "open_p50_us", WHOLE),
+    Column("server CPU us/conn", "server_cpu_us_per_connection", WHOLE),
+]
 
 
-def format_table(summary: dict[str, Any]) -> str:
-    """One row per variant, then wrapped/bare and wrapped-bare, medians (min-max) of rounds."""
-    whole, times = figure(".0f"), figure(".3f", "x")
-    signed = figure("+.0f")
-    rows = [
-        [
-            "variant",
-            "p50 us",
-            "p90 us",
-            "p99 us",
-            "p50 handshake us",
-            "server CPU us/conn",
-            "errors",
-        ]
-    ]
-    for v in VARIANTS:
-        s = summary[v]
-        rows.append([v, *(whole(s[name]) for name in FIGURES), f"{s['errors']}/{s['connections']}"])
-    r, d = summary["ratio_wrapped_over_bare"], summary["wrapped_minus_bare_us"]
-    rows.append(["wrapped / bare", *(times(r[name]) for name in FIGURES), ""])
-    rows.append(["wrapped - bare", *(signed(d[name]) for name in FIGURES), ""])
-    return table(rows)
-
-
-def measure(options: FirstFrameOptions, machine: dict[str, Any]) -> PartResult:
-    """Run every round; return the table, the figures and whether the target was met."""
-    started = time.perf_counter()
-    rounds: list[VariantRound] = []
-    for number in range(1, options.rounds + 1):
-        mine = anyio.run(run_round, number, options)
-        rounds.extend(mine)
-        bare, wrapped = mine
-        print(
-            f"  first frame round {number}: p50 bare {bare.p50_us:.0f} us, wrapped "
-            f"{wrapped.p50_us:.0f} us ({ratio(wrapped.p50_us, bare.p50_us):.3f}x); p99 "
-            f"{ratio(wrapped.p99_us, bare.p99_us):.3f}x",
-            file=sys.stderr,
-            flush=True,
-        )
-    elapsed = time.perf_counter() - started
-    summary = summarise(rounds)
-    ratios: dict[str, Spread] = summary["ratio_wrapped_over_bare"]
+def report(rows: list[Row], options: FirstFrameOptions, env: None) -> Report:
+    """wrapped/bare and wrapped-bare of every figure; the p50 and p99 targets."""
+    summary = compare(
+        rows,
+        [c.figure for c in COLUMNS],
+        baseline="bare",
+        candidate="wrapped",
+        difference=True,
+    )["all"]
+    ratios = summary["ratio"]
     targets = [
         Target(
             f"1. connect->first frame {q} wrapped/bare",
@@ -200,28 +146,32 @@ def measure(options: FirstFrameOptions, machine: dict[str, Any]) -> PartResult:
         for v in VARIANTS
         if summary[v]["errors"]
     ]
-    header = "\n".join(
-        [
-            "1. connect -> first frame: bare app sending the snapshot by hand vs the same app "
-            "wrapped (in-memory loader)",
-            f"{options.connections} sequential connections per variant per round, blocks of "
-            f"{options.block} alternating, {options.rounds} round(s), {options.warmup} warm-up "
-            f"connections each; snapshot {options.interactions} interactions "
-            f"({len(snapshot_text('s0000', memory_sessions(1, options.interactions)['s0000']))}"
-            " bytes); websockets client, no compression",
-            machine_line(machine),
-            "figures: median (min-max) across rounds; ratios and differences are per round",
-        ]
+    snapshot = next(iter(expected_frames(FirstFrameOptions(sessions=1)).values()))
+    heading = [
+        "1. connect -> first frame: bare app sending the snapshot by hand vs the same app "
+        "wrapped (in-memory loader)",
+        f"{options.connections} sequential connections per variant per round, blocks of "
+        f"{options.block} alternating, {options.rounds} round(s), {options.warmup} warm-up "
+        f"connections each; snapshot {options.interactions} interactions ({len(snapshot)}"
+        " bytes); websockets client, no compression",
+    ]
+    table = comparison_table(
+        {"all": summary},
+        COLUMNS,
+        sides={"bare": "bare", "wrapped": "wrapped"},
+        ratio_label="wrapped / bare",
+        difference_format=figure("+.0f"),
     )
-    return PartResult(
-        name="first_frame",
-        text=f"{header}\n\n{format_table(summary)}\n\nround(s) took {elapsed:.0f} s",
-        data={
-            "config": asdict(options),
-            "elapsed_s": elapsed,
-            "summary": summary,
-            "rounds": [asdict(r) for r in rounds],
-        },
-        failures=failures,
-        targets=targets,
-    )
+    return Report(heading, [table], summary, targets, failures)
+
+
+PART = Part(
+    name="first_frame",
+    options=FirstFrameOptions,
+    run_round=run_round,
+    progress=progress,
+    report=report,
+)
+
+if __name__ == "__main__":
+    sys.exit(run_alone(PART))

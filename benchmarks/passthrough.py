@@ -1,6 +1,6 @@
 """Pass-through: frames per second from the app to the client, wrapped vs bare.
 
-The same servers as the first-frame benchmark (:mod:`benchmarks._overhead_server`): after the
+The same servers as the first-frame part (:mod:`benchmarks._server`): after the
 snapshot, a client message ``burst N`` makes the app send ``N`` token frames (about 130 bytes
 each) as fast as it can. The snapshot carries a version, so the middleware's version fence is
 armed for the default window (256 frames, 10 s). Two cases:
@@ -22,27 +22,37 @@ from __future__ import annotations
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import anyio
 
 from ._clients import RawWebSocket, Server, encoded_frames, rotate, server_pair
-from ._overhead_server import PREFIX, VARIANTS, memory_sessions, snapshot_text, token_frames
-from ._report import PartResult, Target, figure, machine_line, percentile, ratio, spread, table
+from ._harness import Part, Report, run_alone
+from ._report import Column, Row, Target, compare, comparison_table, figure, percentile, ratio
+from ._server import PREFIX, token_frames
+from ._sessions import memory_sessions, snapshot_text
 
-__all__ = ["PassthroughOptions", "measure"]
+__all__ = ["PART", "PassthroughOptions"]
 
 TARGET = 0.98  # wrapped/bare frames per second
 CASES = ("settled", "fence active")
 FENCE_WINDOW = 256  # the middleware's default fence_max_frames
 SETTLE_FRAMES = 300
 SESSION_ID = "s0000"
+VARIANTS = ("bare", "wrapped")
 
 
 @dataclass(frozen=True)
 class PassthroughOptions:
     """How much to measure, per variant per round."""
+
+    QUICK: ClassVar[dict[str, Any]] = {
+        "rounds": 1,
+        "settled_bursts": 4,
+        "burst": 500,
+        "fence_connections": 10,
+    }
 
     rounds: int = 5
     settled_connections: int = 2
@@ -77,29 +87,13 @@ async def open_connection(server: Server, expected_snapshot: str) -> RawWebSocke
 async def timed_burst(server: Server, ws: RawWebSocket, size: int) -> Burst:
     """Ask for ``size`` frames; time them, read the server's CPU around, check the bytes."""
     expected = encoded_frames(token_frames(SESSION_ID)[:size])
-    cpu_before = await server.cpu.read()
+    cpu_before = await server.control.cpu()
     started = time.perf_counter()
     ws.send_text(f"burst {size}")
     received = await ws.receive_exactly(len(expected))
     seconds = time.perf_counter() - started
-    cpu = await server.cpu.read() - cpu_before
+    cpu = await server.control.cpu() - cpu_before
     return Burst(size, seconds, cpu, received == expected)
-
-
-@dataclass
-class VariantRound:
-    """One case of one variant in one round."""
-
-    case: str
-    variant: str
-    round: int
-    bursts: int
-    frames: int
-    errors: dict[str, int]
-    frames_per_s_p50: float
-    frames_per_s_p1: float
-    frames_per_s_total: float
-    server_cpu_us_per_frame: float
 
 
 class Tally:
@@ -120,34 +114,36 @@ class Tally:
         else:
             self.errors[case, variant]["frames differ"] += 1
 
-    def summarise(self, number: int) -> list[VariantRound]:
+    def rows(self, number: int) -> list[Row]:
         """Each case and variant's figures for this round."""
-        results = []
+        rows = []
         for (case, variant), mine in self.bursts.items():
             rates = [b.frames / b.seconds for b in mine]
             frames = sum(b.frames for b in mine)
-            results.append(
-                VariantRound(
-                    case=case,
-                    variant=variant,
-                    round=number,
-                    bursts=len(mine),
-                    frames=frames,
-                    errors=dict(self.errors[case, variant]),
-                    frames_per_s_p50=percentile(rates, 50),
-                    frames_per_s_p1=percentile(rates, 1),
-                    frames_per_s_total=ratio(frames, sum(b.seconds for b in mine)),
-                    server_cpu_us_per_frame=ratio(sum(b.server_cpu for b in mine), frames) * 1e6,
-                )
+            errors = self.errors[case, variant]
+            rows.append(
+                {
+                    "case": case,
+                    "variant": variant,
+                    "round": number,
+                    "samples": len(mine) + sum(errors.values()),
+                    "frames": frames,
+                    "errors": sum(errors.values()),
+                    "error_kinds": dict(errors),
+                    "frames_per_s_p50": percentile(rates, 50),
+                    "frames_per_s_p1": percentile(rates, 1),
+                    "frames_per_s_total": ratio(frames, sum(b.seconds for b in mine)),
+                    "server_cpu_us_per_frame": ratio(sum(b.server_cpu for b in mine), frames) * 1e6,
+                }
             )
-        return results
+        return rows
 
 
 async def run_settled(
     servers: dict[str, Server], number: int, options: PassthroughOptions, tally: Tally
 ) -> None:
     """Settled connections on both servers, then timed bursts alternating between them."""
-    snapshot = snapshot_text(SESSION_ID, memory_sessions(1, 20)[SESSION_ID])
+    snapshot = snapshot_text(SESSION_ID, memory_sessions({SESSION_ID: 20})[SESSION_ID])
     connections: dict[str, list[RawWebSocket]] = {v: [] for v in VARIANTS}
     try:
         for variant in VARIANTS:
@@ -178,7 +174,7 @@ async def run_fence_active(
     servers: dict[str, Server], number: int, options: PassthroughOptions, tally: Tally
 ) -> None:
     """Fresh connections alternating between the servers, each timing the fence window."""
-    snapshot = snapshot_text(SESSION_ID, memory_sessions(1, 20)[SESSION_ID])
+    snapshot = snapshot_text(SESSION_ID, memory_sessions({SESSION_ID: 20})[SESSION_ID])
     for turn in range(options.fence_connections):
         for variant in rotate(VARIANTS, turn + number):
             try:
@@ -194,9 +190,9 @@ async def run_fence_active(
             tally.add("fence active", variant, burst)
 
 
-async def run_round(number: int, options: PassthroughOptions) -> list[VariantRound]:
+async def run_round(number: int, options: PassthroughOptions, env: None) -> list[Row]:
     """One round on fresh servers: a warm-up, then both cases."""
-    async with server_pair() as servers:
+    async with server_pair(VARIANTS) as servers:
         warm_up = PassthroughOptions(
             settled_connections=1, settled_bursts=2, fence_connections=5, timeout=options.timeout
         )
@@ -205,89 +201,37 @@ async def run_round(number: int, options: PassthroughOptions) -> list[VariantRou
         tally = Tally()
         await run_settled(servers, number, options, tally)
         await run_fence_active(servers, number, options, tally)
-    return tally.summarise(number)
+    return tally.rows(number)
 
 
-FIGURES = (
-    "frames_per_s_p50",
-    "frames_per_s_p1",
-    "frames_per_s_total",
-    "server_cpu_us_per_frame",
-)
+def progress(rows: list[Row]) -> str:
+    """wrapped/bare frames per second (p50) of each case."""
+    rate = {(r["case"], r["variant"]): r["frames_per_s_p50"] for r in rows}
+    return ", ".join(
+        f"{case} {ratio(rate[case, 'wrapped'], rate[case, 'bare']):.3f}x" for case in CASES
+    )
 
 
-def summarise(rounds: list[VariantRound]) -> dict[str, Any]:
-    """Per case and variant, each figure across rounds; per case, wrapped/bare per round."""
-    summary: dict[str, Any] = {}
-    for case in CASES:
-        mine = {v: [r for r in rounds if r.case == case and r.variant == v] for v in VARIANTS}
-        pairs = list(zip(mine["bare"], mine["wrapped"], strict=True))
-        summary[case] = {
-            v: {name: spread(getattr(r, name) for r in rs) for name in FIGURES}
-            | {
-                "frames": sum(r.frames for r in rs),
-                "errors": sum(sum(r.errors.values()) for r in rs),
-            }
-            for v, rs in mine.items()
-        }
-        summary[case]["ratio_wrapped_over_bare"] = {
-            name: spread(ratio(getattr(w, name), getattr(b, name)) for b, w in pairs)
-            for name in FIGURES
-        }
-    return summary
+WHOLE = figure(",.0f")
+COLUMNS = [
+    Column("frames/s p50", "frames_per_s_p50", WHOLE),
+    Column("frames/s p1 (slowest)", "frames_per_s_p1", WHOLE),
+    Column("frames/s overall", "frames_per_s_total", WHOLE),
+    Column("server CPU us/frame", "server_cpu_us_per_frame", figure(".2f")),
+]
 
 
-def format_table(summary: dict[str, Any]) -> str:
-    """One block of rows per case: bare, wrapped, wrapped/bare."""
-    whole, cpu, times = figure(",.0f"), figure(".2f"), figure(".3f", "x")
-    formats = (whole, whole, whole, cpu)
-    rows = [
-        [
-            "case",
-            "variant",
-            "frames/s p50",
-            "frames/s p1 (slowest)",
-            "frames/s overall",
-            "server CPU us/frame",
-            "errors",
-        ]
-    ]
-    for case in CASES:
-        s = summary[case]
-        for v in VARIANTS:
-            rows.append(
-                [
-                    case if v == VARIANTS[0] else "",
-                    v,
-                    *(fmt(s[v][name]) for fmt, name in zip(formats, FIGURES, strict=True)),
-                    str(s[v]["errors"]),
-                ]
-            )
-        r = s["ratio_wrapped_over_bare"]
-        rows.append(["", "wrapped / bare", *(times(r[name]) for name in FIGURES), ""])
-    return table(rows)
-
-
-def measure(options: PassthroughOptions, machine: dict[str, Any]) -> PartResult:
-    """Run every round; return the table, the figures and whether the target was met."""
-    started = time.perf_counter()
-    rounds: list[VariantRound] = []
-    for number in range(1, options.rounds + 1):
-        mine = anyio.run(run_round, number, options)
-        rounds.extend(mine)
-        rate = {(r.case, r.variant): r.frames_per_s_p50 for r in mine}
-        ratios = [
-            f"{case} {ratio(rate[case, 'wrapped'], rate[case, 'bare']):.3f}x" for case in CASES
-        ]
-        print(f"  pass-through round {number}: {', '.join(ratios)}", file=sys.stderr, flush=True)
-    elapsed = time.perf_counter() - started
-    summary = summarise(rounds)
+def report(rows: list[Row], options: PassthroughOptions, env: None) -> Report:
+    """Per case: both variants and wrapped/bare; the target on the p50 rate of each case."""
+    summary = compare(
+        rows, [c.figure for c in COLUMNS], baseline="bare", candidate="wrapped", by=("case",)
+    )
     targets = [
         Target(
             f"2. pass-through {case} frames/s p50 wrapped/bare",
             f">= {TARGET}",
-            summary[case]["ratio_wrapped_over_bare"]["frames_per_s_p50"],
-            summary[case]["ratio_wrapped_over_bare"]["frames_per_s_p50"]["median"] >= TARGET,
+            summary[case]["ratio"]["frames_per_s_p50"],
+            summary[case]["ratio"]["frames_per_s_p50"]["median"] >= TARGET,
         )
         for case in CASES
     ]
@@ -297,30 +241,33 @@ def measure(options: PassthroughOptions, machine: dict[str, Any]) -> PartResult:
         for v in VARIANTS
         if summary[case][v]["errors"]
     ]
-    frame_bytes = len(token_frames(SESSION_ID)[0])
-    header = "\n".join(
-        [
-            "2. pass-through: app -> client frames per second on one connection, bare vs wrapped",
-            f"token frames of {frame_bytes} bytes; settled: {options.settled_bursts} burst(s) of "
-            f"{options.burst} frames over {options.settled_connections} connection(s), each past "
-            f"{SETTLE_FRAMES} settling frames; fence active: {options.fence_connections} "
-            f"connection(s) x the first {FENCE_WINDOW} frames after the snapshot (each one "
-            f"parsed by the fence); per variant per round, {options.rounds} round(s); raw "
-            "client reading bytes, no compression",
-            machine_line(machine),
-            "figures: median (min-max) across rounds of per-burst rates; ratios are per round",
-        ]
+    heading = [
+        "2. pass-through: app -> client frames per second on one connection, bare vs wrapped",
+        f"token frames of {len(token_frames(SESSION_ID)[0])} bytes; settled: "
+        f"{options.settled_bursts} burst(s) of {options.burst} frames over "
+        f"{options.settled_connections} connection(s), each past {SETTLE_FRAMES} settling "
+        f"frames; fence active: {options.fence_connections} connection(s) x the first "
+        f"{FENCE_WINDOW} frames after the snapshot (each one parsed by the fence); per variant "
+        f"per round, {options.rounds} round(s); raw client reading bytes, no compression; "
+        "rates are per burst",
+    ]
+    table = comparison_table(
+        summary,
+        COLUMNS,
+        sides={"bare": "bare", "wrapped": "wrapped"},
+        ratio_label="wrapped / bare",
+        group_title="case",
     )
-    return PartResult(
-        name="passthrough",
-        text=f"{header}\n\n{format_table(summary)}\n\nround(s) took {elapsed:.0f} s",
-        data={
-            "config": asdict(options),
-            "frame_bytes": frame_bytes,
-            "elapsed_s": elapsed,
-            "summary": summary,
-            "rounds": [asdict(r) for r in rounds],
-        },
-        failures=failures,
-        targets=targets,
-    )
+    return Report(heading, [table], summary, targets, failures)
+
+
+PART = Part(
+    name="passthrough",
+    options=PassthroughOptions,
+    run_round=run_round,
+    progress=progress,
+    report=report,
+)
+
+if __name__ == "__main__":
+    sys.exit(run_alone(PART))

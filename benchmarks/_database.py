@@ -1,16 +1,15 @@
-"""The chat database of the snapshot-cost benchmark: schema, seed data and the two loaders.
+"""The one database schema of the benchmarks: the chats of :mod:`benchmarks._sessions`, stored.
 
-Sessions of 10, 100 and 1,000 interactions in their own tables (``bench_chat_sessions``,
-``bench_interactions``): in a temporary SQLite file, or in a PostgreSQL schema of their own
-(``asgi_session_sync_bench_<random>``) that the benchmark creates and drops, so nothing else in
-the database is read or written.
+Two tables, ``bench_chat_sessions`` and ``bench_interactions``, in a temporary SQLite file or in
+a PostgreSQL schema of their own (``asgi_session_sync_bench_<random>``) that is created and
+dropped here, so nothing else in the database is read or written.
 
-Two ways to load a snapshot, compared side by side:
+Two ways to load a session, compared side by side by the snapshot-cost part:
 
-- the library's: :func:`~asgi_session_sync.loaders.sqlalchemy.sqlalchemy_loader` (ORM, one
-  statement with ``contains_eager``, the default serializer), behind the middleware;
-- by hand (:class:`HandLoader`): the same one ``SELECT`` with a join, in SQLAlchemy Core, rows
-  turned into the same dicts, the same ``SessionUpdate``; what an app without the library does.
+- by hand (:class:`HandLoader`): one SQLAlchemy Core ``SELECT`` of the session outer-joined with
+  its interactions, rows turned into dicts; what an app without the library does;
+- the library's :func:`~asgi_session_sync.loaders.sqlalchemy.sqlalchemy_loader` (ORM, one
+  statement with ``contains_eager``, the default serializer).
 
 Both produce byte-for-byte the same frame.
 """
@@ -19,21 +18,22 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+import anyio
 from sqlalchemy import DateTime, ForeignKey, Index, String, Text, bindparam, insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from asgi_session_sync import Snapshot
-from asgi_session_sync.events import SessionUpdate
+from asgi_session_sync import SessionContext, Snapshot
 from asgi_session_sync.loaders.sqlalchemy import SQLAlchemyLoader, sqlalchemy_loader
 
+from ._sessions import FILLER, session_id_for, snapshot_text
+
 __all__ = [
-    "SIZES",
     "ChatSession",
     "HandLoader",
     "Interaction",
@@ -41,23 +41,19 @@ __all__ = [
     "library_loader",
     "open_engine",
     "postgres_url",
-    "session_id_for",
 ]
-
-SIZES = (10, 100, 1000)
-"""Interactions per session, one group of sessions for each."""
 
 DEFAULT_POSTGRES_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 OWNER = "alice"
-# About 240 bytes per message, as in the mass-reconnect benchmark.
-FILLER = "lorem ipsum dolor sit amet, consectetur adipiscing elit. " * 4
 
 
 class Base(DeclarativeBase):
-    pass
+    """The declarative base of the benchmark's tables."""
 
 
 class ChatSession(Base):
+    """A chat session: its owner, title and version, and its interactions in order."""
+
     __tablename__ = "bench_chat_sessions"
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -68,6 +64,8 @@ class ChatSession(Base):
 
 
 class Interaction(Base):
+    """One message of a chat session."""
+
     __tablename__ = "bench_interactions"
     __table_args__ = (Index("ix_bench_interactions_session_position", "session_id", "position"),)
 
@@ -79,30 +77,30 @@ class Interaction(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
-def session_id_for(size: int, number: int) -> str:
-    """The id of the ``number``-th seeded session of ``size`` interactions: ``n100-03``."""
-    return f"n{size}-{number:02d}"
-
-
 def postgres_url() -> str:
     """``DATABASE_URL`` when set (as the test suite reads it), else the local ``test`` database."""
     return os.environ.get("DATABASE_URL") or DEFAULT_POSTGRES_URL
 
 
-def open_engine(url: str, *, schema: str | None, pool_size: int = 2) -> AsyncEngine:
-    """An async engine whose tables live in ``schema`` (PostgreSQL) or the default (SQLite)."""
+def open_engine(
+    url: str, *, schema: str | None = None, pool_size: int = 2, pool_timeout: float = 30
+) -> AsyncEngine:
+    """An async engine with a fixed pool and no overflow; tables in ``schema`` (PostgreSQL)."""
     options: dict[str, Any] = {}
     if schema is not None:
         options["execution_options"] = {"schema_translate_map": {None: schema}}
-    return create_async_engine(url, pool_size=pool_size, max_overflow=0, **options)
+    return create_async_engine(
+        url, pool_size=pool_size, max_overflow=0, pool_timeout=pool_timeout, **options
+    )
 
 
 @asynccontextmanager
-async def database(url: str, *, sessions_per_size: int) -> AsyncIterator[str | None]:
+async def database(url: str, sizes: Mapping[int, int]) -> AsyncIterator[str | None]:
     """Create the tables (in a new schema on PostgreSQL), seed them, drop them afterwards.
 
-    Yields the schema name (``None`` on SQLite, whose file the caller owns). On PostgreSQL only
-    the schema created here is ever dropped.
+    ``sizes`` maps a number of interactions to how many sessions of that size to seed (ids from
+    :func:`session_id_for`). Yields the schema name (``None`` on SQLite, whose file the caller
+    owns). On PostgreSQL only the schema created here is ever dropped.
     """
     postgres = url.startswith("postgresql")
     schema = f"asgi_session_sync_bench_{secrets.token_hex(6)}" if postgres else None
@@ -114,7 +112,7 @@ async def database(url: str, *, sessions_per_size: int) -> AsyncIterator[str | N
         try:
             async with engine.begin() as conn:
                 await conn.run_sync(Base.metadata.create_all)
-                await seed(conn, sessions_per_size)
+                await seed(conn, sizes)
             yield schema
         finally:
             if schema is not None:
@@ -124,26 +122,25 @@ async def database(url: str, *, sessions_per_size: int) -> AsyncIterator[str | N
         await engine.dispose()
 
 
-async def seed(conn: Any, sessions_per_size: int) -> None:
-    """Insert ``sessions_per_size`` sessions of each of :data:`SIZES` interactions."""
+async def seed(conn: Any, sizes: Mapping[int, int]) -> None:
+    """Insert ``count`` sessions of ``size`` interactions for each ``size: count``."""
     started = datetime(2025, 1, 1, tzinfo=timezone.utc)
-    ids = [session_id_for(size, n) for size in SIZES for n in range(sessions_per_size)]
+    ids = [(size, session_id_for(size, n)) for size, count in sizes.items() for n in range(count)]
     await conn.execute(
         insert(ChatSession),
-        [{"id": sid, "owner_id": OWNER, "title": f"Session {sid}", "version": 7} for sid in ids],
+        [{"id": sid, "owner_id": OWNER, "title": f"Session {sid}", "version": 7} for _, sid in ids],
     )
     await conn.execute(
         insert(Interaction),
         [
             {
-                "session_id": session_id_for(size, n),
+                "session_id": sid,
                 "position": position,
                 "role": "user" if position % 2 == 0 else "assistant",
                 "content": f"#{position}: {FILLER}",
                 "created_at": started + timedelta(seconds=position),
             }
-            for size in SIZES
-            for n in range(sessions_per_size)
+            for size, sid in ids
             for position in range(size)
         ],
     )
@@ -188,16 +185,29 @@ HAND_STATEMENT = (
 
 
 class HandLoader:
-    """A snapshot loaded by hand: one Core ``SELECT``, rows into dicts, no ORM objects."""
+    """A session loaded by hand: one Core ``SELECT``, rows into dicts, no ORM objects.
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    Also a middleware loader (call it with a ``SessionContext``). ``latency`` seconds are slept
+    while holding the pooled connection, as a query to a database across the network holds its
+    connection for the round trip. ``calls`` counts loads, independently of the middleware.
+    """
+
+    def __init__(self, engine: AsyncEngine, *, latency: float = 0.0) -> None:
         self.engine = engine
+        self.latency = latency
+        self.calls = 0
+
+    async def __call__(self, ctx: SessionContext) -> Snapshot | None:
+        """The middleware's loader."""
+        return await self.load(ctx.session_id)
 
     async def load(self, session_id: str) -> Snapshot | None:
         """The session with its interactions, in the shape the library's loader returns."""
+        self.calls += 1
         async with self.engine.connect() as conn:
-            result = await conn.execute(HAND_STATEMENT, {"session_id": session_id})
-            rows = result.all()
+            if self.latency:
+                await anyio.sleep(self.latency)
+            rows = (await conn.execute(HAND_STATEMENT, {"session_id": session_id})).all()
         if not rows:
             return None
         sid, owner, title, version = rows[0][:4]
@@ -224,11 +234,21 @@ class HandLoader:
     async def frame(self, session_id: str) -> str | None:
         """The snapshot frame's text, built with the library's own event model."""
         snapshot = await self.load(session_id)
-        if snapshot is None:
-            return None
-        return SessionUpdate(
-            session_id=session_id,
-            owner=snapshot.owner,
-            session=snapshot.session,
-            version=snapshot.version,
-        ).model_dump_json()
+        return None if snapshot is None else snapshot_text(session_id, snapshot)
+
+    async def warm_up(self, connections: int) -> None:
+        """Open ``connections`` pooled connections at once, so no round starts with a cold pool."""
+        opened, ready, release = [0], anyio.Event(), anyio.Event()
+
+        async def hold() -> None:
+            async with self.engine.connect():
+                opened[0] += 1
+                if opened[0] == connections:
+                    ready.set()
+                await release.wait()
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(connections):
+                tg.start_soon(hold)
+            await ready.wait()
+            release.set()

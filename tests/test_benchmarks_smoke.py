@@ -1,0 +1,106 @@
+"""Every benchmark part runs end to end in its smallest form, so the harness cannot rot.
+
+The e2e tests below do; the others check the harness's own rules without servers.
+
+Each part starts its real servers (uvicorn in child processes, nats-server for the token part,
+SQLite for the database parts) with far less work than even ``--quick``: the figures are noise,
+but every connection must succeed and every frame be the expected one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks import (
+    first_frame,
+    idle_memory,
+    mass_reconnect,
+    passthrough,
+    snapshot_cost,
+    token_cost,
+)
+from benchmarks._harness import Part, measure, run_alone
+from benchmarks._report import compare, machine_info
+
+SMALLEST: list[tuple[Part[Any], dict[str, Any]]] = [
+    (first_frame.PART, {"connections": 10, "block": 5, "warmup": 2}),
+    (passthrough.PART, {"settled_bursts": 2, "burst": 50, "fence_connections": 2}),
+    (
+        snapshot_cost.PART,
+        {
+            "databases": ("sqlite",),
+            "connections": {10: 2, 100: 2, 1000: 1},
+            "block": 1,
+            "loads": {10: 1, 100: 1, 1000: 1},
+            "sessions_per_size": 1,
+            "serialise_calls": {10: 10, 100: 10, 1000: 10},
+        },
+    ),
+    (idle_memory.PART, {"connections": 10, "warmup": 2, "settle_seconds": 0.05}),
+    (mass_reconnect.PART, {"clients": 10, "sessions": 5, "interactions": 3}),
+]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(("part", "overrides"), SMALLEST, ids=[p.name for p, _ in SMALLEST])
+def test_part_runs_without_failures_and_reports_every_variant(
+    part: Part[Any], overrides: dict[str, Any]
+) -> None:
+    result = measure(part, part.configure(quick=True, **overrides), machine_info())
+
+    assert result.failures == []
+    assert result.data["rounds"], "no rows measured"
+    assert result.data["summary"], "nothing summarised"
+    assert "round(s) took" in result.text
+
+
+@pytest.mark.e2e
+def test_token_cost_alone_compares_full_state_and_patches_in_the_report(tmp_path: Path) -> None:
+    path = tmp_path / "token_cost.json"
+    argv = ["--quick", "--json", str(path), "--sizes", "10", "1000", "--tokens", "2"]
+    argv += ["--warmup-tokens", "1"]
+
+    assert run_alone(token_cost.PART, argv) == 0
+
+    report = json.loads(path.read_text())
+    assert report["failures"] == []
+    assert report["parts"]["token_cost"]["config"]["sizes"] == [10, 1000]
+    by_size = report["parts"]["token_cost"]["summary"]["by_size"]
+    # One full-state frame of 1,000 interactions carries the whole session; a patch, one change.
+    assert by_size["1000"]["full"]["bytes_per_token"]["median"] > 1_000_000
+    assert by_size["1000"]["patch"]["bytes_per_token"]["median"] < 1_000
+    assert {t["figure"].split(":")[0] for t in report["targets"]} >= {"11. patches"}
+
+
+def test_ratios_are_taken_within_each_round_before_summarising() -> None:
+    rows = [
+        {"variant": "bare", "round": 1, "t": 100.0},
+        {"variant": "wrapped", "round": 1, "t": 110.0},
+        {"variant": "bare", "round": 2, "t": 200.0},
+        {"variant": "wrapped", "round": 2, "t": 200.0},
+    ]
+
+    summary = compare(rows, ["t"], baseline="bare", candidate="wrapped", difference=True)["all"]
+
+    # Per round 1.10 and 1.00; the ratio of the medians (155/150) would hide the first round.
+    assert summary["ratio"]["t"] == {"median": 1.05, "min": 1.0, "max": 1.1}
+    assert summary["difference"]["t"] == {"median": 5.0, "min": 0.0, "max": 10.0}
+    assert summary["wrapped"]["t"]["median"] == 155.0
+
+
+def test_token_cost_flags_a_resync_snapshot_inside_a_patch_stream() -> None:
+    snapshot = b'{"type":"session_update","session_id":"s","version":1,"session":{"a":1}}'
+    patch = b'{"type":"session_patch","session_id":"s","base_version":1,"version":2,'
+    patch += b'"patch":[{"op":"replace","path":"/a","value":2}]}'
+    resync = b'{"type":"session_update","session_id":"s","version":2,"session":{"a":2}}'
+
+    chained = {"snapshot": snapshot, "frames": [patch]}
+    resynced = {"snapshot": snapshot, "frames": [resync]}
+
+    assert token_cost.check("patch", chained, {"a": 2}) is None
+    assert token_cost.check("patch", chained, {"a": 3}) is not None
+    assert token_cost.check("patch", resynced, {"a": 2}) is not None
