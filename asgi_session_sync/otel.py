@@ -10,7 +10,7 @@ metrics.observe(app.stats)  # asgi_session_sync.loads, asgi_session_sync.load.du
 metrics.observe(bridge.stats)  # asgi_session_sync.nats.*
 ```
 
-Every integer counter of a stats object (its :meth:`~asgi_session_sync.SessionSyncStats.as_dict`)
+Every integer counter of a stats object (its ``as_dict()``)
 becomes an OpenTelemetry observable counter named ``<namespace>.<counter>``, read from the
 object whenever the SDK collects: nothing is added to a connection's path for it. Each duration
 the object samples through its ``on_metric`` hook (``"load_seconds"``, one per loader call)
