@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Hashable, Mapping
-from typing import Any, NamedTuple, TypeVar
+from collections.abc import Awaitable, Callable, Mapping
+from typing import NamedTuple, TypeVar
 
 import anyio
 from pydantic import BaseModel
@@ -19,7 +19,15 @@ from pydantic import BaseModel
 from ._flights import SingleFlight
 from ._paths import clip_for_log
 from .events import SessionSynced, SessionUpdate, Version
-from .snapshot import SessionContext, SessionLoader, Snapshot, VersionLoader
+from .snapshot import (
+    Authenticate,
+    ErrorHook,
+    FlightKey,
+    SessionContext,
+    SessionLoader,
+    Snapshot,
+    VersionLoader,
+)
 from .stats import SessionSyncStats
 from .versions import same_version
 
@@ -28,10 +36,6 @@ __all__ = ["FirstFrame", "SnapshotFetcher"]
 logger = logging.getLogger("asgi_session_sync")
 
 T = TypeVar("T")
-
-Authenticate = Callable[[Any], Awaitable[Any]]
-ErrorHook = Callable[[SessionContext, Exception], object]
-FlightKey = Callable[[SessionContext], Hashable | None]
 
 
 class FirstFrame(NamedTuple):
@@ -128,6 +132,7 @@ class SnapshotFetcher:
     ) -> T | None:
         try:
             key = self.flight_key(ctx)
+            hash(key)  # an unhashable key (a list inside) fails here, not in the flight table
         except Exception as exc:
             self._fail(ctx, exc, "no snapshot: flight_key raised")
             return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import logging
+from collections import deque
 from collections.abc import Awaitable
 from dataclasses import dataclass
 
@@ -28,15 +29,18 @@ class Phase(enum.Enum):
     AWAITING_ACCEPT = "awaiting accept"
     """The app has not accepted: messages pass; an accept starts the load."""
     LOADING = "loading"
-    """The app is in ``send(accept)``, held while the first frame loads; other sends wait."""
+    """The app is in ``send(accept)``, held while the first frame loads; other sends queue."""
     FENCING = "fencing"
     """Accepted with a versioned first frame: stale event frames are dropped."""
     SETTLED = "settled"
     """Everything passes to the server's ``send`` unchanged."""
+    CLOSED = "closed"
+    """The app returned: frames pass unchanged, and a resync sends nothing."""
 
 
 _SETTLED = Phase.SETTLED
 _NOTHING = FirstFrame(None, None)
+_REJECTIONS = frozenset({"websocket.close", "websocket.http.response.start"})
 
 
 @dataclass(frozen=True)
@@ -58,10 +62,11 @@ class SnapshotResponder:
     """
 
     __slots__ = (
-        "_accepted",
+        "_authenticating",
         "_ctx",
         "_fence",
         "_fetcher",
+        "_queue",
         "_send",
         "_settings",
         "phase",
@@ -81,7 +86,9 @@ class SnapshotResponder:
         self.phase = Phase.AWAITING_ACCEPT
         self.version: Version | None = None
         """The version the first frame gave the client (see ``get_snapshot_version``)."""
-        self._accepted: anyio.Event | None = None  # made only if an app task must wait
+        # App tasks that send while the accept is held wait here for their turn, in order.
+        self._queue: deque[anyio.Event] | None = None  # made only if one must wait
+        self._authenticating: anyio.Event | None = None
         self._ctx: SessionContext | None = None
         self._fence: VersionFence | None = None
 
@@ -94,22 +101,15 @@ class SnapshotResponder:
     async def _send_unsettled(self, message: Message) -> None:
         phase = self.phase
         if phase is Phase.FENCING:
-            if message["type"] == "websocket.send" and not self._admit(message):
-                return
+            await self._send_accepted(message)
         elif phase is Phase.LOADING:
-            # Another of the app's tasks sends while the accept is held: nothing may overtake
-            # the accept and the snapshot, so it waits and then goes through the new phase.
-            if self._accepted is None:
-                self._accepted = anyio.Event()
-            await self._accepted.wait()
-            await self.send_with_snapshot(message)
-            return
-        elif message["type"] == "websocket.accept":
+            await self._send_in_turn(message)
+        elif phase is Phase.AWAITING_ACCEPT and message["type"] == "websocket.accept":
             await self._accept(message)
-            return
-        elif message["type"] in ("websocket.close", "websocket.http.response.start"):
-            self.phase = _SETTLED  # rejected before accepting: no one to send a snapshot to
-        await self._send(message)
+        else:
+            if phase is Phase.AWAITING_ACCEPT and message["type"] in _REJECTIONS:
+                self.phase = _SETTLED  # rejected before accepting: no one to send a snapshot to
+            await self._send(message)
 
     async def _accept(self, accept: Message) -> None:
         self.phase = Phase.LOADING
@@ -121,12 +121,45 @@ class SnapshotResponder:
             await self._send(accept)
             if first.data is not None:
                 await self._send_snapshot(first.data)
-            self._settle(first.version)
+            self._arm_fence(first.version)
         finally:
-            if self.phase is Phase.LOADING:  # the load or the accept raised, or was cancelled
-                self.phase = _SETTLED
-            if self._accepted is not None:
-                self._accepted.set()
+            # Also when the load or the accept raised or was cancelled: queued sends go on.
+            self._next_turn()
+
+    async def _send_in_turn(self, message: Message) -> None:
+        """Send ``message`` once the accept and the snapshot are out and every send queued
+        before it has gone: concurrent app tasks keep their order on every backend."""
+        turn = anyio.Event()
+        if self._queue is None:
+            self._queue = deque()
+        self._queue.append(turn)
+        try:
+            await turn.wait()
+        except BaseException:
+            if turn.is_set():
+                self._next_turn()  # cancelled as its turn came: hand the turn on
+            else:
+                self._queue.remove(turn)
+            raise
+        try:
+            await self._send_accepted(message)
+        finally:
+            self._next_turn()
+
+    def _next_turn(self) -> None:
+        """Wake the next queued send, or leave the loading phase when none is left."""
+        if self._queue:
+            self._queue.popleft().set()
+        elif self.phase is Phase.LOADING:
+            self.phase = _SETTLED if self._fence is None else Phase.FENCING
+
+    async def _send_accepted(self, message: Message) -> None:
+        """Send after the accept: dropped if the fence says it is stale."""
+        if self._fence is not None and message["type"] == "websocket.send":
+            text = message.get("text")
+            if text is not None and not self._admit(text):
+                return
+        await self._send(message)
 
     async def _first_frame(self) -> FirstFrame:
         ctx = await self._context()
@@ -155,11 +188,10 @@ class SnapshotResponder:
             return
         self._fetcher.stats.incr("snapshots_sent")
 
-    def _settle(self, version: Version | None) -> None:
+    def _arm_fence(self, version: Version | None) -> None:
         self.version = version
         settings = self._settings
         if version is None or settings.fence_max_frames == 0:
-            self.phase = _SETTLED
             return
         self._fence = VersionFence(
             self.session_id,
@@ -168,21 +200,22 @@ class SnapshotResponder:
             max_frames=settings.fence_max_frames,
             max_seconds=settings.fence_max_seconds,
         )
-        self.phase = Phase.FENCING
 
-    def _admit(self, message: Message) -> bool:
-        text = message.get("text")
-        if text is None:
-            return True
+    def _admit(self, text: str) -> bool:
         assert self._fence is not None
         verdict = self._fence.admit(text)
         if verdict is None:
             self._fence = None  # caught up or out of the window: stop reading frames
-            self.phase = _SETTLED
+            if self.phase is Phase.FENCING:
+                self.phase = _SETTLED
             return True
         if not verdict:
             self._fetcher.stats.incr("fenced_frames")
         return verdict
+
+    def close(self) -> None:
+        """Mark the connection over (the app returned): a late resync then sends nothing."""
+        self.phase = Phase.CLOSED
 
     async def resync(self) -> str | None:
         """Load the session afresh for this connection and return the snapshot frame's text.
@@ -190,19 +223,36 @@ class SnapshotResponder:
         For code that must resend the current state on a live connection (the NATS bridge
         after a broker restart or a lost update): same loader, user, timeout and limits as
         the first snapshot, never the TTL cache, and never a load that started before this
-        call. Returns ``None`` when there is nothing to send; the reason is logged.
+        call. Returns ``None`` when there is nothing to send (the reason is logged) and once
+        the connection is over.
         """
         ctx = await self._context()
-        if ctx is None:
+        if ctx is None or self.phase is Phase.CLOSED:
             return None
         frame = await self._fetcher.snapshot(ctx, fresh=True)
         return None if frame is None or frame.data is None else frame.data.decode()
 
     async def _context(self) -> SessionContext | None:
-        """The loader's context, authenticated once per connection; ``None`` if that failed."""
-        if self._ctx is None:
-            ctx = SessionContext(self.session_id, self.scope, self.scope.get("user"), self._since())
+        """The loader's context, authenticated once per connection; ``None`` if that failed.
+
+        A resync that starts while the first load authenticates shares that call: one-time
+        credentials are used once.
+        """
+        if self._ctx is not None:
+            return self._ctx
+        if self._authenticating is not None:
+            await self._authenticating.wait()
+            return self._ctx
+        ctx = SessionContext(self.session_id, self.scope, self.scope.get("user"), self._since())
+        if self._fetcher.authenticate is None:
+            self._ctx = ctx
+            return ctx
+        authenticating = self._authenticating = anyio.Event()
+        try:
             self._ctx = await self._fetcher.context(ctx)
+        finally:
+            self._authenticating = None
+            authenticating.set()
         return self._ctx
 
     def _since(self) -> Version | None:

@@ -2,10 +2,13 @@
 
 A session id comes from a URL, so an attacker chooses it. It becomes a loader argument, a log
 field and a NATS subject token, so whatever pattern a user configures, some characters never
-pass: the NATS subject separator and wildcards (``.``, ``*``, ``>``), whitespace, and every
+pass: the NATS subject separator and wildcards (``.``, ``*``, ``>``), whitespace, every
 control, format, surrogate, private-use or unassigned code point (Unicode categories ``Cc``,
 ``Cf``, ``Cs``, ``Co``, ``Cn``: C0 and C1 controls, bidi controls such as U+202E, zero-width
-characters such as U+200B and U+FEFF), which could forge log lines or hide what an id says.
+characters such as U+200B and U+FEFF), every other default-ignorable code point (Unicode's
+``Default_Ignorable_Code_Point``: variation selectors, Hangul fillers, the combining grapheme
+joiner), and U+FFFD, which stands for undecodable bytes. These could forge log lines, hide what
+an id says, or make two different URLs name one session.
 """
 
 from __future__ import annotations
@@ -24,6 +27,12 @@ MAX_SESSION_ID_LENGTH = 256
 _ASCII_NEVER = re.compile(r"[.*>\s\x00-\x1f\x7f]")
 _SUBJECT_CHARS = {".": "the NATS subject separator", "*": "a NATS wildcard", ">": "a NATS wildcard"}
 _REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zs", "Zl", "Zp"})
+# Unicode 15.1 DerivedCoreProperties.txt, Default_Ignorable_Code_Point, less what the
+# categories above already refuse; and U+FFFD, the replacement for undecodable bytes.
+_INVISIBLE = re.compile(
+    "[\u034f\u115f\u1160\u17b4\u17b5\u180b-\u180f\u3164\ufe00-\ufe0f\uffa0\ufffd"
+    "\U000e0100-\U000e01ef]"
+)
 
 
 class SessionIdRules:
@@ -63,7 +72,10 @@ class SessionIdRules:
                 return f"{char!r} is {what}"
         refused = _refused_char(session_id)
         if refused is not None:
-            return f"it contains U+{ord(refused):04X}, a whitespace, control or format character"
+            return (
+                f"it contains U+{ord(refused):04X}, a whitespace, control, format or "
+                "invisible character"
+            )
         if self._pattern.fullmatch(session_id) is None:
             return f"it does not match the session id pattern {self._pattern.pattern!r}"
         return None
@@ -73,4 +85,5 @@ def _refused_char(session_id: str) -> str | None:
     for char in session_id:
         if char.isspace() or unicodedata.category(char) in _REFUSED_CATEGORIES:
             return char
-    return None
+    invisible = _INVISIBLE.search(session_id)
+    return None if invisible is None else invisible.group()

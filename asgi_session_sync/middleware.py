@@ -15,7 +15,15 @@ from ._responder import ConnectionSettings, SnapshotResponder
 from ._session_ids import DEFAULT_SESSION_ID_PATTERN, SessionIdRules
 from ._types import AnyASGIApp, ASGIApp
 from .events import Version
-from .snapshot import SessionContext, SessionLoader, VersionLoader, user_identity
+from .snapshot import (
+    Authenticate,
+    ErrorHook,
+    FlightKey,
+    SessionContext,
+    SessionLoader,
+    VersionLoader,
+    user_identity,
+)
 from .stats import MetricHook, SessionSyncStats
 
 __all__ = [
@@ -31,18 +39,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("asgi_session_sync")
-
-Authenticate = Callable[[Any], Awaitable[Any]]
-"""``async def authenticate(scope) -> user``: who is connecting (cookie, header, token)."""
-
-ErrorHook = Callable[[SessionContext, Exception], object]
-"""``def on_error(ctx, exc)``: called when a load failed or timed out."""
-
-FlightKey = Callable[[SessionContext], Hashable | None]
-"""``def flight_key(ctx)``: connections with equal keys may share one load and its result.
-
-``None`` means the load is this connection's alone: never shared, never cached. A key
-function that raises is a failed load (counted, logged, passed to ``on_error``)."""
 
 Resync = Callable[[], Awaitable[str | None]]
 """Loads the connection's session afresh; returns the snapshot frame's JSON text or ``None``."""
@@ -68,15 +64,17 @@ class SessionSyncMiddleware:
     """ASGI middleware that sends a session's current state as the first WebSocket frame.
 
     For a WebSocket on one of ``paths``, when the app sends ``websocket.accept`` the middleware
-    forwards it unchanged, calls ``loader`` and sends the result as one ``session_update`` text
-    frame before the app's ``send(accept)`` returns, so the snapshot always precedes anything
-    the app sends. Everything else (HTTP, lifespan, other paths) passes through untouched.
+    holds it and calls ``loader``, then forwards the accept unchanged with the result right
+    after it, as one ``session_update`` text frame, and only then returns from the app's
+    ``send(accept)``: the snapshot precedes anything the app sends, and the client is connected
+    when its state is ready. The middleware never calls ``receive()``; the app reads the
+    server's own. Everything else (HTTP, lifespan, other paths) passes through untouched.
 
     A snapshot is never worth a broken connection: when the loader raises, times out, returns
-    ``None`` or something too large, nothing is sent, the reason is logged on the
-    ``asgi_session_sync`` logger, and the app goes on. When the client disconnects during the
-    load, the connection stops waiting for it and the app still receives the
-    ``websocket.disconnect``.
+    ``None`` or something too large, the accept goes out without a snapshot, the reason is
+    logged on the ``asgi_session_sync`` logger, and the app goes on. A client that leaves during
+    the load is not noticed until the load ends (``timeout`` at most); the server then tells the
+    app as it would without the middleware. A server's handshake timeout must allow the load.
 
     Guarantees beyond the first frame:
 
@@ -97,24 +95,31 @@ class SessionSyncMiddleware:
             model, a :class:`~asgi_session_sync.Snapshot`, or ``None`` for "nothing to send".
         paths: WebSocket paths to serve: exact paths (the id then comes from the
             ``session_id_param`` query parameter) or patterns with one ``{session_id}``
-            segment, such as ``"/ws/sessions/{session_id}"``. Matched against ``scope["path"]``.
+            segment, such as ``"/ws/sessions/{session_id}"``. Matched against the route path:
+            ``scope["path"]`` without ``scope["root_path"]`` when it starts with it, as
+            Starlette routes, so they hold under ``uvicorn --root-path`` and in mounted apps.
         session_id_param: Query parameter holding the id on exact paths.
         session_id_pattern: Regular expression a session id must fully match before it reaches
-            the loader. Whatever it allows, ids with ``.``, ``*``, ``>``, whitespace or control
-            characters, and ids over 256 characters, are always refused.
+            the loader. Whatever it allows, ids with ``.``, ``*``, ``>``, whitespace, control,
+            format or invisible characters (C1, bidi, zero-width), and ids over 256
+            characters, are always refused.
         timeout: Seconds a connection waits for its snapshot (queueing, loading, sharing).
             ``authenticate`` and ``version_loader`` each have a budget of the same length, so
-            a resuming connection waits at most three times this.
+            a resuming connection waits at most three times this, and so is its handshake
+            held. The bound cancels the loader: a loader that cannot be cancelled (a thread
+            not abandoned on cancel) holds the connection until it returns.
         max_bytes: Largest snapshot frame sent, in bytes of JSON; larger ones are logged and
             dropped. ``None`` for no limit.
         event_type: The ``type`` field of the snapshot event.
         authenticate: Optional ``async def authenticate(scope)`` returning the connecting user,
             for stacks whose authentication runs inside the framework (FastAPI dependencies,
             Litestar guards) where no middleware sets ``scope["user"]``.
-        on_error: Optional ``def on_error(ctx, exc)`` called when the loader raised (with its
-            exception) or a connection's wait timed out (with a ``TimeoutError``).
-        fence_event_types: Event types fenced besides ``event_type``: the delta or patch events
-            an app streams after a full-state baseline.
+        on_error: Optional ``def on_error(ctx, exc)`` called with the exception whenever a
+            connection gets no snapshot because something failed: the loader,
+            ``version_loader``, ``authenticate`` or ``flight_key`` raised, a wait timed out (a
+            ``TimeoutError``), or the server's ``send`` refused the snapshot frame.
+        fence_event_types: Event types fenced besides ``event_type`` and ``session_patch``:
+            the delta events an app streams after a full-state baseline.
         fence_max_frames: App frames inspected after the snapshot at most; 0 turns the fence off.
         fence_max_seconds: Seconds after the snapshot during which frames are inspected.
         since_param: Query parameter in which a resuming client passes its last version.
@@ -123,6 +128,7 @@ class SessionSyncMiddleware:
         send_synced: Send a ``session_synced`` event when resume skips the snapshot.
         single_flight: Share concurrent loads with equal ``flight_key``.
         flight_key: Which connections may share a load; :func:`default_flight_key` by default.
+            It must return a hashable key, or ``None`` for a load never shared.
         max_concurrent_loads: Loader calls running at once, at most.
         cache_ttl: Opt-in: seconds a successful load is reused for new connections (failed
             and empty loads are not). ``None`` (the default) caches nothing. A cached snapshot
@@ -182,7 +188,7 @@ class SessionSyncMiddleware:
         self.app: ASGIApp = guarantee_single_callable(app)  # type: ignore[no-untyped-call]
         self.stats = SessionSyncStats(on_metric=on_metric)
         """Counters since the middleware was created: see :class:`SessionSyncStats`."""
-        self.fetcher = SnapshotFetcher(
+        self._fetcher = SnapshotFetcher(
             loader=loader,
             version_loader=version_loader,
             authenticate=authenticate,
@@ -198,7 +204,7 @@ class SessionSyncMiddleware:
         )
         """Loads, shares, encodes and reports snapshots for every connection."""
         self._connections = ConnectionSettings(
-            fetcher=self.fetcher,
+            fetcher=self._fetcher,
             since_param=since_param,
             fence_event_types=frozenset({event_type, "session_patch", *fence_event_types}),
             fence_max_frames=fence_max_frames,
@@ -240,6 +246,7 @@ class SessionSyncMiddleware:
             # receive is the server's own: the middleware never reads it.
             await self.app(scope, receive, responder.send_with_snapshot)
         finally:
+            responder.close()
             # The responder refers to the scope: without this cycle a closed connection is
             # freed at once, not at the garbage collector's next pass.
             scope.pop(SCOPE_KEY, None)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -12,6 +12,9 @@ from ._types import Scope
 from .events import Version
 
 __all__ = [
+    "Authenticate",
+    "ErrorHook",
+    "FlightKey",
     "LoaderResult",
     "SessionContext",
     "SessionLoader",
@@ -116,8 +119,27 @@ class VersionLoader(Protocol):
 
     Asked before the full load when a client resumes with ``since``: when it returns the same
     version, the full load and the snapshot are skipped. ``None`` means "unknown": load in full.
+    A version is information: check ownership exactly as the loader does, and return ``None``
+    for a user who may not see the session (with ``send_synced=True`` a client could otherwise
+    learn another user's version by trying ``since`` values).
     """
 
     async def __call__(self, ctx: SessionContext, /) -> Version | None:
         """Return the current version of ``ctx.session_id``, or ``None``."""
         ...
+
+
+Authenticate = Callable[[Any], Awaitable[Any]]
+"""``async def authenticate(scope) -> user``: who is connecting (cookie, header, token)."""
+
+ErrorHook = Callable[[SessionContext, Exception], object]
+"""``def on_error(ctx, exc)``: called when a connection gets no snapshot because something failed:
+the loader, ``version_loader`` or ``authenticate`` raised, a wait timed out (a ``TimeoutError``),
+``flight_key`` raised, or the server's ``send`` refused the snapshot frame."""
+
+FlightKey = Callable[[SessionContext], Hashable | None]
+"""``def flight_key(ctx)``: connections with equal keys may share one load and its result.
+
+The key must be hashable. ``None`` means the load is this connection's alone: never shared,
+never cached. A key function that raises, or returns an unhashable key, is a failed load
+(counted, logged, passed to ``on_error``)."""

@@ -600,7 +600,7 @@ async def test_loader_base_exception_propagates_unwrapped_and_frees_the_flight(
     with caplog.at_level(logging.ERROR, logger="asgi_session_sync"), pytest.raises(Fatal):
         async with connect_websocket(app, "/ws/sessions/s1"):
             pass
-    assert app.fetcher._snapshots.in_flight == 0
+    assert app._fetcher._snapshots.in_flight == 0
     assert "loader raised Fatal, re-raised session_id=s1" in caplog.text
 
 
@@ -622,8 +622,9 @@ async def failing_server_send(message: Message) -> None:
     [
         ({}, {"user": ExplodingUser()}, "LookupError: user row gone"),
         ({"flight_key": lambda ctx: 1 / 0}, {}, "ZeroDivisionError"),
+        ({"flight_key": lambda ctx: (ctx.session_id, ["role"])}, {}, "unhashable type"),
     ],
-    ids=["user-id-property-raises", "flight-key-raises"],
+    ids=["user-id-property-raises", "flight-key-raises", "flight-key-unhashable"],
 )
 async def test_failures_outside_the_loader_are_absorbed_like_loader_failures(
     caplog: pytest.LogCaptureFixture, options: dict[str, Any], scope: Scope, cause: str
@@ -680,6 +681,10 @@ async def test_server_send_failure_on_the_snapshot_is_absorbed(
         "a\u200db",  # zero-width joiner
         "a\ufeffb",  # zero-width no-break space
         "a\u2028b",  # line separator
+        "admin\ufe0f",  # variation selector: looks like "admin"
+        "\u3164\u3164",  # Hangul fillers: look blank
+        "a\u034fb",  # combining grapheme joiner
+        "a\ufffdb",  # replacement character: undecodable bytes
     ],
 )
 async def test_invisible_and_control_characters_never_pass_a_custom_pattern(
@@ -726,3 +731,114 @@ async def test_root_path_is_removed_only_at_a_segment_boundary(root_path: str, p
     async with connect_websocket(wrap(loader=loader), path, scope={"root_path": root_path}) as ws:
         assert await ws.receive_text() == "hello"
     assert loader.calls == []
+
+
+async def test_sends_queued_during_the_load_keep_their_order() -> None:
+    # Trio wakes a batch of waiters in random order; queued sends must still go out in order.
+    release = anyio.Event()
+
+    async def gated(ctx: SessionContext) -> dict[str, str]:
+        await release.wait()
+        return {}
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(send, {"type": "websocket.accept"})
+            await anyio.lowlevel.checkpoint()
+            for n in range(8):
+                tg.start_soon(send, {"type": "websocket.send", "text": f"m{n}"})
+                await anyio.lowlevel.checkpoint()  # each task is queued before the next starts
+            release.set()
+
+    for _ in range(5):
+        server = RecordingServer()
+        with anyio.fail_after(5):
+            await wrap(app, loader=gated)(server.scope(), server.receive, server.send)
+        texts = [m.get("text") for m in server.sent[2:]]
+        assert texts == [f"m{n}" for n in range(8)]
+
+
+async def test_cancelled_queued_send_passes_its_turn_on() -> None:
+    release = anyio.Event()
+
+    async def gated(ctx: SessionContext) -> dict[str, str]:
+        await release.wait()
+        return {}
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(send, {"type": "websocket.accept"})
+            await anyio.lowlevel.checkpoint()
+            leaver = anyio.CancelScope()
+            tg.start_soon(send, {"type": "websocket.send", "text": "first"})
+            await anyio.lowlevel.checkpoint()
+
+            async def cancelled_send() -> None:
+                with leaver:
+                    await send({"type": "websocket.send", "text": "never"})
+
+            tg.start_soon(cancelled_send)
+            await anyio.lowlevel.checkpoint()
+            leaver.cancel()
+            tg.start_soon(send, {"type": "websocket.send", "text": "last"})
+            await anyio.lowlevel.checkpoint()
+            release.set()
+
+    server = RecordingServer()
+    with anyio.fail_after(5):
+        await wrap(app, loader=gated)(server.scope(), server.receive, server.send)
+    assert [m.get("text") for m in server.sent[2:]] == ["first", "last"]
+
+
+async def test_resync_during_the_first_load_authenticates_once() -> None:
+    from asgi_session_sync import get_resync
+
+    calls: list[str] = []
+    loading = anyio.Event()
+
+    async def authenticate(scope: Scope) -> str:
+        calls.append("authenticate")
+        loading.set()
+        await anyio.sleep(0.01)  # a one-time ticket checked against a remote service
+        return "alice"
+
+    resynced: list[str | None] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        async with anyio.create_task_group() as tg:
+
+            async def resync() -> None:
+                await loading.wait()
+                resync = get_resync(scope)
+                assert resync is not None
+                resynced.append(await resync())
+
+            tg.start_soon(resync)
+            await send({"type": "websocket.accept"})
+
+    server = RecordingServer()
+    with anyio.fail_after(5):
+        await wrap(app, authenticate=authenticate)(server.scope(), server.receive, server.send)
+    assert calls == ["authenticate"]
+    assert resynced[0] is not None
+    assert json.loads(resynced[0])["type"] == "session_update"
+
+
+async def test_resync_after_the_connection_ended_sends_nothing() -> None:
+    from asgi_session_sync import get_resync
+
+    kept: list[Any] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        kept.append(get_resync(scope))
+
+    loader = RecordingLoader()
+    server = RecordingServer()
+    await wrap(app, loader=loader)(server.scope(), server.receive, server.send)
+    assert await kept[0]() is None
+    assert len(loader.calls) == 1

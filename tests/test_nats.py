@@ -216,7 +216,7 @@ BAD_IDS = {
     "a" * 10_000: "at most 256",
     "a" * 200: "pattern",
     "": "empty",
-    "a\r\nPUB x 2": "U\\+000D, a whitespace, control or format character",
+    "a\r\nPUB x 2": "U\\+000D, a whitespace, control, format or invisible character",
     "a\x00b": "control",
     "a\u202eb": "U\\+202E",
     "ü": "pattern",
