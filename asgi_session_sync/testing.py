@@ -229,7 +229,9 @@ async def connect_websocket(
         headers: Extra request headers.
         subprotocols: Subprotocols the client offers.
         scope: Extra scope keys (``{"user": ...}``, ``{"root_path": ...}``) merged last.
-        timeout: Seconds any single wait may take before ``TimeoutError``.
+        timeout: Seconds any single wait may take before ``TimeoutError``. The handshake
+            includes a wrapped app's snapshot load: make it longer than the middleware's
+            ``timeout`` to test a load that times out.
 
     Raises:
         WebSocketRejected: The app closed or sent an HTTP response instead of accepting.
