@@ -17,9 +17,8 @@ from litestar import Litestar
 
 from asgi_session_sync.nats import EmbeddedNats
 from asgi_session_sync.testing import WebSocketClient, WebSocketRejected, connect_websocket
+from examples.chat.worker import run_worker, simulated_tokens
 from examples.litestar_app import Settings, create_app
-from examples.litestar_app.live import simulated_reply
-from examples.litestar_app.settings import async_database_url
 
 pytestmark = pytest.mark.anyio
 
@@ -38,12 +37,15 @@ async def app(tmp_path: Path, nats_server: EmbeddedNats) -> AsyncIterator[Litest
     settings = Settings(
         database_url=f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}",
         nats_url=nats_server.url,
-        reply_tokens=TOKENS,
+        response_tokens=TOKENS,
         token_interval=0.01,
     )
     app = create_app(settings)
-    async with app.lifespan():
+    # The API with its lifespan, and a response worker beside it, as two processes would run.
+    async with app.lifespan(), anyio.create_task_group() as worker:
+        worker.start_soon(run_worker, settings.worker())
         yield app
+        worker.cancel_scope.cancel()
 
 
 @pytest.fixture
@@ -104,7 +106,7 @@ async def test_prompt_streams_tokens_as_updates_with_increasing_versions(
         response = await call(http, "POST", prompts, "alice", {"prompt": "hi"})
         assert response.status_code == 202, response.text
         assert response.json()["interactions"] == [
-            {"position": 0, "prompt": "hi", "response": "", "done": False}
+            {"position": 0, "prompt": "hi", "response": "", "done": False, "interrupted": None}
         ]
 
         events = []
@@ -116,7 +118,7 @@ async def test_prompt_streams_tokens_as_updates_with_increasing_versions(
     # The prompt, then one version per token: every change was published, in order.
     assert [event["version"] for event in events] == list(range(2, TOKENS + 3))
     responses = [event["session"]["interactions"][0]["response"] for event in events]
-    expected = simulated_reply(TOKENS)
+    expected = simulated_tokens(TOKENS)
     assert responses == ["".join(expected[:count]) for count in range(TOKENS + 1)]
 
     current = await call(http, "GET", f"/api/sessions/{session['id']}", "alice")
@@ -193,7 +195,9 @@ def test_settings_from_the_environment() -> None:
     assert (settings.host, settings.port) == ("127.0.0.1", 9000)
     defaults = Settings.from_env({})
     assert defaults.database_url.startswith("sqlite+aiosqlite:///")
-    assert (defaults.nats_url, defaults.port) == (None, 8001)
-    assert async_database_url("sqlite+aiosqlite:///x.db") == "sqlite+aiosqlite:///x.db"
+    assert (defaults.nats_url, defaults.port, defaults.nats_port) == (None, 8001, 4224)
+    assert Settings(database_url="postgres://u@db/chat").database_url == (
+        "postgresql+asyncpg://u@db/chat"
+    )
     with pytest.raises(ValueError, match="PORT"):
         Settings.from_env({"PORT": "http"})
