@@ -6,9 +6,11 @@ temporary SQLite file and a private nats-server, as ``python -m examples.litesta
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import anyio
 import httpx
@@ -201,3 +203,19 @@ def test_settings_from_the_environment() -> None:
     )
     with pytest.raises(ValueError, match="PORT"):
         Settings.from_env({"PORT": "http"})
+
+
+async def test_ids_with_nul_or_newline_get_404_and_never_reach_the_logs(
+    app: Litestar, http: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    forged = "x\nERROR forged log line"
+    for raw in ("a%00b", "a%0Ab", quote(forged, safe="")):
+        response = await call(http, "GET", f"/api/sessions/{raw}", "alice")
+        assert response.status_code == 404, (raw, response.text)
+        prompts = await call(http, "POST", f"/api/sessions/{raw}/prompts", "alice", {"prompt": "x"})
+        assert prompts.status_code == 404
+    for record in caplog.records:
+        message = record.getMessage()
+        assert "\x00" not in message
+        assert "\nERROR forged" not in message

@@ -14,6 +14,7 @@ from types import TracebackType
 
 import anyio
 from sqlalchemy import ColumnElement, case, func, select, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import selectinload
 
@@ -21,6 +22,7 @@ from .models import Base, ChatSession, Interaction, SessionView, is_session_id, 
 
 __all__ = ["ChatStore", "Claim", "Interruption", "TokenCommit"]
 
+_CREATE_ATTEMPTS = 3
 # Seconds closing the engine's connections may take.
 _DISPOSE_TIMEOUT = 5.0
 
@@ -80,8 +82,17 @@ class ChatStore:
 
     async def __aenter__(self) -> ChatStore:
         """Create the tables that do not exist yet."""
-        async with self.engine.begin() as connection:
-            await connection.run_sync(Base.metadata.create_all)
+        # The API and the worker start together, and create_all's check-then-create is not
+        # atomic: when the other process wins the race, the next pass finds its tables.
+        for attempt in range(_CREATE_ATTEMPTS):
+            try:
+                async with self.engine.begin() as connection:
+                    await connection.run_sync(Base.metadata.create_all)
+            except DBAPIError:
+                if attempt == _CREATE_ATTEMPTS - 1:
+                    raise
+            else:
+                break
         return self
 
     async def __aexit__(

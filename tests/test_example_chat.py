@@ -1,0 +1,200 @@
+"""The examples' shared chat below HTTP: claims, token commits, leases and their sweeper.
+
+Against a real SQLite file, and PostgreSQL where two replicas race (skipped without it).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from asgi_session_sync.nats import EmbeddedNats, NatsBridge
+from examples.chat.leases import LeaseSweeper
+from examples.chat.publishing import SessionPublisher
+from examples.chat.store import NO_WORKER, WORKER_LOST, ChatStore
+from examples.chat.worker import ResponseWorker, WorkerSettings, simulated_tokens
+
+pytestmark = pytest.mark.anyio
+
+WAIT = 5.0
+LEASE = 0.3
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    # SQLAlchemy's asyncio extension and nats-py run on asyncio only.
+    return "asyncio"
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[ChatStore]:
+    async with ChatStore(create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}")) as s:
+        yield s
+
+
+async def pending_prompt(store: ChatStore, claim_within: float = 10.0) -> str:
+    session = await store.create_session("alice", "Demo")
+    added = await store.add_prompt(session["id"], "alice", "hi", claim_within=claim_within)
+    assert added is not None
+    return session["id"]
+
+
+async def test_each_token_commits_one_version_and_the_response_so_far(store: ChatStore) -> None:
+    session_id = await pending_prompt(store)
+    claim = await store.claim("w1", lease=10)
+    assert claim is not None
+    assert (claim.session_id, claim.owner, claim.position) == (session_id, "alice", 0)
+
+    first = await store.append_token(claim, "Hello", done=False, lease=10)
+    second = await store.append_token(claim, " world", done=True, lease=10)
+
+    assert first is not None
+    assert second is not None
+    assert (first.version, first.response) == (3, "Hello")
+    assert (second.version, second.response, second.done) == (4, "Hello world", True)
+    view = await store.get_session(session_id, "alice")
+    assert view is not None
+    assert view["version"] == 4
+    assert view["interactions"][0] == {
+        "position": 0,
+        "prompt": "hi",
+        "response": "Hello world",
+        "done": True,
+        "interrupted": None,
+    }
+
+
+async def test_a_prompt_is_claimed_by_one_worker_only(store: ChatStore) -> None:
+    await pending_prompt(store)
+    claims = await anyio_gather(store.claim("w1", lease=10), store.claim("w2", lease=10))
+    assert sum(claim is not None for claim in claims) == 1
+    assert await store.claim("w3", lease=10) is None
+
+
+async def anyio_gather(*awaitables: Any) -> list[Any]:
+    results: list[Any] = [None] * len(awaitables)
+
+    async def run(index: int, awaitable: Any) -> None:
+        results[index] = await awaitable
+
+    async with anyio.create_task_group() as group:
+        for index, awaitable in enumerate(awaitables):
+            group.start_soon(run, index, awaitable)
+    return results
+
+
+async def test_expired_lease_is_marked_interrupted_once_and_the_worker_loses_it(
+    store: ChatStore,
+) -> None:
+    session_id = await pending_prompt(store)
+    claim = await store.claim("w1", lease=LEASE)
+    assert claim is not None
+    assert await store.append_token(claim, "Half", done=False, lease=LEASE) is not None
+    assert await store.interrupt_expired() == []  # still held
+
+    await anyio.sleep(LEASE + 0.05)  # a lease is wall-clock time: let it run out
+    # Two replicas sweep at once: exactly one marks it.
+    swept = await anyio_gather(store.interrupt_expired(), store.interrupt_expired())
+    [interruption] = swept[0] + swept[1]
+    assert (interruption.session_id, interruption.position) == (session_id, 0)
+    assert interruption.reason == WORKER_LOST
+    assert interruption.version == 4
+
+    # The worker comes back too late: it can neither write nor renew.
+    assert await store.append_token(claim, " more", done=False, lease=LEASE) is None
+    assert not await store.renew(claim, lease=LEASE)
+    view = await store.get_session(session_id, "alice")
+    assert view is not None
+    assert view["version"] == 4
+    assert view["interactions"][0]["response"] == "Half"
+    assert view["interactions"][0]["done"] is True
+    assert view["interactions"][0]["interrupted"] == WORKER_LOST
+
+
+async def test_renewed_lease_is_not_swept(store: ChatStore) -> None:
+    await pending_prompt(store)
+    claim = await store.claim("w1", lease=LEASE)
+    assert claim is not None
+    for _ in range(3):
+        await anyio.sleep(LEASE / 2)
+        assert await store.renew(claim, lease=LEASE)
+        assert await store.interrupt_expired() == []
+
+
+async def test_prompt_no_worker_claims_is_interrupted_with_that_reason(store: ChatStore) -> None:
+    session_id = await pending_prompt(store, claim_within=LEASE)
+    await anyio.sleep(LEASE + 0.05)
+    [interruption] = await store.interrupt_expired()
+    assert interruption.reason == NO_WORKER
+    assert await store.claim("late", lease=10) is None
+    view = await store.get_session(session_id, "alice")
+    assert view is not None
+    assert view["interactions"][0]["interrupted"] == NO_WORKER
+
+
+async def test_sweeper_publishes_the_interrupted_state(
+    store: ChatStore, nats_server: EmbeddedNats
+) -> None:
+    session_id = await pending_prompt(store, claim_within=LEASE)
+    async with NatsBridge(nats_server.url) as bridge:
+        subscription = await bridge.client.subscribe(f"session_sync.{session_id}")
+        sweeper = LeaseSweeper(store, SessionPublisher(bridge, store), interval=0.05)
+        with anyio.fail_after(WAIT):
+            async with anyio.create_task_group() as group:
+                group.start_soon(sweeper.run)
+                message = await subscription.next_msg(timeout=WAIT)
+                group.cancel_scope.cancel()
+    event = json.loads(message.data)
+    assert event["version"] == 3
+    assert event["session"]["interactions"][0]["done"] is True
+    assert event["session"]["interactions"][0]["interrupted"] == NO_WORKER
+
+
+async def test_malformed_ids_never_reach_the_database(store: ChatStore) -> None:
+    # An engine that fails every statement would make these raise; they answer at once.
+    broken = ChatStore(create_async_engine("sqlite+aiosqlite:////nonexistent/dir/x.db"))
+    for session_id in ("a\x00b", "a\nb", "0" * 31, "x" * 300, "../etc"):
+        assert await broken.get_session(session_id, "alice") is None
+        assert not await broken.is_owner(session_id, "alice")
+        assert await broken.add_prompt(session_id, "alice", "x", claim_within=1) is None
+
+
+async def test_worker_keeps_its_lease_between_slow_tokens(
+    store: ChatStore, nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    session_id = await pending_prompt(store)
+    settings = WorkerSettings(
+        database_url="unused",
+        nats_url=nats_server.url,
+        tokens=2,
+        token_interval=LEASE * 2,
+        lease=LEASE,
+    )
+    async with NatsBridge(nats_server.url) as bridge:
+        worker = ResponseWorker(store, SessionPublisher(bridge, store), settings, name="slow")
+        claim = await store.claim(worker.name, lease=LEASE)
+        assert claim is not None
+        swept: list[int] = []
+        with anyio.fail_after(WAIT):
+            async with anyio.create_task_group() as group:
+
+                async def sweep() -> None:
+                    while True:
+                        swept.append(len(await store.interrupt_expired()))
+                        await anyio.sleep(LEASE / 4)
+
+                group.start_soon(sweep)
+                await worker.stream(claim)
+                group.cancel_scope.cancel()
+    assert sum(swept) == 0, "a lease expired while its worker was alive"
+    view = await store.get_session(session_id, "alice")
+    assert view is not None
+    assert view["interactions"][0]["done"] is True
+    assert view["interactions"][0]["interrupted"] is None
+    assert view["interactions"][0]["response"] == "".join(simulated_tokens(2))
