@@ -1,6 +1,6 @@
 """Send the current state as the first WebSocket frame, so live UIs never show stale state."""
 
-from .events import SessionSynced, SessionUpdate, Version
+from .events import SessionPatch, SessionSynced, SessionUpdate, Version, make_patch
 from .middleware import (
     Authenticate,
     ErrorHook,
@@ -30,6 +30,7 @@ __all__ = [
     "Resync",
     "SessionContext",
     "SessionLoader",
+    "SessionPatch",
     "SessionSyncMiddleware",
     "SessionSyncStats",
     "SessionSynced",
@@ -40,6 +41,7 @@ __all__ = [
     "default_flight_key",
     "get_resync",
     "get_snapshot_version",
+    "make_patch",
     "user_identity",
 ]
 

@@ -6,6 +6,15 @@ back. The fence reads the app's outgoing text frames after the snapshot and drop
 fenced event types, those whose ``version`` is not newer than the snapshot's. It stops at the
 first newer frame (the live stream has caught up) or after a bounded window of frames and
 seconds, so a settled connection costs nothing.
+
+A fenced event with a ``base_version`` is a patch (``session_patch``): it applies only to the
+state at its base. After a snapshot at V the fence drops a patch whose ``version`` is not
+newer than V (the snapshot already holds it) and a patch that *overlaps* V (base older than
+V, version newer: it starts from a state the client never had, so applying it would corrupt
+the client's state). The live stream has caught up at the first patch whose base is V. A patch
+whose base is newer than V also ends the fence and passes: a patch between was lost before the
+app sent it, which the fence cannot repair, and the client sees the gap (its version is not
+the base) and reconnects with ``since``.
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ from collections.abc import Collection
 import anyio
 from pydantic_core import from_json
 
-from .versions import is_newer
+from .versions import PatchFit, classify_patch, is_newer
 
 __all__ = ["VersionFence"]
 
@@ -30,6 +39,9 @@ class VersionFence:
     ``event_types``, whose ``session_id`` is this session's (or absent), and whose ``version``
     compares with the baseline (see :mod:`asgi_session_sync.versions`) and is not newer.
     Everything else passes: binary frames, other types, frames without a comparable version.
+    A frame with a ``base_version`` is a patch and is judged by
+    :func:`~asgi_session_sync.versions.classify_patch`: stale and overlapping patches are
+    dropped, one that chains from the baseline (or is ahead of it) ends the fence.
     """
 
     __slots__ = (
@@ -65,27 +77,38 @@ class VersionFence:
         self._frames_left -= 1
         if self._frames_left < 0:
             return None
-        version = self._fenced_version(text)
-        if version is None:
+        event = self._fenced_event(text)
+        if event is None:
             return True
         if anyio.current_time() >= self._deadline:  # read only for frames it could drop
             return None
-        newer = is_newer(version, self.baseline)
-        if newer is None:
-            return True
-        if newer:
-            return None
+        version = event.get("version")
+        if "base_version" in event:
+            fit = classify_patch(event["base_version"], version, self.baseline)
+            if fit is PatchFit.CHAINS or fit is PatchFit.AHEAD:
+                return None
+            if fit is PatchFit.UNORDERED:
+                return True
+            reason = "stale" if fit is PatchFit.STALE else "overlapping"
+        else:
+            newer = is_newer(version, self.baseline)
+            if newer is None:
+                return True
+            if newer:
+                return None
+            reason = "stale"
         self.dropped += 1
         logger.debug(
-            "fenced a stale frame session_id=%s version=%r snapshot_version=%r",
+            "fenced a %s frame session_id=%s version=%r snapshot_version=%r",
+            reason,
             self.session_id,
             version,
             self.baseline,
         )
         return False
 
-    def _fenced_version(self, text: str) -> object:
-        """The frame's version if it is a fenced event of this session, else None."""
+    def _fenced_event(self, text: str) -> dict[str, object] | None:
+        """The frame as a dict if it is a versioned fenced event of this session, else None."""
         # Cheap tests first: most frames on a busy socket are not versioned fenced events.
         if not text.startswith("{") or '"version"' not in text:
             return None
@@ -100,4 +123,6 @@ class VersionFence:
             return None
         if event.get("session_id", self.session_id) != self.session_id:
             return None
-        return event.get("version")
+        if event.get("version") is None:
+            return None
+        return event

@@ -1,9 +1,10 @@
 """Live session updates over NATS, with a resync whenever the broker may have lost some.
 
 The middleware sends the current state once, when a WebSocket opens. This module carries the
-updates that follow: a publisher calls :meth:`NatsBridge.publish` after it changes a session,
-and every WebSocket watching that session receives the same ``session_update`` event as the
-snapshot, from whichever app replica it is connected to.
+changes that follow: a publisher calls :meth:`NatsBridge.publish` (the whole new state) or
+:meth:`NatsBridge.publish_patch` (an RFC 6902 patch from one version to the next) after it
+changes a session, and every WebSocket watching that session receives the event, from whichever
+app replica it is connected to.
 
 ```python
 from contextlib import asynccontextmanager
@@ -12,7 +13,7 @@ from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket
 
-from asgi_session_sync import SessionSyncMiddleware, get_resync
+from asgi_session_sync import SessionSyncMiddleware
 from asgi_session_sync.nats import NatsBridge
 
 bridge = NatsBridge(["nats://nats-1:4222", "nats://nats-2:4222", "nats://nats-3:4222"])
@@ -21,10 +22,11 @@ bridge = NatsBridge(["nats://nats-1:4222", "nats://nats-2:4222", "nats://nats-3:
 async def session_socket(websocket: WebSocket) -> None:
     session_id = websocket.path_params["session_id"]
     # Subscribe BEFORE accepting: the snapshot is loaded during accept, so any update
-    # published after that load is already on its way to this subscription.
-    async with bridge.subscribe(session_id, resync=get_resync(websocket.scope)) as updates:
+    # published after that load is already on its way to this subscription. The scope gives
+    # the subscription the middleware's resync and the snapshot's version.
+    async with bridge.subscribe(session_id, scope=websocket.scope) as updates:
         await websocket.accept()  # the middleware sends the snapshot here
-        await updates.forward(websocket.send_text, websocket.receive)
+        await updates.forward(websocket.send_text, websocket.receive, heartbeat=15)
 
 
 @asynccontextmanager
@@ -42,6 +44,9 @@ app = SessionSyncMiddleware(
 
 # Wherever a session changes (a request handler, a worker), after the database commit:
 await bridge.publish(session_id, session, owner=owner, version=version)
+# or, for a small change to a large session, the change alone:
+await bridge.publish_patch(session_id, make_patch(before, after),
+                           base_version=version - 1, version=version)
 ```
 
 What the bridge guarantees:
@@ -55,9 +60,17 @@ What the bridge guarantees:
   slow-consumer drop on a subscription, each affected subscription calls its ``resync()``
   (from :func:`~asgi_session_sync.get_resync`: the middleware's loader, same user, same
   limits) and yields the fresh snapshot in its stream, so the app's own loop sends it.
-* **Order by version.** Each subscription remembers the highest ``version`` it has yielded and
-  drops a later frame (live or resync) whose version is not newer. Frames without a
-  comparable version pass, so publish with versions when order matters.
+* **Order by version.** Each subscription knows the version its socket has (the snapshot's,
+  then that of each frame it yielded) and drops a later full state (live or resync) whose
+  version is not newer. Frames without a comparable version pass, so publish with versions
+  when order matters.
+* **Patches chain, or the socket is resynced.** A patch is yielded only when its
+  ``base_version`` is the socket's version. A patch that does not chain (one before it was
+  lost, or the socket's version is unknown) is never yielded: the subscription resyncs the
+  socket and then yields the patches that chain from the fresh snapshot. No client receives a
+  patch for a state it does not have, and none has to reconnect for it.
+* **Liveness.** ``forward(..., heartbeat=N)`` sends ``{"type": "heartbeat"}`` after N seconds
+  without a frame, so clients can tell a dead socket from a quiet session.
 * **Bounded memory.** Each subscription buffers at most ``max_queued`` frames, and NATS at most
   ``pending_msgs_limit`` more; past that NATS drops updates and the subscription resyncs.
 * **Nothing reaches NATS from an invalid id.** Session ids are checked (the middleware's own
@@ -67,13 +80,14 @@ What the bridge guarantees:
 Scaling out: run several app replicas behind a load balancer, each with one ``NatsBridge``
 connected to the same NATS cluster (list several seed URLs; the client learns the rest), and
 one database that is the source of truth. A publisher, in any replica or a worker, commits to
-the database and then publishes the new full state with its version, on the subject
-``<prefix>.<session_id>``; every replica delivers it to its own WebSockets for that session.
-Because every update carries the whole state and a version, a lost update is repaired by the
-next one or by the resync from the database, and a late one is dropped. Loading happens only
-on connect and on broker trouble: after a cluster-wide outage every open WebSocket reloads
-once, so size ``max_concurrent_resyncs`` (per replica) for what the database can take. Use
-NATS accounts or permissions so that only publishers may publish under the prefix.
+the database and then publishes the new full state, or the patch to it, with its version, on
+the subject ``<prefix>.<session_id>``; every replica delivers it to its own WebSockets for that
+session. A lost full state is repaired by the next one or by the resync from the database; a
+lost patch is noticed at the next one, which does not chain, and repaired by a resync; a late
+frame is dropped. Loading happens only on connect, on broker trouble and on a lost patch:
+after a cluster-wide outage every open WebSocket reloads once, so size
+``max_concurrent_resyncs`` (per replica) for what the database can take. Use NATS accounts or
+permissions so that only publishers may publish under the prefix.
 
 :class:`EmbeddedNats` starts a private ``nats-server`` (the one the ``nats`` extra installs) for
 tests and local development; it lives in :mod:`asgi_session_sync.nats_server` and is
@@ -84,19 +98,16 @@ nats-py runs on asyncio only, so this module does too.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import re
 import ssl
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, NamedTuple
+from typing import Any
 from urllib.parse import urlsplit
 
 import anyio
 import anyio.abc
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from pydantic import BaseModel
 
 try:
@@ -108,11 +119,13 @@ try:
 except ImportError as exc:
     raise ImportError("install asgi-session-sync[nats] to use asgi_session_sync.nats") from exc
 
+from ._feed import SessionFeed, parse_frame
 from ._paths import DEFAULT_SESSION_ID_PATTERN, SessionIdValidator, clip_for_log
-from .events import SessionUpdate, Version
-from .middleware import Resync
+from .events import SessionPatch, SessionUpdate, Version
+from .middleware import Resync, get_resync
 from .nats_server import EmbeddedNats, find_nats_server
-from .versions import is_newer, version_key
+from .stats import BridgeStats, MetricHook
+from .versions import is_newer
 
 __all__ = ["EmbeddedNats", "NatsBridge", "SessionSubscription", "find_nats_server"]
 
@@ -124,28 +137,11 @@ _PREFIX = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
 # Bounds on clean-up work that must finish even when the caller is cancelled.
 _UNSUBSCRIBE_TIMEOUT = 2.0
 _CONFIRM_TIMEOUT = 2  # nats-py types flush timeouts as int seconds
-_NO_VERSION = object()
 
 
 # --------------------------------------------------------------------------------------------
 # Publishing and forwarding
 # --------------------------------------------------------------------------------------------
-
-
-class _Frame(NamedTuple):
-    text: str
-    version: object
-
-
-def _parse_frame(text: str) -> _Frame | None:
-    """The frame with its ``version``; ``None`` if it is not a JSON object."""
-    try:
-        event = json.loads(text)
-    except ValueError:
-        return None
-    if not isinstance(event, dict):
-        return None
-    return _Frame(text, event.get("version", _NO_VERSION))
 
 
 class NatsBridge:
@@ -184,6 +180,8 @@ class NatsBridge:
         reconnect_time_wait: Seconds between attempts on the same server.
         max_reconnect_attempts: Attempts per server before it is dropped; ``-1`` (the default)
             never gives up, so a broker outage never leaves the bridge dead for good.
+        on_metric: Optional ``def on_metric(name, value)`` called for each increment of
+            :attr:`stats`.
         **connect_options: Any other ``nats.connect`` option, passed through unchanged. Given
             ``error_cb``, ``disconnected_cb``, ``reconnected_cb`` or ``closed_cb`` run after
             the bridge's own handlers.
@@ -215,6 +213,7 @@ class NatsBridge:
         connect_timeout: float | None = None,
         reconnect_time_wait: float | None = None,
         max_reconnect_attempts: int | None = None,
+        on_metric: MetricHook | None = None,
         **connect_options: Any,
     ) -> None:
         named = {
@@ -282,6 +281,8 @@ class NatsBridge:
         self._is_valid_id = SessionIdValidator(session_id_pattern)
         self._subscriptions: dict[Subscription, SessionSubscription] = {}
         self._resync_limiter: anyio.CapacityLimiter | None = None
+        self.stats = BridgeStats(on_metric=on_metric)
+        """Counters since the bridge was created: see :class:`~.stats.BridgeStats`."""
         self._open = False
         self._closing = False
 
@@ -404,6 +405,7 @@ class NatsBridge:
 
     async def _on_error(self, exc: Exception) -> None:
         if isinstance(exc, SlowConsumerError):
+            self.stats.incr("slow_consumer_drops")
             subscription = self._subscriptions.get(exc.sub)
             if subscription is not None:
                 subscription._request_resync("slow consumer: nats dropped messages")
@@ -419,6 +421,7 @@ class NatsBridge:
         await self._call_user("disconnected_cb")
 
     async def _on_reconnected(self) -> None:
+        self.stats.incr("reconnects")
         client = self._client
         url = client.connected_url if client is not None else None
         logger.info(
@@ -500,25 +503,80 @@ class NatsBridge:
         )
         await self.client.publish(subject, event.to_json())
 
+    async def publish_patch(
+        self,
+        session_id: str,
+        patch: Sequence[Mapping[str, Any]],
+        *,
+        base_version: Version,
+        version: Version,
+        owner: str | None = None,
+    ) -> None:
+        """Publish a change to a session as an RFC 6902 JSON Patch from one version to the next.
+
+        Sends a ``session_patch`` event (:class:`~asgi_session_sync.SessionPatch`): applying
+        ``patch`` to the session's state at ``base_version`` gives its state at ``version``.
+        Publish after committing ``version`` where the loader reads, one patch per committed
+        version, in order: a subscription forwards a patch only to a socket at
+        ``base_version``, and resyncs a socket that missed one.
+        :func:`~asgi_session_sync.make_patch` computes ``patch`` from the two states.
+
+        Args:
+            session_id: The session; validated before any subject is built.
+            patch: RFC 6902 operations, such as
+                ``[{"op": "replace", "path": "/interactions/3/response", "value": "Hel"}]``.
+            base_version: The version the patch applies to.
+            version: The version it produces; newer than ``base_version``.
+            owner: Who owns the session, sent as ``owner`` when given.
+
+        Raises:
+            ValueError: ``session_id`` is invalid, ``patch`` is not RFC 6902 operations, or
+                ``version`` is not newer than ``base_version``; nothing was sent.
+            RuntimeError: The bridge is not open.
+            nats.errors.Error: nats-py refused the message.
+        """
+        subject = self.subject(session_id)
+        if is_newer(version, base_version) is not True:
+            raise ValueError(
+                "version must be a version newer than base_version, of the same kind: "
+                f"got base_version={base_version!r} version={version!r}"
+            )
+        event = SessionPatch(
+            session_id=session_id,
+            base_version=base_version,
+            version=version,
+            patch=[dict(operation) for operation in patch],
+        )
+        if owner is not None:
+            event = event.model_copy(update={"owner": owner})
+        await self.client.publish(subject, event.to_json())
+
     def subscribe(
         self,
         session_id: str,
         *,
+        scope: Mapping[str, Any] | None = None,
         resync: Resync | None = None,
         max_queued: int | None = None,
         pending_msgs_limit: int | None = None,
         pending_bytes_limit: int | None = None,
     ) -> SessionSubscription:
-        """Watch a session's updates: ``async with bridge.subscribe(id) as updates``.
+        """Watch a session's updates: ``async with bridge.subscribe(id, scope=ws.scope)``.
 
         The subscription is made when the ``async with`` is entered, so enter it *before*
         accepting the WebSocket (the middleware loads the snapshot during accept); then
-        iterate to receive each update's JSON text.
+        iterate to receive each update's JSON text, or call
+        :meth:`SessionSubscription.forward`.
 
         Args:
             session_id: The session; validated here, before any subject is built.
-            resync: ``get_resync(websocket.scope)``: loads the session afresh after broker
-                trouble. Without it, such trouble is only logged.
+            scope: The WebSocket's ASGI scope, on a connection the middleware serves. The
+                subscription then resyncs through the middleware (``get_resync(scope)``,
+                unless ``resync`` is given) and learns the snapshot's version
+                (``get_snapshot_version(scope)``) so patches chain from it at once.
+            resync: Loads the session afresh after broker trouble or a lost patch:
+                ``get_resync(websocket.scope)``. Without it (and without ``scope``), such
+                trouble is only logged and patches that do not chain are dropped.
             max_queued: Overrides the bridge's ``max_queued`` for this subscription.
             pending_msgs_limit: Overrides the bridge's ``pending_msgs_limit``.
             pending_bytes_limit: Overrides the bridge's ``pending_bytes_limit``.
@@ -527,11 +585,14 @@ class NatsBridge:
             ValueError: ``session_id`` is invalid.
         """
         subject = self.subject(session_id)
+        if resync is None and scope is not None:
+            resync = get_resync(scope)
         return SessionSubscription(
             self,
             session_id,
             subject,
             resync=resync,
+            scope=scope,
             max_queued=self.max_queued if max_queued is None else max_queued,
             pending_msgs_limit=(
                 self.pending_msgs_limit if pending_msgs_limit is None else pending_msgs_limit
@@ -572,10 +633,19 @@ class SessionSubscription:
     the body raises or is cancelled, whose exception passes unchanged) and cancels a running
     resync, waiting for it to end. Enter and leave it in the same task, with ``async with``.
 
-    One stream carries both live updates and the snapshots ``resync()`` returns after a
-    reconnect or a slow-consumer drop, so the app sends everything from its own loop. A frame
-    whose ``version`` is not newer than the highest one already yielded is dropped. The
-    iteration ends when the bridge closes.
+    One stream carries live updates, patches and the snapshots ``resync()`` returns, so the app
+    sends everything from its own loop. The subscription knows the version of the state its
+    socket has (:attr:`version`: the snapshot's, then that of each frame it yielded) and
+    judges every frame against it:
+
+    - a full state (``session_update``) is yielded only when newer, and sets the version;
+    - a patch (``session_patch``) is yielded only when its ``base_version`` is that version;
+      one not newer is dropped; any other (a patch was lost, or the version is unknown) is
+      never yielded: the socket is resynced with a fresh snapshot (the same resync as after a
+      reconnect), and the patches that chain from that snapshot follow it.
+
+    So the socket never receives a patch for a state it does not have, and never needs to
+    reconnect for it. The iteration ends when the bridge closes.
 
     Attributes:
         session_id: The session watched.
@@ -589,6 +659,7 @@ class SessionSubscription:
         subject: str,
         *,
         resync: Resync | None,
+        scope: Mapping[str, Any] | None = None,
         max_queued: int,
         pending_msgs_limit: int,
         pending_bytes_limit: int,
@@ -598,19 +669,14 @@ class SessionSubscription:
         self.session_id = session_id
         self.subject = subject
         self._bridge = bridge
-        self._resync = resync
-        self._max_queued = max_queued
         self._pending_msgs_limit = pending_msgs_limit
         self._pending_bytes_limit = pending_bytes_limit
-        # Made on entering, so a subscription never entered holds nothing to close.
-        self._send: MemoryObjectSendStream[_Frame] | None = None
-        self._receive: MemoryObjectReceiveStream[_Frame] | None = None
-        self._tg: anyio.abc.TaskGroup | None = None
+        self._feed = SessionFeed(
+            session_id, resync=resync, scope=scope, max_queued=max_queued, stats=bridge.stats
+        )
         self._sub: Subscription | None = None
         self._entered = False
-        self._resyncing = False
-        self._resync_again = False
-        self._highest: object = _NO_VERSION
+        self._open = False
 
     async def __aenter__(self) -> SessionSubscription:
         """Subscribe, and wait until the server acknowledges it."""
@@ -618,9 +684,9 @@ class SessionSubscription:
             raise RuntimeError("a SessionSubscription can be entered once")
         self._entered = True
         client = self._bridge.client
-        self._send, self._receive = anyio.create_memory_object_stream[_Frame](self._max_queued)
-        self._tg = anyio.create_task_group()
-        await self._tg.__aenter__()
+        self._feed.limiter = self._bridge._resync_limiter
+        await self._feed.__aenter__()
+        self._open = True
         try:
             self._sub = await client.subscribe(
                 self.subject,
@@ -629,6 +695,7 @@ class SessionSubscription:
                 pending_bytes_limit=self._pending_bytes_limit,
             )
             self._bridge._subscriptions[self._sub] = self
+            self._bridge.stats.incr("subscriptions")
             await self._confirm(client)
         except BaseException:
             await self._close()
@@ -677,98 +744,61 @@ class SessionSubscription:
                     except NatsError as error:
                         # A closed or draining connection: the server forgets it by itself.
                         logger.debug("nats unsubscribe skipped subject=%s: %s", self.subject, error)
-            if self._tg is not None:
-                tg, self._tg = self._tg, None
-                tg.cancel_scope.cancel()
-                # The body's exception is not the task group's: passing None keeps anyio from
-                # wrapping it (a WebSocketDisconnect, say) in an ExceptionGroup.
-                await tg.__aexit__(None, None, None)
         finally:
-            if self._send is not None:
-                self._send.close()
-            if self._receive is not None:
-                self._receive.close()
+            if self._open:
+                self._open = False
+                await self._feed.__aexit__(None, None, None)
 
     def _end(self) -> None:
         """End the iteration once the buffered frames are read (the bridge is closing)."""
-        if self._send is not None:
-            self._send.close()
+        self._feed.end()
+
+    @property
+    def version(self) -> Version | None:
+        """The version of the state the socket has, as far as this subscription knows.
+
+        Read from :func:`~asgi_session_sync.get_snapshot_version` when ``subscribe`` was given
+        the ``scope``, then the version of each frame yielded; ``None`` while unknown. Set it
+        after sending a snapshot of your own when the middleware does not send it; a patch
+        arriving while it is unknown is never yielded, it causes a resync instead.
+        """
+        version: Version | None = self._feed.version
+        return version
+
+    @version.setter
+    def version(self, version: Version | None) -> None:
+        self._feed.version = version
 
     def request_resync(self) -> None:
         """Load the session afresh with ``resync`` and yield the snapshot in this stream.
 
-        The bridge calls this after a reconnect or a slow-consumer drop; call it when you
-        know updates may have been missed for another reason. At most one resync runs at a
-        time per subscription; a request while one runs schedules one more after it.
+        The bridge calls this after a reconnect, a slow-consumer drop or a patch that does not
+        chain; call it when you know updates may have been missed for another reason. At most
+        one resync runs at a time per subscription; a request while one runs schedules one
+        more after it.
         """
         self._request_resync("requested by the app")
 
     def _request_resync(self, reason: str) -> None:
-        if self._tg is None:
-            return
-        if self._resync is None:
-            logger.warning(
-                "updates may have been missed and there is no resync session_id=%s reason=%s",
-                self.session_id,
-                reason,
-            )
-            return
-        if self._resyncing:
-            self._resync_again = True
-            return
-        logger.info("resyncing session_id=%s reason=%s", self.session_id, reason)
-        self._resyncing = True
-        self._tg.start_soon(self._run_resyncs, self._resync)
-
-    async def _run_resyncs(self, resync: Resync) -> None:
-        limiter = self._bridge._resync_limiter
-        try:
-            while True:
-                self._resync_again = False
-                try:
-                    if limiter is None:
-                        text = await resync()
-                    else:
-                        async with limiter:
-                            text = await resync()
-                except Exception:
-                    logger.exception("resync failed session_id=%s", self.session_id)
-                    text = None
-                if text is not None and self._send is not None:
-                    frame = _parse_frame(text)
-                    if frame is None:
-                        logger.error(
-                            "resync returned text that is not a JSON object session_id=%s",
-                            self.session_id,
-                        )
-                    else:
-                        try:
-                            await self._send.send(frame)
-                        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-                            return
-                if not self._resync_again:
-                    return
-        finally:
-            self._resyncing = False
+        self._feed.request_resync(reason)
 
     async def _on_message(self, msg: Msg) -> None:
         # Runs in nats-py's per-subscription task. Waiting here while the app's buffer is full
         # makes nats-py buffer, and past its limits drop and report a slow consumer: a resync.
         try:
-            frame = _parse_frame(msg.data.decode())
+            frame = parse_frame(msg.data.decode())
         except UnicodeDecodeError:
-            frame = None
-        if frame is None:
+            frame = "not UTF-8"
+        if isinstance(frame, str):
+            self._bridge.stats.incr("invalid_messages")
             logger.warning(
-                "dropped a message that is not a JSON object subject=%s bytes=%d",
+                "dropped an invalid message reason=%s subject=%s bytes=%d",
+                frame,
                 msg.subject,
                 len(msg.data),
             )
             return
-        if self._send is None:
-            return
-        with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
-            await self._send.send(frame)
+        await self._feed.put(frame)
 
     async def forward(
         self,
@@ -776,6 +806,7 @@ class SessionSubscription:
         receive: Callable[[], Awaitable[Mapping[str, Any]]],
         *,
         on_message: Callable[[Mapping[str, Any]], Awaitable[object]] | None = None,
+        heartbeat: float | None = None,
     ) -> None:
         """Send every update to the socket until the client disconnects.
 
@@ -786,9 +817,9 @@ class SessionSubscription:
         framework's disconnect error) propagates as it is, as from the app's own send.
 
         ```python
-        async with bridge.subscribe(session_id, resync=get_resync(websocket.scope)) as updates:
+        async with bridge.subscribe(session_id, scope=websocket.scope) as updates:
             await websocket.accept()
-            await updates.forward(websocket.send_text, websocket.receive)
+            await updates.forward(websocket.send_text, websocket.receive, heartbeat=15)
         ```
 
         Args:
@@ -797,57 +828,23 @@ class SessionSubscription:
             receive: The raw ASGI receive of the socket: ``websocket.receive`` (Starlette,
                 FastAPI), ``socket.receive`` (Litestar).
             on_message: Called with each ``websocket.receive`` message the client sends.
+            heartbeat: Seconds of quiet after which a ``{"type": "heartbeat"}`` frame is sent,
+                so the client receives something at least this often and can tell a dead
+                socket from a quiet session (the browser client reconnects after 2.5 times
+                this with nothing received). A socket busy with updates carries no heartbeats.
+                ``None`` (the default) sends none.
+
+        Raises:
+            ValueError: ``heartbeat`` is not a positive number.
         """
-        failure: Exception | None = None
-        async with anyio.create_task_group() as tg:
-
-            async def send_updates() -> None:
-                nonlocal failure
-                try:
-                    async for frame in self:
-                        await send_text(frame)
-                except Exception as exc:  # re-raised below, outside the task group
-                    failure = exc
-                tg.cancel_scope.cancel()  # failed, or the bridge closed: nothing more to send
-
-            tg.start_soon(send_updates)
-            while True:
-                message = await receive()
-                if message["type"] == "websocket.disconnect":
-                    break
-                if on_message is not None and message["type"] == "websocket.receive":
-                    await on_message(message)
-            tg.cancel_scope.cancel()
-        if failure is not None:
-            raise failure
+        await self._feed.forward(send_text, receive, on_message=on_message, heartbeat=heartbeat)
 
     def __aiter__(self) -> SessionSubscription:
         """Iterate over the frames."""
         return self
 
     async def __anext__(self) -> str:
-        """Return the next frame's JSON text, skipping frames older than one already yielded."""
-        if self._receive is None:
+        """Return the next frame's JSON text: a newer update, a chained patch, or a snapshot."""
+        if not self._entered:
             raise RuntimeError("enter the subscription with `async with` before iterating")
-        while True:
-            try:
-                frame = await self._receive.receive()
-            except (anyio.EndOfStream, anyio.ClosedResourceError):
-                raise StopAsyncIteration from None
-            if self._is_stale(frame.version):
-                logger.debug(
-                    "dropped a frame not newer than version=%r session_id=%s",
-                    self._highest,
-                    self.session_id,
-                )
-                continue
-            return frame.text
-
-    def _is_stale(self, version: object) -> bool:
-        if is_newer(version, self._highest) is False:
-            return True
-        # Newer, the first version, or one of another kind (a timestamp after ints): it passes
-        # and becomes the baseline. Frames without a version pass and leave it alone.
-        if version_key(version) is not None:
-            self._highest = version
-        return False
+        return await self._feed.__anext__()

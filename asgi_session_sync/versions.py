@@ -7,20 +7,49 @@ browser client; a fraction is kept to the microsecond). Timestamps compare as in
 so ``"2026-01-01T01:00:00+01:00"`` equals ``"2026-01-01T00:00:00Z"``; a timestamp without an
 offset is taken as UTC. An int and a timestamp never compare: such a pair is "unknown", and
 code that orders events lets the frame through rather than guess. ``bool`` is not a version.
+
+**Large ints.** A string of decimal digits, ``-?[0-9]+``, is an *int* version and compares as
+one: ``"9007199254740993"`` is newer than ``9007199254740992``. That is how ints beyond
+JavaScript's exact range, ±(2**53 - 1), travel in JSON (see
+:data:`~asgi_session_sync.events.Version`). At most 64 characters: longer input is not a
+version.
+
+**Patches.** :func:`classify_patch` says where a delta stands against the version a client
+has; the NATS bridge and the middleware's fence both decide by it.
 """
 
 from __future__ import annotations
 
+import enum
 import re
 from datetime import datetime, timedelta, timezone
 
-from .events import Version
+__all__ = [
+    "MAX_VERSION_CHARS",
+    "PatchFit",
+    "Version",
+    "classify_patch",
+    "is_newer",
+    "parse_version",
+    "same_version",
+    "version_key",
+]
 
-__all__ = ["is_newer", "parse_version", "same_version", "version_key"]
+Version = int | datetime | str
+"""A session version: an int (a counter) or a timestamp (a ``datetime`` or an ISO-8601 string).
+
+A string of decimal digits is an int: events read it as one, and write ints beyond
+``±(2**53 - 1)`` as such strings (see :mod:`asgi_session_sync.events`).
+"""
 
 VersionKey = tuple[int, int]
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _MICROSECOND = timedelta(microseconds=1)
+
+MAX_VERSION_CHARS = 64
+"""Longest string read as a version; longer ones are not versions (and cost no parsing)."""
+
+_INT = re.compile(r"-?[0-9]+")
 
 
 def version_key(version: object) -> VersionKey | None:
@@ -34,6 +63,10 @@ def version_key(version: object) -> VersionKey | None:
     if isinstance(version, int):
         return (0, version)
     if isinstance(version, str):
+        if len(version) > MAX_VERSION_CHARS:
+            return None
+        if _INT.fullmatch(version) is not None:
+            return (0, int(version))
         version = _parse_timestamp(version)
         if version is None:
             return None
@@ -62,13 +95,49 @@ def same_version(a: object, b: object) -> bool:
 def parse_version(text: str) -> Version | None:
     """Parse a version from a query parameter: digits give an int, a timestamp stays a string.
 
-    Returns ``None`` for anything that is not a version (and for over-long input).
+    ``-?[0-9]+`` gives an int of any size (``since=18446744073709551616`` is exact), a
+    timestamp stays a string. Returns ``None`` for anything that is not a version, and for
+    input over :data:`MAX_VERSION_CHARS` characters.
     """
-    if len(text) > 64:
+    if len(text) > MAX_VERSION_CHARS:
         return None
-    if text.isascii() and text.isdigit():
+    if _INT.fullmatch(text) is not None:
         return int(text)
     return text if version_key(text) is not None else None
+
+
+class PatchFit(enum.Enum):
+    """Where a patch (``base_version`` to ``version``) stands against the version a client has."""
+
+    CHAINS = "chains"
+    """``base_version`` is the client's version: apply it."""
+    STALE = "stale"
+    """``version`` is not newer than the client's: already applied, or superseded."""
+    AHEAD = "ahead"
+    """``base_version`` is newer than the client's: a patch in between is missing."""
+    OVERLAPS = "overlaps"
+    """``base_version`` is older and ``version`` newer than the client's: it starts from a
+    state the client has moved past and cannot be applied to what it has."""
+    UNORDERED = "unordered"
+    """The versions do not compare (missing, of another kind, or not versions)."""
+
+
+def classify_patch(base_version: object, version: object, current: object) -> PatchFit:
+    """Where a patch from ``base_version`` to ``version`` stands against ``current``.
+
+    Only :attr:`PatchFit.CHAINS` may be applied to the state at ``current``. The checks run
+    in this order: chains, stale, ahead, overlaps; anything that does not compare is
+    unordered.
+    """
+    if same_version(base_version, current):
+        return PatchFit.CHAINS
+    newer = is_newer(version, current)
+    if newer is False:
+        return PatchFit.STALE
+    base_newer = is_newer(base_version, current)
+    if newer is None or base_newer is None:
+        return PatchFit.UNORDERED
+    return PatchFit.AHEAD if base_newer else PatchFit.OVERLAPS
 
 
 # One grammar on every Python version and in the browser client (session-sync.js): date, "T",

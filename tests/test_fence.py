@@ -139,3 +139,68 @@ async def test_fence_window_bounds_the_time() -> None:
 
     assert fence(3600).admit(event(4)) is False
     assert fence(0).admit(event(4)) is None  # the window is over: pass, stop fencing
+
+
+def patch(base: Any, version: Any, session_id: str = "s1") -> str:
+    return json.dumps(
+        {
+            "type": "session_patch",
+            "session_id": session_id,
+            "base_version": base,
+            "version": version,
+            "patch": [{"op": "replace", "path": "/n", "value": version}],
+        }
+    )
+
+
+def steps(frames: list[Any]) -> list[Any]:
+    return [(f.get("base_version"), f["version"]) for f in frames]
+
+
+async def test_patches_the_snapshot_already_holds_are_dropped_until_one_chains() -> None:
+    frames = [patch(4, 5), patch(5, 6), patch(6, 7), patch(7, 8)]
+    seen = await received_after_snapshot(frames, fence_event_types=["session_patch"])
+    assert steps(seen) == [(6, 7), (7, 8)]
+    assert seen.fenced == 2
+
+
+async def test_a_patch_overlapping_the_snapshot_is_dropped_and_the_fence_goes_on() -> None:
+    # 5 -> 7 starts from a state the client (at 6) never had: passing it would corrupt the
+    # client's state, and it must not count as "caught up" either.
+    frames = [patch(5, 7), event(6), patch(6, 7)]
+    seen = await received_after_snapshot(frames, fence_event_types=["session_patch"])
+    assert steps(seen) == [(6, 7)]
+    assert seen.fenced == 2
+
+
+async def test_a_patch_ahead_of_the_snapshot_passes_and_ends_the_fence() -> None:
+    # A patch in between was lost before the app sent it: the client sees its base is not
+    # its version and reconnects with since; the fence cannot repair it.
+    frames = [patch(8, 9), event(5)]
+    seen = await received_after_snapshot(frames, fence_event_types=["session_patch"])
+    assert versions(seen) == [9, 5]
+
+
+async def test_a_patch_without_comparable_versions_passes_and_the_fence_goes_on() -> None:
+    frames = [patch("x", "y"), event(4)]
+    seen = await received_after_snapshot(frames, fence_event_types=["session_patch"])
+    assert versions(seen) == ["y"]
+
+
+BIG = 2**64
+
+
+async def test_versions_beyond_2_53_are_fenced_exactly() -> None:
+    # As floats, BIG and BIG + 1 are equal; as decimal strings or exact JSON ints they are not.
+    frames = [event(str(BIG)), event(BIG + 1), event(str(BIG + 1)), event(str(BIG + 2))]
+    seen = await received_after_snapshot(frames, snapshot_version=str(BIG + 1))
+    assert versions(seen) == [str(BIG + 2)]
+    assert seen.fenced == 3
+
+
+async def test_patches_beyond_2_53_chain_exactly() -> None:
+    frames = [patch(str(BIG), str(BIG + 1)), patch(str(BIG + 1), str(BIG + 2))]
+    seen = await received_after_snapshot(
+        frames, snapshot_version=str(BIG + 1), fence_event_types=["session_patch"]
+    )
+    assert steps(seen) == [(str(BIG + 1), str(BIG + 2))]

@@ -17,11 +17,18 @@ from typing import Any
 import anyio
 import anyio.abc
 import anyio.lowlevel
+import jsonpatch
 import nats
 import pytest
 from nats.aio.client import Client
 
-from asgi_session_sync import SessionContext, SessionSyncMiddleware, Snapshot, get_resync
+from asgi_session_sync import (
+    SessionContext,
+    SessionSyncMiddleware,
+    Snapshot,
+    get_resync,
+    make_patch,
+)
 from asgi_session_sync._types import Receive, Scope, Send
 from asgi_session_sync.events import SessionUpdate
 from asgi_session_sync.nats import EmbeddedNats, NatsBridge, SessionSubscription
@@ -550,3 +557,216 @@ async def test_forward_reraises_the_send_error_unwrapped(bridge: NatsBridge) -> 
         await bridge.publish("s1", {"n": 1}, version=1)
         with anyio.fail_after(WAIT), pytest.raises(Gone):
             await updates.forward(send_text, receive)
+
+
+# Patches.
+
+
+async def test_published_patch_reaches_the_subscription_in_the_contract_format(
+    bridge: NatsBridge,
+) -> None:
+    operations = [{"op": "replace", "path": "/interactions/3/response", "value": "Hel"}]
+    async with bridge.subscribe("s1") as updates:
+        updates.version = 7
+        await bridge.publish_patch("s1", operations, base_version=7, version=8)
+        await bridge.publish_patch("s1", [], base_version=8, version=9, owner="alice")
+        assert await next_event(updates) == {
+            "type": "session_patch",
+            "session_id": "s1",
+            "base_version": 7,
+            "version": 8,
+            "patch": operations,
+        }
+        assert (await next_event(updates))["owner"] == "alice"
+        assert updates.version == 9
+    assert bridge.stats.patches_forwarded == 2
+
+
+async def test_invalid_patches_and_ids_never_reach_nats(
+    nats_server: EmbeddedNats, bridge: NatsBridge
+) -> None:
+    listener = await nats.connect(nats_server.url)
+    try:
+        heard = await listener.subscribe(">")
+        await listener.flush()
+        for session_id, reason in BAD_IDS.items():
+            with pytest.raises(ValueError, match=reason):
+                await bridge.publish_patch(session_id, [], base_version=1, version=2)
+        for base_version, version in ((2, 2), (3, 2), (1, "2026-01-01T00:00:00Z")):
+            with pytest.raises(ValueError, match="newer than base_version"):
+                await bridge.publish_patch("s1", [], base_version=base_version, version=version)
+        with pytest.raises(ValueError, match="not an RFC 6902 patch"):
+            await bridge.publish_patch(
+                "s1", [{"op": "nope", "path": "/a"}], base_version=1, version=2
+            )
+        await bridge.client.flush()
+        await listener.flush()
+        assert heard.pending_msgs == 0
+    finally:
+        await listener.close()
+
+
+async def test_large_versions_travel_as_decimal_strings_and_chain(bridge: NatsBridge) -> None:
+    big = 2**63
+    async with bridge.subscribe("s1") as updates:
+        updates.version = big
+        await bridge.publish_patch("s1", [], base_version=big, version=big + 1)
+        event = await next_event(updates)
+        assert (event["base_version"], event["version"]) == (str(big), str(big + 1))
+        assert updates.version == str(big + 1)
+
+
+def patching_app(
+    bridge: NatsBridge, *, by_scope: bool = True
+) -> Callable[[Scope, Receive, Send], Any]:
+    """The documented app shape, with ``scope=`` (or only ``resync=``) and ``forward``."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        session_id = scope["path"].rsplit("/", 1)[1]
+        assert (await receive())["type"] == "websocket.connect"
+        if by_scope:
+            subscription = bridge.subscribe(session_id, scope=scope)
+        else:
+            subscription = bridge.subscribe(session_id, resync=get_resync(scope))
+        async with subscription as updates:
+            await send({"type": "websocket.accept"})
+
+            async def send_text(text: str) -> None:
+                await send({"type": "websocket.send", "text": text})
+
+            await updates.forward(send_text, receive)
+
+    return app
+
+
+class PatchedSession:
+    """A session in the "database", committed and published one patch per version."""
+
+    def __init__(self, bridge: NatsBridge) -> None:
+        self.bridge = bridge
+        self.state: dict[str, Any] = {"text": ""}
+        self.version = 1
+        self.loads = 0
+        self.loaded = anyio.Event()
+
+    async def load(self, ctx: SessionContext) -> Snapshot:
+        self.loads += 1
+        self.loaded.set()
+        return Snapshot(json.loads(json.dumps(self.state)), version=self.version)
+
+    def commit(self, token: str) -> list[dict[str, Any]]:
+        old = json.loads(json.dumps(self.state))
+        self.state["text"] += token
+        self.version += 1
+        return make_patch(old, self.state)
+
+    async def commit_and_publish(self, token: str) -> None:
+        operations = self.commit(token)
+        await self.bridge.publish_patch(
+            "s1", operations, base_version=self.version - 1, version=self.version
+        )
+
+
+class PatchingClient:
+    """Applies what its socket receives, refusing a patch for a base it does not have."""
+
+    def __init__(self, ws: Any) -> None:
+        self.ws = ws
+        self.state: Any = None
+        self.version: Any = None
+        self.received: list[str] = []
+
+    async def next(self) -> dict[str, Any]:
+        event: dict[str, Any] = await self.ws.receive_json()
+        self.received.append(event["type"])
+        if event["type"] == "session_patch":
+            assert event["base_version"] == self.version
+            self.state = jsonpatch.apply_patch(self.state, event["patch"])
+        else:
+            self.state = event["session"]
+        self.version = event["version"]
+        return event
+
+
+async def test_a_lost_patch_resyncs_the_socket_then_the_following_patches_chain(
+    bridge: NatsBridge,
+) -> None:
+    db = PatchedSession(bridge)
+    app = SessionSyncMiddleware(
+        patching_app(bridge), loader=db.load, paths=["/ws/sessions/{session_id}"]
+    )
+    async with connect_websocket(app, "/ws/sessions/s1") as ws:
+        client = PatchingClient(ws)
+        assert (await client.next())["type"] == "session_update"
+        await db.commit_and_publish("Hel")
+        assert (await client.next())["type"] == "session_patch"
+        db.loaded = anyio.Event()
+        db.commit("lo")  # committed, but its patch is lost on the way
+        await db.commit_and_publish(", ")
+        with anyio.fail_after(WAIT):
+            await db.loaded.wait()
+        await db.commit_and_publish("world")
+        await db.commit_and_publish("!")
+        with anyio.fail_after(WAIT):
+            while client.version != db.version:
+                await client.next()
+        assert client.state == {"text": "Hello, world!"}
+    # Connect, then one resync: the socket was repaired in place, never reopened.
+    assert db.loads == 2
+    assert client.received[:3] == ["session_update", "session_patch", "session_update"]
+    assert set(client.received[3:]) <= {"session_patch"}
+    assert bridge.stats.gaps >= 1
+
+
+async def test_with_only_resync_the_first_patch_is_replaced_by_a_snapshot(
+    bridge: NatsBridge,
+) -> None:
+    # Without the scope the subscription does not know the snapshot's version: the first
+    # patch cannot be trusted to chain, so the socket gets a fresh snapshot instead.
+    db = PatchedSession(bridge)
+    app = SessionSyncMiddleware(
+        patching_app(bridge, by_scope=False), loader=db.load, paths=["/ws/sessions/{session_id}"]
+    )
+    async with connect_websocket(app, "/ws/sessions/s1") as ws:
+        client = PatchingClient(ws)
+        await client.next()
+        await db.commit_and_publish("a")
+        assert (await client.next())["type"] == "session_update"
+        await db.commit_and_publish("b")
+        assert (await client.next())["type"] == "session_patch"
+        assert client.state == {"text": "ab"}
+    assert db.loads == 2
+
+
+async def test_a_slow_consumer_losing_patches_is_resynced_and_ends_on_the_latest_state(
+    bridge: NatsBridge,
+) -> None:
+    db = PatchedSession(bridge)
+
+    async def resync() -> str:
+        return (
+            SessionUpdate(session_id="s1", session=db.state, version=db.version).to_json().decode()
+        )
+
+    async with bridge.subscribe("s1", resync=resync, max_queued=1, pending_msgs_limit=1) as updates:
+        updates.version = db.version
+        client = PatchingClient(None)
+        client.state, client.version = dict(db.state), db.version
+        # Nobody reads while this floods: NATS drops patches as a slow consumer.
+        for token in range(200):
+            await db.commit_and_publish(f"{token} ")
+        await bridge.client.flush()
+        with anyio.fail_after(WAIT):
+            async for text in updates:
+                event = json.loads(text)
+                if event["type"] == "session_patch":
+                    assert event["base_version"] == client.version
+                    client.state = jsonpatch.apply_patch(client.state, event["patch"])
+                else:
+                    client.state = event["session"]
+                client.version = event["version"]
+                if client.version == db.version:
+                    break
+    assert client.state == db.state
+    assert bridge.stats.slow_consumer_drops > 0
+    assert bridge.stats.resyncs >= 1

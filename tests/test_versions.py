@@ -6,7 +6,13 @@ from types import SimpleNamespace
 import pytest
 
 from asgi_session_sync import user_identity
-from asgi_session_sync.versions import is_newer, parse_version, same_version
+from asgi_session_sync.versions import (
+    PatchFit,
+    classify_patch,
+    is_newer,
+    parse_version,
+    same_version,
+)
 
 UTC = timezone.utc
 
@@ -41,7 +47,37 @@ def test_same_version() -> None:
     assert same_version(7, 7)
     assert same_version("2026-01-01T01:00:00+01:00", datetime(2026, 1, 1, tzinfo=UTC))
     assert not same_version(None, None)
-    assert not same_version(7, "7")
+    assert not same_version(7, "2026-01-01T00:00:00Z")
+
+
+# Ints beyond JavaScript's exact range travel as decimal strings and order as ints.
+SAFE = 2**53 - 1
+
+
+@pytest.mark.parametrize(
+    ("candidate", "baseline", "expected"),
+    [
+        (SAFE + 2, SAFE + 1, True),  # equal as floats: 9007199254740992.0 both
+        (str(SAFE + 2), SAFE + 1, True),
+        (str(SAFE + 2), str(SAFE + 1), True),
+        (str(SAFE + 1), str(SAFE + 2), False),
+        (str(2**64), 2**64, False),
+        ("-" + str(2**64), -(2**64) + 1, False),
+        ("10", "9", True),  # as ints, not as text
+        ("7", 7, False),
+        ("1" * 65, 1, None),  # too long to be a version
+    ],
+)
+def test_decimal_strings_order_as_ints(
+    candidate: object, baseline: object, expected: bool | None
+) -> None:
+    assert is_newer(candidate, baseline) is expected
+
+
+def test_a_decimal_string_is_the_same_version_as_its_int() -> None:
+    assert same_version(7, "7")
+    assert same_version(str(2**63 + 1), 2**63 + 1)
+    assert not same_version(str(2**63 + 1), 2**63)
 
 
 @pytest.mark.parametrize(
@@ -54,6 +90,11 @@ def test_same_version() -> None:
         ("", None),
         ("١٢", None),
         ("9" * 65, None),
+        ("-3", -3),
+        (str(2**64 + 1), 2**64 + 1),
+        ("9" * 64, int("9" * 64)),
+        ("+3", None),
+        (" 3", None),
     ],
 )
 def test_parse_version(text: str, expected: object) -> None:
@@ -110,3 +151,30 @@ def test_timestamps_outside_the_shared_grammar_are_not_versions(text: str) -> No
 def test_long_fractions_are_kept_to_the_microsecond() -> None:
     assert same_version("2026-01-01T00:00:00.123456789Z", "2026-01-01T00:00:00.123456Z")
     assert same_version("2026-01-01T01:00:00+0100", "2026-01-01T00:00:00Z")
+
+
+@pytest.mark.parametrize(
+    ("base", "version", "current", "fit"),
+    [
+        (7, 8, 7, PatchFit.CHAINS),
+        ("7", "8", 7, PatchFit.CHAINS),
+        (6, 7, 7, PatchFit.STALE),
+        (3, 5, 7, PatchFit.STALE),
+        (8, 9, 7, PatchFit.AHEAD),
+        (6, 8, 7, PatchFit.OVERLAPS),
+        (7, 8, None, PatchFit.UNORDERED),
+        (7, 8, "2026-01-01T00:00:00Z", PatchFit.UNORDERED),
+        (None, 8, 7, PatchFit.UNORDERED),
+        (str(SAFE + 1), str(SAFE + 2), SAFE + 1, PatchFit.CHAINS),
+        (str(SAFE + 2), str(SAFE + 3), SAFE + 1, PatchFit.AHEAD),
+        (SAFE, SAFE + 1, str(SAFE + 1), PatchFit.STALE),
+        (
+            "2026-01-01T00:00:00Z",
+            "2026-01-01T00:00:01Z",
+            "2026-01-01T01:00:00+01:00",
+            PatchFit.CHAINS,
+        ),
+    ],
+)
+def test_classify_patch(base: object, version: object, current: object, fit: PatchFit) -> None:
+    assert classify_patch(base, version, current) is fit
