@@ -1,0 +1,156 @@
+// TypeScript declarations for session-sync.js, the asgi-session-sync browser client.
+// The options, events and the wire rule for versions: docs/guides/frontend.md.
+
+/**
+ * A session version: an int counter or an ISO-8601 timestamp string. An int beyond ±(2^53-1)
+ * travels as a string of decimal digits ("-?[0-9]+"), and any such string is an int version,
+ * compared by value (as a BigInt).
+ */
+export type Version = number | string;
+
+/** A JSON value, as carried in states and patches. */
+export type JsonValue =
+  | null
+  | boolean
+  | number
+  | string
+  | JsonValue[]
+  | { [key: string]: JsonValue };
+
+/** One RFC 6902 JSON Patch operation. `path` and `from` are RFC 6901 JSON Pointers. */
+export type JsonPatchOperation =
+  | { op: "add"; path: string; value: unknown }
+  | { op: "remove"; path: string }
+  | { op: "replace"; path: string; value: unknown }
+  | { op: "move"; from: string; path: string }
+  | { op: "copy"; from: string; path: string }
+  | { op: "test"; path: string; value: unknown };
+
+/** The full state of a session: the snapshot, first on each connection, and later updates. */
+export interface SessionUpdate<S = unknown> {
+  type: "session_update";
+  session_id: string;
+  version?: Version;
+  owner?: string | null;
+  session: S;
+}
+
+/** A delta: applying `patch` to the state at `base_version` gives the state at `version`. */
+export interface SessionPatch {
+  type: "session_patch";
+  session_id: string;
+  base_version: Version;
+  version: Version;
+  patch: JsonPatchOperation[];
+}
+
+/** Sent instead of the snapshot when the client resumed with the current version. */
+export interface SessionSynced {
+  type: "session_synced";
+  session_id: string;
+  version: Version;
+}
+
+/** Any event from the server: the ones above, or an app's own type. */
+export interface SessionEvent {
+  type: string;
+  session_id?: string;
+  version?: Version;
+  [key: string]: unknown;
+}
+
+/**
+ * "connecting": the first attempt; "live": open; "reconnecting": waiting or retrying after a drop;
+ * "closed": before start(), after close(), or after a close code in stopOnCodes.
+ */
+export type ConnectionState = "connecting" | "live" | "reconnecting" | "closed";
+
+export interface StateDetail {
+  /** Failed attempts since the last stable connection. */
+  attempt: number;
+  /** The wait before the next attempt, in ms (0 when none is scheduled). */
+  delay: number;
+}
+
+export interface SessionSyncOptions<S = unknown> {
+  /** WebSocket URL; a path is resolved against the page, with ws: or wss: to match. */
+  url: string | URL;
+  /** Called with each state applied: each connection's first snapshot, newer updates, patches. */
+  onSession: (session: S, event: SessionUpdate<S> | SessionPatch) => void;
+  /** Called when the connection state changes. */
+  onState?: (state: ConnectionState, detail: StateDetail) => void;
+  /** Called for every other event (including "session_synced"; never for heartbeats). */
+  onEvent?: (event: SessionEvent) => void;
+  /** Query parameter carrying the last applied version. Default "since". */
+  sinceParam?: string;
+  /** The full-state event type. Default "session_update". */
+  updateType?: string;
+  /** The patch event type. Default "session_patch". */
+  patchType?: string;
+  /** First reconnect delay, in ms. Default 250. */
+  minDelay?: number;
+  /** Largest reconnect delay, in ms. Default 10000. */
+  maxDelay?: number;
+  /** Growth of the delay per failed attempt. Default 2. */
+  factor?: number;
+  /** Fraction of each delay taken off at random, 0..1. Default 0.5. */
+  jitter?: number;
+  /** A connection must stay open this long, in ms, before the backoff resets. Default 5000. */
+  stableAfter?: number;
+  /**
+   * The server's heartbeat interval, in ms (0: no heartbeat, the default). The client reconnects
+   * when nothing has arrived for 2.5 times this.
+   */
+  heartbeatInterval?: number;
+  /**
+   * Without a heartbeat: a page visible again after at least this long hidden, in ms, whose
+   * socket has received nothing for as long, reconnects. Default 60000.
+   */
+  staleAfter?: number;
+  /** Close codes after which the client stops. Default [1008, 4401, 4403, 4404]. */
+  stopOnCodes?: number[];
+  /** WebSocket subprotocols. */
+  protocols?: string | string[];
+  /** For tests; the global WebSocket by default. */
+  WebSocketImpl?: new (url: string, protocols?: string | string[]) => WebSocket;
+}
+
+/** Keeps one session current over a self-healing WebSocket. */
+export class SessionSync<S = unknown> {
+  /** @throws {TypeError} Without url or onSession. @throws {RangeError} For a bad delay. */
+  constructor(options: SessionSyncOptions<S>);
+  /** The options, with defaults filled in. */
+  readonly options: Required<Omit<SessionSyncOptions<S>, "protocols" | "WebSocketImpl">> &
+    Pick<SessionSyncOptions<S>, "protocols" | "WebSocketImpl">;
+  /** The connection state. */
+  readonly state: ConnectionState;
+  /** The version of the state last applied, or null. */
+  readonly version: Version | null;
+  /** The state last applied (undefined before the first). */
+  readonly session: S | undefined;
+  /** The current socket, or null between attempts. */
+  readonly socket: WebSocket | null;
+  /** Open the connection; reconnects on its own until close(). */
+  start(): this;
+  /** Close for good: no more reconnects. */
+  close(): void;
+  /** Drop the connection and connect again now, resuming with `since`. No-op when not started. */
+  reconnect(): void;
+  /** The URL of the next attempt, with `since` set to the last applied version. */
+  currentUrl(): string;
+  /** Apply one frame's text, as if it had arrived on the socket. */
+  receive(text: string): void;
+}
+
+/**
+ * Compare two versions: 1 if a is newer, -1 if older, 0 if the same, null if they don't compare
+ * (an int and a timestamp, or something that is not a version).
+ */
+export function compareVersions(a: unknown, b: unknown): 1 | 0 | -1 | null;
+
+/**
+ * Apply an RFC 6902 JSON Patch: returns the new document, never mutates the input (the result
+ * shares unchanged parts with it).
+ * @throws {Error} When the patch is invalid or an operation fails; nothing is applied then.
+ */
+export function applyPatch<T>(document: T, operations: readonly JsonPatchOperation[]): T;

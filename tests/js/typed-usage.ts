@@ -1,0 +1,84 @@
+// A typed use of the browser client, checked by `tsc --noEmit -p tests/js` (never run): the
+// declarations in session-sync.d.ts must accept real usage and reject misuse.
+import {
+  SessionSync,
+  applyPatch,
+  compareVersions,
+  type ConnectionState,
+  type JsonPatchOperation,
+  type SessionEvent,
+  type SessionPatch,
+  type SessionUpdate,
+  type Version,
+} from "../../asgi_session_sync/static/session-sync.js";
+
+interface Chat {
+  title: string;
+  interactions: { prompt: string; response: string }[];
+}
+
+function render(chat: Chat): string {
+  return `${chat.title}: ${chat.interactions.length}`;
+}
+
+const sync = new SessionSync<Chat>({
+  url: "/ws/sessions/abc",
+  onSession: (session, event) => {
+    render(session);
+    if (event.type === "session_patch") {
+      const patch: SessionPatch = event;
+      const base: Version = patch.base_version;
+      void base;
+    } else {
+      const update: SessionUpdate<Chat> = event;
+      void update.session.title;
+    }
+  },
+  onState: (state: ConnectionState, { attempt, delay }) => {
+    void [state, attempt.toFixed(), delay.toFixed()];
+  },
+  onEvent: (event: SessionEvent) => {
+    if (event.type === "token" && compareVersions(event.version, sync.version) === 1) {
+      void event["text"];
+    }
+  },
+  minDelay: 250,
+  maxDelay: 10_000,
+  stableAfter: 5_000,
+  heartbeatInterval: 15_000,
+  staleAfter: 60_000,
+  stopOnCodes: [4403],
+  protocols: ["v1"],
+}).start();
+
+sync.reconnect();
+const url: string = sync.currentUrl();
+const current: Chat | undefined = sync.session;
+const version: Version | null = sync.version;
+const state: ConnectionState = sync.state;
+void [url, current, version, state];
+sync.close();
+
+const operations: JsonPatchOperation[] = [
+  { op: "add", path: "/interactions/-", value: { prompt: "hi", response: "" } },
+  { op: "replace", path: "/interactions/0/response", value: "hello" },
+  { op: "test", path: "/title", value: "t" },
+  { op: "move", from: "/a", path: "/b" },
+  { op: "copy", from: "/b", path: "/c" },
+  { op: "remove", path: "/c" },
+];
+const chat: Chat = applyPatch<Chat>({ title: "t", interactions: [] }, operations);
+const order: 1 | 0 | -1 | null = compareVersions("9007199254740993", 9007199254740992);
+void [chat, order];
+
+// Misuse the declarations must reject.
+// @ts-expect-error onSession is required
+new SessionSync({ url: "/ws" });
+// @ts-expect-error the session is a Chat, not a number
+new SessionSync<Chat>({ url: "/ws", onSession: (session: number) => void session });
+// @ts-expect-error "rename" is not an RFC 6902 operation
+applyPatch({}, [{ op: "rename", path: "/a" }]);
+// @ts-expect-error move needs "from"
+applyPatch({}, [{ op: "move", path: "/a" }]);
+// @ts-expect-error version is read-only
+sync.version = 3;
