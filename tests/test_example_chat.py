@@ -138,22 +138,25 @@ async def test_prompt_no_worker_claims_is_interrupted_with_that_reason(store: Ch
     assert view["interactions"][0]["interrupted"] == NO_WORKER
 
 
-async def test_sweeper_publishes_the_interrupted_state(
+async def test_sweeper_publishes_the_interruption_as_a_patch(
     store: ChatStore, nats_server: EmbeddedNats
 ) -> None:
     session_id = await pending_prompt(store, claim_within=LEASE)
     async with NatsBridge(nats_server.url) as bridge:
         subscription = await bridge.client.subscribe(f"session_sync.{session_id}")
-        sweeper = LeaseSweeper(store, SessionPublisher(bridge, store), interval=0.05)
+        sweeper = LeaseSweeper(store, SessionPublisher(bridge), interval=0.05)
         with anyio.fail_after(WAIT):
             async with anyio.create_task_group() as group:
                 group.start_soon(sweeper.run)
                 message = await subscription.next_msg(timeout=WAIT)
                 group.cancel_scope.cancel()
     event = json.loads(message.data)
-    assert event["version"] == 3
-    assert event["session"]["interactions"][0]["done"] is True
-    assert event["session"]["interactions"][0]["interrupted"] == NO_WORKER
+    assert event["type"] == "session_patch"
+    assert (event["base_version"], event["version"]) == (2, 3)
+    assert event["patch"] == [
+        {"op": "replace", "path": "/interactions/0/done", "value": True},
+        {"op": "replace", "path": "/interactions/0/interrupted", "value": NO_WORKER},
+    ]
 
 
 async def test_malformed_ids_never_reach_the_database(store: ChatStore) -> None:
@@ -177,7 +180,7 @@ async def test_worker_keeps_its_lease_between_slow_tokens(
         lease=LEASE,
     )
     async with NatsBridge(nats_server.url) as bridge:
-        worker = ResponseWorker(store, SessionPublisher(bridge, store), settings, name="slow")
+        worker = ResponseWorker(store, SessionPublisher(bridge), settings, name="slow")
         claim = await store.claim(worker.name, lease=LEASE)
         assert claim is not None
         swept: list[int] = []

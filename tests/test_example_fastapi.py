@@ -8,6 +8,7 @@ from typing import Any
 
 import anyio
 import httpx
+import jsonpatch
 import pytest
 from fastapi import FastAPI
 
@@ -37,7 +38,7 @@ def settings(tmp_path: Path, nats_server: EmbeddedNats) -> Settings:
         database_url=f"sqlite+aiosqlite:///{tmp_path / 'example.sqlite3'}",
         nats_url=nats_server.url,
         response_tokens=TOKENS,
-        token_interval=0.01,
+        token_interval=0.05,
     )
 
 
@@ -88,34 +89,38 @@ async def test_created_session_is_the_first_frame_with_owner_and_version(
         }
 
 
-async def test_prompt_streams_tokens_as_updates_with_increasing_versions(
+async def test_prompt_streams_tokens_as_patches_chained_version_by_version(
     app: FastAPI, client: httpx.AsyncClient
 ) -> None:
     session = await create_session(client)
     async with connect_websocket(app, f"/ws/sessions/{session['id']}?token=alice") as ws:
-        events = [await receive_event(ws)]
+        assert (await receive_event(ws))["version"] == 1
         response = await client.post(
             f"/api/sessions/{session['id']}/prompts", json={"prompt": "hello"}, headers=ALICE
         )
         assert response.status_code == 202, response.text
         assert response.json()["version"] == 2
-        while (
-            not events[-1]["session"]["interactions"]
-            or not (events[-1]["session"]["interactions"][0]["done"])
-        ):
-            events.append(await receive_event(ws))
+        prompt = await receive_event(ws)
+        assert (prompt["type"], prompt["version"]) == ("session_update", 2)
+        state, patches = prompt["session"], []
+        with anyio.fail_after(WAIT):
+            while not state["interactions"][0]["done"]:
+                patch = await receive_event(ws)
+                patches.append(patch)
+                state = jsonpatch.apply_patch(state, patch["patch"])
 
-    # The snapshot, the prompt, then one update per token, each one version newer.
-    assert [event["version"] for event in events] == list(range(1, TOKENS + 3))
-    assert all(event["type"] == "session_update" for event in events)
-    assert all(event["owner"] == "alice" for event in events)
-    responses = [event["session"]["interactions"][0]["response"] for event in events[1:]]
-    assert responses == ["", *("".join(simulated_tokens(n)) for n in range(1, TOKENS + 1))]
-    assert responses[-1] == FINAL_TEXT
+    # One patch per token, each one version on from the last: the response so far, no more.
+    assert all(p["type"] == "session_patch" for p in patches)
+    assert all(p["owner"] == "alice" for p in patches)
+    assert [(p["base_version"], p["version"]) for p in patches] == [
+        (v, v + 1) for v in range(2, TOKENS + 2)
+    ]
+    responses = [p["patch"][0]["value"] for p in patches]
+    assert responses == ["".join(simulated_tokens(n)) for n in range(1, TOKENS + 1)]
 
-    state = (await client.get(f"/api/sessions/{session['id']}", headers=ALICE)).json()
-    assert state == events[-1]["session"]
-    assert state["interactions"] == [
+    current = (await client.get(f"/api/sessions/{session['id']}", headers=ALICE)).json()
+    assert current == {**state, "version": TOKENS + 2}
+    assert current["interactions"] == [
         {
             "position": 0,
             "prompt": "hello",

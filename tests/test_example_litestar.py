@@ -14,6 +14,7 @@ from urllib.parse import quote
 
 import anyio
 import httpx
+import jsonpatch
 import pytest
 from litestar import Litestar
 
@@ -40,7 +41,7 @@ async def app(tmp_path: Path, nats_server: EmbeddedNats) -> AsyncIterator[Litest
         database_url=f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}",
         nats_url=nats_server.url,
         response_tokens=TOKENS,
-        token_interval=0.01,
+        token_interval=0.05,
     )
     app = create_app(settings)
     # The API with its lifespan, and a response worker beside it, as two processes would run.
@@ -97,12 +98,13 @@ async def test_new_session_arrives_as_the_snapshot_with_its_owner_and_version(
         }
 
 
-async def test_prompt_streams_tokens_as_updates_with_increasing_versions(
+async def test_prompt_streams_tokens_as_patches_chained_version_by_version(
     app: Litestar, http: httpx.AsyncClient
 ) -> None:
     session = await create_session(http)
     async with connect_websocket(app, f"/ws/sessions/{session['id']}?token=alice") as ws:
-        assert (await next_event(ws))["version"] == 1
+        snapshot = await next_event(ws)
+        assert snapshot["version"] == 1
 
         prompts = f"/api/sessions/{session['id']}/prompts"
         response = await call(http, "POST", prompts, "alice", {"prompt": "hi"})
@@ -111,21 +113,28 @@ async def test_prompt_streams_tokens_as_updates_with_increasing_versions(
             {"position": 0, "prompt": "hi", "response": "", "done": False, "interrupted": None}
         ]
 
-        events = []
+        prompt = await next_event(ws)
+        assert prompt["type"] == "session_update"
+        assert prompt["version"] == 2
+        state, patches = prompt["session"], []
         with anyio.fail_after(WAIT):
-            while not events or not events[-1]["session"]["interactions"][0]["done"]:
-                events.append(await next_event(ws))
+            while not state["interactions"][0]["done"]:
+                patch = await next_event(ws)
+                patches.append(patch)
+                state = jsonpatch.apply_patch(state, patch["patch"])
 
-    assert {event["type"] for event in events} == {"session_update"}
-    # The prompt, then one version per token: every change was published, in order.
-    assert [event["version"] for event in events] == list(range(2, TOKENS + 3))
-    responses = [event["session"]["interactions"][0]["response"] for event in events]
+    # One patch per token, each chained from the version before, touching the one response.
+    assert [p["type"] for p in patches] == ["session_patch"] * TOKENS
+    assert [(p["base_version"], p["version"]) for p in patches] == [
+        (v, v + 1) for v in range(2, TOKENS + 2)
+    ]
     expected = simulated_tokens(TOKENS)
-    assert responses == ["".join(expected[:count]) for count in range(TOKENS + 1)]
-
+    assert [p["patch"][0] for p in patches] == [
+        {"op": "replace", "path": "/interactions/0/response", "value": "".join(expected[:n])}
+        for n in range(1, TOKENS + 1)
+    ]
     current = await call(http, "GET", f"/api/sessions/{session['id']}", "alice")
-    assert current.json() == events[-1]["session"]
-    assert current.json()["version"] == TOKENS + 2
+    assert current.json() == {**state, "version": TOKENS + 2}
 
 
 async def test_resuming_client_that_is_current_gets_updates_but_no_snapshot(

@@ -81,7 +81,7 @@ class LiveChat:
             bridge = await stack.enter_async_context(
                 NatsBridge(url, name=self.name, reconnect_time_wait=NATS_RECONNECT_WAIT)
             )
-            publisher = SessionPublisher(bridge, self.store)
+            publisher = SessionPublisher(bridge)
             tasks = await stack.enter_async_context(anyio.create_task_group())
             # Registered after the task group, so it runs first on exit: the group then only
             # waits for the cancelled sweeper.

@@ -8,9 +8,12 @@ the session's lock before an interaction's, so no two writers deadlock.
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
+from typing import ParamSpec, TypeVar
 
 import anyio
 from sqlalchemy import ColumnElement, case, func, select, update
@@ -61,6 +64,28 @@ class Interruption:
     reason: str
 
 
+_T = TypeVar("_T")
+_P = ParamSpec("_P")
+
+
+def _runs_to_the_end(method: Callable[_P, Awaitable[_T]]) -> Callable[_P, Awaitable[_T]]:
+    """Shield a store method's transaction from cancellation; it ends promptly anyway.
+
+    An asyncio driver's connection cancelled mid-statement is dropped by SQLAlchemy's pool
+    without being closed (aiosqlite then warns, PostgreSQL sees a broken connection). The
+    worker and the sweeper are stopped by cancellation at any moment, so each short
+    transaction finishes first, and the cancellation lands at the caller's next await.
+    """
+
+    @functools.wraps(method)
+    async def shielded(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        with anyio.CancelScope(shield=True):
+            result = await method(*args, **kwargs)
+        return result
+
+    return shielded
+
+
 class _Unchanged(Exception):
     """A conditional update matched no row: roll back the version bump."""
 
@@ -109,6 +134,7 @@ class ChatStore:
 
     # The API's reads and writes.
 
+    @_runs_to_the_end
     async def create_session(self, owner: str, title: str) -> SessionView:
         """Create an empty session owned by ``owner``, at version 1."""
         async with self.sessionmaker.begin() as db:
@@ -117,6 +143,7 @@ class ChatStore:
             await db.flush()
             return session_view(session)
 
+    @_runs_to_the_end
     async def get_session(self, session_id: str, owner: str) -> SessionView | None:
         """The session if ``owner`` owns it, else ``None``, whether or not it exists.
 
@@ -129,11 +156,7 @@ class ChatStore:
         async with self.sessionmaker() as db:
             return await _load(db, session_id, owner)
 
-    async def get_view(self, session_id: str) -> SessionView | None:
-        """The session as it is now, for publishing; ``None`` when it is gone."""
-        async with self.sessionmaker() as db:
-            return await _load(db, session_id)
-
+    @_runs_to_the_end
     async def is_owner(self, session_id: str, user: str) -> bool:
         """Whether ``user`` owns the session; ``False`` for a missing session or malformed id."""
         if not is_session_id(session_id):
@@ -142,6 +165,7 @@ class ChatStore:
             owner = await db.scalar(select(ChatSession.owner).where(ChatSession.id == session_id))
         return owner is not None and owner == user
 
+    @_runs_to_the_end
     async def add_prompt(
         self, session_id: str, owner: str, prompt: str, *, claim_within: float
     ) -> SessionView | None:
@@ -174,6 +198,7 @@ class ChatStore:
 
     # The worker's writes: each token in O(1) statements, without loading the session.
 
+    @_runs_to_the_end
     async def claim(self, worker: str, *, lease: float) -> Claim | None:
         """Claim the oldest pending interaction for ``worker``, with a lease of ``lease`` s.
 
@@ -210,6 +235,7 @@ class ChatStore:
             return None  # its session was deleted meanwhile: the cascade removes it too
         return Claim(row.id, row.session_id, owner, row.position, worker)
 
+    @_runs_to_the_end
     async def append_token(
         self, claim: Claim, token: str, *, done: bool, lease: float
     ) -> TokenCommit | None:
@@ -241,6 +267,7 @@ class ChatStore:
         except _Unchanged:
             return None
 
+    @_runs_to_the_end
     async def renew(self, claim: Claim, *, lease: float) -> bool:
         """Extend the claim's lease to ``lease`` s from now; ``False`` if the claim is lost."""
         async with self.sessionmaker.begin() as db:
@@ -255,6 +282,7 @@ class ChatStore:
 
     # The lease sweeper's write.
 
+    @_runs_to_the_end
     async def interrupt_expired(self) -> list[Interruption]:
         """Mark every unfinished interaction whose lease expired as interrupted.
 

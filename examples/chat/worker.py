@@ -176,7 +176,7 @@ async def run_worker(settings: WorkerSettings) -> None:
     ):
         bridge = await _enter_bridge(stack, settings.nats_url)
         logger.info("worker ready nats=%s", settings.nats_url)
-        await ResponseWorker(store, SessionPublisher(bridge, store), settings).run()
+        await ResponseWorker(store, SessionPublisher(bridge), settings).run()
 
 
 async def _enter_bridge(stack: AsyncExitStack, url: str) -> NatsBridge:

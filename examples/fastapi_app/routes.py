@@ -9,7 +9,6 @@ from fastapi import APIRouter, Depends, HTTPException, Path, WebSocket, status
 from fastapi.responses import HTMLResponse
 from starlette.requests import HTTPConnection
 
-from asgi_session_sync import get_resync
 from asgi_session_sync.nats import NatsBridge
 from examples.chat.publishing import SessionPublisher
 from examples.chat.store import ChatStore
@@ -109,6 +108,6 @@ async def session_socket(
         return
     # Subscribe BEFORE accepting: the snapshot is loaded during accept, so any update
     # published after that load is already on its way to this subscription.
-    async with bridge.subscribe(session_id, resync=get_resync(websocket.scope)) as updates:
+    async with bridge.subscribe(session_id, scope=websocket.scope) as updates:
         await websocket.accept()  # SessionSyncMiddleware sends the snapshot here
         await updates.forward(websocket.send_text, websocket.receive)

@@ -24,7 +24,7 @@ from litestar.types import Scope
 from msgspec import Meta, Struct
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from asgi_session_sync import SessionSyncMiddleware, get_resync
+from asgi_session_sync import SessionSyncMiddleware
 from asgi_session_sync.client import STATIC_DIR
 from asgi_session_sync.loaders.sqlalchemy import sqlalchemy_loader
 from examples.chat.live import LiveChat
@@ -157,8 +157,9 @@ async def session_socket(
         return
     # Subscribe BEFORE accepting: the snapshot is loaded during accept, so every update
     # committed after that load is already on its way to this subscription.
-    resync = get_resync(socket.scope)
-    async with live.bridge.subscribe(session_id, resync=resync) as updates:
+    # scope: the subscription resyncs through the middleware's loader, and chains patches
+    # from the snapshot's version.
+    async with live.bridge.subscribe(session_id, scope=socket.scope) as updates:
         await socket.accept()  # SessionSyncMiddleware sends the snapshot here
         try:
             # Sends each update (and each resync after NATS trouble) until the client leaves.
