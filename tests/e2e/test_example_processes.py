@@ -283,6 +283,15 @@ def test_nats_killed_alone_page_catches_up_then_streams_to_the_end(
         stack.start()
         session_id = start_streaming(page, example, stack.api.url)
         nats.kill()
+        # The worker goes on committing: wait until the page is two tokens behind the
+        # database, so that only the bridge's resync (or the worker's buffered publishes)
+        # can make it current again.
+        shown = page.evaluate(PAGE_STATE)["version"]
+        deadline = time.monotonic() + 5
+        while in_database(stack.db, session_id)["version"] < shown + 2:
+            assert time.monotonic() < deadline, "the worker stopped committing without NATS"
+            time.sleep(0.05)  # another process's commits: no event to await
+        assert page.evaluate(PAGE_STATE)["version"] == shown, "an update came without NATS"
         screenshot(page, shots, "1-nats-down")
         returned = nats.start()
         version = in_database(stack.db, session_id)["version"]
