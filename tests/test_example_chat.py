@@ -12,6 +12,7 @@ from typing import Any
 
 import anyio
 import pytest
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from asgi_session_sync.nats import EmbeddedNats, NatsBridge
@@ -201,3 +202,23 @@ async def test_worker_keeps_its_lease_between_slow_tokens(
     assert view["interactions"][0]["done"] is True
     assert view["interactions"][0]["interrupted"] is None
     assert view["interactions"][0]["response"] == "".join(simulated_tokens(2))
+
+
+async def test_another_users_session_is_never_loaded(store: ChatStore) -> None:
+    session_id = await pending_prompt(store)
+    statements: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(statement)
+
+    event.listen(store.engine.sync_engine, "before_cursor_execute", record)
+    try:
+        assert await store.get_session(session_id, "bob") is None
+        assert await store.get_session("0" * 32, "bob") is None
+    finally:
+        event.remove(store.engine.sync_engine, "before_cursor_execute", record)
+    # One query each, with the owner in it: bob's miss costs what a missing id costs, and
+    # the interactions (the session's size) are never read.
+    assert len(statements) == 2
+    assert all("owner" in statement for statement in statements)
+    assert not any("FROM interactions" in statement for statement in statements)

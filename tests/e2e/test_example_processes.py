@@ -11,6 +11,8 @@ git); each path is printed.
 
 from __future__ import annotations
 
+import itertools
+import json
 import re
 import sqlite3
 import sys
@@ -153,6 +155,17 @@ def start_streaming(page: Any, example: Example, url: str) -> str:
     page.fill(example.title_input, "Crash test")
     page.click(example.create_button)
     page.wait_for_function("document.querySelector('#state').textContent === 'live'")
+    # Every response text the page shows, in order, for the token-by-token check.
+    page.evaluate(
+        """() => {
+          window.responsesShown = [];
+          new MutationObserver(() => {
+            const text = document.querySelector("[data-testid=response]")?.textContent;
+            const shown = window.responsesShown;
+            if (text !== undefined && shown[shown.length - 1] !== text) shown.push(text);
+          }).observe(document.body, { childList: true, subtree: true, characterData: true });
+        }"""
+    )
     page.fill(example.prompt_input, "Tell me a long story")
     page.click(example.send_button)
     page.wait_for_function(
@@ -214,6 +227,34 @@ def finish_and_compare(page: Any, stack: ExampleStack, session_id: str) -> dict[
     assert shown["interrupted"] is None
     assert page.evaluate("window.loadMarker") == "first load", "the page was reloaded"
     return shown
+
+
+def test_response_streams_into_the_page_token_by_token_as_patches(
+    running: ExampleStack, example: Example, page: Any, shots: Path
+) -> None:
+    frames: list[dict[str, Any]] = []
+    page.on(
+        "websocket",
+        lambda socket: socket.on("framereceived", lambda data: frames.append(json.loads(data))),
+    )
+    session_id = start_streaming(page, example, running.api.url)
+    screenshot(page, shots, "1-streaming")
+    finish_and_compare(page, running, session_id)
+    screenshot(page, shots, "2-finished")
+
+    final = "".join(simulated_tokens(TOKENS))
+    shown = page.evaluate("window.responsesShown")
+    # Token by token: the page showed growing prefixes of the final text, most tokens apart.
+    assert shown[-1] == final
+    assert all(final.startswith(text) for text in shown)
+    assert all(len(a) < len(b) for a, b in itertools.pairwise(shown))
+    assert len(shown) >= TOKENS // 2, shown
+    # Each token came as a small patch of the one response, chained version by version.
+    patches = [frame for frame in frames if frame.get("type") == "session_patch"]
+    assert len(patches) == TOKENS, [frame.get("type") for frame in frames]
+    assert all(p["version"] == p["base_version"] + 1 for p in patches)
+    assert all(op["path"].startswith("/interactions/0/") for p in patches for op in p["patch"])
+    assert max(len(json.dumps(p)) for p in patches) < 1024
 
 
 def test_api_killed_mid_stream_page_catches_up_then_streams_to_the_end(
