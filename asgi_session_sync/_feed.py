@@ -136,7 +136,7 @@ class SessionFeed:
         self._resyncing = False
         self._resync_again = False
         self._runs_started = 0
-        self._results_pending = 0  # runs started whose result the consumer has not judged
+        self._results_pending = 0  # runs scheduled whose result the consumer has not judged
         self._warned_unrepairable = False
 
     # Lifetime.
@@ -217,18 +217,19 @@ class SessionFeed:
             )
             return
         if self._resyncing:
-            self._resync_again = True
+            if not self._resync_again:  # else the run already queued serves this request too
+                self._resync_again = True
+                self._results_pending += 1
             return
         logger.info("resyncing session_id=%s reason=%s", self.session_id, reason)
         self._resyncing = True
+        self._results_pending += 1
         self._tg.start_soon(self._run_resyncs, self._resync)
 
     async def _run_resyncs(self, resync: Resync) -> None:
         try:
             while True:
-                self._resync_again = False
                 self._runs_started += 1
-                self._results_pending += 1
                 run = self._runs_started
                 frame = await self._load(resync, run)
                 if self._send is None:
@@ -239,6 +240,9 @@ class SessionFeed:
                     return
                 if not self._resync_again:
                     return
+                # Cleared here, not before loading: every request counted in _results_pending
+                # gets a run (and a result) of its own.
+                self._resync_again = False
         finally:
             self._resyncing = False
 

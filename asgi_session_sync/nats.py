@@ -282,7 +282,7 @@ class NatsBridge:
         self._subscriptions: dict[Subscription, SessionSubscription] = {}
         self._resync_limiter: anyio.CapacityLimiter | None = None
         self.stats = BridgeStats(on_metric=on_metric)
-        """Counters since the bridge was created: see :class:`~.stats.BridgeStats`."""
+        """Counters since the bridge was created (:class:`~asgi_session_sync.stats.BridgeStats`)."""
         self._open = False
         self._closing = False
 

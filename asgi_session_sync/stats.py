@@ -116,7 +116,7 @@ class SessionSyncStats(_Counters):
 class BridgeStats(_Counters):
     """What a :class:`~asgi_session_sync.nats.NatsBridge` did since it was created.
 
-    The same shape as :class:`SessionSyncStats`: read the fields, call :meth:`as_dict`, or
+    The same shape as :class:`SessionSyncStats`: read the fields, call ``as_dict()``, or
     pass ``on_metric`` to the bridge to see every increment.
 
     Attributes:

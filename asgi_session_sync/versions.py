@@ -10,8 +10,7 @@ code that orders events lets the frame through rather than guess. ``bool`` is no
 
 **Large ints.** A string of decimal digits, ``-?[0-9]+``, is an *int* version and compares as
 one: ``"9007199254740993"`` is newer than ``9007199254740992``. That is how ints beyond
-JavaScript's exact range, ±(2**53 - 1), travel in JSON (see
-:data:`~asgi_session_sync.events.Version`). At most 64 characters: longer input is not a
+JavaScript's exact range, ±(2**53 - 1), travel in JSON. At most 64 characters: longer input is not a
 version.
 
 **Patches.** :func:`classify_patch` says where a delta stands against the version a client
@@ -39,7 +38,7 @@ Version = int | datetime | str
 """A session version: an int (a counter) or a timestamp (a ``datetime`` or an ISO-8601 string).
 
 A string of decimal digits is an int: events read it as one, and write ints beyond
-``±(2**53 - 1)`` as such strings (see :mod:`asgi_session_sync.events`).
+``±(2**53 - 1)`` as such strings, so browsers read them exactly.
 """
 
 VersionKey = tuple[int, int]

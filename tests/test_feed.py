@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from asgi_session_sync import SessionPatch, SessionUpdate
@@ -189,17 +190,27 @@ async def test_a_snapshot_that_does_not_reach_a_held_patch_drops_it(
     assert stats.patches_unrepaired == 1
 
 
-async def test_a_failed_resync_drops_the_patches_it_should_have_reached_and_retries(
+async def test_a_failed_resync_drops_the_held_patch_and_the_next_gap_retries(
     stats: BridgeStats, caplog: pytest.LogCaptureFixture
 ) -> None:
     loader = Loader(version=3)
     loader.answers = ["not json"]
-    async with open_feed(stats, loader, version=1) as feed:
-        # 2 -> 3 asks for a resync, which fails; 3 -> 4 came while it ran, so one more runs.
-        await put(feed, patch(2, 3), patch(3, 4))
-        assert await take(feed, 2) == [("session_update", None, 3), ("session_patch", 3, 4)]
-    assert loader.calls == 2
-    assert (stats.resync_failures, stats.patches_unrepaired) == (1, 1)
+    async with open_feed(stats, loader, version=1) as feed, anyio.create_task_group() as tg:
+        taken: list[Any] = []
+
+        async def read() -> None:
+            taken.extend(await take(feed, 2))
+
+        tg.start_soon(read)
+        await put(feed, patch(2, 3))
+        # The resync fails: the held patch is dropped, nothing is sent, nothing retried yet.
+        with anyio.fail_after(WAIT):
+            while stats.patches_unrepaired == 0:
+                await anyio.lowlevel.checkpoint()
+        assert loader.calls == 1
+        await put(feed, patch(3, 4))
+    assert taken == [("session_update", None, 3), ("session_patch", 3, 4)]
+    assert (loader.calls, stats.resync_failures) == (2, 1)
     assert any("resync returned text that is not a snapshot" in r.message for r in caplog.records)
 
 

@@ -509,6 +509,7 @@ async def test_reconnect_resyncs_only_open_subscriptions(
                     assert (await next_event(updates))["version"] == 7
     assert store.calls == 1
     assert any("resyncing 1 subscriptions" in record.message for record in caplog.records)
+    assert (bridge.stats.reconnects, bridge.stats.resyncs) == (1, 1)
 
 
 async def test_forward_sends_updates_and_hands_client_messages_until_disconnect(
@@ -770,3 +771,28 @@ async def test_a_slow_consumer_losing_patches_is_resynced_and_ends_on_the_latest
     assert client.state == db.state
     assert bridge.stats.slow_consumer_drops > 0
     assert bridge.stats.resyncs >= 1
+
+
+async def test_forward_sends_a_heartbeat_while_the_session_is_quiet(bridge: NatsBridge) -> None:
+    sent: list[str] = []
+    heartbeat = anyio.Event()
+
+    async def send_text(text: str) -> None:
+        sent.append(text)
+        if json.loads(text) == {"type": "heartbeat"}:
+            heartbeat.set()
+
+    to_app_send, to_app = anyio.create_memory_object_stream[dict[str, Any]](1)
+    async with (
+        bridge.subscribe("s1") as updates,
+        to_app_send,
+        to_app,
+        anyio.create_task_group() as tg,
+    ):
+        tg.start_soon(lambda: updates.forward(send_text, to_app.receive, heartbeat=0.05))
+        await bridge.publish("s1", {"n": 1}, version=1)
+        with anyio.fail_after(WAIT):
+            await heartbeat.wait()
+        await to_app_send.send({"type": "websocket.disconnect", "code": 1000})
+    assert {"type": "heartbeat"} in [json.loads(text) for text in sent]
+    assert bridge.stats.heartbeats >= 1
