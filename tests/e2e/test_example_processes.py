@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
+import signal
 import sqlite3
 import sys
 import time
@@ -35,6 +37,7 @@ from .app_process import (
     ServerProcess,
     children_named,
     free_port,
+    wait_for_port,
     wait_until_gone,
 )
 
@@ -350,7 +353,7 @@ def test_nats_killed_alone_page_catches_up_then_streams_to_the_end(
     assert "Traceback" not in stack.output(), stack.output()
 
 
-def test_one_command_runs_api_and_worker_and_sigterm_stops_all(
+def test_one_command_runs_both_restarts_a_killed_api_and_sigterm_stops_all(
     example: Example, tmp_path: Path
 ) -> None:
     import httpx
@@ -363,24 +366,48 @@ def test_one_command_runs_api_and_worker_and_sigterm_stops_all(
         {**stack.api.env},
         ready_line="worker ready",
     )
+    alice = {"Authorization": "Bearer alice"}
+
+    def answer_a_prompt(client: httpx.Client) -> None:
+        session = client.post("/api/sessions", json={"title": "t"}, headers=alice).json()
+        path = f"/api/sessions/{session['id']}"
+        client.post(f"{path}/prompts", json={"prompt": "hi"}, headers=alice)
+        deadline = time.monotonic() + 10
+        while not client.get(path, headers=alice).json()["interactions"][0]["done"]:
+            assert time.monotonic() < deadline, "the worker never finished the response"
+            time.sleep(0.05)  # polling the API from outside: no event to await
+
+    def started() -> dict[str, list[int]]:
+        # The launcher prints each child's pid, for the user to kill.
+        found: dict[str, list[int]] = {"api": [], "worker": []}
+        for name, pid in re.findall(r"started (api|worker) pid=(\d+)", launcher.output()):
+            found[name].append(int(pid))
+        return found
+
     launcher.start()
     try:
         with httpx.Client(base_url=stack.api.url, timeout=5) as client:
-            alice = {"Authorization": "Bearer alice"}
-            session = client.post("/api/sessions", json={"title": "t"}, headers=alice).json()
-            path = f"/api/sessions/{session['id']}"
-            client.post(f"{path}/prompts", json={"prompt": "hi"}, headers=alice)
-            deadline = time.monotonic() + 10
-            while not client.get(path, headers=alice).json()["interactions"][0]["done"]:
-                assert time.monotonic() < deadline, "the worker never finished the response"
-                time.sleep(0.05)  # polling the API from outside: no event to await
-        # The launcher prints each child's pid, for the user to kill.
-        children = {int(pid) for pid in re.findall(r"pid=(\d+)", launcher.output())}
-        nats_servers = set().union(*(children_named(pid, "nats-server") for pid in children))
-        assert len(children) == 2
-        assert len(nats_servers) == 1
+            answer_a_prompt(client)
+            [api], [worker] = started().values()
+            [nats_server] = children_named(api, "nats-server")
+
+            # kill -9 of the API, as the README shows: the launcher starts it again.
+            os.kill(api, signal.SIGKILL)
+            assert wait_until_gone({nats_server}, 2.0) == set(), "nats-server outlived its API"
+            deadline = time.monotonic() + 20
+            while len(started()["api"]) < 2:
+                assert time.monotonic() < deadline, launcher.output()[-3000:]
+                time.sleep(0.05)  # another process's log: no event to await
+            wait_for_port(stack.api.port, 20)
+            answer_a_prompt(client)  # the same worker, reconnected to the new API's broker
+        restarted = started()["api"][1]
+        assert started()["worker"] == [worker]
+        children = {restarted, worker, *children_named(restarted, "nats-server")}
+        assert len(children) == 3
+
         launcher.stop()  # SIGTERM
-        assert wait_until_gone(children | nats_servers, 5.0) == set()
+        assert wait_until_gone(children, 5.0) == set()
     finally:
         launcher.kill()
+    # The first API's SIGKILL is the only crash: nothing else raised.
     assert "Traceback" not in launcher.output(), launcher.output()
