@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from sqlalchemy.engine import make_url
@@ -97,11 +97,10 @@ class ChatSettings:
             ValueError: A number does not parse, or is out of range.
         """
         env = os.environ if environ is None else environ
-        known = {field.name for field in fields(cls)}
         values: dict[str, Any] = {}
         for variable, (name, kind) in _ENVIRONMENT.items():
             text = env.get(variable)
-            if not text or name not in known:
+            if not text:
                 continue
             try:
                 values[name] = kind(text)

@@ -110,15 +110,18 @@ class ChatStore:
         """Create the tables that do not exist yet."""
         # The API and the worker start together, and create_all's check-then-create is not
         # atomic: when the other process wins the race, the next pass finds its tables.
-        for attempt in range(_CREATE_ATTEMPTS):
-            try:
-                async with self.engine.begin() as connection:
-                    await connection.run_sync(Base.metadata.create_all)
-            except DBAPIError:
-                if attempt == _CREATE_ATTEMPTS - 1:
-                    raise
-            else:
-                break
+        # Shielded, as every transaction here is (see _runs_to_the_end): a process stopped
+        # while it starts must not drop a connection mid-statement.
+        with anyio.CancelScope(shield=True):
+            for attempt in range(_CREATE_ATTEMPTS):
+                try:
+                    async with self.engine.begin() as connection:
+                        await connection.run_sync(Base.metadata.create_all)
+                except DBAPIError:
+                    if attempt == _CREATE_ATTEMPTS - 1:
+                        raise
+                else:
+                    break
         return self
 
     async def __aexit__(
