@@ -1,19 +1,23 @@
 """The examples' shared chat below HTTP: claims, token commits, leases and their sweeper.
 
-Against a real SQLite file, and PostgreSQL where two replicas race (skipped without it).
+Against a real SQLite file and PostgreSQL (each test in a schema of its own; skipped without
+it outside CI), with two stores on one database where two replicas or workers race.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+import os
+import secrets
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 from sqlalchemy import event
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from asgi_session_sync.nats import EmbeddedNats, NatsBridge
 from examples.chat.leases import LeaseSweeper
@@ -33,10 +37,63 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+DEFAULT_POSTGRES_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+
+EngineFactory = Callable[[], AsyncEngine]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def new_engine(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[EngineFactory]:
+    """Makes engines on one fresh database: each one is another process (replica, worker).
+
+    PostgreSQL (``DATABASE_URL``, else the machine's) gets a schema of its own, dropped after.
+    """
+    engines: list[AsyncEngine] = []
+    if request.param == "sqlite":
+        url, options = f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}", {}
+    else:
+        url = os.environ.get("DATABASE_URL") or DEFAULT_POSTGRES_URL
+        schema = f"chat_test_{secrets.token_hex(6)}"
+        options = {"execution_options": {"schema_translate_map": {None: schema}}}
+        admin = create_async_engine(url)
+        try:
+            with anyio.fail_after(10):
+                async with admin.begin() as connection:
+                    await connection.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
+        except (OSError, TimeoutError, DBAPIError) as exc:
+            await admin.dispose()
+            if os.environ.get("CI"):
+                pytest.fail(f"PostgreSQL is required under CI: {exc}")
+            pytest.skip(f"PostgreSQL not reachable ({exc}); set DATABASE_URL to run these tests")
+
+    def factory() -> AsyncEngine:
+        engines.append(create_async_engine(url, **options))
+        return engines[-1]
+
+    try:
+        yield factory
+    finally:
+        for engine in engines:
+            await engine.dispose()
+        if request.param == "postgresql":
+            async with admin.begin() as connection:
+                await connection.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
+            await admin.dispose()
+
+
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[ChatStore]:
-    async with ChatStore(create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}")) as s:
-        yield s
+async def store(new_engine: EngineFactory) -> AsyncIterator[ChatStore]:
+    async with ChatStore(new_engine()) as store:
+        yield store
+
+
+@pytest.fixture
+async def replica(new_engine: EngineFactory, store: ChatStore) -> AsyncIterator[ChatStore]:
+    """A second store on the same database: another API replica, or another worker."""
+    async with ChatStore(new_engine()) as replica:
+        yield replica
 
 
 async def pending_prompt(store: ChatStore, claim_within: float = 10.0) -> str:
@@ -71,9 +128,9 @@ async def test_each_token_commits_one_version_and_the_response_so_far(store: Cha
     }
 
 
-async def test_a_prompt_is_claimed_by_one_worker_only(store: ChatStore) -> None:
+async def test_a_prompt_is_claimed_by_one_worker_only(store: ChatStore, replica: ChatStore) -> None:
     await pending_prompt(store)
-    claims = await anyio_gather(store.claim("w1", lease=10), store.claim("w2", lease=10))
+    claims = await anyio_gather(store.claim("w1", lease=10), replica.claim("w2", lease=10))
     assert sum(claim is not None for claim in claims) == 1
     assert await store.claim("w3", lease=10) is None
 
@@ -91,7 +148,7 @@ async def anyio_gather(*awaitables: Any) -> list[Any]:
 
 
 async def test_expired_lease_is_marked_interrupted_once_and_the_worker_loses_it(
-    store: ChatStore,
+    store: ChatStore, replica: ChatStore
 ) -> None:
     session_id = await pending_prompt(store)
     claim = await store.claim("w1", lease=LEASE)
@@ -101,7 +158,7 @@ async def test_expired_lease_is_marked_interrupted_once_and_the_worker_loses_it(
 
     await anyio.sleep(LEASE + 0.05)  # a lease is wall-clock time: let it run out
     # Two replicas sweep at once: exactly one marks it.
-    swept = await anyio_gather(store.interrupt_expired(), store.interrupt_expired())
+    swept = await anyio_gather(store.interrupt_expired(), replica.interrupt_expired())
     [interruption] = swept[0] + swept[1]
     assert (interruption.session_id, interruption.position) == (session_id, 0)
     assert interruption.reason == WORKER_LOST
