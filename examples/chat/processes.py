@@ -71,7 +71,9 @@ async def supervise(module: str) -> None:
     async with anyio.create_task_group() as children:
         for process in ("api", "worker"):
             children.start_soon(_keep_running, [sys.executable, "-m", module, process], process)
-        with anyio.open_signal_receiver(signal.SIGTERM) as signals:
+        # Both, explicitly: a shell starts background jobs with SIGINT ignored, and Python
+        # then never raises KeyboardInterrupt; the children may have stopped on it already.
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for _ in signals:
                 children.cancel_scope.cancel()
 
