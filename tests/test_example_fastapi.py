@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import anyio
 import httpx
+import jsonpatch
 import pytest
 from fastapi import FastAPI
 
 from asgi_session_sync.nats import EmbeddedNats
 from asgi_session_sync.testing import WebSocketClient, WebSocketRejected, connect_websocket
+from examples.chat.worker import run_worker, simulated_tokens
 from examples.fastapi_app import Settings, create_app
-from examples.fastapi_app.responder import simulated_tokens
 
 pytestmark = pytest.mark.anyio
 
@@ -38,16 +38,19 @@ def settings(tmp_path: Path, nats_server: EmbeddedNats) -> Settings:
         database_url=f"sqlite+aiosqlite:///{tmp_path / 'example.sqlite3'}",
         nats_url=nats_server.url,
         response_tokens=TOKENS,
-        token_interval=0.01,
+        token_interval=0.05,
     )
 
 
 @pytest.fixture
 async def app(settings: Settings) -> AsyncIterator[FastAPI]:
+    """The API with its lifespan, and a response worker beside it, as two processes would run."""
     app = create_app(settings)
     with anyio.fail_after(WAIT):
-        async with app.router.lifespan_context(app):
+        async with app.router.lifespan_context(app), anyio.create_task_group() as worker:
+            worker.start_soon(run_worker, settings.worker())
             yield app
+            worker.cancel_scope.cancel()
 
 
 @pytest.fixture
@@ -86,35 +89,45 @@ async def test_created_session_is_the_first_frame_with_owner_and_version(
         }
 
 
-async def test_prompt_streams_tokens_as_updates_with_increasing_versions(
+async def test_prompt_streams_tokens_as_patches_chained_version_by_version(
     app: FastAPI, client: httpx.AsyncClient
 ) -> None:
     session = await create_session(client)
     async with connect_websocket(app, f"/ws/sessions/{session['id']}?token=alice") as ws:
-        events = [await receive_event(ws)]
+        assert (await receive_event(ws))["version"] == 1
         response = await client.post(
             f"/api/sessions/{session['id']}/prompts", json={"prompt": "hello"}, headers=ALICE
         )
         assert response.status_code == 202, response.text
         assert response.json()["version"] == 2
-        while (
-            not events[-1]["session"]["interactions"]
-            or not (events[-1]["session"]["interactions"][0]["done"])
-        ):
-            events.append(await receive_event(ws))
+        prompt = await receive_event(ws)
+        assert (prompt["type"], prompt["version"]) == ("session_update", 2)
+        state, patches = prompt["session"], []
+        with anyio.fail_after(WAIT):
+            while not state["interactions"][0]["done"]:
+                patch = await receive_event(ws)
+                patches.append(patch)
+                state = jsonpatch.apply_patch(state, patch["patch"])
 
-    # The snapshot, the prompt, then one update per token, each one version newer.
-    assert [event["version"] for event in events] == list(range(1, TOKENS + 3))
-    assert all(event["type"] == "session_update" for event in events)
-    assert all(event["owner"] == "alice" for event in events)
-    responses = [event["session"]["interactions"][0]["response"] for event in events[1:]]
-    assert responses == ["", *("".join(simulated_tokens(n)) for n in range(1, TOKENS + 1))]
-    assert responses[-1] == FINAL_TEXT
+    # One patch per token, each one version on from the last: the response so far, no more.
+    assert all(p["type"] == "session_patch" for p in patches)
+    assert all(p["owner"] == "alice" for p in patches)
+    assert [(p["base_version"], p["version"]) for p in patches] == [
+        (v, v + 1) for v in range(2, TOKENS + 2)
+    ]
+    responses = [p["patch"][0]["value"] for p in patches]
+    assert responses == ["".join(simulated_tokens(n)) for n in range(1, TOKENS + 1)]
 
-    state = (await client.get(f"/api/sessions/{session['id']}", headers=ALICE)).json()
-    assert state == events[-1]["session"]
-    assert state["interactions"] == [
-        {"position": 0, "prompt": "hello", "response": FINAL_TEXT, "done": True}
+    current = (await client.get(f"/api/sessions/{session['id']}", headers=ALICE)).json()
+    assert current == {**state, "version": TOKENS + 2}
+    assert current["interactions"] == [
+        {
+            "position": 0,
+            "prompt": "hello",
+            "response": FINAL_TEXT,
+            "done": True,
+            "interrupted": None,
+        }
     ]
 
 
@@ -157,22 +170,6 @@ async def test_invalid_session_ids_are_refused(app: FastAPI, client: httpx.Async
             pass
 
 
-async def test_shutdown_stops_a_streaming_response(settings: Settings) -> None:
-    app = create_app(dataclasses.replace(settings, token_interval=60.0))
-    transport = httpx.ASGITransport(app=app)
-    with anyio.fail_after(WAIT):
-        async with (
-            app.router.lifespan_context(app),
-            httpx.AsyncClient(transport=transport, base_url="http://test") as client,
-        ):
-            session = await create_session(client)
-            response = await client.post(
-                f"/api/sessions/{session['id']}/prompts", json={"prompt": "hi"}, headers=ALICE
-            )
-            assert response.status_code == 202
-        # The lifespan ended, cancelling the stream that was waiting for its first token.
-
-
 async def test_page_loads_the_shipped_client(client: httpx.AsyncClient) -> None:
     page = await client.get("/")
     assert page.status_code == 200
@@ -193,11 +190,24 @@ def test_settings_come_from_the_environment() -> None:
             "NATS_URL": "nats://nats:4222",
             "HOST": "0.0.0.0",
             "PORT": "9000",
+            "LEASE_SECONDS": "2",
+            "RESPONSE_TOKENS": "40",
+            "TOKEN_INTERVAL": "0.1",
         }
     )
     assert settings.database_url == "postgresql+asyncpg://app:secret@db:5432/chat"
     assert settings.nats_url == "nats://nats:4222"
     assert (settings.host, settings.port) == ("0.0.0.0", 9000)
+    assert (settings.lease_seconds, settings.response_tokens, settings.token_interval) == (
+        2.0,
+        40,
+        0.1,
+    )
+    assert settings.worker().nats_url == "nats://nats:4222"
+    # Without NATS_URL, the worker finds the API's private server on its pinned port.
+    assert Settings.from_env({"NATS_PORT": "4300"}).worker().nats_url == "nats://127.0.0.1:4300"
     assert Settings(database_url="sqlite:///x.db").database_url == "sqlite+aiosqlite:///x.db"
     with pytest.raises(ValueError, match="PORT must be an integer"):
         Settings.from_env({"PORT": "http"})
+    with pytest.raises(ValueError, match="LEASE_SECONDS must be > 0"):
+        Settings.from_env({"LEASE_SECONDS": "0"})

@@ -6,20 +6,22 @@ temporary SQLite file and a private nats-server, as ``python -m examples.litesta
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import anyio
 import httpx
+import jsonpatch
 import pytest
 from litestar import Litestar
 
 from asgi_session_sync.nats import EmbeddedNats
 from asgi_session_sync.testing import WebSocketClient, WebSocketRejected, connect_websocket
+from examples.chat.worker import run_worker, simulated_tokens
 from examples.litestar_app import Settings, create_app
-from examples.litestar_app.live import simulated_reply
-from examples.litestar_app.settings import async_database_url
 
 pytestmark = pytest.mark.anyio
 
@@ -38,12 +40,15 @@ async def app(tmp_path: Path, nats_server: EmbeddedNats) -> AsyncIterator[Litest
     settings = Settings(
         database_url=f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}",
         nats_url=nats_server.url,
-        reply_tokens=TOKENS,
-        token_interval=0.01,
+        response_tokens=TOKENS,
+        token_interval=0.05,
     )
     app = create_app(settings)
-    async with app.lifespan():
+    # The API with its lifespan, and a response worker beside it, as two processes would run.
+    async with app.lifespan(), anyio.create_task_group() as worker:
+        worker.start_soon(run_worker, settings.worker())
         yield app
+        worker.cancel_scope.cancel()
 
 
 @pytest.fixture
@@ -93,35 +98,43 @@ async def test_new_session_arrives_as_the_snapshot_with_its_owner_and_version(
         }
 
 
-async def test_prompt_streams_tokens_as_updates_with_increasing_versions(
+async def test_prompt_streams_tokens_as_patches_chained_version_by_version(
     app: Litestar, http: httpx.AsyncClient
 ) -> None:
     session = await create_session(http)
     async with connect_websocket(app, f"/ws/sessions/{session['id']}?token=alice") as ws:
-        assert (await next_event(ws))["version"] == 1
+        snapshot = await next_event(ws)
+        assert snapshot["version"] == 1
 
         prompts = f"/api/sessions/{session['id']}/prompts"
         response = await call(http, "POST", prompts, "alice", {"prompt": "hi"})
         assert response.status_code == 202, response.text
         assert response.json()["interactions"] == [
-            {"position": 0, "prompt": "hi", "response": "", "done": False}
+            {"position": 0, "prompt": "hi", "response": "", "done": False, "interrupted": None}
         ]
 
-        events = []
+        prompt = await next_event(ws)
+        assert prompt["type"] == "session_update"
+        assert prompt["version"] == 2
+        state, patches = prompt["session"], []
         with anyio.fail_after(WAIT):
-            while not events or not events[-1]["session"]["interactions"][0]["done"]:
-                events.append(await next_event(ws))
+            while not state["interactions"][0]["done"]:
+                patch = await next_event(ws)
+                patches.append(patch)
+                state = jsonpatch.apply_patch(state, patch["patch"])
 
-    assert {event["type"] for event in events} == {"session_update"}
-    # The prompt, then one version per token: every change was published, in order.
-    assert [event["version"] for event in events] == list(range(2, TOKENS + 3))
-    responses = [event["session"]["interactions"][0]["response"] for event in events]
-    expected = simulated_reply(TOKENS)
-    assert responses == ["".join(expected[:count]) for count in range(TOKENS + 1)]
-
+    # One patch per token, each chained from the version before, touching the one response.
+    assert [p["type"] for p in patches] == ["session_patch"] * TOKENS
+    assert [(p["base_version"], p["version"]) for p in patches] == [
+        (v, v + 1) for v in range(2, TOKENS + 2)
+    ]
+    expected = simulated_tokens(TOKENS)
+    assert [p["patch"][0] for p in patches] == [
+        {"op": "replace", "path": "/interactions/0/response", "value": "".join(expected[:n])}
+        for n in range(1, TOKENS + 1)
+    ]
     current = await call(http, "GET", f"/api/sessions/{session['id']}", "alice")
-    assert current.json() == events[-1]["session"]
-    assert current.json()["version"] == TOKENS + 2
+    assert current.json() == {**state, "version": TOKENS + 2}
 
 
 async def test_resuming_client_that_is_current_gets_updates_but_no_snapshot(
@@ -193,7 +206,25 @@ def test_settings_from_the_environment() -> None:
     assert (settings.host, settings.port) == ("127.0.0.1", 9000)
     defaults = Settings.from_env({})
     assert defaults.database_url.startswith("sqlite+aiosqlite:///")
-    assert (defaults.nats_url, defaults.port) == (None, 8001)
-    assert async_database_url("sqlite+aiosqlite:///x.db") == "sqlite+aiosqlite:///x.db"
+    assert (defaults.nats_url, defaults.port, defaults.nats_port) == (None, 8001, 4224)
+    assert Settings(database_url="postgres://u@db/chat").database_url == (
+        "postgresql+asyncpg://u@db/chat"
+    )
     with pytest.raises(ValueError, match="PORT"):
         Settings.from_env({"PORT": "http"})
+
+
+async def test_ids_with_nul_or_newline_get_404_and_never_reach_the_logs(
+    app: Litestar, http: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    forged = "x\nERROR forged log line"
+    for raw in ("a%00b", "a%0Ab", quote(forged, safe="")):
+        response = await call(http, "GET", f"/api/sessions/{raw}", "alice")
+        assert response.status_code == 404, (raw, response.text)
+        prompts = await call(http, "POST", f"/api/sessions/{raw}/prompts", "alice", {"prompt": "x"})
+        assert prompts.status_code == 404
+    for record in caplog.records:
+        message = record.getMessage()
+        assert "\x00" not in message
+        assert "\nERROR forged" not in message

@@ -1,12 +1,13 @@
-"""A live chat on FastAPI: SQLAlchemy sessions, NATS updates, and a page that never goes stale.
+"""A live chat on FastAPI: SQLAlchemy sessions, a response worker, NATS updates, and a page that
+never goes stale.
 
 Run it from the repository root::
 
-    python -m examples.fastapi_app
+    python -m examples.fastapi_app            # the API and a worker, supervised
+    python -m examples.fastapi_app api        # or each on its own
+    python -m examples.fastapi_app worker
 
-then open the URL it prints (``http://127.0.0.1:8000/?token=alice``). ``DATABASE_URL``
-(SQLite in ``./fastapi_example.sqlite3`` by default, or ``postgresql://...``), ``NATS_URL``
-(an embedded ``nats-server`` by default), ``HOST`` and ``PORT`` configure it.
+then open ``http://127.0.0.1:8000/?token=alice``. See README.md here for the settings.
 """
 
 from .app import create_app

@@ -1,4 +1,4 @@
-"""``python -m examples.fastapi_app``: serve the example with uvicorn."""
+"""``python -m examples.fastapi_app [api|worker|all]``: see :mod:`examples.chat.processes`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ from typing import Any
 import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 
+from examples.chat.processes import main
+from examples.chat.worker import WorkerSettings
+
 from .app import create_app
 from .settings import Settings
 
@@ -15,7 +18,7 @@ from .settings import Settings
 def log_config() -> dict[str, Any]:
     """uvicorn's logging, plus the library's and the example's INFO lines (resyncs, streams)."""
     config: dict[str, Any] = copy.deepcopy(LOGGING_CONFIG)
-    for name in ("asgi_session_sync", "examples.fastapi_app"):
+    for name in ("asgi_session_sync", "examples"):
         config["loggers"][name] = {"handlers": ["default"], "level": "INFO", "propagate": False}
     return config
 
@@ -28,13 +31,25 @@ def page_url(settings: Settings) -> str:
     return f"http://{host}:{settings.port}/?token=alice"
 
 
-def main() -> None:
+def serve_api() -> None:
     """Serve the app on ``HOST``:``PORT`` and print the page's URL."""
     settings = Settings.from_env()
     app = create_app(settings)
     print(f"open {page_url(settings)}  (another user: ?token=bob)", flush=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=log_config())
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=log_config(),
+        # Open WebSockets never end on their own: don't wait for them forever on shutdown.
+        timeout_graceful_shutdown=5,
+    )
+
+
+def worker_settings() -> WorkerSettings:
+    """The worker's settings, from the same environment as the API's."""
+    return Settings.from_env().worker()
 
 
 if __name__ == "__main__":
-    main()
+    main(None, module="examples.fastapi_app", serve_api=serve_api, worker_settings=worker_settings)

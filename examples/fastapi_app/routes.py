@@ -9,21 +9,21 @@ from fastapi import APIRouter, Depends, HTTPException, Path, WebSocket, status
 from fastapi.responses import HTMLResponse
 from starlette.requests import HTTPConnection
 
-from asgi_session_sync import get_resync
 from asgi_session_sync.nats import NatsBridge
+from examples.chat.publishing import SessionPublisher
+from examples.chat.store import ChatStore
 
 from .auth import CurrentUser, WebSocketUser
-from .responder import Responder
 from .schemas import NewPrompt, NewSession, SessionView
-from .store import ChatStore
+from .settings import Settings
 
 PAGE = FilePath(__file__).with_name("index.html").read_text(encoding="utf-8")
 
 SessionId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]
 
 
-# The app's parts live on app.state: the store from create_app, the bridge and the responder
-# from the lifespan (they need the running event loop).
+# The app's parts live on app.state: the store and settings from create_app, the bridge and
+# the publisher from the lifespan (they need the running event loop).
 def get_store(connection: HTTPConnection) -> ChatStore:
     store: ChatStore = connection.app.state.store
     return store
@@ -34,14 +34,20 @@ def get_bridge(connection: HTTPConnection) -> NatsBridge:
     return bridge
 
 
-def get_responder(connection: HTTPConnection) -> Responder:
-    responder: Responder = connection.app.state.responder
-    return responder
+def get_publisher(connection: HTTPConnection) -> SessionPublisher:
+    publisher: SessionPublisher = connection.app.state.publisher
+    return publisher
+
+
+def get_settings(connection: HTTPConnection) -> Settings:
+    settings: Settings = connection.app.state.settings
+    return settings
 
 
 Store = Annotated[ChatStore, Depends(get_store)]
 Bridge = Annotated[NatsBridge, Depends(get_bridge)]
-ResponderDep = Annotated[Responder, Depends(get_responder)]
+Publisher = Annotated[SessionPublisher, Depends(get_publisher)]
+AppSettings = Annotated[Settings, Depends(get_settings)]
 
 router = APIRouter()
 
@@ -55,7 +61,7 @@ async def page() -> str:
 @router.post("/api/sessions", status_code=status.HTTP_201_CREATED)
 async def create_session(body: NewSession, user: CurrentUser, store: Store) -> SessionView:
     """Create an empty session owned by the caller."""
-    return await store.create_session(user, body.title)
+    return SessionView.model_validate(await store.create_session(user, body.title))
 
 
 @router.get("/api/sessions/{session_id}")
@@ -64,7 +70,7 @@ async def read_session(session_id: SessionId, user: CurrentUser, store: Store) -
     view = await store.get_session(session_id, user)
     if view is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "no such session")
-    return view
+    return SessionView.model_validate(view)
 
 
 @router.post("/api/sessions/{session_id}/prompts", status_code=status.HTTP_202_ACCEPTED)
@@ -73,17 +79,17 @@ async def add_prompt(
     body: NewPrompt,
     user: CurrentUser,
     store: Store,
-    responder: ResponderDep,
+    publisher: Publisher,
+    settings: AppSettings,
 ) -> SessionView:
-    """Add a prompt and start streaming its response; returns the state with the prompt."""
-    added = await store.add_prompt(session_id, user, body.prompt)
-    if added is None:
+    """Add a prompt; a worker claims it and streams its response. Returns the new state."""
+    view = await store.add_prompt(
+        session_id, user, body.prompt, claim_within=settings.lease_seconds
+    )
+    if view is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "no such session")
-    view, interaction_id = added
-    # Started before publishing: a request cancelled from here on cannot lose the stream.
-    responder.start(session_id, interaction_id)
-    await responder.publish(view)
-    return view
+    await publisher.publish_state(view)
+    return SessionView.model_validate(view)
 
 
 @router.websocket("/ws/sessions/{session_id}")
@@ -102,6 +108,6 @@ async def session_socket(
         return
     # Subscribe BEFORE accepting: the snapshot is loaded during accept, so any update
     # published after that load is already on its way to this subscription.
-    async with bridge.subscribe(session_id, resync=get_resync(websocket.scope)) as updates:
+    async with bridge.subscribe(session_id, scope=websocket.scope) as updates:
         await websocket.accept()  # SessionSyncMiddleware sends the snapshot here
         await updates.forward(websocket.send_text, websocket.receive)

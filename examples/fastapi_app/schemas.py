@@ -2,28 +2,25 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 
 class InteractionView(BaseModel):
-    """One interaction as clients see it."""
-
-    model_config = ConfigDict(from_attributes=True)
+    """One interaction as clients see it (:class:`examples.chat.models.InteractionView`)."""
 
     position: int
     prompt: str
     response: str
     done: bool
+    interrupted: str | None
 
 
 class SessionView(BaseModel):
-    """A session's whole state: the snapshot, every live update, and the API's answer.
+    """A session's whole state, as the API documents and returns it.
 
-    Built from a ``ChatSession`` row with its interactions loaded
-    (``SessionView.model_validate(row)``).
+    The same shape as the snapshot and every live update
+    (:class:`examples.chat.models.SessionView`): ``SessionView.model_validate(view)``.
     """
-
-    model_config = ConfigDict(from_attributes=True)
 
     id: str
     owner: str

@@ -1,23 +1,19 @@
-"""``python -m examples.litestar_app``: serve the example with uvicorn.
-
-Reads ``HOST`` (127.0.0.1), ``PORT`` (8001), ``DATABASE_URL`` (a SQLite file next to this
-module) and ``NATS_URL`` (unset: a private nats-server starts with the app).
-"""
+"""``python -m examples.litestar_app [api|worker|all]``: see :mod:`examples.chat.processes`."""
 
 from __future__ import annotations
 
-import logging
-
 import uvicorn
+
+from examples.chat.processes import main
+from examples.chat.worker import WorkerSettings
 
 from .app import create_app
 from .settings import Settings
 
 
-def main() -> None:
-    """Configure logging, print the URL to open, and serve until interrupted."""
+def serve_api() -> None:
+    """Print the URL to open, and serve the API until interrupted."""
     settings = Settings.from_env()
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     print(
         f"open http://{host}:{settings.port}/?token=alice "
@@ -34,5 +30,10 @@ def main() -> None:
     )
 
 
+def worker_settings() -> WorkerSettings:
+    """The worker's settings, from the same environment as the API's."""
+    return Settings.from_env().worker()
+
+
 if __name__ == "__main__":
-    main()
+    main(None, module="examples.litestar_app", serve_api=serve_api, worker_settings=worker_settings)

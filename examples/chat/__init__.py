@@ -1,0 +1,12 @@
+"""The chat both examples share: its tables, its store, the response worker and the lease sweeper.
+
+The FastAPI and the Litestar examples differ in their web framework only: the API, the page and
+the WebSocket endpoint are theirs, everything below the HTTP layer is here, once.
+
+* :mod:`.models`: the tables, and the JSON shape clients see.
+* :mod:`.store`: every read and write, each one transaction that bumps the session's version.
+* :mod:`.worker`: the process that streams responses: it claims a prompt, commits each token,
+  publishes it, and keeps a lease on the interaction while it streams.
+* :mod:`.leases`: the API's sweeper that marks an interaction whose lease expired as interrupted.
+* :mod:`.processes`: ``python -m examples.<app> [api|worker]``, and both at once.
+"""

@@ -1,0 +1,107 @@
+"""What runs in the API process beside the app: NATS, the bridge, and the lease sweeper."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import AsyncExitStack
+from types import TracebackType
+
+import anyio
+
+from asgi_session_sync.nats import NatsBridge
+from asgi_session_sync.nats_server import EmbeddedNats
+
+from .leases import LeaseSweeper
+from .publishing import SessionPublisher
+from .settings import ChatSettings
+from .store import ChatStore
+
+__all__ = ["LiveChat"]
+
+logger = logging.getLogger("examples.chat")
+
+# Retry a lost broker often: a restarted nats-server is back in well under a second, and each
+# reconnect resyncs every open WebSocket, so the sooner it happens the sooner pages are current.
+NATS_RECONNECT_WAIT = 0.25
+
+
+class LiveChat:
+    """The API's running parts, for its lifespan: ``async with LiveChat(store, settings):``.
+
+    Entering starts the private ``nats-server`` on ``settings.nats_port`` when no
+    ``settings.nats_url`` is set (it dies with this process, even on SIGKILL), opens the
+    bridge, and starts the lease sweeper. Leaving stops them in reverse order.
+
+    Args:
+        store: The chat store (entered separately).
+        settings: The example's settings.
+        name: The NATS connection's name, shown in the server's monitoring.
+    """
+
+    def __init__(self, store: ChatStore, settings: ChatSettings, *, name: str) -> None:
+        self.store = store
+        self.settings = settings
+        self.name = name
+        self._bridge: NatsBridge | None = None
+        self._publisher: SessionPublisher | None = None
+        self._stack: AsyncExitStack | None = None
+
+    @property
+    def bridge(self) -> NatsBridge:
+        """The open bridge.
+
+        Raises:
+            RuntimeError: The lifespan has not started.
+        """
+        if self._bridge is None:
+            raise RuntimeError("LiveChat is not running: enter it in the app's lifespan")
+        return self._bridge
+
+    @property
+    def publisher(self) -> SessionPublisher:
+        """Publishes committed changes through the bridge.
+
+        Raises:
+            RuntimeError: The lifespan has not started.
+        """
+        if self._publisher is None:
+            raise RuntimeError("LiveChat is not running: enter it in the app's lifespan")
+        return self._publisher
+
+    async def __aenter__(self) -> LiveChat:
+        """Start NATS if it is ours, open the bridge, start the sweeper."""
+        if self._stack is not None:
+            raise RuntimeError("LiveChat is already running")
+        async with AsyncExitStack() as stack:
+            url = self.settings.nats_url
+            if url is None:
+                server = EmbeddedNats(port=self.settings.nats_port)
+                url = (await stack.enter_async_context(server)).url
+                logger.info("started nats-server url=%s", url)
+            bridge = await stack.enter_async_context(
+                NatsBridge(url, name=self.name, reconnect_time_wait=NATS_RECONNECT_WAIT)
+            )
+            publisher = SessionPublisher(bridge)
+            tasks = await stack.enter_async_context(anyio.create_task_group())
+            # Registered after the task group, so it runs first on exit: the group then only
+            # waits for the cancelled sweeper.
+            stack.callback(tasks.cancel_scope.cancel)
+            sweeper = LeaseSweeper(self.store, publisher, interval=self.settings.sweep_interval)
+            tasks.start_soon(sweeper.run, name="lease sweeper")
+            self._bridge, self._publisher = bridge, publisher
+            self._stack = stack.pop_all()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Stop the sweeper, close the bridge, stop NATS if it is ours."""
+        stack, self._stack = self._stack, None
+        try:
+            if stack is not None:
+                await stack.__aexit__(exc_type, exc, tb)
+        finally:
+            self._bridge = self._publisher = None

@@ -1,0 +1,105 @@
+"""``python -m examples.<app> [api|worker|all]``: the API, the worker, or both supervised.
+
+``api`` serves the app with uvicorn (and its private nats-server, unless ``NATS_URL`` is set);
+``worker`` streams the responses; ``all`` (the default) starts both as child processes, prints
+their pids, restarts either one a second after it dies (so ``kill -9 <pid>`` shows a restart),
+and stops both on Ctrl+C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+
+import anyio
+import anyio.abc
+
+from .worker import WorkerSettings, run_worker
+
+__all__ = ["main"]
+
+logger = logging.getLogger("examples.chat")
+
+# Seconds the supervisor waits before restarting a child that died, and for one to stop.
+RESTART_DELAY = 1.0
+STOP_TIMEOUT = 10.0
+
+
+def main(
+    argv: Sequence[str] | None,
+    *,
+    module: str,
+    serve_api: Callable[[], None],
+    worker_settings: Callable[[], WorkerSettings],
+) -> None:
+    """Run the process ``argv`` names for the example ``module``.
+
+    Args:
+        argv: The command-line arguments (default ``sys.argv[1:]``).
+        module: The example's package, as ``python -m`` takes it.
+        serve_api: Serves the API until interrupted.
+        worker_settings: The worker's settings, read when the worker starts.
+    """
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=__doc__)
+    parser.add_argument(
+        "process",
+        nargs="?",
+        default="all",
+        choices=["all", "api", "worker"],
+        help="what to run (default: all, the API and a worker, supervised)",
+    )
+    process = parser.parse_args(argv).process
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if process == "api":
+        serve_api()
+    elif process == "worker":
+        settings = worker_settings()
+        with contextlib.suppress(KeyboardInterrupt):
+            anyio.run(run_worker, settings)
+    else:
+        with contextlib.suppress(KeyboardInterrupt):
+            anyio.run(supervise, module)
+
+
+async def supervise(module: str) -> None:
+    """Run ``python -m <module> api`` and ``... worker``, restarting each when it dies."""
+    async with anyio.create_task_group() as children:
+        for process in ("api", "worker"):
+            children.start_soon(_keep_running, [sys.executable, "-m", module, process], process)
+        # Both, explicitly: a shell starts background jobs with SIGINT ignored, and Python
+        # then never raises KeyboardInterrupt; the children may have stopped on it already.
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for _ in signals:
+                children.cancel_scope.cancel()
+
+
+async def _keep_running(command: list[str], name: str) -> None:
+    while True:
+        # The child shares this terminal's process group: Ctrl+C reaches it directly.
+        process = await anyio.open_process(
+            command, stdin=subprocess.DEVNULL, stdout=None, stderr=None
+        )
+        print(f"started {name} pid={process.pid}  (kill -9 {process.pid} to crash it)", flush=True)
+        try:
+            code = await process.wait()
+        finally:
+            await _stop(process)
+        print(f"{name} exited with {code}; restarting in {RESTART_DELAY}s", flush=True)
+        await anyio.sleep(RESTART_DELAY)
+
+
+async def _stop(process: anyio.abc.Process) -> None:
+    # Shielded: the supervisor is being cancelled, and must not leave its child behind.
+    with anyio.CancelScope(shield=True):
+        if process.returncode is None:
+            process.terminate()
+            with anyio.move_on_after(STOP_TIMEOUT):
+                await process.wait()
+        if process.returncode is None:
+            process.kill()
+        await process.aclose()

@@ -1,0 +1,130 @@
+"""How an example runs: one set of settings for its API and its worker, from the environment."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from sqlalchemy.engine import make_url
+
+from .worker import WorkerSettings
+
+__all__ = ["ChatSettings"]
+
+_Settings = TypeVar("_Settings", bound="ChatSettings")
+
+# The async driver SQLAlchemy needs for each database, when a URL names none.
+_ASYNC_DRIVERS = {
+    "sqlite": "sqlite+aiosqlite",
+    "postgres": "postgresql+asyncpg",
+    "postgresql": "postgresql+asyncpg",
+}
+
+# Environment variable -> (setting, type).
+_ENVIRONMENT: dict[str, tuple[str, type[Any]]] = {
+    "DATABASE_URL": ("database_url", str),
+    "NATS_URL": ("nats_url", str),
+    "NATS_PORT": ("nats_port", int),
+    "HOST": ("host", str),
+    "PORT": ("port", int),
+    "RESPONSE_TOKENS": ("response_tokens", int),
+    "TOKEN_INTERVAL": ("token_interval", float),
+    "LEASE_SECONDS": ("lease_seconds", float),
+}
+
+
+@dataclass(frozen=True)
+class ChatSettings:
+    """How an example runs; each example subclasses it with its own defaults.
+
+    Attributes:
+        database_url: SQLAlchemy URL of the store. ``sqlite://`` and ``postgresql://`` URLs
+            get their async driver (aiosqlite, asyncpg) when they name none.
+        nats_url: A NATS server to use; ``None``: the API starts a private ``nats-server``
+            on ``nats_port`` of 127.0.0.1, and the worker connects there.
+        nats_port: Port of that private server: pinned, so that after an API restart it
+            comes back at the same address, where the worker reconnects.
+        host: Address the API binds.
+        port: Port the API binds.
+        response_tokens: Tokens in each simulated response.
+        token_interval: Seconds between two tokens.
+        lease_seconds: Seconds a response's worker may go silent before the API marks the
+            response interrupted; also how long a prompt may wait for a worker.
+
+    Raises:
+        ValueError: A value is out of range; the message names the variable.
+    """
+
+    database_url: str = "sqlite+aiosqlite:///./chat.sqlite3"
+    nats_url: str | None = None
+    nats_port: int = 4223
+    host: str = "127.0.0.1"
+    port: int = 8000
+    response_tokens: int = 15
+    token_interval: float = 0.2
+    lease_seconds: float = 10.0
+
+    def __post_init__(self) -> None:
+        url = make_url(self.database_url)
+        driver = _ASYNC_DRIVERS.get(url.drivername)
+        if driver is not None:
+            object.__setattr__(
+                self,
+                "database_url",
+                url.set(drivername=driver).render_as_string(hide_password=False),
+            )
+        for name, value in (("PORT", self.port), ("NATS_PORT", self.nats_port)):
+            if not 0 < value < 65536:
+                raise ValueError(f"{name} must be between 1 and 65535: got {value}")
+        if self.response_tokens < 1:
+            raise ValueError(f"RESPONSE_TOKENS must be at least 1: got {self.response_tokens}")
+        if not self.token_interval >= 0:
+            raise ValueError(f"TOKEN_INTERVAL must be >= 0 seconds: got {self.token_interval}")
+        if not self.lease_seconds > 0:
+            raise ValueError(f"LEASE_SECONDS must be > 0 seconds: got {self.lease_seconds}")
+
+    @classmethod
+    def from_env(cls: type[_Settings], environ: Mapping[str, str] | None = None) -> _Settings:
+        """Read the settings from ``environ`` (default ``os.environ``).
+
+        Variables: ``DATABASE_URL``, ``NATS_URL``, ``NATS_PORT``, ``HOST``, ``PORT``,
+        ``RESPONSE_TOKENS``, ``TOKEN_INTERVAL``, ``LEASE_SECONDS``. Unset or empty ones keep
+        their defaults.
+
+        Raises:
+            ValueError: A number does not parse, or is out of range.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for variable, (name, kind) in _ENVIRONMENT.items():
+            text = env.get(variable)
+            if not text:
+                continue
+            try:
+                values[name] = kind(text)
+            except ValueError:
+                kind_name = "an integer" if kind is int else "a number"
+                raise ValueError(f"{variable} must be {kind_name}: got {text!r}") from None
+        return cls(**values)
+
+    @property
+    def worker_nats_url(self) -> str:
+        """Where the worker publishes: ``nats_url``, or the API's private server."""
+        return self.nats_url or f"nats://127.0.0.1:{self.nats_port}"
+
+    def worker(self) -> WorkerSettings:
+        """The worker's settings."""
+        return WorkerSettings(
+            database_url=self.database_url,
+            nats_url=self.worker_nats_url,
+            tokens=self.response_tokens,
+            token_interval=self.token_interval,
+            lease=self.lease_seconds,
+        )
+
+    @property
+    def sweep_interval(self) -> float:
+        """Seconds between two lease sweeps in the API: a quarter lease, at most 1 s."""
+        return min(1.0, self.lease_seconds / 4)

@@ -1,0 +1,413 @@
+"""Both examples as their READMEs run them: an API process and a worker process, in Chromium.
+
+Each process is SIGKILLed mid-stream, as a crash or a deploy would end it, while the page
+stays open: the API (and its private nats-server with it), the worker, or the broker alone.
+The page must catch up without a reload, the response must stream to its end (or show as
+interrupted once the dead worker's lease expires), and no nats-server may outlive its API.
+
+Screenshots of every state go to ``test-output/<test>/`` at the repository root (ignored by
+git); each path is printed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import signal
+import sqlite3
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from examples.chat.store import WORKER_LOST
+from examples.chat.worker import simulated_tokens
+
+from .app_process import (
+    ROOT,
+    ExampleStack,
+    NatsProcess,
+    ServerProcess,
+    children_named,
+    free_port,
+    wait_for_port,
+    wait_until_gone,
+)
+
+pytestmark = pytest.mark.e2e
+
+RECOVERY = 2.0  # seconds from a server's return to a current page
+LEASE = 2.0  # seconds: the workers' lease in these tests
+WAIT_MS = 10_000  # bound on every other wait in the page
+TOKENS = 40
+TOKEN_INTERVAL = 0.15  # 40 tokens: a 6 s stream, long enough to restart the API inside it
+OUTPUT = ROOT / "test-output"
+
+
+@dataclass(frozen=True)
+class Example:
+    """What differs between the two examples' pages."""
+
+    module: str
+    title_input: str
+    create_button: str
+    prompt_input: str
+    send_button: str
+
+
+EXAMPLES = [
+    pytest.param(
+        Example(
+            "examples.fastapi_app",
+            "#new-session input[name=title]",
+            "#new-session button",
+            "#new-prompt input[name=prompt]",
+            "#new-prompt button",
+        ),
+        id="fastapi",
+    ),
+    pytest.param(
+        Example("examples.litestar_app", "#title", "#create", "#prompt", "#send"),
+        id="litestar",
+    ),
+]
+
+# The page as the user sees it: connection state, version, and the first interaction.
+PAGE_STATE = """() => {
+  const item = document.querySelector("[data-testid=interaction]");
+  return {
+    state: document.querySelector("#state").textContent,
+    version: Number(document.querySelector("#version").textContent) || 0,
+    response: item?.querySelector("[data-testid=response]").textContent ?? null,
+    done: item?.dataset.done === "true",
+    interrupted: item?.querySelector("[data-testid=interrupted]")?.textContent ?? null,
+  };
+}"""
+
+
+@pytest.fixture(params=EXAMPLES)
+def example(request: pytest.FixtureRequest) -> Example:
+    return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def shots(request: pytest.FixtureRequest) -> Path:
+    """This test's screenshot directory, emptied first."""
+    directory = OUTPUT / re.sub(r"[^A-Za-z0-9_.-]+", "-", request.node.name)
+    directory.mkdir(parents=True, exist_ok=True)
+    for old in directory.glob("*.png"):
+        old.unlink()
+    return directory
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    context = browser.new_context(viewport={"width": 900, "height": 700})
+    page = context.new_page()
+    page.set_default_timeout(WAIT_MS)
+    try:
+        yield page
+    finally:
+        context.close()
+
+
+def make_stack(
+    example: Example, tmp_path: Path, nats_url: str | None = None, **env: str
+) -> ExampleStack:
+    settings = {
+        "LEASE_SECONDS": str(LEASE),
+        "RESPONSE_TOKENS": str(TOKENS),
+        "TOKEN_INTERVAL": str(TOKEN_INTERVAL),
+        **env,
+    }
+    return ExampleStack(example.module, tmp_path, settings, nats_url)
+
+
+@pytest.fixture
+def running(example: Example, tmp_path: Path) -> Iterator[ExampleStack]:
+    """The example with its private nats-server (in the API process)."""
+    stack = make_stack(example, tmp_path)
+    stack.start()
+    try:
+        yield stack
+    finally:
+        stack.stop()
+    output = stack.output()
+    assert "Traceback" not in output, output
+
+
+def screenshot(page: Any, directory: Path, name: str) -> Path:
+    path = directory / f"{name}.png"
+    page.screenshot(path=path, full_page=True)
+    print(f"screenshot: {path}")
+    return path
+
+
+def start_streaming(page: Any, example: Example, url: str) -> str:
+    """Open the page, create a session, send a prompt, wait for a few tokens; the session id."""
+    page.goto(f"{url}/?token=alice")
+    # A reload would lose this: the checks below prove the page recovered by itself.
+    page.evaluate("window.loadMarker = 'first load'")
+    page.fill(example.title_input, "Crash test")
+    page.click(example.create_button)
+    page.wait_for_function("document.querySelector('#state').textContent === 'live'")
+    # Every response text the page shows, in order, for the token-by-token check.
+    page.evaluate(
+        """() => {
+          window.responsesShown = [];
+          new MutationObserver(() => {
+            const text = document.querySelector("[data-testid=response]")?.textContent;
+            const shown = window.responsesShown;
+            if (text !== undefined && shown[shown.length - 1] !== text) shown.push(text);
+          }).observe(document.body, { childList: true, subtree: true, characterData: true });
+        }"""
+    )
+    page.fill(example.prompt_input, "Tell me a long story")
+    page.click(example.send_button)
+    page.wait_for_function(
+        "(document.querySelector('[data-testid=response]')?.textContent ?? '')"
+        ".split(' ').length >= 3"
+    )
+    session_id = page.text_content("#session-id")
+    assert isinstance(session_id, str)
+    assert len(session_id) == 32
+    return session_id
+
+
+def in_database(db: Path, session_id: str) -> dict[str, Any]:
+    with closing(sqlite3.connect(db, timeout=5)) as connection:
+        version, response, done, interrupted = connection.execute(
+            "SELECT s.version, i.response, i.done, i.interrupted FROM chat_sessions s "
+            "JOIN interactions i ON i.session_id = s.id WHERE s.id = ? AND i.position = 0",
+            (session_id,),
+        ).fetchone()
+    return {
+        "version": version,
+        "response": response,
+        "done": bool(done),
+        "interrupted": interrupted,
+    }
+
+
+def wait_current(page: Any, version: int, *, since: float, logs: str) -> float:
+    """Wait until the page is live at ``version`` or later, at most RECOVERY s after ``since``."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    remaining_ms = (since + RECOVERY - time.monotonic()) * 1000
+    assert remaining_ms > 1, "no time left to wait for the page"
+    try:
+        page.wait_for_function(
+            f"(v) => {{ const s = ({PAGE_STATE})(); "
+            "return s.state === 'live' && s.version >= v; }",
+            arg=version,
+            timeout=remaining_ms,
+        )
+    except PlaywrightTimeout:
+        pytest.fail(
+            f"the page was not current {RECOVERY}s after the server's return: "
+            f"{page.evaluate(PAGE_STATE)}, database at version {version}\n{logs}"
+        )
+    return time.monotonic() - since
+
+
+def finish_and_compare(page: Any, stack: ExampleStack, session_id: str) -> dict[str, Any]:
+    """Wait for the response's end on the page; check it equals the database's."""
+    page.wait_for_function(f"({PAGE_STATE})().done", timeout=TOKENS * TOKEN_INTERVAL * 1000 * 2)
+    shown = page.evaluate(PAGE_STATE)
+    stored = in_database(stack.db, session_id)
+    assert stored["done"], stored
+    assert stored["interrupted"] is None, stored
+    assert stored["response"] == "".join(simulated_tokens(TOKENS))
+    assert shown["response"] == stored["response"]
+    assert shown["version"] == stored["version"]
+    assert shown["interrupted"] is None
+    assert page.evaluate("window.loadMarker") == "first load", "the page was reloaded"
+    return shown
+
+
+def test_response_streams_into_the_page_token_by_token_as_patches(
+    running: ExampleStack, example: Example, page: Any, shots: Path
+) -> None:
+    frames: list[dict[str, Any]] = []
+    page.on(
+        "websocket",
+        lambda socket: socket.on("framereceived", lambda data: frames.append(json.loads(data))),
+    )
+    session_id = start_streaming(page, example, running.api.url)
+    screenshot(page, shots, "1-streaming")
+    finish_and_compare(page, running, session_id)
+    screenshot(page, shots, "2-finished")
+
+    final = "".join(simulated_tokens(TOKENS))
+    shown = page.evaluate("window.responsesShown")
+    # Token by token: the page showed growing prefixes of the final text, most tokens apart.
+    assert shown[-1] == final
+    assert all(final.startswith(text) for text in shown)
+    assert all(len(a) < len(b) for a, b in itertools.pairwise(shown))
+    assert len(shown) >= TOKENS // 2, shown
+    # Each token came as a small patch of the one response, chained version by version.
+    patches = [frame for frame in frames if frame.get("type") == "session_patch"]
+    assert len(patches) == TOKENS, [frame.get("type") for frame in frames]
+    assert all(p["version"] == p["base_version"] + 1 for p in patches)
+    assert all(op["path"].startswith("/interactions/0/") for p in patches for op in p["patch"])
+    assert max(len(json.dumps(p)) for p in patches) < 1024
+
+
+def test_api_killed_mid_stream_page_catches_up_then_streams_to_the_end(
+    running: ExampleStack, example: Example, page: Any, shots: Path
+) -> None:
+    session_id = start_streaming(page, example, running.api.url)
+    screenshot(page, shots, "1-streaming")
+    [nats_server] = children_named(running.api.pid, "nats-server")
+
+    running.api.kill()
+    # The API's private broker dies with it, even on SIGKILL: none is left behind.
+    assert wait_until_gone({nats_server}, 2.0) == set(), "nats-server outlived its API"
+    page.wait_for_function("document.querySelector('#state').textContent === 'reconnecting'")
+    screenshot(page, shots, "2-api-down")
+    assert not in_database(running.db, session_id)["done"], "the stream ended before the kill"
+
+    returned = running.api.start()
+    version = in_database(running.db, session_id)["version"]
+    took = wait_current(page, version, since=returned, logs=running.output())
+    screenshot(page, shots, "3-api-back")
+    print(f"{example.module}: current {took:.2f}s after the API accepted connections again")
+    # The worker never stopped: the stream goes on over the new socket, to its end.
+    assert not page.evaluate(PAGE_STATE)["done"], "no streaming left to see after the restart"
+    finish_and_compare(page, running, session_id)
+    screenshot(page, shots, "4-finished")
+
+
+def test_worker_killed_mid_stream_page_shows_the_response_interrupted(
+    running: ExampleStack, example: Example, page: Any, shots: Path
+) -> None:
+    session_id = start_streaming(page, example, running.api.url)
+    screenshot(page, shots, "1-streaming")
+
+    running.worker.kill()
+    killed = time.monotonic()
+    page.wait_for_function(
+        f"({PAGE_STATE})().interrupted !== null", timeout=(LEASE + 1) * 1000 + 500
+    )
+    took = time.monotonic() - killed
+    screenshot(page, shots, "2-interrupted")
+    assert took <= LEASE + 1, f"interrupted shown {took:.2f}s after the kill"
+
+    shown = page.evaluate(PAGE_STATE)
+    stored = in_database(running.db, session_id)
+    assert stored["done"]
+    assert stored["interrupted"] == WORKER_LOST
+    assert shown["interrupted"] == f"Interrupted: {WORKER_LOST}"
+    assert shown["done"], "the typing cursor is still shown"
+    assert shown["response"] == stored["response"]
+    assert shown["version"] == stored["version"]
+    # No cursor: the response's ::after content is gone.
+    cursor = page.evaluate(
+        "getComputedStyle(document.querySelector('[data-testid=response]'), '::after').content"
+    )
+    assert cursor in ("none", "normal", '""'), cursor
+    print(f"{example.module}: interrupted shown {took:.2f}s after the worker's SIGKILL")
+    running.worker.start()  # so that the fixture stops a worker, as it started one
+
+
+def test_nats_killed_alone_page_catches_up_then_streams_to_the_end(
+    example: Example, page: Any, shots: Path, tmp_path: Path
+) -> None:
+    nats = NatsProcess(free_port(), tmp_path / "nats-server.log")
+    nats.start()
+    stack = make_stack(example, tmp_path, nats.url)
+    try:
+        stack.start()
+        session_id = start_streaming(page, example, stack.api.url)
+        nats.kill()
+        # The worker goes on committing: wait until the page is two tokens behind the
+        # database, so that only the bridge's resync (or the worker's buffered publishes)
+        # can make it current again.
+        shown = page.evaluate(PAGE_STATE)["version"]
+        deadline = time.monotonic() + 5
+        while in_database(stack.db, session_id)["version"] < shown + 2:
+            assert time.monotonic() < deadline, "the worker stopped committing without NATS"
+            time.sleep(0.05)  # another process's commits: no event to await
+        assert page.evaluate(PAGE_STATE)["version"] == shown, "an update came without NATS"
+        screenshot(page, shots, "1-nats-down")
+        returned = nats.start()
+        version = in_database(stack.db, session_id)["version"]
+        took = wait_current(page, version, since=returned, logs=stack.output())
+        screenshot(page, shots, "2-nats-back")
+        print(f"{example.module}: current {took:.2f}s after nats-server accepted connections")
+        finish_and_compare(page, stack, session_id)
+        screenshot(page, shots, "3-finished")
+        # The socket stayed open: the bridge's resync brought the state over it.
+        history = page.evaluate("window.stateLog ?? window.stateHistory")
+        assert history == ["connecting", "live"], history
+    finally:
+        stack.stop()
+        nats.kill()
+    assert "Traceback" not in stack.output(), stack.output()
+
+
+def test_one_command_runs_both_restarts_a_killed_api_and_sigterm_stops_all(
+    example: Example, tmp_path: Path
+) -> None:
+    import httpx
+
+    stack = make_stack(example, tmp_path, RESPONSE_TOKENS="3", TOKEN_INTERVAL="0.01")
+    launcher = ServerProcess(
+        [sys.executable, "-m", example.module],
+        stack.api.port,
+        tmp_path / "launcher.log",
+        {**stack.api.env},
+        ready_line="worker ready",
+    )
+    alice = {"Authorization": "Bearer alice"}
+
+    def answer_a_prompt(client: httpx.Client) -> None:
+        session = client.post("/api/sessions", json={"title": "t"}, headers=alice).json()
+        path = f"/api/sessions/{session['id']}"
+        client.post(f"{path}/prompts", json={"prompt": "hi"}, headers=alice)
+        deadline = time.monotonic() + 10
+        while not client.get(path, headers=alice).json()["interactions"][0]["done"]:
+            assert time.monotonic() < deadline, "the worker never finished the response"
+            time.sleep(0.05)  # polling the API from outside: no event to await
+
+    def started() -> dict[str, list[int]]:
+        # The launcher prints each child's pid, for the user to kill.
+        found: dict[str, list[int]] = {"api": [], "worker": []}
+        for name, pid in re.findall(r"started (api|worker) pid=(\d+)", launcher.output()):
+            found[name].append(int(pid))
+        return found
+
+    launcher.start()
+    try:
+        with httpx.Client(base_url=stack.api.url, timeout=5) as client:
+            answer_a_prompt(client)
+            [api], [worker] = started().values()
+            [nats_server] = children_named(api, "nats-server")
+
+            # kill -9 of the API, as the README shows: the launcher starts it again.
+            os.kill(api, signal.SIGKILL)
+            assert wait_until_gone({nats_server}, 2.0) == set(), "nats-server outlived its API"
+            deadline = time.monotonic() + 20
+            while len(started()["api"]) < 2:
+                assert time.monotonic() < deadline, launcher.output()[-3000:]
+                time.sleep(0.05)  # another process's log: no event to await
+            wait_for_port(stack.api.port, 20)
+            answer_a_prompt(client)  # the same worker, reconnected to the new API's broker
+        restarted = started()["api"][1]
+        assert started()["worker"] == [worker]
+        children = {restarted, worker, *children_named(restarted, "nats-server")}
+        assert len(children) == 3
+
+        launcher.stop()  # SIGTERM
+        assert wait_until_gone(children, 5.0) == set()
+    finally:
+        launcher.kill()
+    # The first API's SIGKILL is the only crash: nothing else raised.
+    assert "Traceback" not in launcher.output(), launcher.output()
