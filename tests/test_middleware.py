@@ -733,25 +733,36 @@ async def test_root_path_is_removed_only_at_a_segment_boundary(root_path: str, p
     assert loader.calls == []
 
 
-async def test_sends_queued_during_the_load_keep_their_order() -> None:
-    # Trio wakes a batch of waiters in random order; queued sends must still go out in order.
-    release = anyio.Event()
+class GatedLoader:
+    """A loader that blocks until ``release`` is set; ``loading`` is set once it is called."""
 
-    async def gated(ctx: SessionContext) -> dict[str, str]:
-        await release.wait()
+    def __init__(self) -> None:
+        self.loading = anyio.Event()
+        self.release = anyio.Event()
+
+    async def __call__(self, ctx: SessionContext) -> dict[str, str]:
+        self.loading.set()
+        await self.release.wait()
         return {}
 
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        await receive()
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(send, {"type": "websocket.accept"})
-            await anyio.lowlevel.checkpoint()
-            for n in range(8):
-                tg.start_soon(send, {"type": "websocket.send", "text": f"m{n}"})
-                await anyio.lowlevel.checkpoint()  # each task is queued before the next starts
-            release.set()
 
+async def test_sends_queued_during_the_load_keep_their_order() -> None:
+    # Trio wakes a batch of waiters in random order; queued sends must still go out in order.
     for _ in range(5):
+        gated = GatedLoader()
+
+        async def app(
+            scope: Scope, receive: Receive, send: Send, gated: GatedLoader = gated
+        ) -> None:
+            await receive()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(send, {"type": "websocket.accept"})
+                await gated.loading.wait()
+                for n in range(8):
+                    tg.start_soon(send, {"type": "websocket.send", "text": f"m{n}"})
+                    await anyio.lowlevel.checkpoint()  # queued before the next one starts
+                gated.release.set()
+
         server = RecordingServer()
         with anyio.fail_after(5):
             await wrap(app, loader=gated)(server.scope(), server.receive, server.send)
@@ -760,17 +771,13 @@ async def test_sends_queued_during_the_load_keep_their_order() -> None:
 
 
 async def test_cancelled_queued_send_passes_its_turn_on() -> None:
-    release = anyio.Event()
-
-    async def gated(ctx: SessionContext) -> dict[str, str]:
-        await release.wait()
-        return {}
+    gated = GatedLoader()
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         await receive()
         async with anyio.create_task_group() as tg:
             tg.start_soon(send, {"type": "websocket.accept"})
-            await anyio.lowlevel.checkpoint()
+            await gated.loading.wait()
             leaver = anyio.CancelScope()
             tg.start_soon(send, {"type": "websocket.send", "text": "first"})
             await anyio.lowlevel.checkpoint()
@@ -784,7 +791,7 @@ async def test_cancelled_queued_send_passes_its_turn_on() -> None:
             leaver.cancel()
             tg.start_soon(send, {"type": "websocket.send", "text": "last"})
             await anyio.lowlevel.checkpoint()
-            release.set()
+            gated.release.set()
 
     server = RecordingServer()
     with anyio.fail_after(5):
