@@ -71,7 +71,6 @@ DEFAULT_NAMESPACES: Mapping[str, str] = {
 UNITS: Mapping[str, str] = {
     "connections": "{connection}",
     "invalid_ids": "{connection}",
-    "disconnects_during_load": "{connection}",
     "loads": "{load}",
     "coalesced": "{load}",
     "cache_hits": "{load}",
