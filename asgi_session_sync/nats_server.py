@@ -10,9 +10,11 @@ SIGKILL and runs no clean-up code at all:
 * **Linux**: the server is started with the kernel's parent-death signal
   (``prctl(PR_SET_PDEATHSIG, SIGKILL)``, set by a small launcher that then ``exec``\\ s
   ``nats-server``). The kernel sends it when the *thread* that forked the server ends, so the
-  server is always forked from the event loop's own thread (``anyio.open_process``), never
-  from a worker thread that may retire while the server runs; the loop's thread outlives every
-  ``async with EmbeddedNats()`` it runs.
+  server is always forked from the event loop's own thread (``anyio.open_process`` on asyncio),
+  never from a worker thread that may retire while the server runs; the loop's thread outlives
+  every ``async with EmbeddedNats()`` it runs. Trio forks in a worker thread of its own, which
+  retires after 10 s idle and would take the server with it, so under trio ``"auto"`` uses the
+  watchdog below instead.
 * **Elsewhere** (macOS, the BSDs; Windows is not supported): a watchdog process holds one end
   of a pipe whose other end only the starting process holds. When that process dies, by any
   means, the kernel closes its end, the watchdog reads end-of-file and terminates the server.
@@ -177,11 +179,14 @@ class EmbeddedNats:
         stop_timeout: Seconds it may take to stop after SIGTERM before it is killed.
         die_with_parent: How the server follows this process's death: ``"signal"`` (the Linux
             parent-death signal), ``"watchdog"`` (a watchdog process on a pipe, any POSIX
-            system), or ``"auto"``: the signal on Linux, the watchdog elsewhere.
+            system), or ``"auto"``: the signal on Linux under asyncio, the watchdog elsewhere
+            and under trio (which forks in a worker thread).
 
     Raises:
         FileNotFoundError: No ``nats-server`` binary was found.
-        ValueError: ``die_with_parent`` is not one of the three, or ``"signal"`` off Linux.
+        ValueError: ``die_with_parent`` is not one of the three, or ``"signal"`` off Linux;
+            ``port`` is 0 (nats-server would take its default port, 4222: pass ``None``
+            for a free one).
     """
 
     def __init__(
@@ -204,6 +209,9 @@ class EmbeddedNats:
             self.binary = os.fspath(binary)
         if isinstance(args, str):
             raise TypeError(f"args must be a list of arguments, not a string: got {args!r}")
+        if port == 0:
+            raise ValueError("port=0 makes nats-server take 4222: pass port=None for a free port")
+        self._auto = die_with_parent == "auto"
         if die_with_parent == "auto":
             die_with_parent = "signal" if sys.platform.startswith("linux") else "watchdog"
         if die_with_parent not in ("signal", "watchdog"):
@@ -289,6 +297,15 @@ class EmbeddedNats:
         return command
 
     async def _start(self) -> None:
+        if self.die_with_parent == "signal" and not _on_asyncio():
+            # Trio forks in a worker thread, which retires after 10 s idle: the parent-death
+            # signal would then kill the server under a live parent.
+            if not self._auto:
+                raise ValueError(
+                    "die_with_parent='signal' needs asyncio (trio forks in a worker thread "
+                    "that retires): use 'auto' or 'watchdog'"
+                )
+            self.die_with_parent = "watchdog"
         self._workdir = tempfile.TemporaryDirectory(prefix="nats-server-")
         workdir = Path(self._workdir.name)
         log = workdir / "nats-server.log"
@@ -392,3 +409,14 @@ class EmbeddedNats:
 
 class _AddressInUse(RuntimeError):
     pass
+
+
+def _on_asyncio() -> bool:
+    """Whether the running event loop is asyncio's (the other anyio backend is trio)."""
+    import asyncio
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True

@@ -158,3 +158,29 @@ async def test_clean_stop_dismisses_the_watchdog() -> None:
             watchdog = server._watchdog
             assert watchdog is not None
         assert watchdog.returncode == 0
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_server_outlives_trios_retired_fork_thread() -> None:
+    # Trio forks in a worker thread that retires after 10 s idle: with the parent-death signal
+    # the server would die with that thread, under a live parent. "auto" uses the watchdog.
+    with anyio.fail_after(WAIT + 12):
+        async with EmbeddedNats() as server:
+            assert server.die_with_parent == "watchdog"
+            assert server.process is not None
+            await anyio.sleep(11)  # not synchronisation: past trio's 10 s thread idle timeout
+            assert server.process.returncode is None
+            assert port_accepts(server.port or 0)
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_signal_mode_is_refused_under_trio() -> None:
+    server = EmbeddedNats(die_with_parent="signal")
+    with anyio.fail_after(WAIT), pytest.raises(ValueError, match="needs asyncio"):
+        await server.__aenter__()
+    assert server.process is None
+
+
+def test_port_zero_is_refused_with_the_fix() -> None:
+    with pytest.raises(ValueError, match="port=None for a free port"):
+        EmbeddedNats(port=0)
