@@ -13,6 +13,13 @@ of every frame it handed out. Each frame is judged against it:
   handed out after it and the rest dropped; a patch the snapshot still does not reach is dropped
   too (the next one that does not chain asks for another resync).
 
+A resync that fails (the loader raised, timed out or returned nothing) is retried with backoff
+(:data:`RESYNC_RETRY_DELAYS`). When every retry failed while patches wait for it, the socket
+cannot be repaired in place: the iteration ends, so the endpoint returns, the socket closes,
+and the client reconnects with ``since``. Patches that can never chain on this socket, because
+its state has no version or one of another kind even after a resync, are dropped with one
+warning instead of reloading the session for each of them.
+
 Resyncs run in the feed's task group while frames keep arriving; their snapshots join the
 stream in order, so one loop sends everything. Backend neutral (anyio): the NATS-specific
 part lives in :mod:`asgi_session_sync.nats`.
@@ -36,7 +43,7 @@ from .middleware import Resync, get_snapshot_version
 from .stats import BridgeStats
 from .versions import PatchFit, classify_patch, is_newer, version_key
 
-__all__ = ["HEARTBEAT", "SessionFeed"]
+__all__ = ["HEARTBEAT", "RESYNC_RETRY_DELAYS", "SessionFeed"]
 
 logger = logging.getLogger("asgi_session_sync")
 
@@ -44,6 +51,9 @@ HEARTBEAT = '{"type":"heartbeat"}'
 """The heartbeat frame: ``{"type": "heartbeat"}``, for clients that detect dead sockets."""
 
 PATCH_TYPE = "session_patch"
+
+RESYNC_RETRY_DELAYS: tuple[float, ...] = (0.25, 1.0, 4.0)
+"""Seconds to wait before each retry of a failed resync: four attempts in about 5 s."""
 
 _NO_VERSION = object()
 _LIVE = 0  # the ``run`` of a frame that did not come from a resync
@@ -138,6 +148,7 @@ class SessionFeed:
         self._runs_started = 0
         self._results_pending = 0  # runs scheduled whose result the consumer has not judged
         self._warned_unrepairable = False
+        self._gave_up = False  # a gap no resync could repair: the iteration ends
 
     # Lifetime.
 
@@ -232,6 +243,11 @@ class SessionFeed:
                 self._runs_started += 1
                 run = self._runs_started
                 frame = await self._load(resync, run)
+                for delay in RESYNC_RETRY_DELAYS:
+                    if frame.text is not None:
+                        break
+                    await anyio.sleep(delay)
+                    frame = await self._load(resync, run)
                 if self._send is None:
                     return
                 try:
@@ -280,6 +296,8 @@ class SessionFeed:
         if self._receive is None:
             raise RuntimeError("enter the subscription with `async with` before iterating")
         while not self._ready:
+            if self._gave_up:
+                raise StopAsyncIteration
             try:
                 frame = await self._receive.receive()
             except (anyio.EndOfStream, anyio.ClosedResourceError):
@@ -293,6 +311,9 @@ class SessionFeed:
             self._results_pending -= 1
             if frame.text is not None:
                 self._full_state(frame)
+            elif self._held:
+                self._give_up()
+                return
             self._replay_held(frame.run)
         elif frame.is_patch:
             self._patch(frame)
@@ -341,14 +362,31 @@ class SessionFeed:
         self._version_known = True
         self.stats.incr("patches_forwarded")
 
+    def _give_up(self) -> None:
+        self.stats.incr("patches_unrepaired", len(self._held))
+        self._held.clear()
+        self._gave_up = True
+        logger.error(
+            "a gap could not be repaired: every resync failed; ending the stream so the client "
+            "reconnects session_id=%s socket_version=%r",
+            self.session_id,
+            self.version,
+        )
+
     def _gap(self, frame: Frame, fit: PatchFit) -> None:
         self.stats.incr("gaps")
-        if self._resync is None:
+        never_chains = (
+            self._runs_started > 0
+            and self._results_pending == 0
+            and (self._version is _NO_VERSION or fit is PatchFit.UNORDERED)
+        )
+        if self._resync is None or never_chains:
             self.stats.incr("patches_unrepaired")
             log = logger.debug if self._warned_unrepairable else logger.warning
             self._warned_unrepairable = True
             log(
-                "dropped a patch that does not chain and there is no resync session_id=%s "
+                "dropped a patch that cannot chain here (no resync, or a resynced state whose "
+                "version is unknown or of another kind) session_id=%s "
                 "base_version=%r version=%r socket_version=%r",
                 self.session_id,
                 frame.base_version,
@@ -378,6 +416,10 @@ class SessionFeed:
                     progressed = True
                 elif fit is PatchFit.STALE:
                     self.stats.incr("stale_dropped")
+                elif run != _LIVE and (self._version is _NO_VERSION or fit is PatchFit.UNORDERED):
+                    # After a resync the socket's state still has no version to chain from,
+                    # or one of another kind: this patch can never chain here.
+                    self.stats.incr("patches_unrepaired")
                 elif run != _LIVE and run >= held.needs_run:
                     # A resync that started after this patch was seen does not reach its base:
                     # the loader is behind the publisher. The next patch asks again.

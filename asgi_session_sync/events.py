@@ -18,6 +18,7 @@ string. The models below write versions that way and read a digit string back as
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 import jsonpatch
@@ -140,7 +141,29 @@ class SessionPatch(_Event):
             jsonpatch.JsonPatch(patch)
         except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as exc:
             raise ValueError(f"not an RFC 6902 patch: {exc}") from None
+        # jsonpatch checks op and path here, the rest only when applying: check what every
+        # client needs (RFC 6902 section 4) before the patch is sent to them all.
+        for index, operation in enumerate(patch):
+            member = _OPERAND.get(operation["op"])
+            if member == "value" and "value" not in operation:
+                raise ValueError(f"operation {index} ({operation['op']}) has no 'value'")
+            if member == "from" and not _is_pointer(operation.get("from")):
+                raise ValueError(
+                    f"operation {index} ({operation['op']}) has no JSON Pointer 'from'"
+                )
+        try:
+            json.dumps(patch, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"the patch is not JSON (RFC 8259): {exc}") from None
         return patch
+
+
+_OPERAND = {"add": "value", "replace": "value", "test": "value", "move": "from", "copy": "from"}
+
+
+def _is_pointer(value: object) -> bool:
+    """Whether ``value`` is an RFC 6901 JSON Pointer: ``""`` or a string starting with ``/``."""
+    return isinstance(value, str) and (value == "" or value.startswith("/"))
 
 
 def make_patch(old: Any, new: Any) -> list[dict[str, Any]]:

@@ -126,7 +126,7 @@ from .events import SessionPatch, SessionUpdate, Version
 from .middleware import Resync, get_resync
 from .nats_server import EmbeddedNats, find_nats_server
 from .stats import BridgeStats, MetricHook
-from .versions import is_newer
+from .versions import MAX_VERSION_CHARS, is_newer
 
 __all__ = ["EmbeddedNats", "NatsBridge", "SessionSubscription", "find_nats_server"]
 
@@ -543,6 +543,12 @@ class NatsBridge:
                 "version must be a version newer than base_version, of the same kind: "
                 f"got base_version={base_version!r} version={version!r}"
             )
+        for value in (base_version, version):
+            if len(str(value)) > MAX_VERSION_CHARS:
+                raise ValueError(
+                    f"versions are at most {MAX_VERSION_CHARS} characters on the wire "
+                    f"(subscribers drop longer ones): got {len(str(value))}"
+                )
         event = SessionPatch(
             session_id=session_id,
             base_version=base_version,

@@ -118,16 +118,20 @@ class PatchFit(enum.Enum):
     """``base_version`` is older and ``version`` newer than the client's: it starts from a
     state the client has moved past and cannot be applied to what it has."""
     UNORDERED = "unordered"
-    """The versions do not compare (missing, of another kind, or not versions)."""
+    """The versions do not compare (missing, of another kind, or not versions), or the patch
+    itself is malformed: its ``version`` is not newer than its ``base_version``."""
 
 
 def classify_patch(base_version: object, version: object, current: object) -> PatchFit:
     """Where a patch from ``base_version`` to ``version`` stands against ``current``.
 
-    Only :attr:`PatchFit.CHAINS` may be applied to the state at ``current``. The checks run
-    in this order: chains, stale, ahead, overlaps; anything that does not compare is
-    unordered.
+    Only :attr:`PatchFit.CHAINS` may be applied to the state at ``current``. A patch whose
+    ``version`` is not newer than its own ``base_version`` is malformed, whatever ``current``
+    is: unordered. Otherwise the checks run in this order: chains, stale, ahead, overlaps;
+    anything that does not compare is unordered.
     """
+    if is_newer(version, base_version) is not True:
+        return PatchFit.UNORDERED
     if same_version(base_version, current):
         return PatchFit.CHAINS
     newer = is_newer(version, current)

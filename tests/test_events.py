@@ -77,6 +77,12 @@ def test_session_patch_has_the_wire_format_of_the_contract() -> None:
         [{"path": "/a", "value": 1}],
         [{"op": "add", "path": "a", "value": 1}],  # a JSON Pointer starts with "/"
         ["add /a 1"],
+        [{"op": "add", "path": "/a"}],  # add, replace and test need a value
+        [{"op": "test", "path": "/a"}],
+        [{"op": "move", "path": "/a"}],  # move and copy need a from pointer
+        [{"op": "copy", "path": "/a", "from": "b"}],
+        [{"op": "add", "path": "/a", "value": float("nan")}],  # not JSON
+        [{"op": "add", "path": "/a", "value": {1, 2}}],
     ],
 )
 def test_a_session_patch_refuses_what_is_not_rfc_6902(operations: Any) -> None:

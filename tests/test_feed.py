@@ -171,7 +171,7 @@ async def test_without_resync_a_patch_that_does_not_chain_is_dropped_and_logged(
     assert (stats.gaps, stats.patches_unrepaired) == (2, 2)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1  # once per subscription, then debug
-    assert "does not chain and there is no resync session_id=s1" in warnings[0].message
+    assert "cannot chain here (no resync," in warnings[0].message
 
 
 async def test_a_snapshot_that_does_not_reach_a_held_patch_drops_it(
@@ -190,28 +190,64 @@ async def test_a_snapshot_that_does_not_reach_a_held_patch_drops_it(
     assert stats.patches_unrepaired == 1
 
 
-async def test_a_failed_resync_drops_the_held_patch_and_the_next_gap_retries(
+@pytest.fixture
+def no_retry_delays(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Retries of a failed resync at once: the delays are policy, not what these tests check."""
+    monkeypatch.setattr("asgi_session_sync._feed.RESYNC_RETRY_DELAYS", (0.0, 0.0, 0.0))
+
+
+@pytest.mark.usefixtures("no_retry_delays")
+async def test_a_failed_resync_is_retried_and_the_held_patch_is_repaired(
     stats: BridgeStats, caplog: pytest.LogCaptureFixture
 ) -> None:
     loader = Loader(version=3)
-    loader.answers = ["not json"]
-    async with open_feed(stats, loader, version=1) as feed, anyio.create_task_group() as tg:
-        taken: list[Any] = []
-
-        async def read() -> None:
-            taken.extend(await take(feed, 2))
-
-        tg.start_soon(read)
-        await put(feed, patch(2, 3))
-        # The resync fails: the held patch is dropped, nothing is sent, nothing retried yet.
-        with anyio.fail_after(WAIT):
-            while stats.patches_unrepaired == 0:
-                await anyio.lowlevel.checkpoint()
-        assert loader.calls == 1
+    loader.answers = ["not json", None]  # a garbled answer, then a load that failed
+    async with open_feed(stats, loader, version=1) as feed:
+        await put(feed, patch(2, 3))  # the last patch of a stream: nothing else will follow
+        assert await take(feed, 1) == [("session_update", None, 3)]
         await put(feed, patch(3, 4))
-    assert taken == [("session_update", None, 3), ("session_patch", 3, 4)]
-    assert (loader.calls, stats.resync_failures) == (2, 1)
+        assert await take(feed, 1) == [("session_patch", 3, 4)]
+    assert (loader.calls, stats.resync_failures, stats.patches_unrepaired) == (3, 2, 0)
     assert any("resync returned text that is not a snapshot" in r.message for r in caplog.records)
+
+
+@pytest.mark.usefixtures("no_retry_delays")
+async def test_a_gap_no_resync_can_repair_ends_the_stream(
+    stats: BridgeStats, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Every retry failed: the socket cannot be repaired in place, so the iteration ends, the
+    # endpoint returns, and the client reconnects with since.
+    loader = Loader(version=3)
+    loader.answers = [None, None, None, None]
+    async with open_feed(stats, loader, version=1) as feed:
+        await put(feed, patch(2, 3))
+        with anyio.fail_after(WAIT), pytest.raises(StopAsyncIteration):
+            await feed.__anext__()
+    assert (loader.calls, stats.resync_failures, stats.patches_unrepaired) == (4, 4, 1)
+    assert any("a gap could not be repaired" in r.message for r in caplog.records)
+
+
+@pytest.mark.parametrize("snapshot_version", [None, "2026-01-01T00:00:00Z"])
+async def test_patches_that_can_never_chain_do_not_reload_the_session_each(
+    stats: BridgeStats, snapshot_version: Any
+) -> None:
+    # A snapshot without a version, or with a timestamp while patches carry ints: no patch can
+    # chain on this socket. One resync tries; the rest are dropped without a load each.
+    loader = Loader(version=snapshot_version)
+    async with open_feed(stats, loader) as feed, anyio.create_task_group() as tg:
+
+        async def publish() -> None:
+            for n in range(1, 51):
+                await put(feed, patch(n, n + 1))
+            await put(feed, update(100))
+
+        tg.start_soon(publish)
+        frames: list[tuple[str, Any, Any]] = []
+        while ("session_update", None, 100) not in frames:
+            frames += await take(feed, 1)
+    assert frames[-1] == ("session_update", None, 100)
+    assert loader.calls == 1
+    assert stats.patches_forwarded == 0
 
 
 async def test_reordered_patches_are_forwarded_in_chain_order(stats: BridgeStats) -> None:

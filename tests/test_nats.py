@@ -602,6 +602,12 @@ async def test_invalid_patches_and_ids_never_reach_nats(
             await bridge.publish_patch(
                 "s1", [{"op": "nope", "path": "/a"}], base_version=1, version=2
             )
+        with pytest.raises(ValueError, match="has no 'value'"):
+            await bridge.publish_patch(
+                "s1", [{"op": "add", "path": "/a"}], base_version=1, version=2
+            )
+        with pytest.raises(ValueError, match="at most 64 characters"):
+            await bridge.publish_patch("s1", [], base_version=10**64, version=10**64 + 1)
         await bridge.client.flush()
         await listener.flush()
         assert heard.pending_msgs == 0

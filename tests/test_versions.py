@@ -178,3 +178,14 @@ def test_long_fractions_are_kept_to_the_microsecond() -> None:
 )
 def test_classify_patch(base: object, version: object, current: object, fit: PatchFit) -> None:
     assert classify_patch(base, version, current) is fit
+
+
+@pytest.mark.parametrize(
+    ("base_version", "version"), [(5, 5), (5, 3), (5, "2026-01-01T00:00:00Z"), (None, 6)]
+)
+def test_a_patch_whose_version_is_not_newer_than_its_base_is_unordered(
+    base_version: object, version: object
+) -> None:
+    from asgi_session_sync.versions import PatchFit, classify_patch
+
+    assert classify_patch(base_version, version, 5) is PatchFit.UNORDERED
