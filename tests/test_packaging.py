@@ -37,6 +37,7 @@ SDIST_MUST_HAVE = [
     "examples/__init__.py",
     "examples/fastapi_app/app.py",
     "examples/litestar_app/app.py",
+    "benchmarks/__main__.py",  # tests/test_benchmarks_smoke.py imports it
     "docs/getting-started.md",
 ]
 EXTRAS = {"nats", "sqlalchemy", "postgres", "otel", "examples", "dev"}
@@ -82,6 +83,7 @@ def test_sdist_has_no_unintended_files(dist: Path) -> None:
         "asgi_session_sync",
         "tests",
         "examples",
+        "benchmarks",
         "docs",
         "README.md",
         "CHANGELOG.md",
