@@ -387,9 +387,11 @@ export class SessionSync {
     this.lastReceived = 0; // Date.now() of the last frame
     this.watchdog = null;
     this.hiddenAt = null;
-    this.onOnline = () => {
-      if (!this.stopped) this.reconnect();
+    this.offlineAt = null; // Date.now() of the last "offline" event, until the next "online"
+    this.onOffline = () => {
+      this.offlineAt = Date.now();
     };
+    this.onOnline = () => this.cameOnline();
     this.onVisibility = () => this.visibilityChanged();
   }
 
@@ -397,7 +399,10 @@ export class SessionSync {
   start() {
     if (!this.stopped) return this;
     this.stopped = false;
-    if (typeof addEventListener === "function") addEventListener("online", this.onOnline);
+    if (typeof addEventListener === "function") {
+      addEventListener("online", this.onOnline);
+      addEventListener("offline", this.onOffline);
+    }
     if (typeof document !== "undefined") {
       document.addEventListener("visibilitychange", this.onVisibility);
       this.hiddenAt = document.visibilityState === "hidden" ? Date.now() : null;
@@ -416,7 +421,10 @@ export class SessionSync {
   /** @private Stop: no more reconnects, no more page listeners. start() may begin again. */
   halt() {
     this.stopped = true;
-    if (typeof removeEventListener === "function") removeEventListener("online", this.onOnline);
+    if (typeof removeEventListener === "function") {
+      removeEventListener("online", this.onOnline);
+      removeEventListener("offline", this.onOffline);
+    }
     if (typeof document !== "undefined") {
       document.removeEventListener("visibilitychange", this.onVisibility);
     }
@@ -553,6 +561,24 @@ export class SessionSync {
 
   /**
    * @private
+   * Back online: reconnect at once when the socket cannot be trusted (not open, nothing
+   * received since the network went away, or silent for the stale limit), and the waiting
+   * retry at once when there is no socket. A healthy socket is kept: repeated "online" events
+   * never tear it down.
+   */
+  cameOnline() {
+    if (this.stopped) return;
+    const now = Date.now();
+    const offlineSince = this.offlineAt;
+    this.offlineAt = null;
+    const open = this.socket !== null && this.openedAt !== null;
+    const missed = offlineSince !== null && this.lastReceived <= offlineSince;
+    const silent = now - this.lastReceived >= this.staleLimit();
+    if (!open || missed || silent) this.reconnect();
+  }
+
+  /**
+   * @private
    * Background tabs throttle timers, and a laptop's sleep freezes them: when the page comes back
    * after a long time hidden, check at once instead of waiting for the watchdog.
    */
@@ -637,6 +663,7 @@ export class SessionSync {
     }
     this.session = session;
     this.version = event.version;
+    this.fresh = false; // this connection's state is established: a later full state must be newer
     this.options.onSession(session, event);
   }
 

@@ -89,6 +89,10 @@ export class FakePage {
     }
   }
 
+  goOffline() {
+    this.window.dispatchEvent(new Event("offline"));
+  }
+
   goOnline() {
     this.window.dispatchEvent(new Event("online"));
   }

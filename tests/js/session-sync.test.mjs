@@ -170,15 +170,48 @@ describe("liveness", () => {
     sync.close();
   });
 
-  test("going online reconnects at once, with since", () => {
+  test("going online after offline reconnects at once, with since", () => {
     const sync = client();
     const first = server.last;
     first.open();
     first.send(update(7));
+    page.goOffline();
     page.goOnline();
     assert.equal(first.closedByClient?.code, 1000);
     assert.equal(server.sockets.length, 2);
     assert.deepEqual(server.sinces, [null, "7"]);
+    sync.close();
+  });
+
+  test("repeated online events keep a healthy socket", () => {
+    const sync = client();
+    const first = server.last;
+    first.open();
+    first.send(update(7));
+    for (let n = 0; n < 20; n++) page.goOnline();
+    assert.equal(first.closedByClient, null);
+    assert.equal(server.sockets.length, 1);
+    page.goOffline();
+    mock.timers.tick(1000);
+    first.send(update(8)); // the socket proved itself after the network came back
+    page.goOnline();
+    assert.equal(server.sockets.length, 1);
+    sync.close();
+  });
+
+  test("a full state older than an applied patch on the same connection is ignored", () => {
+    const sync = client();
+    const first = server.last;
+    first.open();
+    first.send(update(10));
+    first.drop();
+    mock.timers.tick(60_000);
+    const second = server.last; // resumed with since=10: the server sends no snapshot
+    second.open();
+    second.send(patch(10, 11, [{ op: "replace", path: "/v", value: 11 }]));
+    second.send(update(10));
+    assert.equal(sync.version, 11);
+    assert.deepEqual(sync.session, { v: 11 });
     sync.close();
   });
 
