@@ -126,3 +126,15 @@ def test_another_user_never_sees_the_session(
         alice.close()
         if bob is not None:
             bob.close()
+
+
+def test_a_refused_token_opens_no_socket_to_retry(browser: Any, stack: ExampleStack) -> None:
+    # The API answers 401 for a token it does not know: final, like a 404, so the page says so
+    # and never opens a socket that would be refused again and again.
+    page = open_page(browser, f"{stack.api.url}/?token=bad!tok&session=s1")
+    try:
+        page.wait_for_function("document.querySelector('#error').textContent !== ''")
+        assert page.text_content("#error").startswith("Cannot open s1:")
+        assert page.evaluate("window.stateHistory") == []
+    finally:
+        page.close()
