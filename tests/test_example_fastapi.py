@@ -94,15 +94,22 @@ async def test_prompt_streams_tokens_as_patches_chained_version_by_version(
 ) -> None:
     session = await create_session(client)
     async with connect_websocket(app, f"/ws/sessions/{session['id']}?token=alice") as ws:
-        assert (await receive_event(ws))["version"] == 1
+        snapshot = await receive_event(ws)
+        assert snapshot["version"] == 1
         response = await client.post(
             f"/api/sessions/{session['id']}/prompts", json={"prompt": "hello"}, headers=ALICE
         )
         assert response.status_code == 202, response.text
         assert response.json()["version"] == 2
+        # The prompt, too, is a patch: its interaction appended, whatever the session's size.
         prompt = await receive_event(ws)
-        assert (prompt["type"], prompt["version"]) == ("session_update", 2)
-        state, patches = prompt["session"], []
+        assert (prompt["type"], prompt["base_version"], prompt["version"]) == (
+            "session_patch",
+            1,
+            2,
+        )
+        assert [(op["op"], op["path"]) for op in prompt["patch"]] == [("add", "/interactions/-")]
+        state, patches = jsonpatch.apply_patch(snapshot["session"], prompt["patch"]), []
         with anyio.fail_after(WAIT):
             while not state["interactions"][0]["done"]:
                 patch = await receive_event(ws)

@@ -113,10 +113,15 @@ async def test_prompt_streams_tokens_as_patches_chained_version_by_version(
             {"position": 0, "prompt": "hi", "response": "", "done": False, "interrupted": None}
         ]
 
+        # The prompt, too, is a patch: its interaction appended, whatever the session's size.
         prompt = await next_event(ws)
-        assert prompt["type"] == "session_update"
-        assert prompt["version"] == 2
-        state, patches = prompt["session"], []
+        assert (prompt["type"], prompt["base_version"], prompt["version"]) == (
+            "session_patch",
+            1,
+            2,
+        )
+        assert [(op["op"], op["path"]) for op in prompt["patch"]] == [("add", "/interactions/-")]
+        state, patches = jsonpatch.apply_patch(snapshot["session"], prompt["patch"]), []
         with anyio.fail_after(WAIT):
             while not state["interactions"][0]["done"]:
                 patch = await next_event(ws)

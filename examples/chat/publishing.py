@@ -18,10 +18,11 @@ logger = logging.getLogger("examples.chat")
 class SessionPublisher:
     """Publishes each committed change with its version, after the commit.
 
-    A prompt (the API's change) goes out as the session's full state, which the API has at
-    hand. A streamed token and an interruption go out as JSON Patches (RFC 6902) of the one
-    interaction they change, chained from the version before: what a client receives per
-    token is the same in a session of 10 interactions as in one of 1,000, and nothing is
+    Every change goes out as a JSON Patch (RFC 6902) of the one interaction it changes, chained
+    from the version before: a prompt appends its interaction (``add`` at
+    ``/interactions/-``), a streamed token or an interruption replaces fields of it. What a
+    client receives per change is the same in a session of 10 interactions as in one of 1,000
+    (a full state of a large session would not even fit in a NATS message), and nothing is
     reloaded to publish it. A client that missed a patch is resynced from the loader by the
     bridge, so the snapshot stays the only full state a socket ever needs.
 
@@ -35,19 +36,12 @@ class SessionPublisher:
     def __init__(self, bridge: NatsBridge) -> None:
         self._bridge = bridge
 
-    async def publish_state(self, view: SessionView) -> None:
-        """Publish a state as committed (the API's answer to a change)."""
-        try:
-            await self._bridge.publish(
-                view["id"], view, owner=view["owner"], version=view["version"]
-            )
-        except Exception:
-            logger.warning(
-                "publish failed session_id=%s version=%s",
-                view["id"],
-                view["version"],
-                exc_info=True,
-            )
+    async def publish_prompt(self, view: SessionView) -> None:
+        """Publish a prompt as committed: ``view`` is the state with its interaction last."""
+        patch: list[dict[str, Any]] = [
+            {"op": "add", "path": "/interactions/-", "value": view["interactions"][-1]}
+        ]
+        await self._publish_patch(view["id"], view["owner"], patch, view["version"])
 
     async def publish_token(self, claim: Claim, commit: TokenCommit) -> None:
         """Publish one committed token: the response so far, and ``done`` with the last."""

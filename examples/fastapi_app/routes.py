@@ -88,7 +88,7 @@ async def add_prompt(
     )
     if view is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "no such session")
-    await publisher.publish_state(view)
+    await publisher.publish_prompt(view)
     return SessionView.model_validate(view)
 
 

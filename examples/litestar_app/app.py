@@ -135,7 +135,7 @@ class SessionController(Controller):
         )
         if session is None:
             raise NotFoundException("no such session")
-        await live.publisher.publish_state(session)
+        await live.publisher.publish_prompt(session)
         return session
 
 

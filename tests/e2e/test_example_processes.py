@@ -252,11 +252,14 @@ def test_response_streams_into_the_page_token_by_token_as_patches(
     assert all(final.startswith(text) for text in shown)
     assert all(len(a) < len(b) for a, b in itertools.pairwise(shown))
     assert len(shown) >= TOKENS // 2, shown
-    # Each token came as a small patch of the one response, chained version by version.
+    # The prompt and each token came as a small patch of the one interaction, chained version
+    # by version: the prompt appends it, each token replaces its response.
     patches = [frame for frame in frames if frame.get("type") == "session_patch"]
-    assert len(patches) == TOKENS, [frame.get("type") for frame in frames]
+    assert len(patches) == TOKENS + 1, [frame.get("type") for frame in frames]
     assert all(p["version"] == p["base_version"] + 1 for p in patches)
-    assert all(op["path"].startswith("/interactions/0/") for p in patches for op in p["patch"])
+    assert [op["path"] for op in patches[0]["patch"]] == ["/interactions/-"]
+    tokens = patches[1:]
+    assert all(op["path"].startswith("/interactions/0/") for p in tokens for op in p["patch"])
     assert max(len(json.dumps(p)) for p in patches) < 1024
 
 
