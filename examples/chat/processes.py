@@ -28,6 +28,10 @@ logger = logging.getLogger("examples.chat")
 # Seconds the supervisor waits before restarting a child that died, and for one to stop.
 RESTART_DELAY = 1.0
 STOP_TIMEOUT = 10.0
+# A child that exits this many times in a row within QUICK_EXIT seconds of starting will not
+# start (a port taken by a leftover process, a broken setting): the supervisor gives up.
+QUICK_EXITS = 3
+QUICK_EXIT = 5.0
 
 
 def main(
@@ -63,24 +67,35 @@ def main(
             anyio.run(run_worker, settings)
     else:
         with contextlib.suppress(KeyboardInterrupt):
-            anyio.run(supervise, module)
+            if not anyio.run(supervise, module):
+                sys.exit(1)
 
 
-async def supervise(module: str) -> None:
-    """Run ``python -m <module> api`` and ``... worker``, restarting each when it dies."""
+async def supervise(module: str) -> bool:
+    """Run ``python -m <module> api`` and ``... worker``, restarting each when it dies.
+
+    Returns ``False`` when one kept exiting right after it started, and both were stopped.
+    """
+    gave_up: list[str] = []
     async with anyio.create_task_group() as children:
         for process in ("api", "worker"):
-            children.start_soon(_keep_running, [sys.executable, "-m", module, process], process)
+            command = [sys.executable, "-m", module, process]
+            children.start_soon(_keep_running, command, process, children.cancel_scope, gave_up)
         # Both, explicitly: a shell starts background jobs with SIGINT ignored, and Python
         # then never raises KeyboardInterrupt; the children may have stopped on it already.
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for _ in signals:
                 children.cancel_scope.cancel()
+    return not gave_up
 
 
-async def _keep_running(command: list[str], name: str) -> None:
+async def _keep_running(
+    command: list[str], name: str, everything: anyio.CancelScope, gave_up: list[str]
+) -> None:
+    quick_exits = 0
     while True:
         # The child shares this terminal's process group: Ctrl+C reaches it directly.
+        started = anyio.current_time()
         process = await anyio.open_process(
             command, stdin=subprocess.DEVNULL, stdout=None, stderr=None
         )
@@ -89,6 +104,17 @@ async def _keep_running(command: list[str], name: str) -> None:
             code = await process.wait()
         finally:
             await _stop(process)
+        quick_exits = quick_exits + 1 if anyio.current_time() - started < QUICK_EXIT else 0
+        if quick_exits >= QUICK_EXITS:
+            print(
+                f"{name} exited {quick_exits} times right after starting (last code {code}); "
+                "giving up. Is another instance still running (a port taken)? Stop it, or set "
+                "PORT and NATS_PORT.",
+                flush=True,
+            )
+            gave_up.append(name)
+            everything.cancel()
+            return
         print(f"{name} exited with {code}; restarting in {RESTART_DELAY}s", flush=True)
         await anyio.sleep(RESTART_DELAY)
 

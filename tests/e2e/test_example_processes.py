@@ -16,7 +16,9 @@ import json
 import os
 import re
 import signal
+import socket
 import sqlite3
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -414,3 +416,24 @@ def test_one_command_runs_both_restarts_a_killed_api_and_sigterm_stops_all(
         launcher.kill()
     # The first API's SIGKILL is the only crash: nothing else raised.
     assert "Traceback" not in launcher.output(), launcher.output()
+
+
+def test_one_command_gives_up_when_the_api_cannot_start(example: Example, tmp_path: Path) -> None:
+    # A leftover API holds the port (its launcher was killed with kill -9): the new launcher
+    # must not restart its API every second forever, but say why and stop everything.
+    stack = make_stack(example, tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", stack.api.port))
+        taken.listen()
+        launcher = subprocess.run(
+            [sys.executable, "-m", example.module],
+            env={**os.environ, **stack.api.env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    output = launcher.stdout + launcher.stderr
+    assert launcher.returncode == 1, output[-3000:]
+    assert "api exited 3 times right after starting" in output, output[-3000:]
+    assert len(re.findall(r"started api pid=", output)) == 3
