@@ -16,13 +16,16 @@ from .publishing import SessionPublisher
 from .settings import ChatSettings
 from .store import ChatStore
 
-__all__ = ["LiveChat"]
+__all__ = ["HEARTBEAT", "LiveChat"]
 
 logger = logging.getLogger("examples.chat")
 
 # Retry a lost broker often: a restarted nats-server is back in well under a second, and each
 # reconnect resyncs every open WebSocket, so the sooner it happens the sooner pages are current.
 NATS_RECONNECT_WAIT = 0.25
+
+HEARTBEAT = 15.0
+"""Seconds of quiet after which a WebSocket gets a heartbeat frame; the pages expect one."""
 
 
 class LiveChat:

@@ -10,6 +10,7 @@ from fastapi.responses import HTMLResponse
 from starlette.requests import HTTPConnection
 
 from asgi_session_sync.nats import NatsBridge
+from examples.chat.live import HEARTBEAT
 from examples.chat.publishing import SessionPublisher
 from examples.chat.store import ChatStore
 
@@ -110,4 +111,4 @@ async def session_socket(
     # published after that load is already on its way to this subscription.
     async with bridge.subscribe(session_id, scope=websocket.scope) as updates:
         await websocket.accept()  # SessionSyncMiddleware sends the snapshot here
-        await updates.forward(websocket.send_text, websocket.receive)
+        await updates.forward(websocket.send_text, websocket.receive, heartbeat=HEARTBEAT)

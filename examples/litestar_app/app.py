@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from asgi_session_sync import SessionSyncMiddleware
 from asgi_session_sync.client import STATIC_DIR
 from asgi_session_sync.loaders.sqlalchemy import sqlalchemy_loader
-from examples.chat.live import LiveChat
+from examples.chat.live import HEARTBEAT, LiveChat
 from examples.chat.models import ChatSession, SessionView, session_view
 from examples.chat.store import ChatStore
 
@@ -163,7 +163,7 @@ async def session_socket(
         await socket.accept()  # SessionSyncMiddleware sends the snapshot here
         try:
             # Sends each update (and each resync after NATS trouble) until the client leaves.
-            await updates.forward(socket.send_text, socket.receive)
+            await updates.forward(socket.send_text, socket.receive, heartbeat=HEARTBEAT)
         except WebSocketDisconnect:
             return  # the client left while an update was being sent
 
