@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
 from typing import Any
@@ -11,20 +10,15 @@ import anyio
 import anyio.to_thread
 import jsonpatch
 import pytest
-from starlette.applications import Starlette
-from starlette.routing import WebSocketRoute
-from starlette.websockets import WebSocket
 from websockets.asyncio.client import ClientConnection, connect
 
-from asgi_session_sync import SessionContext, SessionSyncMiddleware, Snapshot, make_patch
-from asgi_session_sync._types import Receive, Scope, Send
+from asgi_session_sync import SessionContext, Snapshot, make_patch
 from asgi_session_sync.nats import EmbeddedNats, NatsBridge
 
+from .bridged_app import BridgedApp
 from .conftest import WAIT
 
 pytestmark = [pytest.mark.e2e, pytest.mark.anyio]
-
-PATHS = ["/ws/sessions/{session_id}"]
 
 
 @pytest.fixture
@@ -33,36 +27,20 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-class PatchingApp:
-    """Starlette behind SessionSyncMiddleware; the socket handler is the documented one.
-
-    The database is a dict of committed states by version. The loader can be held (from the
+class PatchingApp(BridgedApp):
+    """The database is a dict of committed states by version. The loader can be held (from the
     test's thread) after it has read, to let patches arrive while a resync is loading.
     """
 
     def __init__(self, nats_url: str) -> None:
+        super().__init__(nats_url)
         self.states: dict[int, dict[str, Any]] = {1: {"text": ""}}
         self.version = 1
-        self.bridge = NatsBridge(nats_url, reconnect_time_wait=0.1, connect_timeout=1)
-        self.connections = 0
-        self.loads = 0
         self.hold_next_load = False
         self.load_read = threading.Event()
         self.release_load = threading.Event()
-        self.handler_done = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        starlette = Starlette(routes=[WebSocketRoute(PATHS[0], self.session_socket)])
-        self.app = SessionSyncMiddleware(starlette, loader=self.load, paths=PATHS)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # The shared test server runs without lifespan: open the bridge on its loop.
-        if scope["type"] == "websocket" and self._loop is None:
-            self._loop = asyncio.get_running_loop()
-            await self.bridge.__aenter__()
-        await self.app(scope, receive, send)
 
     async def load(self, ctx: SessionContext) -> Snapshot:
-        self.loads += 1
         snapshot = Snapshot(self.states[self.version], version=self.version)
         if self.hold_next_load:
             self.hold_next_load = False
@@ -70,32 +48,11 @@ class PatchingApp:
             await anyio.to_thread.run_sync(self.release_load.wait, WAIT)
         return snapshot
 
-    async def session_socket(self, websocket: WebSocket) -> None:
-        self.connections += 1
-        session_id = websocket.path_params["session_id"]
-        try:
-            async with self.bridge.subscribe(session_id, scope=websocket.scope) as updates:
-                await websocket.accept()
-                await updates.forward(websocket.send_text, websocket.receive)
-        finally:
-            self.handler_done.set()
-
     def commit(self, token: str) -> list[dict[str, Any]]:
         old = self.states[self.version]
         self.version += 1
         self.states[self.version] = {"text": old["text"] + token}
         return make_patch(old, self.states[self.version])
-
-    async def close(self) -> None:
-        """Close the bridge on the server's loop, once the connection's handler is done."""
-        if self._loop is None:
-            return
-        if self.connections:
-            assert await anyio.to_thread.run_sync(self.handler_done.wait, WAIT)
-        closing = asyncio.run_coroutine_threadsafe(
-            self.bridge.__aexit__(None, None, None), self._loop
-        )
-        await anyio.to_thread.run_sync(closing.result, WAIT)
 
 
 class BrowserState:
