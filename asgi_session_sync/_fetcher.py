@@ -31,7 +31,7 @@ from .snapshot import (
 from .stats import SessionSyncStats
 from .versions import same_version
 
-__all__ = ["FirstFrame", "SnapshotFetcher"]
+__all__ = ["NOTHING", "FirstFrame", "SnapshotFetcher"]
 
 logger = logging.getLogger("asgi_session_sync")
 
@@ -49,7 +49,8 @@ class FirstFrame(NamedTuple):
     version: Version | None
 
 
-_NOTHING = FirstFrame(None, None)
+NOTHING = FirstFrame(None, None)
+"""Nothing to send, and the client's version unknown."""
 
 
 class SnapshotFetcher:
@@ -109,7 +110,7 @@ class SnapshotFetcher:
                 return self._resumed(ctx)
         loaded = await self.snapshot(ctx)
         if loaded is None:
-            return _NOTHING
+            return NOTHING
         if ctx.since is not None and same_version(loaded.version, ctx.since):
             return self._resumed(ctx)
         return loaded

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import anyio
 
-from ._fetcher import FirstFrame, SnapshotFetcher
+from ._fetcher import NOTHING, FirstFrame, SnapshotFetcher
 from ._paths import clip_for_log, query_values
 from ._types import Message, Scope, Send
 from .events import Version
@@ -39,7 +39,6 @@ class Phase(enum.Enum):
 
 
 _SETTLED = Phase.SETTLED
-_NOTHING = FirstFrame(None, None)
 _REJECTIONS = frozenset({"websocket.close", "websocket.http.response.start"})
 
 
@@ -164,7 +163,7 @@ class SnapshotResponder:
     async def _first_frame(self) -> FirstFrame:
         ctx = await self._context()
         if ctx is None:
-            return _NOTHING
+            return NOTHING
         return await self._fetcher.first_frame(ctx)
 
     async def _send_snapshot(self, data: bytes) -> None:

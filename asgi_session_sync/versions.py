@@ -46,7 +46,12 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _MICROSECOND = timedelta(microseconds=1)
 
 MAX_VERSION_CHARS = 64
-"""Longest string read as a version; longer ones are not versions (and cost no parsing)."""
+"""Longest version on the wire, in characters: a longer string is not a version (and costs no
+parsing), nor is an int whose decimal form is longer, since it would travel as such a string."""
+
+# Ints strictly between these have a decimal form of at most MAX_VERSION_CHARS characters.
+_INT_ABOVE = -(10 ** (MAX_VERSION_CHARS - 1))
+_INT_BELOW = 10**MAX_VERSION_CHARS
 
 _INT = re.compile(r"-?[0-9]+")
 
@@ -60,7 +65,7 @@ def version_key(version: object) -> VersionKey | None:
     if isinstance(version, bool):
         return None
     if isinstance(version, int):
-        return (0, version)
+        return (0, version) if _INT_ABOVE < version < _INT_BELOW else None
     if isinstance(version, str):
         if len(version) > MAX_VERSION_CHARS:
             return None

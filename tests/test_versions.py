@@ -189,3 +189,17 @@ def test_a_patch_whose_version_is_not_newer_than_its_base_is_unordered(
     from asgi_session_sync.versions import PatchFit, classify_patch
 
     assert classify_patch(base_version, version, 5) is PatchFit.UNORDERED
+
+
+def test_an_int_is_a_version_only_if_its_wire_form_fits() -> None:
+    # Ints beyond 2**53 travel as decimal strings, and a string over 64 characters is not a
+    # version: an int that would need one is not a version either, on any side.
+    from asgi_session_sync.versions import MAX_VERSION_CHARS, version_key
+
+    assert MAX_VERSION_CHARS == 64
+    for fits in (10**64 - 1, -(10**63) + 1):
+        assert version_key(fits) is not None
+        assert version_key(str(fits)) is not None
+    for too_long in (10**64, -(10**63)):
+        assert version_key(too_long) is None
+        assert version_key(str(too_long)) is None
