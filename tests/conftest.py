@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -44,6 +44,35 @@ class RecordingLoader:
     def result(self, ctx: SessionContext) -> Any:
         """What to return for ``ctx``: the fixed result by default."""
         return self.fixed
+
+
+async def follow_a_prompt(
+    receive_event: Callable[[], Awaitable[dict[str, Any]]],
+    snapshot: dict[str, Any],
+    *,
+    within: float,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Follow the examples' stream of one prompt from ``snapshot`` (a ``session_update``).
+
+    The prompt comes first, as a patch from the snapshot's version appending its interaction
+    (whatever the session's size); then token patches until the response is done. Returns the
+    state they build, by RFC 6902 (``jsonpatch``), and the token patches. Bounded by ``within``
+    seconds.
+    """
+    import anyio
+    import jsonpatch
+
+    prompt = await receive_event()
+    assert prompt["type"] == "session_patch"
+    assert (prompt["base_version"], prompt["version"]) == (1, 2)
+    assert [(op["op"], op["path"]) for op in prompt["patch"]] == [("add", "/interactions/-")]
+    state, patches = jsonpatch.apply_patch(snapshot["session"], prompt["patch"]), []
+    with anyio.fail_after(within):
+        while not state["interactions"][-1]["done"]:
+            patch = await receive_event()
+            patches.append(patch)
+            state = jsonpatch.apply_patch(state, patch["patch"])
+    return state, patches
 
 
 @pytest.fixture(params=["asyncio", "trio"])

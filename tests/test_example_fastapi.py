@@ -8,8 +8,8 @@ from typing import Any
 
 import anyio
 import httpx
-import jsonpatch
 import pytest
+from conftest import follow_a_prompt
 from fastapi import FastAPI
 
 from asgi_session_sync.nats import EmbeddedNats
@@ -101,20 +101,7 @@ async def test_prompt_streams_tokens_as_patches_chained_version_by_version(
         )
         assert response.status_code == 202, response.text
         assert response.json()["version"] == 2
-        # The prompt, too, is a patch: its interaction appended, whatever the session's size.
-        prompt = await receive_event(ws)
-        assert (prompt["type"], prompt["base_version"], prompt["version"]) == (
-            "session_patch",
-            1,
-            2,
-        )
-        assert [(op["op"], op["path"]) for op in prompt["patch"]] == [("add", "/interactions/-")]
-        state, patches = jsonpatch.apply_patch(snapshot["session"], prompt["patch"]), []
-        with anyio.fail_after(WAIT):
-            while not state["interactions"][0]["done"]:
-                patch = await receive_event(ws)
-                patches.append(patch)
-                state = jsonpatch.apply_patch(state, patch["patch"])
+        state, patches = await follow_a_prompt(lambda: receive_event(ws), snapshot, within=WAIT)
 
     # One patch per token, each one version on from the last: the response so far, no more.
     assert all(p["type"] == "session_patch" for p in patches)

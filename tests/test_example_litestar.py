@@ -14,8 +14,8 @@ from urllib.parse import quote
 
 import anyio
 import httpx
-import jsonpatch
 import pytest
+from conftest import follow_a_prompt
 from litestar import Litestar
 
 from asgi_session_sync.nats import EmbeddedNats
@@ -113,20 +113,7 @@ async def test_prompt_streams_tokens_as_patches_chained_version_by_version(
             {"position": 0, "prompt": "hi", "response": "", "done": False, "interrupted": None}
         ]
 
-        # The prompt, too, is a patch: its interaction appended, whatever the session's size.
-        prompt = await next_event(ws)
-        assert (prompt["type"], prompt["base_version"], prompt["version"]) == (
-            "session_patch",
-            1,
-            2,
-        )
-        assert [(op["op"], op["path"]) for op in prompt["patch"]] == [("add", "/interactions/-")]
-        state, patches = jsonpatch.apply_patch(snapshot["session"], prompt["patch"]), []
-        with anyio.fail_after(WAIT):
-            while not state["interactions"][0]["done"]:
-                patch = await next_event(ws)
-                patches.append(patch)
-                state = jsonpatch.apply_patch(state, patch["patch"])
+        state, patches = await follow_a_prompt(lambda: next_event(ws), snapshot, within=WAIT)
 
     # One patch per token, each chained from the version before, touching the one response.
     assert [p["type"] for p in patches] == ["session_patch"] * TOKENS
