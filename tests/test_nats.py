@@ -10,7 +10,7 @@ import socket
 import sys
 import sysconfig
 from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -223,27 +223,34 @@ BAD_IDS = {
 }
 
 
-async def test_invalid_session_ids_never_reach_nats(
-    nats_server: EmbeddedNats, bridge: NatsBridge
-) -> None:
+@asynccontextmanager
+async def listening(nats_server: EmbeddedNats, bridge: NatsBridge) -> AsyncIterator[Any]:
+    """A subscription to every subject; on exit, nothing the block refused reached NATS."""
     listener = await nats.connect(nats_server.url)
     try:
         heard = await listener.subscribe(">")
         await listener.flush()
+        yield heard
+        await bridge.client.flush()
+        await listener.flush()
+        assert heard.pending_msgs == 0
+    finally:
+        await listener.close()
+
+
+async def test_invalid_session_ids_never_reach_nats(
+    nats_server: EmbeddedNats, bridge: NatsBridge
+) -> None:
+    async with listening(nats_server, bridge) as heard:
         for session_id, reason in BAD_IDS.items():
             with pytest.raises(ValueError, match=reason):
                 await bridge.publish(session_id, {"title": "x"})
             with pytest.raises(ValueError, match=reason):
                 bridge.subscribe(session_id)
-        await bridge.client.flush()
-        await listener.flush()
-        assert heard.pending_msgs == 0
-        # The listener does hear what is allowed.
+        # The listener does hear what is allowed, and it is the first thing it hears.
         await bridge.publish("ok", {"title": "x"})
         message = await heard.next_msg(timeout=WAIT)
         assert message.subject == "session_sync.ok"
-    finally:
-        await listener.close()
 
 
 async def test_older_and_equal_versions_after_a_newer_one_are_dropped(bridge: NatsBridge) -> None:
@@ -588,10 +595,7 @@ async def test_published_patch_reaches_the_subscription_in_the_contract_format(
 async def test_invalid_patches_and_ids_never_reach_nats(
     nats_server: EmbeddedNats, bridge: NatsBridge
 ) -> None:
-    listener = await nats.connect(nats_server.url)
-    try:
-        heard = await listener.subscribe(">")
-        await listener.flush()
+    async with listening(nats_server, bridge):
         for session_id, reason in BAD_IDS.items():
             with pytest.raises(ValueError, match=reason):
                 await bridge.publish_patch(session_id, [], base_version=1, version=2)
@@ -608,11 +612,6 @@ async def test_invalid_patches_and_ids_never_reach_nats(
             )
         with pytest.raises(ValueError, match="at most 64 characters"):
             await bridge.publish_patch("s1", [], base_version=10**64, version=10**64 + 1)
-        await bridge.client.flush()
-        await listener.flush()
-        assert heard.pending_msgs == 0
-    finally:
-        await listener.close()
 
 
 async def test_large_versions_travel_as_decimal_strings_and_chain(bridge: NatsBridge) -> None:
