@@ -15,7 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import anyio
 import pytest
 import trio
 from pydantic import BaseModel
-from sqlalchemy import DateTime, ForeignKey, String, Text, Uuid, event
+from sqlalchemy import BigInteger, DateTime, ForeignKey, String, Text, Uuid, event, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -33,13 +33,16 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from asgi_session_sync import SessionContext, SessionSyncMiddleware, Snapshot, user_identity
+from asgi_session_sync import SessionContext, SessionSyncMiddleware, Snapshot
 from asgi_session_sync._types import Receive, Scope, Send
 from asgi_session_sync.loaders.sqlalchemy import (
     SQLAlchemyLoader,
     column_values,
     sqlalchemy_loader,
+    timestamp_version,
 )
+from asgi_session_sync.protocol import MAX_VERSION
+from asgi_session_sync.snapshot import user_identity
 from asgi_session_sync.testing import connect_websocket
 
 pytestmark = pytest.mark.anyio
@@ -47,6 +50,12 @@ pytestmark = pytest.mark.anyio
 DEFAULT_POSTGRES_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 CREATED_AT = datetime(2026, 1, 2, 3, 4, 5)
 TICKET_UPDATED_AT = datetime(2026, 5, 6, 7, 8, 9, 123456)
+# Microseconds from 1970-01-01T00:00:00Z to TICKET_UPDATED_AT (as UTC): 1778051289 s (GNU date
+# -u -d 2026-05-06T07:08:09Z +%s) and 123456 us. Written out, not computed like the loader does.
+TICKET_VERSION = 1_778_051_289_123_456
+# One microsecond before the epoch, and the last timestamp that is a version (2**53 - 1 us).
+BEFORE_1970 = datetime(1969, 12, 31, 23, 59, 59, 999999)
+LAST_TIMESTAMP = datetime(2255, 6, 5, 23, 47, 34, 740991)
 NOTE_ID = uuid.UUID("7d1f0c2a-3b4e-4f5a-9c8d-0e1f2a3b4c5d")
 
 
@@ -65,7 +74,8 @@ class ChatSession(Base):
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     owner_id: Mapped[str] = mapped_column(String(64))
-    version: Mapped[int]
+    # 64-bit, so a row can hold a number beyond the largest version (2**53 - 1).
+    version: Mapped[int] = mapped_column(BigInteger)
     title: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(DateTime())
     interactions: Mapped[list[Interaction]] = relationship(order_by="Interaction.position")
@@ -82,13 +92,18 @@ class Interaction(Base):
 
 
 class Ticket(Base):
-    """An integer key, a timestamp version, and a relationship without ``order_by``."""
+    """An integer key, timestamp versions, and a relationship without ``order_by``.
+
+    ``updated_at`` comes back naive on both databases; ``updated_at_utc`` comes back aware
+    (UTC) from PostgreSQL's ``timestamptz`` and naive from SQLite, which keeps no offset.
+    """
 
     __tablename__ = "tickets"
 
     id: Mapped[int] = mapped_column(primary_key=True)
     owner: Mapped[str] = mapped_column(String(64))
     updated_at: Mapped[datetime] = mapped_column(DateTime())
+    updated_at_utc: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     comments: Mapped[list[Comment]] = relationship()
 
 
@@ -136,13 +151,31 @@ def seed() -> list[Base]:
             ],
         ),
         ChatSession(id="s2", owner_id="bob", version=1, title="Empty", created_at=CREATED_AT),
+        # Numbers that are not versions: below 0, above 2**53 - 1.
+        ChatSession(id="s3", owner_id="alice", version=-1, title="Neg", created_at=CREATED_AT),
+        ChatSession(
+            id="s4", owner_id="alice", version=MAX_VERSION + 1, title="Big", created_at=CREATED_AT
+        ),
         Ticket(
             id=1,
             owner="alice",
             updated_at=TICKET_UPDATED_AT,
+            updated_at_utc=TICKET_UPDATED_AT.replace(tzinfo=timezone.utc),
             comments=[Comment(id=3, body="third"), Comment(id=1, body="first")],
         ),
         Comment(id=2, ticket_id=1, body="second"),
+        Ticket(
+            id=2,
+            owner="alice",
+            updated_at=BEFORE_1970,
+            updated_at_utc=BEFORE_1970.replace(tzinfo=timezone.utc),
+        ),
+        Ticket(
+            id=3,
+            owner="alice",
+            updated_at=LAST_TIMESTAMP,
+            updated_at_utc=LAST_TIMESTAMP.replace(tzinfo=timezone.utc),
+        ),
         Note(id=NOTE_ID, owner="alice", version=7, lines=[NoteLine(id=1, text="remember")]),
     ]
 
@@ -217,25 +250,38 @@ def loader(sessionmaker: async_sessionmaker[AsyncSession]) -> SQLAlchemyLoader:
     return chat_loader(sessionmaker)
 
 
-def chat_loader(sessionmaker: async_sessionmaker[AsyncSession], **options: Any) -> SQLAlchemyLoader:
+def chat_loader(
+    sessionmaker: async_sessionmaker[AsyncSession],
+    version: Any = ChatSession.version,
+    **options: Any,
+) -> SQLAlchemyLoader:
     return sqlalchemy_loader(
         sessionmaker,
         ChatSession,
         interactions=ChatSession.interactions,
         owner=ChatSession.owner_id,
-        version=ChatSession.version,
+        version=version,
         **options,
     )
 
 
-def ticket_loader(sessionmaker: async_sessionmaker[AsyncSession]) -> SQLAlchemyLoader:
+def ticket_loader(
+    sessionmaker: async_sessionmaker[AsyncSession], version: Any = Ticket.updated_at
+) -> SQLAlchemyLoader:
     return sqlalchemy_loader(
         sessionmaker,
         Ticket,
         interactions=Ticket.comments,
         owner=Ticket.owner,
-        version=Ticket.updated_at,
+        version=version,
     )
+
+
+def loader_over(sessionmaker: async_sessionmaker[AsyncSession], version: Any) -> SQLAlchemyLoader:
+    """A loader whose version is ``version``, a column of ChatSession or Ticket."""
+    if version.class_ is Ticket:
+        return ticket_loader(sessionmaker, version)
+    return chat_loader(sessionmaker, version)
 
 
 def note_loader(sessionmaker: async_sessionmaker[AsyncSession]) -> SQLAlchemyLoader:
@@ -265,11 +311,11 @@ def sql_statements(engine: AsyncEngine) -> Iterator[list[str]]:
         event.remove(engine.sync_engine, "before_cursor_execute", record)
 
 
-def warnings_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
+def logged(caplog: pytest.LogCaptureFixture, level: int = logging.WARNING) -> list[str]:
     return [
         record.getMessage()
         for record in caplog.records
-        if record.name == "asgi_session_sync" and record.levelno == logging.WARNING
+        if record.name == "asgi_session_sync" and record.levelno == level
     ]
 
 
@@ -333,7 +379,7 @@ async def test_other_users_session_gives_nothing_and_logs_a_warning(
 
     assert await loader(context("s1", user="mallory")) is None
 
-    [warning] = warnings_logged(caplog)
+    [warning] = logged(caplog)
     assert "owner does not match" in warning
     assert "session_id=s1" in warning
     assert "path='/ws/s1'" in warning
@@ -347,7 +393,7 @@ async def test_no_user_gives_nothing(
 
     assert await loader(context("s1", user=None)) is None
 
-    [warning] = warnings_logged(caplog)
+    [warning] = logged(caplog)
     assert "no user" in warning
     assert "session_id=s1" in warning
 
@@ -404,7 +450,7 @@ async def test_missing_session_gives_nothing(
 
     assert len(statements) == 1
     assert "no such session session_id=nope" in caplog.text
-    assert not warnings_logged(caplog)
+    assert not logged(caplog)
 
 
 async def test_custom_serialize_and_order_by(
@@ -433,7 +479,9 @@ async def test_integer_key_and_timestamp_version(
     snapshot = await ticket_loader(sessionmaker)(context("1"))
 
     assert snapshot is not None
-    assert snapshot.version == TICKET_UPDATED_AT
+    # The timestamp is sent as microseconds since the Unix epoch; the row's own column as is.
+    assert snapshot.version == TICKET_VERSION
+    assert snapshot.session["updated_at"] == TICKET_UPDATED_AT  # type: ignore[index]
     # Ticket.comments has no order_by: interactions come in primary key order.
     assert snapshot.session["comments"] == [  # type: ignore[index]
         {"id": 1, "ticket_id": 1, "body": "first"},
@@ -486,7 +534,7 @@ async def test_version_loader_reads_only_the_version(
     [statement] = statements
     assert "interactions" not in statement
     assert "title" not in statement
-    assert await ticket_loader(sessionmaker).version_loader(context("1")) == TICKET_UPDATED_AT
+    assert await ticket_loader(sessionmaker).version_loader(context("1")) == TICKET_VERSION
 
 
 async def test_version_loader_checks_the_owner(
@@ -502,9 +550,132 @@ async def test_version_loader_checks_the_owner(
         == 3
     )
 
-    [warning] = warnings_logged(caplog)
+    [warning] = logged(caplog)
     assert "owner does not match" in warning
     assert "session_id=s1" in warning
+
+
+# Ticket 3's version is where a float timestamp would round up to 2**53, which is no version.
+@pytest.mark.parametrize(("ticket", "expected"), [(1, TICKET_VERSION), (3, MAX_VERSION)])
+async def test_naive_and_aware_timestamps_of_one_instant_give_one_version(
+    engine: AsyncEngine,
+    sessionmaker: async_sessionmaker[AsyncSession],
+    ticket: int,
+    expected: int,
+) -> None:
+    async with sessionmaker() as session:
+        naive, aware = (
+            await session.execute(
+                select(Ticket.updated_at, Ticket.updated_at_utc).where(Ticket.id == ticket)
+            )
+        ).one()
+    # What the loader is given: PostgreSQL's timestamptz comes back aware, SQLite's naive.
+    assert naive.utcoffset() is None
+    assert (aware.utcoffset() is not None) == (engine.dialect.name == "postgresql")
+
+    for column in (Ticket.updated_at, Ticket.updated_at_utc):
+        loader = ticket_loader(sessionmaker, column)
+        snapshot = await loader(context(str(ticket)))
+
+        assert snapshot is not None
+        assert snapshot.version == expected, column
+        assert await loader.version_loader(context(str(ticket))) == expected, column
+
+
+@pytest.mark.parametrize(
+    ("version", "session_id"),
+    [
+        (ChatSession.version, "s1"),
+        (Ticket.updated_at, "1"),
+        (Ticket.updated_at_utc, "1"),
+        (Ticket.updated_at, "2"),
+        (ChatSession.version, "s4"),
+    ],
+    ids=["int", "naive", "aware", "before-1970", "beyond-2**53"],
+)
+async def test_version_loader_agrees_with_the_full_load(
+    sessionmaker: async_sessionmaker[AsyncSession], version: Any, session_id: str
+) -> None:
+    loader = loader_over(sessionmaker, version)
+
+    snapshot = await loader(context(session_id))
+
+    assert snapshot is not None
+    assert await loader.version_loader(context(session_id)) == snapshot.version
+
+
+@pytest.mark.parametrize(
+    ("version", "session_id", "shown"),
+    [
+        (Ticket.updated_at, "2", "1969-12-31T23:59:59.999999"),
+        (Ticket.updated_at_utc, "2", "1969-12-31T23:59:59.999999"),
+        (ChatSession.version, "s3", "holds -1,"),
+        (ChatSession.version, "s4", f"holds {MAX_VERSION + 1},"),
+        (ChatSession.title, "s1", "holds a str,"),
+    ],
+    ids=["naive-before-1970", "aware-before-1970", "negative", "beyond-2**53", "str"],
+)
+async def test_value_that_is_not_a_version_gives_a_snapshot_without_one_and_an_error(
+    sessionmaker: async_sessionmaker[AsyncSession],
+    caplog: pytest.LogCaptureFixture,
+    version: Any,
+    session_id: str,
+    shown: str,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="asgi_session_sync")
+    loader = loader_over(sessionmaker, version)
+
+    snapshot = await loader(context(session_id))
+    current = await loader.version_loader(context(session_id))
+
+    assert snapshot is not None
+    assert (snapshot.owner, snapshot.version) == ("alice", None)
+    assert current is None
+    errors = logged(caplog, logging.ERROR)
+    assert len(errors) == 2, errors  # one for the snapshot, one for the version load
+    for error in errors:
+        assert shown in error
+        assert "not a version" in error
+        assert f"column={version.class_.__name__}.{version.key} session_id={session_id}" in error
+
+
+async def test_resume_with_a_timestamp_version(
+    engine: AsyncEngine, sessionmaker: async_sessionmaker[AsyncSession]
+) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        assert (await receive())["type"] == "websocket.connect"
+        await send({"type": "websocket.accept"})
+        while (await receive())["type"] != "websocket.disconnect":
+            pass
+
+    loader = ticket_loader(sessionmaker)
+    wrapped = SessionSyncMiddleware(
+        app,
+        loader=loader,
+        version_loader=loader.version_loader,
+        send_synced=True,
+        paths=["/ws/tickets/{session_id}"],
+    )
+    user = {"user": "alice"}
+
+    with sql_statements(engine) as statements:
+        async with connect_websocket(
+            wrapped, f"/ws/tickets/1?since={TICKET_VERSION}", scope=user
+        ) as ws:
+            synced = await ws.receive_json()
+    async with connect_websocket(
+        wrapped, f"/ws/tickets/1?since={TICKET_VERSION - 1}", scope=user
+    ) as ws:
+        update = await ws.receive_json()
+
+    # Current: the version query alone, and session_synced instead of a snapshot.
+    assert synced == {"type": "session_synced", "session_id": "1", "version": TICKET_VERSION}
+    [statement] = statements
+    assert "JOIN" not in statement
+    # One microsecond behind: the snapshot, with the version as microseconds.
+    assert update["type"] == "session_update"
+    assert update["version"] == TICKET_VERSION
+    assert update["session"]["updated_at"] == "2026-05-06T07:08:09.123456"
 
 
 async def test_snapshot_is_the_first_frame_through_the_middleware(
@@ -584,6 +755,32 @@ class Anonymous:
 )
 def test_user_identity_for_owner_checks(user: Any, expected: str | None) -> None:
     assert user_identity(user) == expected
+
+
+@pytest.mark.parametrize(
+    "at",
+    [
+        TICKET_UPDATED_AT,
+        TICKET_UPDATED_AT.replace(tzinfo=timezone.utc),
+        datetime(2026, 5, 6, 9, 8, 9, 123456, tzinfo=timezone(timedelta(hours=2))),
+        datetime(2026, 5, 6, 1, 38, 9, 123456, tzinfo=timezone(-timedelta(hours=5, minutes=30))),
+    ],
+    ids=str,
+)
+def test_timestamp_version_is_the_instant_naive_as_utc(at: datetime) -> None:
+    assert timestamp_version(at) == TICKET_VERSION
+
+
+def test_timestamp_version_is_exact_from_1970_to_2255() -> None:
+    last = LAST_TIMESTAMP
+
+    assert timestamp_version(datetime(1970, 1, 1)) == 0
+    # A float timestamp rounds this one up to 2**53, which is not a version.
+    assert timestamp_version(last) == MAX_VERSION
+    assert timestamp_version(last - timedelta(microseconds=1)) == MAX_VERSION - 1
+    for beyond in (BEFORE_1970, last + timedelta(microseconds=1)):
+        with pytest.raises(ValueError, match="from 1970 to 2255-06-05T23:47:34"):
+            timestamp_version(beyond)
 
 
 def test_column_values_of_an_unsaved_row() -> None:

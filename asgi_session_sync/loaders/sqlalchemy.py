@@ -17,7 +17,9 @@ app.add_middleware(SessionSyncMiddleware, loader=load_session, paths=["/ws/sessi
 
 The loader reads the session and its interactions with one SQL statement, sends nothing unless
 the session's owner is the connecting user, and returns a :class:`~asgi_session_sync.Snapshot`
-with the owner and the version. SQLite (aiosqlite) and PostgreSQL (asyncpg) are tested.
+with the owner and the version: an integer column as is, a timestamp column as microseconds
+since the Unix epoch (:func:`timestamp_version`). SQLite (aiosqlite) and PostgreSQL (asyncpg)
+are tested.
 
 It runs on asyncio only: SQLAlchemy's asyncio extension and its drivers do not run on trio.
 Install it with ``pip install asgi-session-sync[sqlalchemy]`` (``[postgres]`` for asyncpg).
@@ -31,12 +33,12 @@ import logging
 import re
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
-from ..events import Version
+from ..protocol import MAX_VERSION, Version, as_version
 from ..snapshot import SessionContext, Snapshot, user_identity
 
 try:
@@ -64,6 +66,7 @@ __all__ = [
     "SQLAlchemyLoader",
     "column_values",
     "sqlalchemy_loader",
+    "timestamp_version",
 ]
 
 logger = logging.getLogger("asgi_session_sync")
@@ -77,6 +80,43 @@ OrderBy = ColumnElement[Any] | QueryableAttribute[Any]
 _ID_PARAM = "asgi_session_sync_id"
 _DECIMAL_INTEGER = re.compile(r"-?[0-9]{1,20}")
 _LOG_PATH_CHARS = 64
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MICROSECOND = timedelta(microseconds=1)
+_LAST_TIMESTAMP = _EPOCH + MAX_VERSION * _MICROSECOND  # 2255-06-05T23:47:34.740991Z
+
+
+def timestamp_version(at: datetime) -> Version:
+    """Return the version of a timestamp: whole microseconds since 1970-01-01T00:00:00Z.
+
+    What the loader sends for a ``datetime`` version column; call it too when you publish a
+    live update stamped with the same column, so both carry the same version. A naive
+    ``datetime`` (SQLite keeps no offset) is taken as UTC, an aware one as the instant it
+    names: ``datetime(2026, 1, 1)`` and ``datetime(2026, 1, 1, tzinfo=timezone.utc)`` give
+    the same version, ``1767225600000000``. Computed with integers, exactly to the microsecond.
+
+    A version is at most ``2**53 - 1``, the largest integer JavaScript represents exactly, so
+    timestamps fit from 1970 to 2255-06-05T23:47:34.740991Z.
+
+    Raises:
+        ValueError: ``at`` is before 1970 or after 2255-06-05T23:47:34.740991Z.
+    """
+    version = as_version(_epoch_microseconds(at))
+    if version is None:
+        raise ValueError(
+            f"a timestamp version is from 1970 to {_LAST_TIMESTAMP.isoformat()}: "
+            f"got {at.isoformat()}"
+        )
+    return version
+
+
+def _epoch_microseconds(at: datetime) -> int:
+    """Whole microseconds from 1970-01-01T00:00:00Z to ``at`` (naive is UTC), exactly.
+
+    timedelta // timedelta is integer arithmetic: no float timestamp rounds a microsecond away.
+    """
+    if at.utcoffset() is None:
+        at = at.replace(tzinfo=timezone.utc)
+    return (at - _EPOCH) // _MICROSECOND
 
 
 def column_values(row: object) -> dict[str, Any]:
@@ -123,6 +163,7 @@ class SQLAlchemyLoader:
         "_sessionmaker",
         "_user_id",
         "_version_key",
+        "_version_name",
         "_version_statement",
     )
 
@@ -135,6 +176,7 @@ class SQLAlchemyLoader:
         convert_id: Callable[[str], object],
         owner_key: str,
         version_key: str,
+        version_name: str,
         user_id: Callable[[Any], str | None],
         check_owner: bool,
         serialize: Callable[[Any], Mapping[str, Any] | BaseModel],
@@ -145,6 +187,7 @@ class SQLAlchemyLoader:
         self._convert_id = convert_id
         self._owner_key = owner_key
         self._version_key = version_key
+        self._version_name = version_name
         self._serialize = serialize
         self._user_id = user_id
         self._check_owner = check_owner
@@ -182,9 +225,9 @@ class SQLAlchemyLoader:
 
         For code that only needs to know whether a client is current (resuming a connection):
         no interactions are read. Returns ``None`` when there is no such session, when the owner
-        check fails (logged as for a snapshot), or when the version is ``NULL``. Naive
-        ``datetime`` versions (SQLite returns no offset) are taken as UTC when versions are
-        compared.
+        check fails (logged as for a snapshot), or when the version is ``NULL`` or not a
+        version (logged as for a snapshot). A timestamp is converted exactly as for a snapshot
+        (:func:`timestamp_version`), so the two always agree.
 
         Raises:
             RuntimeError: Called outside asyncio (under trio).
@@ -239,17 +282,25 @@ class SQLAlchemyLoader:
         return False
 
     def _version(self, ctx: SessionContext, value: object) -> Version | None:
+        """The version column's value as a version: the one conversion, for both loads."""
         if value is None:
             return None
-        if isinstance(value, int | datetime | str) and not isinstance(value, bool):
-            return value
-        logger.warning(
-            "version column returned a %s, not an int, datetime or str; sent without a version "
-            "session_id=%s",
-            type(value).__name__,
-            ctx.session_id,
-        )
-        return None
+        version: Version | None = None
+        if isinstance(value, datetime):
+            version = as_version(_epoch_microseconds(value))
+        elif isinstance(value, int) and not isinstance(value, bool):
+            version = as_version(int(value))
+        if version is None:
+            # A refused version is the schema's fault, not the client's: logged as an error,
+            # and the client gets its snapshot without a version rather than nothing.
+            logger.error(
+                "version column holds %s, not a version (an int from 0 to 2**53 - 1 or a "
+                "datetime from 1970 to 2255); sent without a version column=%s session_id=%s",
+                _describe(value),
+                self._version_name,
+                ctx.session_id,
+            )
+        return version
 
 
 def sqlalchemy_loader(
@@ -281,8 +332,10 @@ def sqlalchemy_loader(
         owner: The column attribute holding the owner's id, such as ``ChatSession.owner_id``;
             sent as the snapshot's ``owner``, as a string.
         version: The column attribute holding the version, an integer or a timestamp, such as
-            ``ChatSession.version``; sent as is. Naive timestamps (SQLite keeps no offset) are
-            taken as UTC when versions are compared.
+            ``ChatSession.version``. An integer is sent as is; a ``datetime`` as whole
+            microseconds since the Unix epoch (see :func:`timestamp_version`; naive is UTC).
+            A value that is neither, or is out of range (below 0, above ``2**53 - 1``, before
+            1970 or after 2255), is logged as an error and the snapshot has no version.
         id_column: The unique column attribute the session id from the URL is matched
             against; default the primary key. An integer column only ever receives decimal ids
             within the column's range (16, 32 or 64 bits for ``SmallInteger``, ``Integer``,
@@ -290,7 +343,8 @@ def sqlalchemy_loader(
             for wider ids) and a ``Uuid`` column only valid UUIDs; any other id gives ``None``
             without a query.
         user_id: ``def user_id(user) -> str | None``: the id of ``ctx.user`` compared with the
-            owner column (as strings). Default :func:`~asgi_session_sync.user_identity`.
+            owner column (as strings). Default
+            :func:`~asgi_session_sync.snapshot.user_identity`.
         check_owner: Compare the owner with the connecting user. Turn it off only when
             something before the middleware already guarantees it.
         serialize: ``def serialize(row) -> Mapping | BaseModel``: the snapshot's ``session``,
@@ -362,6 +416,7 @@ def sqlalchemy_loader(
         convert_id=_id_converter(id_type),
         owner_key=owner_key,
         version_key=version_key,
+        version_name=f"{name}.{version_key}",
         user_id=user_id,
         check_owner=check_owner,
         serialize=serialize or _default_serializer(interactions.key),
@@ -450,6 +505,15 @@ def _require_asyncio() -> None:
             "asgi_session_sync.loaders.sqlalchemy runs on asyncio only: SQLAlchemy's asyncio "
             "extension and its drivers do not run on trio"
         ) from None
+
+
+def _describe(value: object) -> str:
+    """A refused version for a log line: its value when short and safe, else its type."""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if type(value) is int:
+        return str(value) if value.bit_length() <= 64 else f"an int of {value.bit_length()} bits"
+    return f"a {type(value).__name__}"
 
 
 def _path(ctx: SessionContext) -> str:
