@@ -1,13 +1,13 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
 from typing import Any
 
 import pytest
 
-from asgi_session_sync import SessionContext, SessionSyncMiddleware, Snapshot, Version
+from asgi_session_sync import SessionContext, SessionSyncMiddleware, Snapshot
 from asgi_session_sync._types import Receive, Scope, Send
+from asgi_session_sync.protocol import MAX_VERSION, Version
 from asgi_session_sync.testing import connect_websocket
 
 pytestmark = pytest.mark.anyio
@@ -91,19 +91,66 @@ async def test_without_version_loader_the_snapshot_version_decides() -> None:
     assert app.stats.skipped_by_resume == 1
 
 
-@pytest.mark.parametrize("since", ["abc", "", "7&since=7", "1" * 100, "%FF"])
+@pytest.mark.parametrize(
+    "since",
+    [
+        "abc",
+        "",
+        "7&since=7",  # given twice
+        "7a",
+        "-7",
+        "%2B7",  # +7
+        "7.0",
+        "7e0",
+        "%207",  # " 7"
+        "%EF%BC%97",  # a fullwidth 7
+        "%FF",
+        "2026-11-25T12:00:00Z",  # timestamps are not versions
+        "00000000000000007",  # 17 digits, although its value is 7
+        "1" * 100,
+        str(2**53),
+        str(2**64),
+    ],
+)
 async def test_unusable_since_is_ignored(since: str) -> None:
     store = Store(version=7)
-    async with connect_websocket(wrap(store), f"/ws/s1?since={since}") as ws:
+    app = wrap(store)
+    async with connect_websocket(app, f"/ws/s1?since={since}") as ws:
         assert (await ws.receive_json())["version"] == 7
     assert store.loads[0].since is None
+    assert store.version_loads == 0
+    assert app.stats.skipped_by_resume == 0
 
 
-async def test_timestamp_since_matches_the_same_instant() -> None:
-    store = Store(version=datetime(2026, 11, 25, 12, 0, tzinfo=timezone.utc))
-    async with connect_websocket(wrap(store), "/ws/s1?since=2026-11-25T13:00:00%2B01:00") as ws:
+@pytest.mark.parametrize("since", ["0000000000000007", "007"])
+async def test_since_with_leading_zeros_up_to_16_digits_is_read(since: str) -> None:
+    store = Store(version=7)
+    async with connect_websocket(wrap(store), f"/ws/s1?since={since}") as ws:
         assert await ws.receive_text() == "hello"
     assert store.loads == []
+
+
+async def test_since_at_the_largest_version_resumes() -> None:
+    store = Store(version=MAX_VERSION)
+    async with connect_websocket(wrap(store), f"/ws/s1?since={MAX_VERSION}") as ws:
+        assert await ws.receive_text() == "hello"
+    assert store.loads == []
+    assert store.version_loads == 1
+
+
+async def test_a_version_loader_answer_that_is_not_a_version_loads_in_full() -> None:
+    store = Store(version=7)
+
+    async def timestamp(ctx: SessionContext) -> Any:
+        return "2026-11-25T12:00:00Z"
+
+    app = SessionSyncMiddleware(
+        app_sending(), loader=store.load, version_loader=timestamp, paths=["/ws/{session_id}"]
+    )
+    async with connect_websocket(app, "/ws/s1?since=7") as ws:
+        assert await ws.receive_text() == "hello"  # the full load found 7: resumed
+    assert len(store.loads) == 1
+    assert app.stats.errors == 1
 
 
 async def test_resumed_connection_is_fenced_at_since() -> None:
@@ -112,6 +159,28 @@ async def test_resumed_connection_is_fenced_at_since() -> None:
     async with connect_websocket(wrap(Store(version=7), stale, newer), "/ws/s1?since=7") as ws:
         assert (await ws.receive_json())["version"] == 8
         assert await ws.receive_text() == "hello"
+
+
+async def test_a_resumed_connection_repairs_a_patch_that_does_not_chain() -> None:
+    # The client says it has 7 and gets no snapshot; the app's first patch starts at 8 (7 -> 8
+    # was lost): the middleware loads the session and sends it with "reset": true first.
+    current, written = Store(version=7), Store(version=8)  # 8 written after the resume check
+    ahead = json.dumps(
+        {"type": "session_patch", "session_id": "s1", "base_version": 8, "version": 9, "patch": []}
+    )
+    app = SessionSyncMiddleware(
+        app_sending(ahead),
+        loader=written.load,
+        version_loader=current.load_version,
+        paths=["/ws/{session_id}"],
+    )
+    async with connect_websocket(app, "/ws/s1?since=7") as ws:
+        fresh = await ws.receive_json()
+        assert (fresh["type"], fresh["version"], fresh.get("reset")) == ("session_update", 8, True)
+        assert (await ws.receive_json())["version"] == 9
+        assert await ws.receive_text() == "hello"
+    assert (len(written.loads), current.version_loads) == (1, 1)
+    assert app.stats.skipped_by_resume == 1
 
 
 async def test_custom_since_param() -> None:
