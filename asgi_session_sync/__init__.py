@@ -1,48 +1,25 @@
-"""Send the current state as the first WebSocket frame, so live UIs never show stale state."""
+"""Send the current state as the first WebSocket frame, so live UIs never show stale state.
 
-from .events import SessionPatch, SessionSynced, SessionUpdate, Version, make_patch
-from .middleware import (
-    Authenticate,
-    ErrorHook,
-    FlightKey,
-    Resync,
-    SessionSyncMiddleware,
-    default_flight_key,
-    get_resync,
-    get_snapshot_version,
-)
-from .snapshot import (
-    LoaderResult,
-    SessionContext,
-    SessionLoader,
-    Snapshot,
-    VersionLoader,
-    user_identity,
-)
-from .stats import MetricHook, SessionSyncStats
+The names here are what an app needs for the one-line middleware and for streaming live
+updates itself; the rest is public in its own module: the wire format in
+:mod:`asgi_session_sync.protocol`, the ordering rules in :mod:`asgi_session_sync.cursor`,
+hook types in :mod:`asgi_session_sync.snapshot`, counters in :mod:`asgi_session_sync.stats`,
+the NATS bridge in :mod:`asgi_session_sync.nats`.
+"""
+
+from .middleware import SessionSyncMiddleware
+from .protocol import make_patch
+from .snapshot import SessionContext, SessionLoader, Snapshot
+from .sync import SessionSocket, SessionSync
 
 __all__ = [
-    "Authenticate",
-    "ErrorHook",
-    "FlightKey",
-    "LoaderResult",
-    "MetricHook",
-    "Resync",
     "SessionContext",
     "SessionLoader",
-    "SessionPatch",
+    "SessionSocket",
+    "SessionSync",
     "SessionSyncMiddleware",
-    "SessionSyncStats",
-    "SessionSynced",
-    "SessionUpdate",
     "Snapshot",
-    "Version",
-    "VersionLoader",
-    "default_flight_key",
-    "get_resync",
-    "get_snapshot_version",
     "make_patch",
-    "user_identity",
 ]
 
 __version__ = "0.1.0"

@@ -18,7 +18,7 @@ from pydantic import BaseModel
 
 from ._flights import SingleFlight
 from ._paths import clip_for_log
-from .events import SessionSynced, SessionUpdate, Version
+from .protocol import Frame, Kind, SessionSynced, SessionUpdate, Version, as_version
 from .snapshot import (
     Authenticate,
     ErrorHook,
@@ -29,7 +29,6 @@ from .snapshot import (
     VersionLoader,
 )
 from .stats import SessionSyncStats
-from .versions import same_version
 
 __all__ = ["NOTHING", "FirstFrame", "SnapshotFetcher"]
 
@@ -47,6 +46,25 @@ class FirstFrame(NamedTuple):
 
     data: bytes | None
     version: Version | None
+    owner: str | None = None
+    known: bool = False
+    """Whether the client's state is known after it: a snapshot was sent, or resume said it
+    is current."""
+
+    def snapshot_frame(self) -> Frame | None:
+        """The snapshot as a resync frame (``"reset": true``), parsed; ``None`` without one."""
+        if self.data is None:
+            return None
+        # The encoded event is a JSON object: the member goes first, with no second encoding.
+        text = '{"reset":true,' + self.data.decode()[1:]
+        return Frame(
+            text,
+            Kind.UPDATE,
+            version=self.version,
+            owner=self.owner,
+            reset=True,
+            size=len(text) if text.isascii() else len(text.encode()),
+        )
 
 
 NOTHING = FirstFrame(None, None)
@@ -70,7 +88,6 @@ class SnapshotFetcher:
         flight_key: FlightKey,
         timeout: float,
         max_bytes: int | None,
-        event_type: str,
         send_synced: bool,
         max_concurrent_loads: int,
         cache_ttl: float | None,
@@ -83,7 +100,6 @@ class SnapshotFetcher:
         self.flight_key = flight_key
         self.timeout = timeout
         self.max_bytes = max_bytes
-        self.event_type = event_type
         self.send_synced = send_synced
         self.stats = stats
         limiter = anyio.Semaphore(max_concurrent_loads, fast_acquire=True)
@@ -106,12 +122,12 @@ class SnapshotFetcher:
         """The frame to send after the accept: a snapshot, a ``session_synced`` or nothing."""
         if ctx.since is not None and self.version_loader is not None:
             current = await self._fetch(ctx, self._versions, self._load_version, "version load")
-            if current is not None and same_version(current, ctx.since):
+            if current is not None and current == ctx.since:
                 return self._resumed(ctx)
         loaded = await self.snapshot(ctx)
         if loaded is None:
             return NOTHING
-        if ctx.since is not None and same_version(loaded.version, ctx.since):
+        if ctx.since is not None and loaded.version == ctx.since:
             return self._resumed(ctx)
         return loaded
 
@@ -175,10 +191,20 @@ class SnapshotFetcher:
         assert self.version_loader is not None
         self.stats.incr("version_loads")
         try:
-            return await self.version_loader(ctx)
+            current = await self.version_loader(ctx)
         except Exception as exc:
             self._fail(ctx, exc, "version_loader raised, loading in full")
             return None
+        version = as_version(current)
+        if current is not None and version is None:
+            self.stats.incr("errors")
+            logger.error(
+                "version_loader returned %s, not a version (a whole number from 0 to 2**53 - 1), "
+                "loading in full session_id=%s",
+                type(current).__name__,
+                ctx.session_id,
+            )
+        return version
 
     def _encode(self, ctx: SessionContext, result: object) -> FirstFrame | None:
         if result is None:
@@ -199,11 +225,7 @@ class SnapshotFetcher:
             return None
         try:
             event = SessionUpdate(
-                type=self.event_type,
-                session_id=ctx.session_id,
-                owner=owner,
-                session=session,
-                version=version,
+                session_id=ctx.session_id, owner=owner, session=session, version=version
             )
             data = event.to_json()
         except Exception as exc:
@@ -218,16 +240,16 @@ class SnapshotFetcher:
                 ctx.session_id,
             )
             return None
-        return FirstFrame(data, event.version)
+        return FirstFrame(data, event.version, owner, known=True)
 
     def _resumed(self, ctx: SessionContext) -> FirstFrame:
         self.stats.incr("skipped_by_resume")
         logger.debug("snapshot skipped: client is current session_id=%s", ctx.session_id)
         if not self.send_synced:
-            return FirstFrame(None, ctx.since)
+            return FirstFrame(None, ctx.since, known=True)
         assert ctx.since is not None
         synced = SessionSynced(session_id=ctx.session_id, version=ctx.since)
-        return FirstFrame(synced.to_json(), ctx.since)
+        return FirstFrame(synced.to_json(), ctx.since, known=True)
 
     def _fail(self, ctx: SessionContext, exc: Exception, what: str) -> None:
         """Count a failure, log it once with its cause, and report it to ``on_error``."""

@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import enum
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable
 from dataclasses import dataclass
 
 import anyio
 
-from ._fetcher import NOTHING, FirstFrame, SnapshotFetcher
-from ._paths import clip_for_log, query_values
+from ._fetcher import NOTHING
 from ._types import Message, Scope, Send
-from .events import Version
-from .fence import VersionFence
-from .snapshot import SessionContext
-from .versions import parse_version
+from .cursor import Cursor, Verdict
+from .protocol import Frame, Kind, Version, parse_frame
+from .sync import _FROM_SCOPE, SessionSocket, SessionSync
 
 __all__ = ["ConnectionSettings", "Phase", "SnapshotResponder"]
 
@@ -31,14 +30,16 @@ class Phase(enum.Enum):
     LOADING = "loading"
     """The app is in ``send(accept)``, held while the first frame loads; other sends queue."""
     FENCING = "fencing"
-    """Accepted with a versioned first frame: stale event frames are dropped."""
+    """Accepted with a versioned first frame: the app's session events are judged by the
+    cursor until one moves the client forward or the window ends."""
     SETTLED = "settled"
     """Everything passes to the server's ``send`` unchanged."""
     CLOSED = "closed"
-    """The app returned: frames pass unchanged, and a resync sends nothing."""
+    """The app returned: frames pass unchanged."""
 
 
 _SETTLED = Phase.SETTLED
+_NO_LOCK = anyio.Lock()  # never taken: the fence is off until armed with a lock of its own
 _REJECTIONS = frozenset({"websocket.close", "websocket.http.response.start"})
 
 
@@ -46,11 +47,10 @@ _REJECTIONS = frozenset({"websocket.close", "websocket.http.response.start"})
 class ConnectionSettings:
     """What every served connection of one middleware shares: made once, at construction."""
 
-    fetcher: SnapshotFetcher
-    since_param: str
-    fence_event_types: frozenset[str]
+    sync: SessionSync
     fence_max_frames: int
     fence_max_seconds: float
+    max_held_bytes: int
 
 
 class SnapshotResponder:
@@ -61,35 +61,39 @@ class SnapshotResponder:
     """
 
     __slots__ = (
-        "_authenticating",
-        "_ctx",
-        "_fence",
-        "_fetcher",
+        "_cursor",
+        "_deadline",
+        "_fence_lock",
+        "_frames_left",
         "_queue",
         "_send",
         "_settings",
+        "_socket",
         "phase",
         "scope",
         "session_id",
-        "version",
     )
 
     def __init__(
         self, settings: ConnectionSettings, scope: Scope, send: Send, session_id: str
     ) -> None:
         self._settings = settings
-        self._fetcher = settings.fetcher
         self._send = send
         self.scope = scope
         self.session_id = session_id
         self.phase = Phase.AWAITING_ACCEPT
-        self.version: Version | None = None
-        """The version the first frame gave the client (see ``get_snapshot_version``)."""
         # App tasks that send while the accept is held wait here for their turn, in order.
         self._queue: deque[anyio.Event] | None = None  # made only if one must wait
-        self._authenticating: anyio.Event | None = None
-        self._ctx: SessionContext | None = None
-        self._fence: VersionFence | None = None
+        self._socket: SessionSocket | None = None
+        self._cursor: Cursor | None = None
+        self._frames_left = 0
+        self._deadline = 0.0
+        self._fence_lock = _NO_LOCK
+
+    @property
+    def version(self) -> Version | None:
+        """The version the first frame gave the client; ``None`` before or without one."""
+        return None if self._socket is None else self._socket.version
 
     def send_with_snapshot(self, message: Message) -> Awaitable[None]:
         """The app's ``send``: the accept and the snapshot together, then fenced frames."""
@@ -112,15 +116,20 @@ class SnapshotResponder:
 
     async def _accept(self, accept: Message) -> None:
         self.phase = Phase.LOADING
+        sync = self._settings.sync
         try:
-            first = await self._first_frame()
+            ctx = await sync.context(self.scope, self.session_id, _FROM_SCOPE)
+            first = NOTHING if ctx is None else await sync.fetcher.first_frame(ctx)
             # Only now does the client learn it is connected. Whatever the app does once its
             # send(accept) returns (register for broadcasts, subscribe) comes after the
             # snapshot, so nothing published in between is lost to the client.
             await self._send(accept)
+            socket = self._socket = SessionSocket(
+                sync, self.scope, self._send, self.session_id, ctx, first
+            )
             if first.data is not None:
-                await self._send_snapshot(first.data)
-            self._arm_fence(first.version)
+                await socket.send_snapshot(first.data)
+            self._arm_fence(socket)
         finally:
             # Also when the load or the accept raised or was cancelled: queued sends go on.
             self._next_turn()
@@ -150,115 +159,86 @@ class SnapshotResponder:
         if self._queue:
             self._queue.popleft().set()
         elif self.phase is Phase.LOADING:
-            self.phase = _SETTLED if self._fence is None else Phase.FENCING
+            self.phase = _SETTLED if self._cursor is None else Phase.FENCING
+
+    def _arm_fence(self, socket: SessionSocket) -> None:
+        settings = self._settings
+        if socket.version is None or settings.fence_max_frames == 0:
+            return
+        self._cursor = Cursor(socket.version, known=True, max_held_bytes=settings.max_held_bytes)
+        self._fence_lock = anyio.Lock()
+        self._frames_left = settings.fence_max_frames
+        # The monotonic clock, not the event loop's: the same instant on every backend, and
+        # no backend lookup per connection.
+        self._deadline = time.monotonic() + settings.fence_max_seconds
 
     async def _send_accepted(self, message: Message) -> None:
-        """Send after the accept: dropped if the fence says it is stale."""
-        if self._fence is not None and message["type"] == "websocket.send":
-            text = message.get("text")
-            if text is not None and not self._admit(text):
-                return
-        await self._send(message)
-
-    async def _first_frame(self) -> FirstFrame:
-        ctx = await self._context()
-        if ctx is None:
-            return NOTHING
-        return await self._fetcher.first_frame(ctx)
-
-    async def _send_snapshot(self, data: bytes) -> None:
-        try:
-            await self._send({"type": "websocket.send", "text": data.decode()})
-        except OSError:
-            # The client left during the load; the app learns it from receive(), as usual.
-            logger.debug("no snapshot: client gone before send session_id=%s", self.session_id)
+        """Send after the accept, judged by the cursor while the fence is up."""
+        if self._cursor is None or message["type"] != "websocket.send":
+            await self._send(message)
             return
-        except Exception as exc:
-            # Servers raise their own types too (hypercorn): a snapshot never breaks the app.
-            ctx = self._ctx or SessionContext(self.session_id, self.scope)
-            self._fetcher.stats.incr("errors")
-            logger.error(
-                "no snapshot: the server's send raised session_id=%s path=%r",
+        # One frame at a time while fencing: a repair's snapshot and the frames it releases
+        # go out together, and a second app task cannot start a second, older repair.
+        async with self._fence_lock:
+            await self._send_fenced(message)
+
+    async def _send_fenced(self, message: Message) -> None:
+        cursor = self._cursor
+        text = message.get("text")
+        frame = None if cursor is None or text is None else self._session_event(text)
+        if cursor is None or frame is None:
+            await self._send(message)
+            return
+        verdict = cursor.offer(frame)
+        if verdict is Verdict.EMIT:
+            self._settle()  # the app's stream has moved the client forward: caught up
+            await self._send(message)
+        elif verdict is Verdict.DROP:
+            self._settings.sync.stats.incr("fenced_frames")
+            logger.debug(
+                "fenced a stale frame session_id=%s version=%r snapshot_version=%r",
                 self.session_id,
-                clip_for_log(self.scope["path"]),
-                exc_info=exc,
+                frame.version,
+                cursor.version,
             )
-            self._fetcher.report(ctx, exc)
-            return
-        self._fetcher.stats.incr("snapshots_sent")
+        else:
+            await self._repair(cursor)
 
-    def _arm_fence(self, version: Version | None) -> None:
-        self.version = version
-        settings = self._settings
-        if version is None or settings.fence_max_frames == 0:
-            return
-        self._fence = VersionFence(
-            self.session_id,
-            version,
-            event_types=settings.fence_event_types,
-            max_frames=settings.fence_max_frames,
-            max_seconds=settings.fence_max_seconds,
-        )
+    def _session_event(self, text: str) -> Frame | None:
+        """``text`` as a frame the cursor judges, while the fence window is open; else None."""
+        self._frames_left -= 1
+        if self._frames_left < 0:
+            self._settle()
+            return None
+        # Cheap tests first: most frames on a busy socket are not session events.
+        if not text.startswith("{") or '"session_' not in text:
+            return None
+        frame = parse_frame(text)
+        if isinstance(frame, str) or frame.kind is Kind.OTHER:
+            return None
+        if frame.session_id not in (None, self.session_id):
+            return None  # another session's event: not this snapshot's to judge
+        if time.monotonic() >= self._deadline:  # read only for frames it could drop
+            self._settle()
+            return None
+        return frame
 
-    def _admit(self, text: str) -> bool:
-        assert self._fence is not None
-        verdict = self._fence.admit(text)
-        if verdict is None:
-            self._fence = None  # caught up or out of the window: stop reading frames
-            if self.phase is Phase.FENCING:
-                self.phase = _SETTLED
-            return True
-        if not verdict:
-            self._fetcher.stats.incr("fenced_frames")
-        return verdict
+    async def _repair(self, cursor: Cursor) -> None:
+        """The app sent a frame the client cannot apply: send a fresh snapshot first."""
+        assert self._socket is not None
+        snapshot = await self._socket.resync()
+        if snapshot is None:
+            cursor.give_up()
+            self._settle()
+            return
+        for frame in cursor.reset(snapshot):
+            await self._send({"type": "websocket.send", "text": frame.text})
+
+    def _settle(self) -> None:
+        self._cursor = None
+        if self.phase is Phase.FENCING:
+            self.phase = _SETTLED
 
     def close(self) -> None:
-        """Mark the connection over (the app returned): a late resync then sends nothing."""
+        """Mark the connection over (the app returned)."""
         self.phase = Phase.CLOSED
-
-    async def resync(self) -> str | None:
-        """Load the session afresh for this connection and return the snapshot frame's text.
-
-        For code that must resend the current state on a live connection (the NATS bridge
-        after a broker restart or a lost update): same loader, user, timeout and limits as
-        the first snapshot, never the TTL cache, and never a load that started before this
-        call. Returns ``None`` when there is nothing to send (the reason is logged) and once
-        the connection is over.
-        """
-        ctx = await self._context()
-        if ctx is None or self.phase is Phase.CLOSED:
-            return None
-        frame = await self._fetcher.snapshot(ctx, fresh=True)
-        return None if frame is None or frame.data is None else frame.data.decode()
-
-    async def _context(self) -> SessionContext | None:
-        """The loader's context, authenticated once per connection; ``None`` if that failed.
-
-        A resync that starts while the first load authenticates shares that call: one-time
-        credentials are used once.
-        """
-        if self._ctx is not None:
-            return self._ctx
-        if self._authenticating is not None:
-            await self._authenticating.wait()
-            return self._ctx
-        ctx = SessionContext(self.session_id, self.scope, self.scope.get("user"), self._since())
-        if self._fetcher.authenticate is None:
-            self._ctx = ctx
-            return ctx
-        authenticating = self._authenticating = anyio.Event()
-        try:
-            self._ctx = await self._fetcher.context(ctx)
-        finally:
-            self._authenticating = None
-            authenticating.set()
-        return self._ctx
-
-    def _since(self) -> Version | None:
-        values = query_values(self.scope, self._settings.since_param)
-        if len(values) != 1:
-            return None
-        since = parse_version(values[0])
-        if since is None:
-            logger.debug("ignored since: not a version session_id=%s", self.session_id)
-        return since

@@ -4,60 +4,22 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Awaitable, Callable, Collection, Hashable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from asgiref.compatibility import guarantee_single_callable
 
-from ._fetcher import SnapshotFetcher
 from ._paths import NoSessionId, PathMatcher, clip_for_log
 from ._responder import ConnectionSettings, SnapshotResponder
-from ._session_ids import DEFAULT_SESSION_ID_PATTERN, SessionIdRules
+from ._session_ids import DEFAULT_SESSION_ID_PATTERN
 from ._types import AnyASGIApp, ASGIApp
-from .events import Version
-from .snapshot import (
-    Authenticate,
-    ErrorHook,
-    FlightKey,
-    SessionContext,
-    SessionLoader,
-    VersionLoader,
-    user_identity,
-)
+from .snapshot import Authenticate, ErrorHook, FlightKey, SessionLoader, VersionLoader
 from .stats import MetricHook, SessionSyncStats
+from .sync import SessionSync, default_flight_key
 
-__all__ = [
-    "SCOPE_KEY",
-    "Authenticate",
-    "ErrorHook",
-    "FlightKey",
-    "Resync",
-    "SessionSyncMiddleware",
-    "default_flight_key",
-    "get_resync",
-    "get_snapshot_version",
-]
+__all__ = ["SessionSyncMiddleware"]
 
 logger = logging.getLogger("asgi_session_sync")
-
-Resync = Callable[[], Awaitable[str | None]]
-"""Loads the connection's session afresh; returns the snapshot frame's JSON text or ``None``."""
-
-SCOPE_KEY = "asgi_session_sync"
-"""Scope key where the middleware leaves a served connection's state, for :func:`get_resync`."""
-
-
-def default_flight_key(ctx: SessionContext) -> Hashable | None:
-    """Share loads between connections of the same session AND the same user.
-
-    A loader may check ownership, so one user's result is never handed to another. Anonymous
-    connections (``user`` is ``None``) share with each other; users the middleware cannot name
-    (see :func:`~asgi_session_sync.snapshot.user_identity`) share nothing: the key is ``None``.
-    """
-    if ctx.user is None:
-        return (ctx.session_id, None)
-    identity = user_identity(ctx.user)
-    return None if identity is None else (ctx.session_id, identity)
 
 
 class SessionSyncMiddleware:
@@ -78,9 +40,11 @@ class SessionSyncMiddleware:
 
     Guarantees beyond the first frame:
 
-    - **Version fence.** When the snapshot has a version, the app's following text frames of the
-      fenced event types for this session are dropped unless newer, until the first newer one
-      or the end of a bounded window (``fence_max_frames``, ``fence_max_seconds``).
+    - **Version fence.** When the snapshot has a version, the app's following session events
+      (``session_update``, ``session_patch``) for this session are judged by the ordering
+      cursor (:mod:`asgi_session_sync.cursor`): stale ones are dropped, and one the client
+      cannot apply is preceded by a fresh snapshot; until the first that moves the client
+      forward or the end of a bounded window (``fence_max_frames``, ``fence_max_seconds``).
     - **Resume.** A client passing ``since=<version>`` that is current gets no snapshot (or a
       ``session_synced`` event with ``send_synced=True``); ``version_loader`` makes that check
       without the full load.
@@ -110,7 +74,6 @@ class SessionSyncMiddleware:
             not abandoned on cancel) holds the connection until it returns.
         max_bytes: Largest snapshot frame sent, in bytes of JSON; larger ones are logged and
             dropped. ``None`` for no limit.
-        event_type: The ``type`` field of the snapshot event.
         authenticate: Optional ``async def authenticate(scope)`` returning the connecting user,
             for stacks whose authentication runs inside the framework (FastAPI dependencies,
             Litestar guards) where no middleware sets ``scope["user"]``.
@@ -118,8 +81,6 @@ class SessionSyncMiddleware:
             connection gets no snapshot because something failed: the loader,
             ``version_loader``, ``authenticate`` or ``flight_key`` raised, a wait timed out (a
             ``TimeoutError``), or the server's ``send`` refused the snapshot frame.
-        fence_event_types: Event types fenced besides ``event_type`` and ``session_patch``:
-            the delta events an app streams after a full-state baseline.
         fence_max_frames: App frames inspected after the snapshot at most; 0 turns the fence off.
         fence_max_seconds: Seconds after the snapshot during which frames are inspected.
         since_param: Query parameter in which a resuming client passes its last version.
@@ -135,25 +96,28 @@ class SessionSyncMiddleware:
             can miss an update published before the new connection subscribed, until the next
             update: keep it short, or use it only where updates repeat the whole state.
         on_metric: Optional ``def on_metric(name, value)`` called for each counter increment.
+        sync: A :class:`~asgi_session_sync.SessionSync` to use instead of ``loader`` and the
+            loading options, for an app that also accepts sockets with
+            :meth:`~asgi_session_sync.SessionSync.accept`: one service, one set of counters.
 
     Raises:
         ValueError: A path, the pattern or a limit is invalid.
+        TypeError: ``loader`` is not callable, or both or neither of ``loader`` and ``sync``
+            are given.
     """
 
     def __init__(
         self,
         app: AnyASGIApp,
         *,
-        loader: SessionLoader,
+        loader: SessionLoader | None = None,
         paths: Iterable[str],
         session_id_param: str = "session_id",
         session_id_pattern: str | re.Pattern[str] = DEFAULT_SESSION_ID_PATTERN,
         timeout: float = 5.0,
         max_bytes: int | None = 4 * 1024 * 1024,
-        event_type: str = "session_update",
         authenticate: Authenticate | None = None,
         on_error: ErrorHook | None = None,
-        fence_event_types: Collection[str] = (),
         fence_max_frames: int = 256,
         fence_max_seconds: float = 10.0,
         since_param: str = "since",
@@ -164,54 +128,44 @@ class SessionSyncMiddleware:
         max_concurrent_loads: int = 64,
         cache_ttl: float | None = None,
         on_metric: MetricHook | None = None,
+        sync: SessionSync | None = None,
     ) -> None:
-        if not callable(loader):
-            raise TypeError(f"loader must be an async callable: got {loader!r}")
-        if version_loader is not None and not callable(version_loader):
-            raise TypeError(f"version_loader must be an async callable: got {version_loader!r}")
-        if not timeout > 0:
-            raise ValueError(f"timeout must be a positive number of seconds: got {timeout!r}")
-        if max_bytes is not None and max_bytes <= 0:
-            raise ValueError(f"max_bytes must be positive or None: got {max_bytes!r}")
-        if not event_type:
-            raise ValueError("event_type must be a non-empty string")
-        if isinstance(fence_event_types, str):
-            raise TypeError(f"fence_event_types must be a collection: use [{fence_event_types!r}]")
         if fence_max_frames < 0 or not fence_max_seconds >= 0:
             raise ValueError("fence_max_frames and fence_max_seconds must not be negative")
-        if not since_param:
-            raise ValueError("since_param must be a non-empty query parameter name")
-        if max_concurrent_loads < 1:
-            raise ValueError(f"max_concurrent_loads must be at least 1: got {max_concurrent_loads}")
-        if cache_ttl is not None and not cache_ttl > 0:
-            raise ValueError(f"cache_ttl must be positive or None: got {cache_ttl!r}")
+        if sync is None:
+            if loader is None:
+                raise TypeError("loader is required: an async def load_session(ctx)")
+            sync = SessionSync(
+                loader,
+                version_loader=version_loader,
+                authenticate=authenticate,
+                on_error=on_error,
+                timeout=timeout,
+                max_bytes=max_bytes,
+                send_synced=send_synced,
+                single_flight=single_flight,
+                flight_key=flight_key,
+                max_concurrent_loads=max_concurrent_loads,
+                cache_ttl=cache_ttl,
+                since_param=since_param,
+                session_id_pattern=session_id_pattern,
+                on_metric=on_metric,
+            )
+        elif loader is not None:
+            raise TypeError("pass either loader (and its options) or sync, not both")
         self.app: ASGIApp = guarantee_single_callable(app)  # type: ignore[no-untyped-call]
-        self.stats = SessionSyncStats(on_metric=on_metric)
-        """Counters since the middleware was created: see :class:`SessionSyncStats`."""
-        self._fetcher = SnapshotFetcher(
-            loader=loader,
-            version_loader=version_loader,
-            authenticate=authenticate,
-            on_error=on_error,
-            flight_key=flight_key if single_flight else _unshared,
-            timeout=timeout,
-            max_bytes=max_bytes,
-            event_type=event_type,
-            send_synced=send_synced,
-            max_concurrent_loads=max_concurrent_loads,
-            cache_ttl=cache_ttl,
-            stats=self.stats,
-        )
-        """Loads, shares, encodes and reports snapshots for every connection."""
+        self.sync = sync
+        """The snapshot service: loads, shares, encodes and reports every connection's snapshot."""
+        self.stats: SessionSyncStats = sync.stats
+        """Counters since the service was created: see :class:`SessionSyncStats`."""
         self._connections = ConnectionSettings(
-            fetcher=self._fetcher,
-            since_param=since_param,
-            fence_event_types=frozenset({event_type, "session_patch", *fence_event_types}),
+            sync=sync,
             fence_max_frames=fence_max_frames,
             fence_max_seconds=fence_max_seconds,
+            max_held_bytes=sync.fetcher.max_bytes or 4 * 1024 * 1024,
         )
         self._paths = PathMatcher(paths, session_id_param=session_id_param)
-        self._session_ids = SessionIdRules(session_id_pattern)
+        self._session_ids = sync.session_ids
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         """Serve one ASGI connection (typed loosely so every framework's app type accepts it)."""
@@ -241,40 +195,8 @@ class SessionSyncMiddleware:
             return
         self.stats.incr("connections")
         responder = SnapshotResponder(self._connections, scope, send, session_id)
-        scope[SCOPE_KEY] = responder
         try:
             # receive is the server's own: the middleware never reads it.
             await self.app(scope, receive, responder.send_with_snapshot)
         finally:
             responder.close()
-            # The responder refers to the scope: without this cycle a closed connection is
-            # freed at once, not at the garbage collector's next pass.
-            scope.pop(SCOPE_KEY, None)
-
-
-def get_resync(scope: Any) -> Resync | None:
-    """Return the resync function of a connection served by :class:`SessionSyncMiddleware`.
-
-    ``None`` when the middleware does not serve this connection (another path, an invalid id).
-    ``scope`` is typed loosely so every framework's scope type fits (Litestar's is a TypedDict).
-    Pass it to code that must resend the current state without the client reconnecting, such
-    as the NATS bridge's ``subscribe``.
-    """
-    responder = scope.get(SCOPE_KEY)
-    return responder.resync if isinstance(responder, SnapshotResponder) else None
-
-
-def get_snapshot_version(scope: Any) -> Version | None:
-    """Return the version of the state the middleware gave this connection's client.
-
-    That is the first snapshot's version, or the client's own ``since`` when resume found it
-    current and skipped the snapshot. ``None`` before the app accepted, when nothing was sent,
-    when the snapshot had no version, or when the middleware does not serve this connection.
-    Code that streams deltas after the snapshot (the NATS bridge's patches) chains from it.
-    """
-    responder = scope.get(SCOPE_KEY)
-    return responder.version if isinstance(responder, SnapshotResponder) else None
-
-
-def _unshared(ctx: SessionContext) -> None:
-    return None

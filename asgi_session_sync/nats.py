@@ -1,10 +1,10 @@
-"""Live session updates over NATS, with a resync whenever the broker may have lost some.
+"""Live session updates over NATS, fanned out once per process, with repair after any loss.
 
-The middleware sends the current state once, when a WebSocket opens. This module carries the
-changes that follow: a publisher calls :meth:`NatsBridge.publish` (the whole new state) or
-:meth:`NatsBridge.publish_patch` (an RFC 6902 patch from one version to the next) after it
-changes a session, and every WebSocket watching that session receives the event, from whichever
-app replica it is connected to.
+The middleware (or :meth:`~asgi_session_sync.SessionSync.accept`) sends the current state once,
+when a WebSocket opens. This module carries the changes that follow: a publisher calls
+:meth:`NatsBridge.publish` (the whole new state) or :meth:`NatsBridge.publish_patch` (an RFC 6902
+patch from one version to the next) after it changes a session, and every WebSocket watching
+that session receives the event, from whichever app replica it is connected to.
 
 ```python
 from contextlib import asynccontextmanager
@@ -13,20 +13,20 @@ from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket
 
-from asgi_session_sync import SessionSyncMiddleware
+from asgi_session_sync import SessionSync
 from asgi_session_sync.nats import NatsBridge
 
+sync = SessionSync(load_session)  # your loader: the session and its version from the database
 bridge = NatsBridge(["nats://nats-1:4222", "nats://nats-2:4222", "nats://nats-3:4222"])
 
 
 async def session_socket(websocket: WebSocket) -> None:
     session_id = websocket.path_params["session_id"]
     # Subscribe BEFORE accepting: the snapshot is loaded during accept, so any update
-    # published after that load is already on its way to this subscription. The scope gives
-    # the subscription the middleware's resync and the snapshot's version.
-    async with bridge.subscribe(session_id, scope=websocket.scope) as updates:
-        await websocket.accept()  # the middleware sends the snapshot here
-        await updates.forward(websocket.send_text, websocket.receive, heartbeat=15)
+    # published after that load is already on its way to this subscription.
+    async with bridge.subscribe(session_id) as updates:
+        socket = await sync.accept(websocket.scope, websocket.send, session_id)
+        await updates.forward(socket, websocket.receive, heartbeat=15)
 
 
 @asynccontextmanager
@@ -35,12 +35,8 @@ async def lifespan(app):
         yield
 
 
-app = SessionSyncMiddleware(
-    Starlette(routes=[WebSocketRoute("/ws/sessions/{session_id}", session_socket)],
-              lifespan=lifespan),
-    loader=load_session,  # your loader: reads the session and its version from the database
-    paths=["/ws/sessions/{session_id}"],
-)
+app = Starlette(routes=[WebSocketRoute("/ws/sessions/{session_id}", session_socket)],
+                lifespan=lifespan)
 
 # Wherever a session changes (a request handler, a worker), after the database commit:
 await bridge.publish(session_id, session, owner=owner, version=version)
@@ -49,45 +45,35 @@ await bridge.publish_patch(session_id, make_patch(before, after),
                            base_version=version - 1, version=version)
 ```
 
-What the bridge guarantees:
+What the bridge guarantees (the ordering rules are in ``docs/concepts.md``):
 
-* **No gap between snapshot and updates.** ``subscribe`` registers interest with the server
-  and waits for its acknowledgement before the ``async with`` body runs, so an update
-  published after the snapshot's load reaches the subscription.
-* **No stale state after broker trouble.** NATS core delivers at most once: while a client is
-  disconnected (a server restart, a failover to another cluster node) or too slow to keep up
-  (NATS drops its messages), updates are lost. Whenever nats-py reports a reconnect, or a
-  slow-consumer drop on a subscription, each affected subscription calls its ``resync()``
-  (from :func:`~asgi_session_sync.get_resync`: the middleware's loader, same user, same
-  limits) and yields the fresh snapshot in its stream, so the app's own loop sends it.
-* **Order by version.** Each subscription knows the version its socket has (the snapshot's,
-  then that of each frame it yielded) and drops a later full state (live or resync) whose
-  version is not newer. Frames without a comparable version pass, so publish with versions
-  when order matters.
-* **Patches chain, or the socket is resynced.** A patch is yielded only when its
-  ``base_version`` is the socket's version. A patch that does not chain (one before it was
-  lost, or the socket's version is unknown) is never yielded: the subscription resyncs the
-  socket and then yields the patches that chain from the fresh snapshot. No client receives a
-  patch for a state it does not have, and none has to reconnect for it.
-* **Liveness.** ``forward(..., heartbeat=N)`` sends ``{"type": "heartbeat"}`` after N seconds
-  without a frame, so clients can tell a dead socket from a quiet session.
-* **Bounded memory.** Each subscription buffers at most ``max_queued`` frames, and NATS at most
-  ``pending_msgs_limit`` more; past that NATS drops updates and the subscription resyncs.
+* **One subscription per session per process.** The sockets of one process that watch a
+  session share one NATS subscription (:class:`~asgi_session_sync.hub.Hub`); each message is
+  parsed once and offered to each socket's queue.
+* **No gap between snapshot and updates.** ``subscribe`` waits for the server's
+  acknowledgement of the subscription before the ``async with`` body runs, so an update
+  published after the snapshot's load reaches the socket.
+* **One ordering engine.** Each socket judges every frame with its cursor
+  (:mod:`asgi_session_sync.cursor`): newer updates and chained patches are sent, stale ones
+  dropped, and a patch that does not chain makes the socket resync from the database; the
+  snapshot replaces what the client had (``reset``), even at a lower version, so one bad
+  message never freezes a socket.
+* **No stale state after broker trouble.** NATS core delivers at most once. Whenever the
+  connection is re-established, or NATS drops messages of a slow subscription, the affected
+  sockets resync.
+* **Bounded memory, in bytes.** Each socket queues at most ``max_socket_bytes`` and the
+  process at most ``max_process_bytes``; a socket that falls further behind is resynced
+  instead of buffered (``slow_consumers``).
+* **Frames are checked against the subscription.** A frame on a session's subject that names
+  another session, or another owner than the snapshot's, reaches no socket
+  (``refused_frames``).
 * **Nothing reaches NATS from an invalid id.** Session ids are checked (the middleware's own
-  rule: letters, digits, ``_`` and ``-``, 1 to 128 characters) before a subject is built, so
-  no id can name a wildcard (``*``, ``>``), another subject (``.``) or inject protocol lines.
+  rule) before a subject is built, so no id can name a wildcard (``*``, ``>``), another
+  subject (``.``) or inject protocol lines.
 
 Scaling out: run several app replicas behind a load balancer, each with one ``NatsBridge``
-connected to the same NATS cluster (list several seed URLs; the client learns the rest), and
-one database that is the source of truth. A publisher, in any replica or a worker, commits to
-the database and then publishes the new full state, or the patch to it, with its version, on
-the subject ``<prefix>.<session_id>``; every replica delivers it to its own WebSockets for that
-session. A lost full state is repaired by the next one or by the resync from the database; a
-lost patch is noticed at the next one, which does not chain, and repaired by a resync; a late
-frame is dropped. Loading happens only on connect, on broker trouble and on a lost patch:
-after a cluster-wide outage every open WebSocket reloads once, so size
-``max_concurrent_resyncs`` (per replica) for what the database can take. Use NATS accounts or
-permissions so that only publishers may publish under the prefix.
+connected to the same NATS cluster, and one database that is the source of truth. Use NATS
+accounts or permissions so that only publishers may publish under the prefix.
 
 :class:`EmbeddedNats` starts a private ``nats-server`` (the one the ``nats`` extra installs) for
 tests and local development; it lives in :mod:`asgi_session_sync.nats_server` and is
@@ -101,7 +87,8 @@ from __future__ import annotations
 import logging
 import re
 import ssl
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
@@ -119,54 +106,50 @@ try:
 except ImportError as exc:
     raise ImportError("install asgi-session-sync[nats] to use asgi_session_sync.nats") from exc
 
-from ._feed import SessionFeed, parse_frame
 from ._paths import clip_for_log
 from ._session_ids import DEFAULT_SESSION_ID_PATTERN, SessionIdRules
-from .events import SessionPatch, SessionUpdate, Version
-from .middleware import Resync, get_resync
+from .hub import Hub, SessionStream, Unsubscribe
 from .nats_server import EmbeddedNats, find_nats_server
+from .protocol import SessionPatch, SessionUpdate, Version
 from .stats import BridgeStats, MetricHook
-from .versions import MAX_VERSION_CHARS, is_newer
 
-__all__ = ["EmbeddedNats", "NatsBridge", "SessionSubscription", "find_nats_server"]
+__all__ = ["EmbeddedNats", "NatsBridge", "SessionStream", "find_nats_server"]
 
 logger = logging.getLogger("asgi_session_sync")
 
-UserCallback = Callable[..., Awaitable[None]]
+UserCallback = Callable[..., Any]
 
 _PREFIX = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
-# Bounds on clean-up work that must finish even when the caller is cancelled.
-_UNSUBSCRIBE_TIMEOUT = 2.0
 _CONFIRM_TIMEOUT = 2  # nats-py types flush timeouts as int seconds
-
-
-# --------------------------------------------------------------------------------------------
-# Publishing and forwarding
-# --------------------------------------------------------------------------------------------
+_WATCH_INTERVAL = 0.25
+"""Seconds between two looks at an adopted client's public ``stats`` for a reconnect."""
+_CALLBACKS = ("error_cb", "disconnected_cb", "reconnected_cb", "closed_cb")
 
 
 class NatsBridge:
-    """Publishes session updates to NATS and forwards them to the WebSockets watching a session.
+    """Publishes session updates to NATS and fans them out to the WebSockets watching a session.
 
     Use it as an async context manager, typically for the app's lifespan: entering connects
-    (or adopts ``client``), leaving drains and closes the connection it made and ends every
-    open subscription's iteration.
+    (or adopts ``client``), leaving ends every open stream's iteration and drains and closes
+    the connection it made.
 
     Args:
         servers: The NATS URL, or several URLs of one cluster (``nats://host:4222``). No default:
             the bridge never guesses a broker.
         client: An already connected ``nats.aio.client.Client`` to use instead of connecting.
-            The bridge chains its handlers in front of the client's error, disconnect,
-            reconnect and close callbacks while it is open, restores them on exit, and never
-            closes this client. Exclusive with ``servers`` and the connect options.
+            The bridge uses its public API only: it notices a reconnect from the client's
+            ``stats["reconnects"]`` within 0.25 s, and never closes this client. Exclusive
+            with ``servers`` and the connect options.
         prefix: Subject prefix; updates of session ``s1`` go to ``<prefix>.s1``. Dot-separated
             tokens of letters, digits, ``_`` and ``-``.
-        event_type: The ``type`` field of published events; match the middleware's.
         session_id_pattern: Regular expression a session id must fully match. Whatever it
             allows, ``.``, ``*``, ``>``, whitespace and control characters never pass.
-        max_queued: Frames each subscription buffers for a slow app loop.
-        pending_msgs_limit: Messages nats-py buffers per subscription beyond ``max_queued``;
-            past it NATS drops messages and the subscription resyncs.
+        max_socket_bytes: Bytes of frames each socket may have queued (and held while it is
+            repaired), at most; past it the socket is resynced instead (a slow consumer).
+        max_process_bytes: Bytes of frames every socket of this bridge may have queued,
+            together, at most; past it the socket that would exceed it is resynced instead.
+        pending_msgs_limit: Messages nats-py buffers per session subscription before the
+            bridge reads them; past it NATS drops messages and the session's sockets resync.
         pending_bytes_limit: The same, in bytes.
         max_concurrent_resyncs: Resyncs that may load at once; the rest wait their turn.
         startup_timeout: Seconds entering may take to connect, across retries.
@@ -197,11 +180,11 @@ class NatsBridge:
         *,
         client: Client | None = None,
         prefix: str = "session_sync",
-        event_type: str = "session_update",
         session_id_pattern: str | re.Pattern[str] = DEFAULT_SESSION_ID_PATTERN,
-        max_queued: int = 64,
-        pending_msgs_limit: int = 256,
-        pending_bytes_limit: int = 16 * 1024 * 1024,
+        max_socket_bytes: int = 4 * 1024 * 1024,
+        max_process_bytes: int = 256 * 1024 * 1024,
+        pending_msgs_limit: int = 65536,
+        pending_bytes_limit: int = 64 * 1024 * 1024,
         max_concurrent_resyncs: int = 32,
         startup_timeout: float = 10.0,
         close_timeout: float = 5.0,
@@ -249,43 +232,47 @@ class NatsBridge:
                 "prefix must be dot-separated tokens of letters, digits, '_' and '-' "
                 f"(no wildcards or spaces): got {prefix!r}"
             )
-        if not event_type:
-            raise ValueError("event_type must be a non-empty string")
         for option, value in (
-            ("max_queued", max_queued),
+            ("max_socket_bytes", max_socket_bytes),
+            ("max_process_bytes", max_process_bytes),
             ("pending_msgs_limit", pending_msgs_limit),
             ("pending_bytes_limit", pending_bytes_limit),
             ("max_concurrent_resyncs", max_concurrent_resyncs),
         ):
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{option} must be a positive int: got {value!r}")
         if not startup_timeout > 0 or not close_timeout > 0:
             raise ValueError("startup_timeout and close_timeout must be positive seconds")
         options.setdefault("max_reconnect_attempts", -1)
         self.prefix = prefix
-        self.event_type = event_type
-        self.max_queued = max_queued
         self.pending_msgs_limit = pending_msgs_limit
         self.pending_bytes_limit = pending_bytes_limit
-        self.max_concurrent_resyncs = max_concurrent_resyncs
         self.startup_timeout = startup_timeout
         self.close_timeout = close_timeout
         self._servers = None if servers is None else list(servers)
         self._client = client
         self._owns_client = client is None
-        self._user_callbacks: dict[str, UserCallback | None] = {
-            key: options.pop(key)
-            for key in ("error_cb", "disconnected_cb", "reconnected_cb", "closed_cb")
-            if key in options
+        self._user_callbacks: dict[str, UserCallback] = {
+            key: options.pop(key) for key in _CALLBACKS if options.get(key) is not None
         }
         self._connect_options = options
         self._session_ids = SessionIdRules(session_id_pattern)
-        self._subscriptions: dict[Subscription, SessionSubscription] = {}
-        self._resync_limiter: anyio.CapacityLimiter | None = None
         self.stats = BridgeStats(on_metric=on_metric)
         """Counters since the bridge was created (:class:`~asgi_session_sync.stats.BridgeStats`)."""
+        self.hub = Hub(
+            self,
+            stats=self.stats,
+            max_socket_bytes=max_socket_bytes,
+            max_process_bytes=max_process_bytes,
+            max_concurrent_resyncs=max_concurrent_resyncs,
+        )
+        """The process's fan-out: one subscription per session, shared by its sockets."""
+        self._sessions: dict[Subscription, str] = {}
+        self._stack: AsyncExitStack | None = None
+        self._entered = False
         self._open = False
         self._closing = False
+        self._startup_error: Exception | None = None
 
     @property
     def client(self) -> Client:
@@ -300,17 +287,12 @@ class NatsBridge:
 
     async def __aenter__(self) -> NatsBridge:
         """Connect (or adopt the given client) and start handling its events."""
-        if self._open or self._closing:
+        if self._entered:
             raise RuntimeError("a NatsBridge can be entered once")
-        self._resync_limiter = anyio.CapacityLimiter(self.max_concurrent_resyncs)
-        if self._owns_client:
-            self._client = await self._connect()
-        else:
-            assert self._client is not None
-            if not self._client.is_connected:
-                raise RuntimeError("the client passed to NatsBridge must be connected")
-            self._adopt(self._client)
-        self._open = True
+        self._entered = True
+        async with AsyncExitStack() as stack:
+            await stack.enter_async_context(self._running())
+            self._stack = stack.pop_all()
         return self
 
     async def __aexit__(
@@ -319,17 +301,37 @@ class NatsBridge:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        """End every subscription's iteration; drain and close the connection the bridge made."""
-        self._closing = True
-        self._open = False
-        for subscription in list(self._subscriptions.values()):
-            subscription._end()
+        """End every stream's iteration; drain and close the connection the bridge made."""
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            await stack.__aexit__(exc_type, exc, tb)
+
+    @asynccontextmanager
+    async def _running(self) -> AsyncIterator[None]:
+        if self._owns_client:
+            self._client = await self._connect()
+        else:
+            assert self._client is not None
+            if not self._client.is_connected:
+                raise RuntimeError("the client passed to NatsBridge must be connected")
         client = self._client
-        if client is None:
-            return
-        if not self._owns_client:
-            self._restore(client)
-            return
+        try:
+            async with anyio.create_task_group() as tg:
+                if not self._owns_client:
+                    tg.start_soon(self._watch, client)
+                self._open = True
+                try:
+                    yield
+                finally:
+                    self._closing = True
+                    self._open = False
+                    self.hub.end_all()
+                    tg.cancel_scope.cancel()
+        finally:
+            if self._owns_client:
+                await self._close(client)
+
+    async def _close(self, client: Client) -> None:
         # Shielded: a cancelled lifespan must still close its socket and nats-py's tasks.
         with anyio.CancelScope(shield=True):
             with anyio.move_on_after(self.close_timeout):
@@ -343,18 +345,11 @@ class NatsBridge:
     async def _connect(self) -> Client:
         assert self._servers is not None
         client = Client()
-        error: Exception | None = None
-
-        async def remember_error(exc: Exception) -> None:
-            nonlocal error
-            error = exc
-            await self._on_error(exc)
-
         try:
             with anyio.fail_after(self.startup_timeout):
                 await client.connect(
                     self._servers,
-                    error_cb=remember_error,
+                    error_cb=self._on_error,
                     disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected,
                     closed_cb=self._on_closed,
@@ -369,81 +364,68 @@ class NatsBridge:
                 servers = ", ".join(_without_credentials(url) for url in self._servers)
                 raise ConnectionError(
                     f"could not connect to NATS at {servers} within {self.startup_timeout}s "
-                    f"(last error: {error or 'none'})"
+                    f"(last error: {self._startup_error or 'none'})"
                 ) from None
             raise
-        # Connected: startup errors need no remembering any more.
-        client._error_cb = self._on_error
         return client
 
-    def _adopt(self, client: Client) -> None:
-        self._saved_callbacks = (
-            client._error_cb,
-            client._disconnected_cb,
-            client._reconnected_cb,
-            client._closed_cb,
-        )
-        self._user_callbacks = {
-            "error_cb": client._error_cb,
-            "disconnected_cb": client._disconnected_cb,
-            "reconnected_cb": client._reconnected_cb,
-            "closed_cb": client._closed_cb,
-        }
-        client._error_cb = self._on_error
-        client._disconnected_cb = self._on_disconnected
-        client._reconnected_cb = self._on_reconnected
-        client._closed_cb = self._on_closed
+    async def _watch(self, client: Client) -> None:
+        """An adopted client: notice reconnects and the end through its public API."""
+        reconnects = client.stats["reconnects"]
+        while not client.is_closed:
+            await anyio.sleep(_WATCH_INTERVAL)
+            if client.stats["reconnects"] != reconnects:
+                reconnects = client.stats["reconnects"]
+                self._reconnected(client)
+        if not self._closing:
+            self._closed()
 
-    def _restore(self, client: Client) -> None:
-        (
-            client._error_cb,
-            client._disconnected_cb,
-            client._reconnected_cb,
-            client._closed_cb,
-        ) = self._saved_callbacks
-
-    # Callbacks from nats-py. They run in nats-py's tasks, so they only signal subscriptions.
+    # Callbacks from nats-py. They run in nats-py's tasks, so they only signal streams.
 
     async def _on_error(self, exc: Exception) -> None:
+        if not self._open and not self._closing:
+            self._startup_error = exc  # reported by _connect if it times out
         if isinstance(exc, SlowConsumerError):
             self.stats.incr("slow_consumer_drops")
-            subscription = self._subscriptions.get(exc.sub)
-            if subscription is not None:
-                subscription._request_resync("slow consumer: nats dropped messages")
-            else:
-                logger.debug("nats slow consumer on a subscription not ours: %s", exc)
-        elif not self._closing:
+            session_id = self._sessions.get(exc.sub)
+            if session_id is not None:
+                self.hub.resync(session_id, "slow consumer: nats dropped messages")
+        elif self._open and not self._closing:
             logger.warning("nats error: %s: %s", type(exc).__name__, exc)
         await self._call_user("error_cb", exc)
 
     async def _on_disconnected(self) -> None:
-        if not self._closing:
+        if self._open and not self._closing:
             logger.warning("nats disconnected; updates are lost until it reconnects")
         await self._call_user("disconnected_cb")
 
     async def _on_reconnected(self) -> None:
+        if self._client is not None:
+            self._reconnected(self._client)
+        await self._call_user("reconnected_cb")
+
+    def _reconnected(self, client: Client) -> None:
         self.stats.incr("reconnects")
-        client = self._client
-        url = client.connected_url if client is not None else None
+        url = client.connected_url
         logger.info(
-            "nats reconnected server=%s:%s; resyncing %d subscriptions",
+            "nats reconnected server=%s:%s; resyncing the sockets of %d sessions",
             url.hostname if url is not None else None,
             url.port if url is not None else None,
-            len(self._subscriptions),
+            self.hub.sessions,
         )
-        for subscription in list(self._subscriptions.values()):
-            subscription._request_resync("nats reconnected")
-        await self._call_user("reconnected_cb")
+        self.hub.resync_all("nats reconnected")
 
     async def _on_closed(self) -> None:
         if not self._closing:
-            logger.error(
-                "nats connection closed for good; ending %d subscriptions",
-                len(self._subscriptions),
-            )
-        for subscription in list(self._subscriptions.values()):
-            subscription._end()
+            self._closed()
         await self._call_user("closed_cb")
+
+    def _closed(self) -> None:
+        logger.error(
+            "nats connection closed for good; ending the streams of %d sessions",
+            self.hub.sessions,
+        )
+        self.hub.end_all()
 
     async def _call_user(self, key: str, *args: Exception) -> None:
         callback = self._user_callbacks.get(key)
@@ -453,6 +435,62 @@ class NatsBridge:
             await callback(*args)
         except Exception:
             logger.exception("nats %s raised", key)
+
+    # The hub's backend.
+
+    async def subscribe_subject(
+        self, session_id: str, deliver: Callable[[bytes], None]
+    ) -> Unsubscribe:
+        """Subscribe to ``session_id``'s subject once for the process (the hub's backend)."""
+        client = self.client
+        subject = self.subject(session_id)
+
+        async def on_message(msg: Msg) -> None:
+            deliver(msg.data)
+
+        sub = await client.subscribe(
+            subject,
+            cb=on_message,
+            pending_msgs_limit=self.pending_msgs_limit,
+            pending_bytes_limit=self.pending_bytes_limit,
+        )
+        self._sessions[sub] = session_id
+
+        async def unsubscribe() -> None:
+            self._sessions.pop(sub, None)
+            try:
+                await sub.unsubscribe()
+            except NatsError as error:
+                # A closed or draining connection: the server forgets it by itself.
+                logger.debug("nats unsubscribe skipped subject=%s: %s", subject, error)
+
+        try:
+            await self._confirm(client, session_id)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await unsubscribe()
+            raise
+        return unsubscribe
+
+    async def _confirm(self, client: Client, session_id: str) -> None:
+        # One round trip: once the server answers, it has the subscription, so what is
+        # published after the snapshot's load reaches us. While disconnected there is no one to
+        # ask; nats-py re-subscribes on reconnect and the reconnect triggers a resync.
+        if not client.is_connected:
+            logger.warning(
+                "nats not connected; subscription pending until reconnect session_id=%s",
+                session_id,
+            )
+            return
+        try:
+            await client.flush(timeout=_CONFIRM_TIMEOUT)
+        except (NatsError, OSError) as error:
+            logger.warning(
+                "nats did not confirm the subscription, resyncing session_id=%s: %s",
+                session_id,
+                error,
+            )
+            self.hub.resync(session_id, "subscription not confirmed")
 
     # Public API.
 
@@ -479,30 +517,24 @@ class NatsBridge:
     ) -> None:
         """Publish the full current state of a session to everyone watching it.
 
-        Sends the same ``session_update`` event the middleware sends as the snapshot, so
-        clients apply both alike. Publish after the change is committed where the loader
-        reads, and with the version it committed, so subscriptions can order updates.
+        Sends a ``session_update`` event (without ``reset``: only a snapshot from the loader
+        carries it). Publish after the change is committed where the loader reads, and with
+        the version it committed, so sockets can order updates.
 
         Args:
             session_id: The session; validated before any subject is built.
             session: Its whole state, serialisable by pydantic.
             owner: Who owns the session, sent as ``owner``.
-            version: The state's version (an int or a timestamp).
+            version: The state's version, a whole number from 0 to ``2**53 - 1``.
 
         Raises:
-            ValueError: ``session_id`` is invalid; nothing was sent.
+            ValueError: ``session_id`` or ``version`` is invalid; nothing was sent.
             RuntimeError: The bridge is not open.
             nats.errors.Error: nats-py refused the message (connection closed, payload too
                 large, reconnect buffer full).
         """
         subject = self.subject(session_id)
-        event = SessionUpdate(
-            type=self.event_type,
-            session_id=session_id,
-            owner=owner,
-            session=session,
-            version=version,
-        )
+        event = SessionUpdate(session_id=session_id, owner=owner, session=session, version=version)
         await self.client.publish(subject, event.to_json())
 
     async def publish_patch(
@@ -516,95 +548,53 @@ class NatsBridge:
     ) -> None:
         """Publish a change to a session as an RFC 6902 JSON Patch from one version to the next.
 
-        Sends a ``session_patch`` event (:class:`~asgi_session_sync.SessionPatch`): applying
-        ``patch`` to the session's state at ``base_version`` gives its state at ``version``.
-        Publish after committing ``version`` where the loader reads, one patch per committed
-        version, in order: a subscription forwards a patch only to a socket at
-        ``base_version``, and resyncs a socket that missed one.
-        :func:`~asgi_session_sync.make_patch` computes ``patch`` from the two states.
+        Sends a ``session_patch`` event (:class:`~asgi_session_sync.protocol.SessionPatch`):
+        applying ``patch`` to the session's state at ``base_version`` gives its state at
+        ``version``. Publish after committing ``version`` where the loader reads, one patch
+        per committed version, in order: a socket is sent a patch only at ``base_version``,
+        and is resynced when it missed one.
+        :func:`~asgi_session_sync.protocol.make_patch` computes ``patch`` from the two states.
 
         Args:
             session_id: The session; validated before any subject is built.
             patch: RFC 6902 operations, such as
                 ``[{"op": "replace", "path": "/interactions/3/response", "value": "Hel"}]``.
             base_version: The version the patch applies to.
-            version: The version it produces; newer than ``base_version``.
+            version: The version it produces: greater than ``base_version``, at most
+                ``2**53 - 1``.
             owner: Who owns the session, sent as ``owner`` when given.
 
         Raises:
             ValueError: ``session_id`` is invalid, ``patch`` is not RFC 6902 operations, or
-                ``version`` is not newer than ``base_version``; nothing was sent.
+                a version is not a version or ``version`` is not greater than
+                ``base_version``; nothing was sent.
             RuntimeError: The bridge is not open.
             nats.errors.Error: nats-py refused the message.
         """
         subject = self.subject(session_id)
-        if is_newer(version, base_version) is not True:
-            raise ValueError(
-                "version must be a version newer than base_version, of the same kind (an int "
-                f"or a timestamp, at most {MAX_VERSION_CHARS} characters on the wire): "
-                f"got base_version={clip_for_log(str(base_version))!r} "
-                f"version={clip_for_log(str(version))!r}"
-            )
         event = SessionPatch(
             session_id=session_id,
+            owner=owner,
             base_version=base_version,
             version=version,
             patch=[dict(operation) for operation in patch],
         )
-        if owner is not None:
-            event = event.model_copy(update={"owner": owner})
         await self.client.publish(subject, event.to_json())
 
-    def subscribe(
-        self,
-        session_id: str,
-        *,
-        scope: Mapping[str, Any] | None = None,
-        resync: Resync | None = None,
-        max_queued: int | None = None,
-        pending_msgs_limit: int | None = None,
-        pending_bytes_limit: int | None = None,
-    ) -> SessionSubscription:
-        """Watch a session's updates: ``async with bridge.subscribe(id, scope=ws.scope)``.
+    def subscribe(self, session_id: str) -> AbstractAsyncContextManager[SessionStream]:
+        """Watch a session's updates: ``async with bridge.subscribe(session_id) as updates``.
 
-        The subscription is made when the ``async with`` is entered, so enter it *before*
-        accepting the WebSocket (the middleware loads the snapshot during accept); then
-        iterate to receive each update's JSON text, or call
-        :meth:`SessionSubscription.forward`.
-
-        Args:
-            session_id: The session; validated here, before any subject is built.
-            scope: The WebSocket's ASGI scope, on a connection the middleware serves. The
-                subscription then resyncs through the middleware (``get_resync(scope)``,
-                unless ``resync`` is given) and learns the snapshot's version
-                (``get_snapshot_version(scope)``) so patches chain from it at once.
-            resync: Loads the session afresh after broker trouble or a lost patch:
-                ``get_resync(websocket.scope)``. Without it (and without ``scope``), such
-                trouble is only logged and patches that do not chain are dropped.
-            max_queued: Overrides the bridge's ``max_queued`` for this subscription.
-            pending_msgs_limit: Overrides the bridge's ``pending_msgs_limit``.
-            pending_bytes_limit: Overrides the bridge's ``pending_bytes_limit``.
+        The process subscribes to the session's subject when its first socket enters (later
+        ones share it), and waits for the server's acknowledgement, so enter it *before*
+        accepting the WebSocket. Then hand the socket to
+        :meth:`~asgi_session_sync.hub.SessionStream.forward`.
 
         Raises:
             ValueError: ``session_id`` is invalid.
+            RuntimeError: The bridge is not open.
         """
-        subject = self.subject(session_id)
-        if resync is None and scope is not None:
-            resync = get_resync(scope)
-        return SessionSubscription(
-            self,
-            session_id,
-            subject,
-            resync=resync,
-            scope=scope,
-            max_queued=self.max_queued if max_queued is None else max_queued,
-            pending_msgs_limit=(
-                self.pending_msgs_limit if pending_msgs_limit is None else pending_msgs_limit
-            ),
-            pending_bytes_limit=(
-                self.pending_bytes_limit if pending_bytes_limit is None else pending_bytes_limit
-            ),
-        )
+        self.subject(session_id)  # validated now, not when entered
+        return self.hub.subscribe(session_id)
 
 
 def _without_credentials(url: str) -> str:
@@ -613,228 +603,3 @@ def _without_credentials(url: str) -> str:
     host = parts.hostname or ""
     host = f"[{host}]" if ":" in host else host
     return f"{parts.scheme}://{host}:{parts.port}" if parts.port else f"{parts.scheme}://{host}"
-
-
-class SessionSubscription:
-    """The updates of one session, for one WebSocket; made by :meth:`NatsBridge.subscribe`.
-
-    An async context manager and an async iterator of JSON text frames. Entering subscribes
-    and waits until the server has the subscription; leaving always unsubscribes (also when
-    the body raises or is cancelled, whose exception passes unchanged) and cancels a running
-    resync, waiting for it to end. Enter and leave it in the same task, with ``async with``.
-
-    One stream carries live updates, patches and the snapshots ``resync()`` returns, so the app
-    sends everything from its own loop. The subscription knows the version of the state its
-    socket has (:attr:`version`: the snapshot's, then that of each frame it yielded) and
-    judges every frame against it:
-
-    - a full state (``session_update``) is yielded only when newer, and sets the version;
-    - a patch (``session_patch``) is yielded only when its ``base_version`` is that version;
-      one not newer is dropped; any other (a patch was lost, or the version is unknown) is
-      never yielded: the socket is resynced with a fresh snapshot (the same resync as after a
-      reconnect), and the patches that chain from that snapshot follow it.
-
-    So the socket never receives a patch for a state it does not have, and never needs to
-    reconnect for it. The iteration ends when the bridge closes.
-
-    Attributes:
-        session_id: The session watched.
-        subject: Its NATS subject.
-    """
-
-    def __init__(
-        self,
-        bridge: NatsBridge,
-        session_id: str,
-        subject: str,
-        *,
-        resync: Resync | None,
-        scope: Mapping[str, Any] | None = None,
-        max_queued: int,
-        pending_msgs_limit: int,
-        pending_bytes_limit: int,
-    ) -> None:
-        if max_queued < 1 or pending_msgs_limit < 1 or pending_bytes_limit < 1:
-            raise ValueError("max_queued and the pending limits must be positive")
-        self.session_id = session_id
-        self.subject = subject
-        self._bridge = bridge
-        self._pending_msgs_limit = pending_msgs_limit
-        self._pending_bytes_limit = pending_bytes_limit
-        self._feed = SessionFeed(
-            session_id, resync=resync, scope=scope, max_queued=max_queued, stats=bridge.stats
-        )
-        self._sub: Subscription | None = None
-        self._entered = False
-        self._open = False
-
-    async def __aenter__(self) -> SessionSubscription:
-        """Subscribe, and wait until the server acknowledges it."""
-        if self._entered:
-            raise RuntimeError("a SessionSubscription can be entered once")
-        self._entered = True
-        client = self._bridge.client
-        self._feed.limiter = self._bridge._resync_limiter
-        await self._feed.__aenter__()
-        self._open = True
-        try:
-            self._sub = await client.subscribe(
-                self.subject,
-                cb=self._on_message,
-                pending_msgs_limit=self._pending_msgs_limit,
-                pending_bytes_limit=self._pending_bytes_limit,
-            )
-            self._bridge._subscriptions[self._sub] = self
-            self._bridge.stats.incr("subscriptions")
-            await self._confirm(client)
-        except BaseException:
-            await self._close()
-            raise
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        """Unsubscribe, stop a running resync, and let the body's exception pass unchanged."""
-        await self._close()
-
-    async def _confirm(self, client: Client) -> None:
-        # One round trip: once the server answers, it has the subscription, so what is
-        # published after the snapshot's load reaches us. While disconnected there is no one to
-        # ask; nats-py re-subscribes on reconnect and the reconnect triggers a resync.
-        if not client.is_connected:
-            logger.warning(
-                "nats not connected; subscription pending until reconnect session_id=%s",
-                self.session_id,
-            )
-            return
-        try:
-            await client.flush(timeout=_CONFIRM_TIMEOUT)
-        except (NatsError, OSError) as error:
-            logger.warning(
-                "nats did not confirm the subscription, resyncing session_id=%s: %s",
-                self.session_id,
-                error,
-            )
-            self._request_resync("subscription not confirmed")
-
-    async def _close(self) -> None:
-        try:
-            sub, self._sub = self._sub, None
-            if sub is not None:
-                self._bridge._subscriptions.pop(sub, None)
-                # Shielded and bounded: the server must hear the UNSUB even when the
-                # connection's task is being cancelled, or it keeps sending updates here.
-                with anyio.move_on_after(_UNSUBSCRIBE_TIMEOUT, shield=True):
-                    try:
-                        await sub.unsubscribe()
-                    except NatsError as error:
-                        # A closed or draining connection: the server forgets it by itself.
-                        logger.debug("nats unsubscribe skipped subject=%s: %s", self.subject, error)
-        finally:
-            if self._open:
-                self._open = False
-                await self._feed.__aexit__(None, None, None)
-
-    def _end(self) -> None:
-        """End the iteration once the buffered frames are read (the bridge is closing)."""
-        self._feed.end()
-
-    @property
-    def version(self) -> Version | None:
-        """The version of the state the socket has, as far as this subscription knows.
-
-        Read from :func:`~asgi_session_sync.get_snapshot_version` when ``subscribe`` was given
-        the ``scope``, then the version of each frame yielded; ``None`` while unknown. Set it
-        after sending a snapshot of your own when the middleware does not send it; a patch
-        arriving while it is unknown is never yielded, it causes a resync instead.
-        """
-        version: Version | None = self._feed.version
-        return version
-
-    @version.setter
-    def version(self, version: Version | None) -> None:
-        self._feed.version = version
-
-    def request_resync(self) -> None:
-        """Load the session afresh with ``resync`` and yield the snapshot in this stream.
-
-        The bridge calls this after a reconnect, a slow-consumer drop or a patch that does not
-        chain; call it when you know updates may have been missed for another reason. At most
-        one resync runs at a time per subscription; a request while one runs schedules one
-        more after it.
-        """
-        self._request_resync("requested by the app")
-
-    def _request_resync(self, reason: str) -> None:
-        self._feed.request_resync(reason)
-
-    async def _on_message(self, msg: Msg) -> None:
-        # Runs in nats-py's per-subscription task. Waiting here while the app's buffer is full
-        # makes nats-py buffer, and past its limits drop and report a slow consumer: a resync.
-        try:
-            frame = parse_frame(msg.data.decode())
-        except UnicodeDecodeError:
-            frame = "not UTF-8"
-        if isinstance(frame, str):
-            self._bridge.stats.incr("invalid_messages")
-            logger.warning(
-                "dropped an invalid message reason=%s subject=%s bytes=%d",
-                frame,
-                msg.subject,
-                len(msg.data),
-            )
-            return
-        await self._feed.put(frame)
-
-    async def forward(
-        self,
-        send_text: Callable[[str], Awaitable[object]],
-        receive: Callable[[], Awaitable[Mapping[str, Any]]],
-        *,
-        on_message: Callable[[Mapping[str, Any]], Awaitable[object]] | None = None,
-        heartbeat: float | None = None,
-    ) -> None:
-        """Send every update to the socket until the client disconnects.
-
-        The loop every WebSocket handler needs: one task sends the frames, this one reads the
-        socket, since reading is how an app learns that the client left. Client messages go to
-        ``on_message`` (or are dropped). Returns on ``websocket.disconnect``, or when the
-        bridge closes. An exception from ``send_text`` (the client left mid-send: the
-        framework's disconnect error) propagates as it is, as from the app's own send.
-
-        ```python
-        async with bridge.subscribe(session_id, scope=websocket.scope) as updates:
-            await websocket.accept()
-            await updates.forward(websocket.send_text, websocket.receive, heartbeat=15)
-        ```
-
-        Args:
-            send_text: Sends one text frame: ``websocket.send_text`` in Starlette and FastAPI,
-                ``socket.send_text`` in Litestar.
-            receive: The raw ASGI receive of the socket: ``websocket.receive`` (Starlette,
-                FastAPI), ``socket.receive`` (Litestar).
-            on_message: Called with each ``websocket.receive`` message the client sends.
-            heartbeat: Seconds of quiet after which a ``{"type": "heartbeat"}`` frame is sent,
-                so the client receives something at least this often and can tell a dead
-                socket from a quiet session (the browser client reconnects after 2.5 times
-                this with nothing received). A socket busy with updates carries no heartbeats.
-                ``None`` (the default) sends none.
-
-        Raises:
-            ValueError: ``heartbeat`` is not a positive number.
-        """
-        await self._feed.forward(send_text, receive, on_message=on_message, heartbeat=heartbeat)
-
-    def __aiter__(self) -> SessionSubscription:
-        """Iterate over the frames."""
-        return self
-
-    async def __anext__(self) -> str:
-        """Return the next frame's JSON text: a newer update, a chained patch, or a snapshot."""
-        if not self._entered:
-            raise RuntimeError("enter the subscription with `async with` before iterating")
-        return await self._feed.__anext__()

@@ -9,7 +9,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel
 
 from ._types import Scope
-from .events import Version
+from .protocol import Version
 
 __all__ = [
     "Authenticate",
@@ -34,8 +34,9 @@ class Snapshot:
     Attributes:
         session: The state sent to the client, serialised as JSON.
         owner: Who owns the session, sent as ``owner`` in the event.
-        version: The session's version (an int, a ``datetime`` or an ISO-8601 string), sent as
-            ``version`` in the event and used to order the snapshot against live events.
+        version: The session's version, a whole number from 0 to ``2**53 - 1`` (see
+            :mod:`asgi_session_sync.protocol`), sent as ``version`` in the event and used to
+            order the snapshot against live events.
     """
 
     session: Mapping[str, Any] | BaseModel
@@ -57,7 +58,7 @@ class SessionContext:
         user: Who is connecting: what ``authenticate(scope)`` returned when the middleware was
             given one, else ``scope.get("user")`` (set by an auth middleware), else ``None``.
         since: The version the client says it already has (the ``since`` query parameter),
-            or ``None``. Digits are parsed as an int; anything else is kept as a string.
+            or ``None`` when it gave none or something that is not a version.
     """
 
     session_id: str

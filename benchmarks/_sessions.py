@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from asgi_session_sync import Snapshot
-from asgi_session_sync.events import SessionUpdate
+from asgi_session_sync.protocol import SessionUpdate
 
 __all__ = [
     "FILLER",
@@ -84,13 +84,18 @@ def streamed_content(session_id: str, position: int, tokens: int) -> str:
 
 
 def snapshot_text(session_id: str, snapshot: Snapshot) -> str:
-    """The snapshot frame, as a bare app builds it: the library's event, ``model_dump_json``.
+    """The snapshot frame, as a bare app builds it: the library's event, ``to_json``.
 
-    The same JSON the middleware sends (it serialises the same ``SessionUpdate``).
+    The same JSON the middleware sends (it serialises the same ``SessionUpdate``, leaving out
+    the unset ``reset`` member as ``to_json`` does).
     """
-    return SessionUpdate(
-        session_id=session_id,
-        owner=snapshot.owner,
-        session=snapshot.session,
-        version=snapshot.version,
-    ).model_dump_json()
+    return (
+        SessionUpdate(
+            session_id=session_id,
+            owner=snapshot.owner,
+            session=snapshot.session,
+            version=snapshot.version,
+        )
+        .to_json()
+        .decode()
+    )

@@ -10,7 +10,6 @@ import json
 from typing import Any
 
 import jsonpatch
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -273,12 +272,6 @@ def test_a_reset_replays_the_held_frames_that_chain_and_drops_the_stale_ones() -
     assert cursor.unrepaired == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cursor.py Cursor.reset: a held stale frame replayed after a held frame that chained "
-    "gets VERIFY (the version is live again), which the replay loop ignores: repairing stays "
-    "set, so the next held frame is held again and dropped as unreachable although it chains",
-)
 def test_a_stale_frame_held_after_one_that_chains_does_not_cost_the_next() -> None:
     cursor = verified(5)
     held = [patch(8, 9), update(6), patch(9, 10)]
@@ -288,11 +281,6 @@ def test_a_stale_frame_held_after_one_that_chains_does_not_cost_the_next() -> No
     assert (cursor.version, cursor.repairing, cursor.unrepaired) == (10, False, 0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cursor.py Cursor.reset: a VERIFY verdict during the replay is not handled; reset "
-    "returns with repairing set and nothing tells the caller to repair",
-)
 def test_a_reset_never_returns_still_repairing_without_saying_so() -> None:
     cursor = verified(5)
     assert cursor.offer(patch(8, 9)) is HOLD

@@ -284,32 +284,7 @@ async def test_a_repair_never_shares_the_first_load_or_the_cache() -> None:
     assert seen.loads == 2
 
 
-@pytest.mark.parametrize(
-    "single_flight",
-    [
-        pytest.param(
-            True,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="_responder.py SnapshotResponder._repair: the frames of one repair "
-                "(its snapshot, then the held patches) are sent with awaits in between, and "
-                "another app task's repair sends its snapshot (v10) among them: a held "
-                "patch (8->9 or 9->10) then reaches a client at 10",
-            ),
-        ),
-        pytest.param(
-            False,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="_responder.py SnapshotResponder._send_accepted -> _repair: each app "
-                "task that sends during a repair starts its own resync, and each cursor.reset "
-                "emits its snapshot even when older; without single-flight (or with a "
-                "flight_key of None) the slow first load finishes last and takes the client "
-                "back from 10 to 8",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("single_flight", [True, False])
 async def test_concurrent_sends_during_a_repair_never_take_the_client_back(
     single_flight: bool,
 ) -> None:
@@ -336,13 +311,11 @@ async def test_concurrent_sends_during_a_repair_never_take_the_client_back(
 
         async def second() -> None:
             await anyio.lowlevel.checkpoint()  # the first task is in its load by now
-            if single_flight:
-                # Nothing yields between here and this task's wait for the first load: that
-                # load ends after this task's own repair has joined the flight table.
-                first_load_may_end.set()
-                await send({"type": "websocket.send", "text": patch(9, 10)})
-            else:
-                await send({"type": "websocket.send", "text": patch(9, 10)})
+            async with anyio.create_task_group() as sending:
+                sending.start_soon(send, {"type": "websocket.send", "text": patch(9, 10)})
+                # This send is as far as it can get while the first repair loads (judged,
+                # or waiting its turn): only then may the slow first load end.
+                await anyio.wait_all_tasks_blocked()
                 first_load_may_end.set()
 
         async with anyio.create_task_group() as tg:

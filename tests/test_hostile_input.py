@@ -275,8 +275,8 @@ async def test_cancellation_at_every_await_point_leaves_nothing_behind() -> None
             await cancelled_connection(middleware, current)
         # One task per connection: nothing goes on past the cancellation.
         assert current.count == stop, f"went on past the cancel at step {stop}"
-        assert middleware._fetcher._snapshots.in_flight == 0
-        assert middleware._fetcher._versions.in_flight == 0
+        assert middleware.sync.fetcher._snapshots.in_flight == 0
+        assert middleware.sync.fetcher._versions.in_flight == 0
     # Nothing is stuck: no flight, no semaphore slot; a new connection gets its snapshot.
     current = Steps(None)
     sent: list[Message] = []

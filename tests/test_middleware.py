@@ -11,7 +11,13 @@ import pytest
 from conftest import SESSION, RecordingLoader, greeting_app
 from pydantic import BaseModel
 
-from asgi_session_sync import SessionContext, SessionSyncMiddleware, Snapshot
+from asgi_session_sync import (
+    SessionContext,
+    SessionSocket,
+    SessionSync,
+    SessionSyncMiddleware,
+    Snapshot,
+)
 from asgi_session_sync._types import Message, Receive, Scope, Send
 from asgi_session_sync.testing import WebSocketRejected, connect_websocket
 
@@ -50,11 +56,16 @@ async def test_frame_has_no_version_key_when_version_unknown() -> None:
         }
 
 
-async def test_timestamp_version_is_sent_as_iso_8601() -> None:
+async def test_a_timestamp_version_is_refused_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    # Protocol v3: a version is a whole number; a timestamp is the loader's to convert.
     when = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
-    loader = RecordingLoader(Snapshot(SESSION, version=when))
-    async with connect_websocket(wrap(loader=loader), "/ws/sessions/s1") as ws:
-        assert (await ws.receive_json())["version"] == "2026-01-02T03:04:05Z"
+    loader = RecordingLoader(Snapshot(SESSION, version=when))  # type: ignore[arg-type]
+    app = wrap(loader=loader)
+    with caplog.at_level(logging.ERROR, logger="asgi_session_sync"):
+        async with connect_websocket(app, "/ws/sessions/s1") as ws:
+            assert await ws.receive_text() == "hello"
+    assert app.stats.errors == 1
+    assert any("cannot serialise" in r.getMessage() for r in caplog.records)
 
 
 async def test_pydantic_session_is_serialised() -> None:
@@ -86,9 +97,10 @@ async def test_custom_session_id_param() -> None:
         assert (await ws.receive_json())["session_id"] == "abc"
 
 
-async def test_custom_event_type() -> None:
-    async with connect_websocket(wrap(event_type="snapshot"), "/ws/sessions/s1") as ws:
-        assert (await ws.receive_json())["type"] == "snapshot"
+def test_event_type_is_the_protocols_not_an_option() -> None:
+    # The wire format has one home (asgi_session_sync.protocol): the type is not configurable.
+    with pytest.raises(TypeError, match="event_type"):
+        wrap(event_type="snapshot")
 
 
 async def test_accept_is_forwarded_unchanged() -> None:
@@ -525,36 +537,27 @@ async def test_authenticate_failure_is_logged_and_app_goes_on(
 
 
 async def test_resync_loads_afresh_for_the_same_user() -> None:
-    from asgi_session_sync import get_resync
-
     versions = iter([1, 2])
 
     async def versioned(ctx: SessionContext) -> Snapshot:
         return Snapshot({"user": ctx.user}, version=next(versions))
 
+    sync = SessionSync(versioned)
     frames: list[str | None] = []
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         await receive()
-        await send({"type": "websocket.accept"})
-        resync = get_resync(scope)
-        assert resync is not None
-        frames.append(await resync())
+        socket = await sync.accept(scope, send, "s1", user="dave")
+        frame = await socket.resync()
+        frames.append(None if frame is None else frame.text)
         await receive()
 
-    async with connect_websocket(
-        wrap(app, loader=versioned), "/ws/sessions/s1", scope={"user": "dave"}
-    ) as ws:
+    async with connect_websocket(app, "/ws/sessions/s1") as ws:
         assert (await ws.receive_json())["version"] == 1
     assert frames == [
-        '{"type":"session_update","session_id":"s1","version":2,"owner":null,"session":{"user":"dave"}}'
+        '{"reset":true,"type":"session_update","session_id":"s1","version":2,"owner":null,'
+        '"session":{"user":"dave"}}'
     ]
-
-
-def test_get_resync_is_none_for_unserved_scope() -> None:
-    from asgi_session_sync import get_resync
-
-    assert get_resync({"type": "websocket", "path": "/other"}) is None
 
 
 async def test_app_reading_in_its_own_task_gets_messages_in_order() -> None:
@@ -600,7 +603,7 @@ async def test_loader_base_exception_propagates_unwrapped_and_frees_the_flight(
     with caplog.at_level(logging.ERROR, logger="asgi_session_sync"), pytest.raises(Fatal):
         async with connect_websocket(app, "/ws/sessions/s1"):
             pass
-    assert app._fetcher._snapshots.in_flight == 0
+    assert app.sync.fetcher._snapshots.in_flight == 0
     assert "loader raised Fatal, re-raised session_id=s1" in caplog.text
 
 
@@ -799,53 +802,57 @@ async def test_cancelled_queued_send_passes_its_turn_on() -> None:
     assert [m.get("text") for m in server.sent[2:]] == ["first", "last"]
 
 
-async def test_resync_during_the_first_load_authenticates_once() -> None:
-    from asgi_session_sync import get_resync
-
+async def test_accept_authenticates_once_and_its_resync_reuses_the_user() -> None:
     calls: list[str] = []
-    loading = anyio.Event()
 
     async def authenticate(scope: Scope) -> str:
         calls.append("authenticate")
-        loading.set()
-        await anyio.sleep(0.01)  # a one-time ticket checked against a remote service
         return "alice"
 
-    resynced: list[str | None] = []
+    loader = RecordingLoader(Snapshot(SESSION, version=1))
+    sync = SessionSync(loader, authenticate=authenticate)
+    sockets: list[SessionSocket] = []
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         await receive()
-        async with anyio.create_task_group() as tg:
+        socket = await sync.accept(scope, send, "s1")
+        sockets.append(socket)
+        assert await socket.resync() is not None
+        await receive()
 
-            async def resync() -> None:
-                await loading.wait()
-                resync = get_resync(scope)
-                assert resync is not None
-                resynced.append(await resync())
-
-            tg.start_soon(resync)
-            await send({"type": "websocket.accept"})
-
-    server = RecordingServer()
-    with anyio.fail_after(5):
-        await wrap(app, authenticate=authenticate)(server.scope(), server.receive, server.send)
+    async with connect_websocket(app, "/ws/sessions/s1") as ws:
+        assert (await ws.receive_json())["version"] == 1
     assert calls == ["authenticate"]
-    assert resynced[0] is not None
-    assert json.loads(resynced[0])["type"] == "session_update"
+    assert [ctx.user for ctx in loader.calls] == ["alice", "alice"]
+    assert sockets[0].user == "alice"
+    assert sockets[0].version == 1
 
 
-async def test_resync_after_the_connection_ended_sends_nothing() -> None:
-    from asgi_session_sync import get_resync
-
-    kept: list[Any] = []
-
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        await receive()
-        await send({"type": "websocket.accept"})
-        kept.append(get_resync(scope))
+async def test_accept_with_the_apps_user_never_calls_authenticate() -> None:
+    async def authenticate(scope: Scope) -> str:
+        raise AssertionError("the app already authenticated the user")
 
     loader = RecordingLoader()
-    server = RecordingServer()
-    await wrap(app, loader=loader)(server.scope(), server.receive, server.send)
-    assert await kept[0]() is None
-    assert len(loader.calls) == 1
+    sync = SessionSync(loader, authenticate=authenticate)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await sync.accept(scope, send, "s1", user="bob")
+        await receive()
+
+    async with connect_websocket(app, "/ws/sessions/s1") as ws:
+        assert (await ws.receive_json())["session"] == SESSION
+    assert [ctx.user for ctx in loader.calls] == ["bob"]
+
+
+async def test_accept_refuses_an_invalid_session_id_before_sending() -> None:
+    sync = SessionSync(RecordingLoader())
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    with pytest.raises(ValueError, match="invalid session id"):
+        await sync.accept({"type": "websocket", "path": "/", "query_string": b""}, send, "a.>")
+    assert sent == []
+    assert sync.stats.invalid_ids == 1

@@ -171,7 +171,7 @@ async def test_app_cancelled_during_the_load_frees_the_flight() -> None:
             connection.cancel()
     assert sent == []
     assert loader.cancelled == 1
-    assert app._fetcher._snapshots.in_flight == 0
+    assert app.sync.fetcher._snapshots.in_flight == 0
 
 
 async def test_fresh_load_never_shares_a_load_started_before_it_was_asked() -> None:
@@ -242,7 +242,7 @@ async def test_unnamed_users_get_no_cache_entries() -> None:
             await ws.receive_json()
     assert calls == 5
     assert app.stats.cache_hits == 0
-    assert app._fetcher._snapshots.in_flight == 0
+    assert app.sync.fetcher._snapshots.in_flight == 0
 
 
 async def test_different_users_never_share_a_load() -> None:

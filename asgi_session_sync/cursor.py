@@ -1,0 +1,196 @@
+"""The one ordering engine: given the state a client has and a frame, emit, drop, or hold.
+
+Every path that sends frames to a client decides through a :class:`Cursor`: the middleware
+while it watches the app's first frames after the snapshot, and the hub's streams for every
+live update. It does no I/O: the caller sends what it emits and, when told, repairs the
+client with a fresh snapshot from the database (a *resync*), which the cursor then takes as
+the truth with :meth:`Cursor.reset`.
+
+The rules, stated once (``docs/concepts.md`` has the same table): ``c`` is the version of
+the state the client has; it is *verified* when it came from the database (a snapshot) and
+*live* when it came from a live frame.
+
+=========================================  =====================================================
+frame                                      verdict
+=========================================  =====================================================
+not a session event (heartbeat, app's)     emit
+any session event while repairing          hold until the snapshot arrives
+``session_update`` without a version       emit (``c`` unchanged)
+``session_update`` v, ``c`` unknown or     emit, ``c = v``
+``v > c``
+``session_update`` v, ``v == c``           drop (a duplicate)
+``session_update`` v, ``v < c``            drop; if ``c`` is live, verify: repair
+``session_patch`` b→v, ``b == c``          emit, ``c = v``
+``session_patch`` b→v, ``v <= c``          drop; if ``c`` is live and ``v < c``, verify: repair
+``session_patch``, ``b > c`` (a patch in   hold, repair
+between was lost) or ``b < c < v``
+(overlaps)
+``session_patch``, ``c`` unknown           hold, repair
+``session_patch``, the snapshot had no     drop: it can never chain
+version
+``session_synced`` on a live path          drop: only the middleware sends it
+a snapshot (:meth:`Cursor.reset`)          emit always, even when older: ``c = v``,
+                                           verified; then the held frames by these rules
+                                           (one the snapshot does not reach, or an older
+                                           one, is dropped)
+=========================================  =====================================================
+
+"Verify" is what keeps one bad message from freezing a socket: a frame that moved ``c`` far
+ahead (a publisher's bug, a forged message) makes every later real update look stale, so the
+first such stale frame asks the database, whose snapshot replaces the bad state. A verified
+``c`` is never questioned again by stale frames, so duplicates right after a snapshot cost
+nothing.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+
+from .protocol import Frame, Kind, Version
+
+__all__ = ["Cursor", "Verdict"]
+
+
+class Verdict(enum.Enum):
+    """What to do with one frame."""
+
+    EMIT = "emit"
+    """Send it: the client can apply it."""
+    DROP = "drop"
+    """Do not send it: the client has it, or something newer, or it can never apply."""
+    HOLD = "hold"
+    """Kept by the cursor until the next snapshot: the caller must repair the client."""
+    VERIFY = "verify"
+    """Dropped as older than the client's live version: the caller must repair the client,
+    so the database says which is right."""
+
+
+class Cursor:
+    """The version of the state one client has, and the ordering rules above.
+
+    Args:
+        version: The client's version, when it is known at creation (the snapshot's).
+        known: Whether the client's state is known: ``True`` after a snapshot, even one
+            without a version. An unknown state makes every patch wait for a repair.
+        max_held_bytes: Bytes of frames held during a repair, at most (``Frame.size``);
+            past it the held frames are dropped (counted in :attr:`unrepaired`): the repair's
+            snapshot covers what was published before it loaded, and a later patch that does
+            not chain asks for another.
+    """
+
+    __slots__ = (
+        "_held",
+        "_known",
+        "_verified",
+        "held_bytes",
+        "max_held_bytes",
+        "repairing",
+        "unrepaired",
+        "version",
+    )
+
+    def __init__(
+        self, version: Version | None = None, *, known: bool = False, max_held_bytes: int
+    ) -> None:
+        self.version = version
+        """The version of the state the client has; ``None`` when unknown or unversioned."""
+        self._known = known or version is not None
+        self._verified = self._known
+        self.repairing = False
+        """Whether a repair was asked for and its snapshot has not arrived."""
+        self._held: deque[Frame] = deque()
+        self.held_bytes = 0
+        """Bytes of the frames held for the repair."""
+        self.max_held_bytes = max_held_bytes
+        self.unrepaired = 0
+        """Held frames dropped without being sent: the buffer overflowed or repair gave up."""
+
+    def offer(self, frame: Frame) -> Verdict:
+        """Judge a live ``frame``; an emitted frame moves the client's version."""
+        kind = frame.kind
+        if kind is Kind.OTHER:
+            return Verdict.EMIT
+        if self.repairing:
+            return self._hold(frame)
+        if kind is Kind.SYNCED:
+            return Verdict.DROP
+        version, current = frame.version, self.version
+        if kind is Kind.UPDATE:
+            if version is None:
+                return Verdict.EMIT
+            if current is None or version > current:
+                return self._emit(version)
+            return self._stale(version)
+        # A patch.
+        if current is None:
+            return Verdict.DROP if self._known else self._repair(frame)
+        assert version is not None  # parse_frame refuses a patch without one
+        if frame.base_version == current:
+            return self._emit(version)
+        if version <= current:
+            return self._stale(version)
+        return self._repair(frame)  # ahead, or overlapping the client's version
+
+    def reset(self, snapshot: Frame) -> list[Frame]:
+        """Take a snapshot from the database as the client's state; return what to send.
+
+        The snapshot comes first, whatever its version; then the held frames, judged again
+        against it (those it already covers are dropped, a gap asks for another repair).
+        """
+        self.version = snapshot.version
+        self._known = self._verified = True
+        self.repairing = False
+        emitted = [snapshot]
+        held, self._held, self.held_bytes = self._held, deque(), 0
+        for frame in held:
+            verdict = self.offer(frame)
+            if verdict is Verdict.EMIT:
+                emitted.append(frame)
+            elif verdict is Verdict.VERIFY:
+                # Older than a frame replayed before it, and the snapshot was just read: the
+                # database has spoken, so it is only stale.
+                self.repairing = False
+            elif verdict is Verdict.HOLD:
+                # The snapshot does not reach it: the loader is behind the publisher. Dropped
+                # rather than reloaded for: the next live patch that does not chain asks again.
+                self.unrepaired += len(self._held)
+                self._held.clear()
+                self.held_bytes = 0
+                self.repairing = False
+        return emitted
+
+    def give_up(self) -> int:
+        """Drop the held frames (the repair failed for good) and return how many."""
+        dropped = len(self._held)
+        self.unrepaired += dropped
+        self._held.clear()
+        self.held_bytes = 0
+        self.repairing = False
+        return dropped
+
+    def _emit(self, version: Version) -> Verdict:
+        self.version = version
+        self._known = True
+        self._verified = False
+        return Verdict.EMIT
+
+    def _stale(self, version: Version) -> Verdict:
+        if self._verified or version == self.version:
+            return Verdict.DROP
+        self.repairing = True
+        return Verdict.VERIFY
+
+    def _repair(self, frame: Frame) -> Verdict:
+        self.repairing = True
+        return self._hold(frame)
+
+    def _hold(self, frame: Frame) -> Verdict:
+        if self.held_bytes + frame.size > self.max_held_bytes:
+            self.unrepaired += len(self._held) + 1
+            self._held.clear()
+            self.held_bytes = 0
+            return Verdict.HOLD
+        self._held.append(frame)
+        self.held_bytes += frame.size
+        return Verdict.HOLD

@@ -1,0 +1,500 @@
+"""Fan-out per process: one broker subscription per session, each message parsed once.
+
+A :class:`Hub` sits between a broker (a :class:`Backend`: NATS is one) and the WebSockets of
+one process. The first socket that watches a session subscribes to the session's subject; the
+others share that subscription. Each message is parsed once, checked against the session it
+arrived for, and offered to every watching socket's :class:`SessionStream`, whose queue is
+bounded in bytes. A socket judges each frame with its own :class:`~asgi_session_sync.cursor.Cursor`
+and repairs itself with a fresh snapshot (a resync) when the cursor says so.
+
+**Slow consumers.** A stream whose queued and held frames would pass ``max_socket_bytes``, or
+the process's streams together ``max_process_bytes``, stops buffering: its queue is emptied,
+the event is counted (``slow_consumers``), and the socket is resynced when it reads again. A
+resync's snapshot supersedes every frame it dropped, so nothing is lost, and a socket that
+stops reading costs at most its bound.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, Protocol
+
+import anyio
+
+from .cursor import Cursor, Verdict
+from .protocol import HEARTBEAT, Frame, Kind, parse_frame
+from .stats import BridgeStats
+
+if TYPE_CHECKING:
+    from .sync import SessionSocket
+
+__all__ = ["RESYNC_RETRY_DELAYS", "Backend", "Hub", "Resync", "SessionStream"]
+
+logger = logging.getLogger("asgi_session_sync")
+
+RESYNC_RETRY_DELAYS: tuple[float, ...] = (0.25, 1.0, 4.0)
+"""Seconds to wait before each retry of a failed resync: four attempts in about 5 s."""
+
+# Bounds on clean-up work that must finish even when the caller is cancelled.
+_UNSUBSCRIBE_TIMEOUT = 2.0
+
+Resync = Callable[[], Awaitable["Frame | str | None"]]
+"""Loads a fresh snapshot of the socket's session: its frame (parsed, or JSON text), or
+``None`` when there is nothing to send. :meth:`SessionSocket.resync` is one."""
+
+Unsubscribe = Callable[[], Awaitable[None]]
+
+
+class Backend(Protocol):
+    """What a hub needs of a broker: one subscription per session subject."""
+
+    async def subscribe_subject(
+        self, session_id: str, deliver: Callable[[bytes], None]
+    ) -> Unsubscribe:
+        """Subscribe to the session's subject; return once the broker has the subscription.
+
+        ``deliver`` is called with each message's payload, in order, and must not block.
+        Returns the coroutine function that unsubscribes.
+        """
+        ...
+
+
+class _Channel:
+    """The sockets of one process that watch one session, and their shared subscription."""
+
+    __slots__ = ("failed", "ready", "streams", "unsubscribe")
+
+    def __init__(self) -> None:
+        self.streams: set[SessionStream] = set()
+        self.ready = anyio.Event()
+        self.failed = False
+        self.unsubscribe: Unsubscribe | None = None
+
+
+class Hub:
+    """Fans the updates of each session out to the process's sockets that watch it.
+
+    Args:
+        backend: The broker.
+        stats: Where to count what happened.
+        max_socket_bytes: Bytes each socket may have queued and held, at most.
+        max_process_bytes: Bytes every socket of this hub may have queued, together.
+        max_concurrent_resyncs: Resyncs that may load at once; the rest wait their turn.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        stats: BridgeStats,
+        max_socket_bytes: int,
+        max_process_bytes: int,
+        max_concurrent_resyncs: int,
+    ) -> None:
+        self.backend = backend
+        self.stats = stats
+        self.max_socket_bytes = max_socket_bytes
+        self.max_process_bytes = max_process_bytes
+        self.queued_bytes = 0
+        """Bytes queued in every stream of this hub."""
+        self.resync_limiter = anyio.CapacityLimiter(max_concurrent_resyncs)
+        self._channels: dict[str, _Channel] = {}
+
+    @asynccontextmanager
+    async def subscribe(self, session_id: str) -> AsyncIterator[SessionStream]:
+        """Watch ``session_id`` until the block ends; the broker has the subscription on entry."""
+        channel = await self._join(session_id)
+        stream = SessionStream(self, session_id)
+        channel.streams.add(stream)
+        self.stats.incr("subscriptions")
+        try:
+            yield stream
+        finally:
+            stream.end()
+            stream.discard()
+            channel.streams.discard(stream)
+            if not channel.streams and self._channels.get(session_id) is channel:
+                del self._channels[session_id]
+                if channel.unsubscribe is not None:
+                    # Shielded and bounded: the broker must hear it even when this task is
+                    # being cancelled, or it keeps sending the session's updates here.
+                    with anyio.move_on_after(_UNSUBSCRIBE_TIMEOUT, shield=True):
+                        await channel.unsubscribe()
+
+    async def _join(self, session_id: str) -> _Channel:
+        while True:
+            channel = self._channels.get(session_id)
+            if channel is None:
+                channel = self._channels[session_id] = _Channel()
+                try:
+                    channel.unsubscribe = await self.backend.subscribe_subject(
+                        session_id, lambda data: self.deliver(session_id, data)
+                    )
+                except BaseException:
+                    channel.failed = True
+                    if self._channels.get(session_id) is channel:
+                        del self._channels[session_id]
+                    raise
+                finally:
+                    channel.ready.set()
+                return channel
+            await channel.ready.wait()
+            if not channel.failed:
+                return channel
+
+    def deliver(self, session_id: str, data: bytes) -> None:
+        """Parse one message of ``session_id``'s subject once and offer it to its streams."""
+        channel = self._channels.get(session_id)
+        if channel is None or not channel.streams:
+            return
+        self.stats.incr("frames_parsed")
+        try:
+            parsed = parse_frame(data.decode(), size=len(data))
+        except UnicodeDecodeError:
+            parsed = "not UTF-8"
+        if isinstance(parsed, str):
+            self.stats.incr("invalid_messages")
+            logger.warning(
+                "dropped an invalid message reason=%s session_id=%s bytes=%d",
+                parsed,
+                session_id,
+                len(data),
+            )
+            return
+        problem = _misdirected(parsed, session_id)
+        if problem is not None:
+            self.refuse(session_id, problem)
+            return
+        for stream in channel.streams:
+            stream.offer(parsed)
+
+    def refuse(self, session_id: str, problem: str) -> None:
+        """Count and log a frame that must reach no socket of ``session_id``."""
+        self.stats.incr("refused_frames")
+        logger.warning("refused a frame session_id=%s reason=%s", session_id, problem)
+
+    def resync_all(self, reason: str) -> None:
+        """Resync every socket (the broker may have lost messages: a reconnect)."""
+        for channel in list(self._channels.values()):
+            for stream in channel.streams:
+                stream.request_resync(reason)
+
+    def resync(self, session_id: str, reason: str) -> None:
+        """Resync the sockets of one session (the broker dropped some of its messages)."""
+        channel = self._channels.get(session_id)
+        for stream in () if channel is None else channel.streams:
+            stream.request_resync(reason)
+
+    def end_all(self) -> None:
+        """End every stream's iteration once its buffer is read (the broker is gone)."""
+        for channel in list(self._channels.values()):
+            for stream in channel.streams:
+                stream.end()
+
+    @property
+    def sessions(self) -> int:
+        """Sessions with a broker subscription in this process."""
+        return len(self._channels)
+
+
+def _misdirected(frame: Frame, session_id: str) -> str | None:
+    """Why a frame on ``session_id``'s subject must not reach its sockets, or ``None``."""
+    if frame.session_id is not None and frame.session_id != session_id:
+        return "it names another session"
+    if frame.kind is Kind.OTHER:
+        return None
+    if frame.session_id is None:
+        return "a session event that names no session"
+    if frame.reset:
+        return "reset is sent only with a snapshot from the loader"
+    if frame.kind is Kind.SYNCED:
+        return "session_synced is sent only by the middleware"
+    return None
+
+
+class SessionStream:
+    """The frames bound for one socket: queued in bytes, judged by its cursor, repaired.
+
+    Made by :meth:`Hub.subscribe` (through :meth:`asgi_session_sync.nats.NatsBridge.subscribe`).
+    Iterate it for the JSON text of each frame to send, or hand the whole loop to
+    :meth:`forward`. Until :meth:`attach` (which :meth:`forward` calls) tells it the socket's
+    state, frames wait in its queue; a patch judged while the socket's state is unknown asks
+    for a resync.
+    """
+
+    def __init__(self, hub: Hub, session_id: str) -> None:
+        self.hub = hub
+        self.session_id = session_id
+        self.stats = hub.stats
+        self.cursor = Cursor(max_held_bytes=hub.max_socket_bytes)
+        """Judges every frame against the state the socket has."""
+        self.owner: str | None = None
+        """The session's owner, when the snapshot named one: frames naming another are refused."""
+        self._resync: Resync | None = None
+        self._queue: deque[Frame] = deque()
+        self._queued_bytes = 0
+        self._wakeup = anyio.Event()
+        self._resync_reason: str | None = None
+        self._ready: deque[str] = deque()
+        self._ended = False
+
+    # The socket's state.
+
+    def attach(self, socket: SessionSocket) -> None:
+        """Follow ``socket``: its snapshot's version and owner, and its resync."""
+        self.cursor = Cursor(
+            socket.version, known=socket.known, max_held_bytes=self.hub.max_socket_bytes
+        )
+        self.owner = socket.owner
+        self._resync = socket.resync
+
+    @property
+    def version(self) -> int | None:
+        """The version of the state the socket has, as far as the stream knows."""
+        return self.cursor.version
+
+    @version.setter
+    def version(self, version: int | None) -> None:
+        # Set by an app that sent its own snapshot: that state is the database's.
+        self.cursor = Cursor(version, known=True, max_held_bytes=self.hub.max_socket_bytes)
+
+    def set_resync(self, resync: Resync | None) -> None:
+        """Load snapshots with ``resync`` when the socket must be repaired."""
+        self._resync = resync
+
+    # Producing (the hub, synchronously, in the broker's task).
+
+    def offer(self, frame: Frame) -> None:
+        """Queue ``frame`` unless it is refused or the byte bounds say the socket is too slow."""
+        if self._ended:
+            return
+        if self.owner is not None and frame.owner is not None and frame.owner != self.owner:
+            self.hub.refuse(self.session_id, "it names another owner")
+            return
+        hub = self.hub
+        size = frame.size
+        over_socket = self._queued_bytes + self.cursor.held_bytes + size > hub.max_socket_bytes
+        if over_socket or hub.queued_bytes + size > hub.max_process_bytes:
+            if self._resync_reason != "slow consumer":
+                self.stats.incr("slow_consumers")
+                logger.warning(
+                    "slow consumer: dropped %d queued bytes, resyncing session_id=%s",
+                    self._queued_bytes,
+                    self.session_id,
+                )
+            self.discard()
+            self.request_resync("slow consumer")
+            return
+        self._queue.append(frame)
+        self._queued_bytes += size
+        hub.queued_bytes += size
+        self._wakeup.set()
+
+    def request_resync(self, reason: str) -> None:
+        """Repair the socket with a fresh snapshot before the next frame it is sent."""
+        self._resync_reason = reason
+        self._wakeup.set()
+
+    def discard(self) -> None:
+        """Drop every queued frame."""
+        self.hub.queued_bytes -= self._queued_bytes
+        self._queued_bytes = 0
+        self._queue.clear()
+
+    def end(self) -> None:
+        """End the iteration once the queued frames are read."""
+        self._ended = True
+        self._wakeup.set()
+
+    # Consuming (the socket's task).
+
+    def __aiter__(self) -> SessionStream:
+        """Iterate over the JSON texts to send."""
+        return self
+
+    async def __anext__(self) -> str:
+        """Return the next frame to send: a snapshot, a newer update or a chained patch."""
+        while not self._ready:
+            if self._resync_reason is not None:
+                await self._repair()
+                continue
+            if self._queue:
+                frame = self._queue.popleft()
+                self._queued_bytes -= frame.size
+                self.hub.queued_bytes -= frame.size
+                self._judge(frame)
+                continue
+            if self._ended:
+                raise StopAsyncIteration
+            await self._wakeup.wait()
+            self._wakeup = anyio.Event()
+        return self._ready.popleft()
+
+    def _judge(self, frame: Frame) -> None:
+        verdict = self.cursor.offer(frame)
+        if verdict is Verdict.EMIT:
+            self._ready.append(frame.text)
+            self.stats.incr(
+                "patches_forwarded" if frame.kind is Kind.PATCH else "updates_forwarded"
+            )
+        elif verdict is Verdict.DROP:
+            self.stats.incr("stale_dropped")
+        elif verdict is Verdict.VERIFY:
+            self.stats.incr("stale_dropped")
+            self.request_resync(f"a frame older than the live version {self.cursor.version}")
+        else:
+            self.stats.incr("gaps")
+            if self._resync_reason is None:
+                self.request_resync(
+                    f"a patch that does not chain base_version={frame.base_version} "
+                    f"socket_version={self.cursor.version}"
+                )
+
+    async def _repair(self) -> None:
+        reason, self._resync_reason = self._resync_reason, None
+        if self._resync is None:
+            dropped = self.cursor.give_up()
+            self.stats.incr("patches_unrepaired", dropped)
+            logger.warning(
+                "updates may have been missed and there is no resync session_id=%s reason=%s",
+                self.session_id,
+                reason,
+            )
+            return
+        logger.info("resyncing session_id=%s reason=%s", self.session_id, reason)
+        snapshot = await self._load()
+        for delay in RESYNC_RETRY_DELAYS:
+            if snapshot is not None:
+                break
+            await anyio.sleep(delay)
+            snapshot = await self._load()
+        if snapshot is None:
+            dropped = self.cursor.give_up()
+            self.stats.incr("patches_unrepaired", dropped)
+            if reason == "slow consumer" or dropped:
+                logger.error(
+                    "the socket could not be repaired: every resync failed; ending the stream "
+                    "so the client reconnects session_id=%s",
+                    self.session_id,
+                )
+                self.end()
+                self.discard()
+            return
+        if snapshot.owner is not None:
+            self.owner = snapshot.owner
+        unrepaired = self.cursor.unrepaired
+        emitted = self.cursor.reset(snapshot)
+        self.stats.incr("patches_unrepaired", self.cursor.unrepaired - unrepaired)
+        self.stats.incr("snapshots_forwarded")
+        for frame in emitted:
+            self._ready.append(frame.text)
+        if len(emitted) > 1:
+            self.stats.incr("patches_forwarded", len(emitted) - 1)
+
+    async def _load(self) -> Frame | None:
+        assert self._resync is not None
+        self.stats.incr("resyncs")
+        try:
+            async with self.hub.resync_limiter:
+                result = await self._resync()
+        except Exception:
+            logger.exception("resync failed session_id=%s", self.session_id)
+            result = None
+        if isinstance(result, str):
+            result = parse_frame(result)
+            if isinstance(result, str) or result.kind is not Kind.UPDATE:
+                logger.error(
+                    "resync returned text that is not a snapshot session_id=%s", self.session_id
+                )
+                result = None
+        if result is None:
+            self.stats.incr("resync_failures")
+        return result
+
+    async def forward(
+        self,
+        socket: SessionSocket,
+        receive: Callable[[], Awaitable[Mapping[str, Any]]],
+        *,
+        on_message: Callable[[Mapping[str, Any]], Awaitable[object]] | None = None,
+        heartbeat: float | None = None,
+    ) -> None:
+        """Send every frame to ``socket`` until the client disconnects.
+
+        The loop every WebSocket handler needs: one task sends the frames, this one reads the
+        socket, since reading is how an app learns that the client left. Client messages go to
+        ``on_message`` (or are dropped). Returns on ``websocket.disconnect``, or when the
+        stream ends (the bridge closed, or a repair failed for good: the client then
+        reconnects). An exception from the socket's send (the client left mid-send: the
+        framework's disconnect error) propagates as it is.
+
+        Args:
+            socket: The socket :meth:`asgi_session_sync.SessionSync.accept` returned.
+            receive: The raw ASGI receive of the socket: ``websocket.receive`` (Starlette,
+                FastAPI), ``socket.receive`` (Litestar).
+            on_message: Called with each ``websocket.receive`` message the client sends.
+            heartbeat: Seconds of quiet after which a ``{"type": "heartbeat"}`` frame is sent,
+                so the client receives something at least this often and can tell a dead
+                socket from a quiet session. ``None`` (the default) sends none.
+
+        Raises:
+            ValueError: ``heartbeat`` is not a positive number.
+        """
+        if heartbeat is not None and not heartbeat > 0:
+            raise ValueError(f"heartbeat must be positive seconds or None: got {heartbeat!r}")
+        self.attach(socket)
+        failure: Exception | None = None
+        lock = anyio.Lock()
+        last_sent = anyio.current_time()
+
+        async def send(text: str) -> None:
+            nonlocal last_sent
+            # One sender at a time: a heartbeat never interleaves with a frame being sent.
+            async with lock:
+                await socket.send_text(text)
+                last_sent = anyio.current_time()
+
+        async with anyio.create_task_group() as tg:
+
+            async def sending(produce: Callable[[], Awaitable[None]]) -> None:
+                nonlocal failure
+                try:
+                    await produce()
+                except Exception as exc:  # re-raised below, outside the task group
+                    failure = exc
+                tg.cancel_scope.cancel()  # failed, or the stream ended: nothing more to send
+
+            async def send_frames() -> None:
+                async for text in self:
+                    await send(text)
+
+            async def send_heartbeats() -> None:
+                assert heartbeat is not None
+                nonlocal last_sent
+                while True:
+                    wait = last_sent + heartbeat - anyio.current_time()
+                    if wait > 0:
+                        await anyio.sleep(wait)
+                        continue
+                    async with lock:
+                        # Re-checked under the lock: a frame sent meanwhile resets the quiet.
+                        if anyio.current_time() >= last_sent + heartbeat:
+                            await socket.send_text(HEARTBEAT)
+                            last_sent = anyio.current_time()
+                            self.stats.incr("heartbeats")
+
+            tg.start_soon(sending, send_frames)
+            if heartbeat is not None:
+                tg.start_soon(sending, send_heartbeats)
+            while True:
+                message = await receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                if on_message is not None and message["type"] == "websocket.receive":
+                    await on_message(message)
+            tg.cancel_scope.cancel()
+        if failure is not None:
+            raise failure

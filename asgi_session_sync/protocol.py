@@ -1,0 +1,366 @@
+"""The wire protocol: the events a client receives, their versions, and how a frame is read.
+
+Every reader and writer of frames uses this module: the middleware's snapshot, the ordering
+cursor (:mod:`asgi_session_sync.cursor`), the hub that fans out live updates, and, mirrored
+from the shared test vectors in ``tests/vectors/``, the browser client. The rules that order
+frames are stated once, in ``docs/concepts.md``.
+
+**Events.** Text frames holding one JSON object (RFC 8259) with a ``type``::
+
+    {"type": "session_update", "session_id": "a1", "owner": "alice", "session": {...},
+     "version": 7, "reset": true}
+    {"type": "session_patch", "session_id": "a1", "base_version": 7, "version": 8,
+     "patch": [{"op": "replace", "path": "/title", "value": "Hi"}]}
+    {"type": "session_synced", "session_id": "a1", "version": 8}
+    {"type": "heartbeat"}
+
+A connection's first ``session_update`` is the database's truth: the client replaces what
+it had with it. ``reset`` marks the same truth later on a live socket (a resync): it replaces
+whatever the client had, even at a lower version. Only the server sends it; a live frame that
+carries it is refused.
+
+**Versions.** A version is a JSON number whose value is a whole number from 0 to
+:data:`MAX_VERSION` (``2**53 - 1``, the largest integer JavaScript represents exactly), such
+as a per-session counter or a row version. ``7``, ``7.0`` and ``7e0`` are the same version,
+as they are to ``JSON.parse``. Anything else is not a version: strings (even of digits),
+booleans, negative numbers, fractions, numbers beyond :data:`MAX_VERSION`. Timestamps are the
+loader's business: the SQLAlchemy loader turns a timestamp column into microseconds since the
+Unix epoch, which fit until the year 2255.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import jsonpatch
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic_core import from_json, to_jsonable_python
+
+__all__ = [
+    "HEARTBEAT",
+    "MAX_VERSION",
+    "Frame",
+    "Kind",
+    "SessionPatch",
+    "SessionSynced",
+    "SessionUpdate",
+    "Version",
+    "as_version",
+    "make_patch",
+    "parse_frame",
+    "patch_problem",
+    "version_from_text",
+]
+
+Version = int
+"""A session version: a whole number from 0 to :data:`MAX_VERSION`."""
+
+MAX_VERSION = 2**53 - 1
+"""The largest version, ``2**53 - 1``: the largest integer a JSON number carries exactly to
+JavaScript (``Number.MAX_SAFE_INTEGER``)."""
+
+HEARTBEAT = '{"type":"heartbeat"}'
+"""The heartbeat frame, for clients that tell a dead socket from a quiet session."""
+
+
+def as_version(value: object) -> Version | None:
+    """Return ``value`` as a version, or ``None`` when it is not one.
+
+    ``value`` is a decoded JSON value: an ``int``, or a ``float`` with a whole value (``7.0``
+    is ``7``), from 0 to :data:`MAX_VERSION`. ``bool`` and ``str`` are never versions.
+    """
+    if type(value) is int:
+        return value if 0 <= value <= MAX_VERSION else None
+    if type(value) is float and value.is_integer() and 0 <= value <= MAX_VERSION:
+        return int(value)
+    return None
+
+
+def _check_version(value: object) -> Version:
+    version = as_version(value)
+    if version is None:
+        raise ValueError(
+            f"a version is a whole number from 0 to {MAX_VERSION} (2**53 - 1): got {value!r}"
+        )
+    return version
+
+
+# --------------------------------------------------------------------------------------------
+# Writing: the events as pydantic models
+# --------------------------------------------------------------------------------------------
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    type: str
+    session_id: str
+    version: Version | None = None
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version(cls, value: object) -> Version | None:
+        return None if value is None else _check_version(value)
+
+    _optional: ClassVar[tuple[str, ...]] = ("version", "reset")
+
+    def to_json(self) -> bytes:
+        """Serialise to UTF-8 JSON bytes, leaving out the optional members that are unset.
+
+        ``version`` and ``reset`` when ``None``, and a patch's ``owner``; a full state always
+        carries ``owner`` (``null`` when the loader did not say).
+        """
+        exclude = {name for name in self._optional if getattr(self, name, None) is None}
+        return self.model_dump_json(exclude=exclude).encode()
+
+
+class SessionUpdate(_Event):
+    """The full current state of one session.
+
+    Sent by the middleware as a connection's first frame, again with ``reset=True`` to
+    resync a live socket, and by publishers for live updates. ``session`` is whatever the
+    loader returned (a mapping or a pydantic model), serialised as JSON; ``owner`` is ``None``
+    when the loader did not say.
+
+    Raises:
+        pydantic.ValidationError: ``version`` is not a version (see :func:`as_version`).
+    """
+
+    type: Literal["session_update"] = "session_update"
+    owner: str | None = None
+    session: Any
+    reset: Literal[True] | None = None
+    """``True`` on a snapshot loaded from the database: the client replaces its state."""
+
+
+class SessionSynced(_Event):
+    """Tells a resuming client that the version it already has is current.
+
+    Sent instead of a :class:`SessionUpdate` when the client's ``since`` equals the current
+    version and the middleware is configured to say so, so a client can tell "up to date"
+    from "nothing sent".
+    """
+
+    type: Literal["session_synced"] = "session_synced"
+
+
+class SessionPatch(_Event):
+    """A change to one session: an RFC 6902 JSON Patch from ``base_version`` to ``version``.
+
+    ```json
+    {"type": "session_patch", "session_id": "s1", "base_version": 7, "version": 8,
+     "patch": [{"op": "replace", "path": "/interactions/3/response", "value": "Hel"}]}
+    ```
+
+    Applying ``patch`` (RFC 6902 operations, whose paths are RFC 6901 JSON Pointers) to the
+    session's JSON state at ``base_version`` gives its state at ``version``. A client applies
+    a patch only when ``base_version`` is the version it has (``docs/concepts.md`` has the
+    whole table). Build ``patch`` with :func:`make_patch` when you have both states.
+
+    Raises:
+        pydantic.ValidationError: ``patch`` is not a list of RFC 6902 operations (each an
+            object with a known ``op``, a JSON Pointer ``path`` and the member its ``op``
+            needs), a version is missing or not a version, or ``version`` is not greater
+            than ``base_version``.
+    """
+
+    type: Literal["session_patch"] = "session_patch"
+    owner: str | None = None
+    base_version: Version
+    version: Version
+    patch: list[dict[str, Any]]
+
+    @field_validator("base_version", mode="before")
+    @classmethod
+    def _base_version(cls, value: object) -> Version:
+        return _check_version(value)
+
+    _optional: ClassVar[tuple[str, ...]] = ("version", "reset", "owner")
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _patch_version(cls, value: object) -> Version:
+        return _check_version(value)
+
+    @model_validator(mode="after")
+    def _forward(self) -> SessionPatch:
+        # After both are read: the base class declares version before base_version.
+        assert self.version is not None
+        if self.version <= self.base_version:
+            raise ValueError(
+                f"version must be greater than base_version={self.base_version}: got {self.version}"
+            )
+        return self
+
+    @field_validator("patch")
+    @classmethod
+    def _check_patch(cls, patch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        problem = patch_problem(patch)
+        if problem is not None:
+            raise ValueError(problem)
+        return patch
+
+
+_OPERAND = {"add": "value", "replace": "value", "test": "value", "move": "from", "copy": "from"}
+
+
+def patch_problem(patch: object) -> str | None:
+    """Why ``patch`` is not a list of RFC 6902 operations every client can apply, or ``None``."""
+    if not isinstance(patch, list):
+        return "the patch is not a list of operations"
+    try:
+        jsonpatch.JsonPatch(patch)
+    except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException, TypeError) as exc:
+        return f"not an RFC 6902 patch: {exc}"
+    # jsonpatch checks op and path here, the rest only when applying: check what every client
+    # needs (RFC 6902 section 4) before the patch is sent to them all.
+    for index, operation in enumerate(patch):
+        member = _OPERAND.get(operation["op"])
+        if member == "value" and "value" not in operation:
+            return f"operation {index} ({operation['op']}) has no 'value'"
+        if member == "from" and not _is_pointer(operation.get("from")):
+            return f"operation {index} ({operation['op']}) has no JSON Pointer 'from'"
+    try:
+        json.dumps(patch, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        return f"the patch is not JSON (RFC 8259): {exc}"
+    return None
+
+
+def _is_pointer(value: object) -> bool:
+    """Whether ``value`` is an RFC 6901 JSON Pointer: ``""`` or a string starting with ``/``."""
+    return isinstance(value, str) and (value == "" or value.startswith("/"))
+
+
+def make_patch(old: Any, new: Any) -> list[dict[str, Any]]:
+    """Return the RFC 6902 operations that turn the state ``old`` into ``new``.
+
+    For publishers that hold both states. Both are first turned into the JSON a client
+    receives (pydantic models, datetimes and the like as pydantic serialises them), so the
+    patch applies to exactly what the client has. Computed by ``jsonpatch.make_patch``
+    (python-json-patch): an empty list when nothing changed.
+
+    ```python
+    patch = make_patch(before, after)
+    await bridge.publish_patch("s1", patch, base_version=7, version=8)
+    ```
+
+    Raises:
+        pydantic_core.PydanticSerializationError: A state holds a value JSON cannot carry.
+    """
+    operations: list[dict[str, Any]] = jsonpatch.make_patch(
+        to_jsonable_python(old), to_jsonable_python(new)
+    ).patch
+    return operations
+
+
+# --------------------------------------------------------------------------------------------
+# Reading: a frame parsed once
+# --------------------------------------------------------------------------------------------
+
+
+class Kind(enum.Enum):
+    """What a frame is, for ordering."""
+
+    UPDATE = "session_update"
+    """A full state: applies when newer than what the client has (or always, with reset)."""
+    PATCH = "session_patch"
+    """A delta from ``base_version`` to ``version``: applies only at ``base_version``."""
+    SYNCED = "session_synced"
+    """The client's version is current."""
+    OTHER = "other"
+    """Anything else (heartbeats, the app's own events): never ordered, always passes."""
+
+
+_KINDS = {kind.value: kind for kind in Kind}
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One text frame, parsed once: what ordering and routing need, and the text to send.
+
+    Attributes:
+        text: The JSON text sent to clients, unchanged.
+        kind: What the frame is.
+        session_id: Its ``session_id`` member, if a string.
+        owner: Its ``owner`` member, if a string.
+        version: Its version; ``None`` when it has none.
+        base_version: A patch's base version; ``None`` for other kinds.
+        reset: Whether it is a snapshot that replaces the client's state.
+        size: Bytes of its UTF-8 JSON: what byte bounds on queues count.
+    """
+
+    text: str
+    kind: Kind
+    session_id: str | None = None
+    owner: str | None = None
+    version: Version | None = None
+    base_version: Version | None = None
+    reset: bool = False
+    size: int = 0
+
+
+def parse_frame(text: str, *, size: int | None = None) -> Frame | str:
+    """Parse ``text`` into a :class:`Frame`, or return why it is not a valid frame.
+
+    A frame is a JSON object. A ``session_update`` or ``session_synced`` must have a version
+    or none (``session_synced`` must have one); a ``session_patch`` must have a
+    ``base_version``, a greater ``version`` and a list of operations. Other types pass as
+    :attr:`Kind.OTHER`. ``size`` is the frame's size in bytes of UTF-8, when the caller has
+    it (a broker message's length); otherwise it is computed.
+    """
+    try:
+        event = from_json(text, cache_strings=False)
+    except ValueError:
+        return "not JSON"
+    if not isinstance(event, dict):
+        return "not a JSON object"
+    if size is None:
+        size = len(text) if text.isascii() else len(text.encode())
+    event_type = event.get("type")
+    kind = _KINDS.get(event_type, Kind.OTHER) if isinstance(event_type, str) else Kind.OTHER
+    if kind is Kind.OTHER:
+        return Frame(text, kind, size=size)
+    session_id, owner = event.get("session_id"), event.get("owner")
+    raw_version = event.get("version")
+    version = as_version(raw_version)
+    if raw_version is not None and version is None:
+        return "its version is not a whole number from 0 to 2**53 - 1"
+    base_version = None
+    if kind is Kind.PATCH:
+        base_version = as_version(event.get("base_version"))
+        if base_version is None or version is None:
+            return "a patch without a base_version and a version"
+        if version <= base_version:
+            return "a patch whose version is not greater than its base_version"
+        if not isinstance(event.get("patch"), list):
+            return "a patch whose operations are not a list"
+    elif kind is Kind.SYNCED and version is None:
+        return "a session_synced without a version"
+    return Frame(
+        text,
+        kind,
+        session_id if isinstance(session_id, str) else None,
+        owner if isinstance(owner, str) else None,
+        version,
+        base_version,
+        event.get("reset") is True,
+        size,
+    )
+
+
+_DIGITS = frozenset("0123456789")
+
+
+def version_from_text(text: str) -> Version | None:
+    """Parse a version written in decimal digits (a ``since`` query parameter), or ``None``.
+
+    At most 16 digits, no sign, no spaces: ``"7"`` is 7, ``"007"`` is 7; anything else, and
+    numbers beyond :data:`MAX_VERSION`, are not versions.
+    """
+    if not 0 < len(text) <= 16 or not _DIGITS.issuperset(text):
+        return None
+    return as_version(int(text))

@@ -1,0 +1,305 @@
+"""The snapshot service, and the handle an app gets for one WebSocket it accepted through it.
+
+:class:`SessionSync` loads, shares, encodes and reports snapshots. The middleware uses one
+(it builds one from its keyword arguments, or takes yours); an app that streams live updates
+itself calls :meth:`SessionSync.accept` in its WebSocket route and gets a
+:class:`SessionSocket`: the snapshot's version, the user, and a resync, typed, with nothing
+stored in or read from the ASGI scope.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Hashable, Iterable
+from typing import Any
+
+from ._fetcher import FirstFrame, SnapshotFetcher
+from ._paths import clip_for_log, query_values
+from ._session_ids import DEFAULT_SESSION_ID_PATTERN, SessionIdRules
+from ._types import Scope, Send
+from .protocol import Frame, Version, version_from_text
+from .snapshot import (
+    Authenticate,
+    ErrorHook,
+    FlightKey,
+    SessionContext,
+    SessionLoader,
+    VersionLoader,
+    user_identity,
+)
+from .stats import MetricHook, SessionSyncStats
+
+__all__ = ["SessionSocket", "SessionSync", "default_flight_key"]
+
+logger = logging.getLogger("asgi_session_sync")
+
+_FROM_SCOPE: Any = object()
+
+
+def default_flight_key(ctx: SessionContext) -> Hashable | None:
+    """Share loads between connections of the same session AND the same user.
+
+    A loader may check ownership, so one user's result is never handed to another. Anonymous
+    connections (``user`` is ``None``) share with each other; users the middleware cannot name
+    (see :func:`~asgi_session_sync.snapshot.user_identity`) share nothing: the key is ``None``.
+    """
+    if ctx.user is None:
+        return (ctx.session_id, None)
+    identity = user_identity(ctx.user)
+    return None if identity is None else (ctx.session_id, identity)
+
+
+def _unshared(ctx: SessionContext) -> None:
+    return None
+
+
+class SessionSync:
+    """Loads a session's snapshot for each WebSocket, shares loads, and sends it first.
+
+    Args:
+        loader: ``async def load_session(ctx: SessionContext)`` returning a mapping, a pydantic
+            model, a :class:`~asgi_session_sync.Snapshot`, or ``None`` for "nothing to send".
+        version_loader: Optional ``async def version(ctx) -> int | None``, a cheap query
+            asked before the full load when the client resumes with ``since``.
+        authenticate: Optional ``async def authenticate(scope)`` returning the connecting user,
+            for connections whose user is not given to :meth:`accept` and not in
+            ``scope["user"]``.
+        on_error: Optional ``def on_error(ctx, exc)`` called whenever a connection gets no
+            snapshot because something failed (see :class:`SessionSyncMiddleware`).
+        timeout: Seconds a connection waits for its snapshot (queueing, loading, sharing);
+            ``authenticate`` and ``version_loader`` each have a budget of the same length.
+        max_bytes: Largest snapshot frame sent, in bytes of JSON; larger ones are logged and
+            dropped. ``None`` for no limit.
+        send_synced: Send a ``session_synced`` event when resume skips the snapshot.
+        single_flight: Share concurrent loads with equal ``flight_key``.
+        flight_key: Which connections may share a load; :func:`default_flight_key` by default.
+        max_concurrent_loads: Loader calls running at once, at most.
+        cache_ttl: Opt-in: seconds a successful load is reused for new connections.
+        since_param: Query parameter in which a resuming client passes its last version.
+        session_id_pattern: Regular expression a session id must fully match (the
+            middleware's rule; see :class:`SessionSyncMiddleware`).
+        on_metric: Optional ``def on_metric(name, value)`` called for each counter increment.
+
+    Raises:
+        TypeError: ``loader`` or ``version_loader`` is not callable.
+        ValueError: A limit is invalid.
+    """
+
+    def __init__(
+        self,
+        loader: SessionLoader,
+        *,
+        version_loader: VersionLoader | None = None,
+        authenticate: Authenticate | None = None,
+        on_error: ErrorHook | None = None,
+        timeout: float = 5.0,
+        max_bytes: int | None = 4 * 1024 * 1024,
+        send_synced: bool = False,
+        single_flight: bool = True,
+        flight_key: FlightKey = default_flight_key,
+        max_concurrent_loads: int = 64,
+        cache_ttl: float | None = None,
+        since_param: str = "since",
+        session_id_pattern: str | re.Pattern[str] = DEFAULT_SESSION_ID_PATTERN,
+        on_metric: MetricHook | None = None,
+    ) -> None:
+        if not callable(loader):
+            raise TypeError(f"loader must be an async callable: got {loader!r}")
+        if version_loader is not None and not callable(version_loader):
+            raise TypeError(f"version_loader must be an async callable: got {version_loader!r}")
+        if not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds: got {timeout!r}")
+        if max_bytes is not None and max_bytes <= 0:
+            raise ValueError(f"max_bytes must be positive or None: got {max_bytes!r}")
+        if not since_param:
+            raise ValueError("since_param must be a non-empty query parameter name")
+        if max_concurrent_loads < 1:
+            raise ValueError(f"max_concurrent_loads must be at least 1: got {max_concurrent_loads}")
+        if cache_ttl is not None and not cache_ttl > 0:
+            raise ValueError(f"cache_ttl must be positive or None: got {cache_ttl!r}")
+        self.stats = SessionSyncStats(on_metric=on_metric)
+        """Counters since the service was created: see :class:`SessionSyncStats`."""
+        self.fetcher = SnapshotFetcher(
+            loader=loader,
+            version_loader=version_loader,
+            authenticate=authenticate,
+            on_error=on_error,
+            flight_key=flight_key if single_flight else _unshared,
+            timeout=timeout,
+            max_bytes=max_bytes,
+            send_synced=send_synced,
+            max_concurrent_loads=max_concurrent_loads,
+            cache_ttl=cache_ttl,
+            stats=self.stats,
+        )
+        self.since_param = since_param
+        self.session_ids = SessionIdRules(session_id_pattern)
+
+    def since(self, scope: Scope, session_id: str) -> Version | None:
+        """The version a resuming client says it has (the ``since`` query parameter)."""
+        values = query_values(scope, self.since_param)
+        if len(values) != 1:
+            return None
+        since = version_from_text(values[0])
+        if since is None:
+            logger.debug(
+                "ignored since: not a version since=%r session_id=%s",
+                clip_for_log(values[0]),
+                session_id,
+            )
+        return since
+
+    async def context(self, scope: Scope, session_id: str, user: Any) -> SessionContext | None:
+        """The loader's context; ``None`` (logged, reported) when ``authenticate`` failed.
+
+        ``user`` is the connecting user when the app knows it; ``_FROM_SCOPE`` asks
+        ``authenticate`` (when given) or ``scope["user"]``.
+        """
+        since = self.since(scope, session_id)
+        if user is not _FROM_SCOPE:
+            return SessionContext(session_id, scope, user, since)
+        ctx = SessionContext(session_id, scope, scope.get("user"), since)
+        return await self.fetcher.context(ctx)
+
+    async def accept(
+        self,
+        scope: Any,
+        send: Any,
+        session_id: str,
+        *,
+        user: Any = _FROM_SCOPE,
+        subprotocol: str | None = None,
+        headers: Iterable[tuple[bytes, bytes]] = (),
+    ) -> SessionSocket:
+        """Accept a WebSocket with the session's snapshot as its first frame.
+
+        Loads the snapshot, then sends ``websocket.accept`` (ASGI spec, WebSocket "Accept"
+        message) and the snapshot right after it through ``send``, so the client is connected
+        when its state is ready. Subscribe to live updates *before* calling this (the bridge's
+        ``subscribe``), so that nothing published after the load is missed. As with the
+        middleware, a snapshot is never worth a broken connection: when loading fails the
+        socket is accepted without one (logged, counted, passed to ``on_error``).
+
+        ```python
+        async with bridge.subscribe(session_id) as updates:
+            socket = await sync.accept(websocket.scope, websocket.send, session_id, user=user)
+            await updates.forward(socket, websocket.receive, heartbeat=15)
+        ```
+
+        Args:
+            scope: The connection's ASGI scope (``websocket.scope``); read for ``since``.
+            send: A send that takes ASGI messages: ``websocket.send`` in Starlette and
+                FastAPI, ``socket.send`` in Litestar, or the raw ASGI ``send``.
+            session_id: The session, from the route; validated here.
+            user: The connecting user, when the app authenticated it (a dependency, a guard):
+                the loader sees it as ``ctx.user``. Left out, ``authenticate`` or
+                ``scope["user"]`` says who connects.
+            subprotocol: The WebSocket subprotocol to accept, if any.
+            headers: Extra response headers for the accept, as ``(name, value)`` bytes.
+
+        Raises:
+            ValueError: ``session_id`` is not a valid session id (the message says why);
+                nothing was sent. Validate ids in the route to answer with a close instead.
+        """
+        if isinstance(session_id, str):
+            problem = self.session_ids.problem(session_id)
+        else:
+            problem = f"not a str but {type(session_id).__name__}"
+        if problem is not None:
+            self.stats.incr("invalid_ids")
+            raise ValueError(f"invalid session id {clip_for_log(str(session_id))!r}: {problem}")
+        self.stats.incr("connections")
+        ctx = await self.context(scope, session_id, user)
+        first = await self.fetcher.first_frame(ctx) if ctx is not None else FirstFrame(None, None)
+        accept: dict[str, Any] = {"type": "websocket.accept", "subprotocol": subprotocol}
+        headers = list(headers)
+        if headers:
+            accept["headers"] = headers
+        await send(accept)
+        socket = SessionSocket(self, scope, send, session_id, ctx, first)
+        if first.data is not None:
+            await socket.send_snapshot(first.data)
+        return socket
+
+
+class SessionSocket:
+    """One WebSocket accepted with its session's snapshot: what live updates chain from.
+
+    Returned by :meth:`SessionSync.accept`; pass it to the bridge's ``forward``.
+
+    Attributes:
+        session_id: The session.
+        user: Who connected (``ctx.user`` of the loader); ``None`` when unknown.
+        version: The version of the state the snapshot gave the client, or the client's own
+            ``since`` when resume found it current; ``None`` when nothing was sent or the
+            snapshot had no version.
+        owner: The owner the loader named, if any: live frames naming another are refused.
+        known: Whether the client's state is known (a snapshot was sent, or resume said it is
+            current). While unknown, a live patch waits for a resync.
+    """
+
+    __slots__ = ("_ctx", "_send", "_sync", "known", "owner", "scope", "session_id", "version")
+
+    def __init__(
+        self,
+        sync: SessionSync,
+        scope: Scope,
+        send: Send,
+        session_id: str,
+        ctx: SessionContext | None,
+        first: FirstFrame,
+    ) -> None:
+        self._sync = sync
+        self._send = send
+        self._ctx = ctx
+        self.scope = scope
+        self.session_id = session_id
+        self.version: Version | None = first.version
+        self.owner = first.owner
+        self.known = first.known
+
+    @property
+    def user(self) -> Any:
+        """Who connected, as the loader saw it; ``None`` when unknown."""
+        return None if self._ctx is None else self._ctx.user
+
+    async def send_text(self, text: str) -> None:
+        """Send one text frame (``websocket.send``) through the app's send."""
+        await self._send({"type": "websocket.send", "text": text})
+
+    async def send_snapshot(self, data: bytes) -> bool:
+        """Send the snapshot frame; ``False`` (logged, counted) if the server refused it."""
+        fetcher = self._sync.fetcher
+        try:
+            await self._send({"type": "websocket.send", "text": data.decode()})
+        except OSError:
+            # The client left during the load; the app learns it from receive(), as usual.
+            logger.debug("no snapshot: client gone before send session_id=%s", self.session_id)
+            return False
+        except Exception as exc:
+            # Servers raise their own types too (hypercorn): a snapshot never breaks the app.
+            ctx = self._ctx or SessionContext(self.session_id, self.scope)
+            fetcher.stats.incr("errors")
+            logger.error(
+                "no snapshot: the server's send raised session_id=%s path=%r",
+                self.session_id,
+                clip_for_log(self.scope.get("path", "")),
+                exc_info=exc,
+            )
+            fetcher.report(ctx, exc)
+            return False
+        fetcher.stats.incr("snapshots_sent")
+        return True
+
+    async def resync(self) -> Frame | None:
+        """Load the session afresh for this socket: the snapshot frame, or ``None``.
+
+        Same loader, user, timeout and limits as the first snapshot, never the TTL cache, and
+        never a load that started before this call. ``None`` when there is nothing to send
+        (the reason is logged).
+        """
+        if self._ctx is None:
+            return None
+        loaded = await self._sync.fetcher.snapshot(self._ctx, fresh=True)
+        return None if loaded is None else loaded.snapshot_frame()
