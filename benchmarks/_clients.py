@@ -102,11 +102,13 @@ class Server:
 async def server_pair(
     variants: Mapping[str, Sequence[str]] | Sequence[str] = ("bare", "wrapped"),
     *options: str,
+    env: Mapping[str, str] | None = None,
 ) -> AsyncIterator[dict[str, Server]]:
     """Start fresh servers concurrently, one per variant; always stop them all.
 
     ``variants`` names each server's variant (``bare`` or ``wrapped``), or maps a name to the
-    arguments of its server; ``options`` are added to every server's arguments.
+    arguments of its server; ``options`` are added to every server's arguments, ``env`` to
+    every server's environment.
     """
     if not isinstance(variants, Mapping):
         variants = {v: server_args(v) for v in variants}
@@ -114,7 +116,8 @@ async def server_pair(
         processes: dict[str, ServerProcess] = {}
 
         async def start(name: str, args: Sequence[str]) -> None:
-            processes[name] = await stack.enter_async_context(running_server([*args, *options]))
+            server = running_server([*args, *options], env=env)
+            processes[name] = await stack.enter_async_context(server)
 
         async with anyio.create_task_group() as tg:
             for name, args in variants.items():

@@ -9,8 +9,8 @@ it, reads that line, and always stops it (SIGTERM, then SIGKILL after 10 s).
 - ``bare``, the floor: the app itself sends the snapshot right after ``websocket.accept``,
   built with the library's own ``SessionUpdate`` from the same store.
 - ``wrapped``: the same app without that line, wrapped in ``SessionSyncMiddleware(app,
-  loader=..., paths=["/ws/sessions/{session_id}"])``, every other option at its default unless
-  given (``--single-flight``, ``--max-concurrent-loads``).
+  sync=SessionSync(loader), paths=["/ws/sessions/{session_id}"])``, every other option at its
+  default unless given (``--single-flight``, ``--max-concurrent-loads``).
 
 The store is in memory (a dict lookup, see :mod:`benchmarks._sessions`) unless ``--db`` names
 a database (:mod:`benchmarks._database`, imported only then): then ``bare`` loads by hand
@@ -19,14 +19,17 @@ SQLAlchemy loader, or the same hand-written one).
 
 On a session's WebSocket (``/ws/sessions/{id}``), after the snapshot, a client message ``burst
 N`` makes the app send the first ``N`` of :func:`token_frames` as fast as it can. With
-``--nats URL``, the app instead subscribes to the session on a ``NatsBridge`` before accepting
-and forwards its updates, as the bridge's documentation shows.
+``--nats`` (``wrapped`` only), the app instead subscribes to the session on a ``NatsBridge``
+connected to the URL in the ``BENCHMARKS_NATS_URL`` environment variable (it carries the
+broker's credentials, so never the command line), accepts with ``SessionSync.accept`` (the
+same service, no middleware) and forwards its updates, as the bridge's documentation shows.
 
 ``/control`` is a control WebSocket (a path the middleware does not serve, so both variants
 answer it with the same code). Each message gets one answer:
 
 - ``cpu``: this process's CPU seconds (``time.process_time()``, all threads), to the nanosecond;
-- ``stats``: JSON of the middleware's counters, the loader's own call count and the CPU seconds;
+- ``stats``: JSON of the snapshot service's counters (``"middleware"``, ``null`` for ``bare``),
+  the loader's own call count and the CPU seconds;
 - ``stream <session id> <full|patch> <tokens> <clients>``: publish ``tokens`` changes to the
   session through the bridge, each after the previous one reached all ``clients`` sockets;
   answers ``done`` or ``failed: <why>``.
@@ -44,7 +47,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from functools import cache
@@ -54,7 +57,7 @@ import anyio
 from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from asgi_session_sync import SessionContext, SessionSyncMiddleware, Snapshot
+from asgi_session_sync import SessionContext, SessionSync, SessionSyncMiddleware, Snapshot
 from asgi_session_sync._types import Receive, Scope, Send
 
 from ._report import REPOSITORY
@@ -70,6 +73,7 @@ from ._sessions import (
 
 __all__ = [
     "CONTROL_PATH",
+    "NATS_URL_ENV",
     "PREFIX",
     "PROFILE_ENV",
     "LiveApp",
@@ -82,6 +86,8 @@ __all__ = [
 
 PROFILE_ENV = "BENCHMARKS_PROFILE_DIR"
 """When set, every server runs under cProfile and writes its stats in this folder."""
+NATS_URL_ENV = "BENCHMARKS_NATS_URL"
+"""The NATS URL a ``--nats`` server connects to: a secret (credentials), so not an argument."""
 PREFIX = "/ws/sessions/"
 CONTROL_PATH = "/control"
 MAX_BURST = 4096
@@ -215,8 +221,12 @@ class LiveApp:
     """A raw ASGI WebSocket app: accept, snapshot (``by_hand`` only), then bursts or updates.
 
     ``by_hand`` is the bare app's own snapshot: ``async def frame(session_id) -> text | None``,
-    sent right after accepting; ``None`` when the middleware sends it instead. With a
+    sent right after accepting; ``None`` when ``sync`` sends it instead, through the middleware
+    or, with a ``bridge``, through :meth:`SessionSync.accept` in :meth:`forward_updates`. With a
     ``bridge``, each session socket forwards the session's updates from NATS.
+
+    Raises:
+        ValueError: A ``bridge`` without a ``sync``: the forwarding loop needs its socket.
     """
 
     def __init__(
@@ -224,14 +234,17 @@ class LiveApp:
         by_hand: Callable[[str], Awaitable[str | None]] | None,
         *,
         loader: Any = None,
+        sync: SessionSync | None = None,
         bridge: Any = None,
         stream: TokenStream | None = None,
     ) -> None:
+        if bridge is not None and sync is None:
+            raise ValueError("forwarding updates needs a SessionSync: run the wrapped variant")
         self.by_hand = by_hand
         self.loader = loader
+        self.sync = sync
         self.bridge = bridge
         self.stream = stream
-        self.middleware: SessionSyncMiddleware | None = None
         self.forwarded = stream.forwarded if stream is not None else Forwarded()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -270,18 +283,20 @@ class LiveApp:
         self, scope: Scope, session_id: str, receive: Receive, send: Send
     ) -> None:
         """Subscribe before accepting, then forward every update, as the bridge's docs show."""
+        assert self.sync is not None
         if (await receive())["type"] != "websocket.connect":
             return
+        accepted = False
 
-        async def send_text(text: str) -> None:
-            await send({"type": "websocket.send", "text": text})
-            self.forwarded.add(session_id)
+        async def counted_send(message: dict[str, Any]) -> None:
+            await send(message)
+            if accepted:  # a forwarded frame, not the accept or the snapshot
+                self.forwarded.add(session_id)
 
-        async with self.bridge.subscribe(session_id, scope=scope) as updates:
-            await send({"type": "websocket.accept"})
-            if self.by_hand is not None:
-                await self.send_snapshot(session_id, send)
-            await updates.forward(send_text, receive)
+        async with self.bridge.subscribe(session_id) as updates:
+            socket = await self.sync.accept(scope, counted_send, session_id)
+            accepted = True
+            await updates.forward(socket, receive)
 
     async def control(self, receive: Receive, send: Send) -> None:
         """Answer every message of the control socket (see the module's docstring)."""
@@ -294,9 +309,7 @@ class LiveApp:
             elif request == ["stats"]:
                 answer = json.dumps(
                     {
-                        "middleware": None
-                        if self.middleware is None
-                        else self.middleware.stats.as_dict(),
+                        "middleware": None if self.sync is None else self.sync.stats.as_dict(),
                         "loader_calls": getattr(self.loader, "calls", None),
                         "cpu_seconds": time.process_time(),
                     }
@@ -324,13 +337,13 @@ async def serve(args: argparse.Namespace) -> None:
     """Build the variant's app over its store and serve it until told to stop."""
     async with AsyncExitStack() as stack:
         bridge: Any = None
-        if args.nats is not None:
+        if args.nats:
             from asgi_session_sync.nats import NatsBridge
 
             # Full-state frames of 1,000 interactions are about 1 MiB each: allow the
             # subscriptions to hold a few of them rather than report a slow consumer.
             bridge = await stack.enter_async_context(
-                NatsBridge(args.nats, pending_bytes_limit=256 * 2**20)
+                NatsBridge(os.environ[NATS_URL_ENV], pending_bytes_limit=256 * 2**20)
             )
         loader: Any
         by_hand: Callable[[str], Awaitable[str | None]]
@@ -351,17 +364,18 @@ async def serve(args: argparse.Namespace) -> None:
             by_hand = hand.frame
         app: Any
         if args.variant == "bare":
-            app = LiveApp(by_hand, loader=loader, bridge=bridge, stream=stream)
+            app = LiveApp(by_hand, loader=loader)
         else:
-            live = LiveApp(None, loader=loader, bridge=bridge, stream=stream)
             options: dict[str, Any] = {}
             if args.single_flight is not None:
                 options["single_flight"] = args.single_flight == "on"
             if args.max_concurrent_loads is not None:
                 options["max_concurrent_loads"] = args.max_concurrent_loads
-            app = live.middleware = SessionSyncMiddleware(
-                live, loader=loader, paths=[PREFIX + "{session_id}"], **options
-            )
+            sync = SessionSync(loader, **options)
+            app = LiveApp(None, loader=loader, sync=sync, bridge=bridge, stream=stream)
+            if bridge is None:
+                # With a bridge the app accepts through sync itself: no middleware then.
+                app = SessionSyncMiddleware(app, sync=sync, paths=[PREFIX + "{session_id}"])
         await serve_app(app, watch_stdin=args.watch_stdin)
 
 
@@ -436,9 +450,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--pool-size", type=int, default=2)
     parser.add_argument("--single-flight", choices=("on", "off"))
     parser.add_argument("--max-concurrent-loads", type=int)
-    parser.add_argument("--nats", help="a NATS URL: forward the sessions' updates from it")
+    parser.add_argument(
+        "--nats", action="store_true", help=f"forward the sessions' updates from ${NATS_URL_ENV}"
+    )
     parser.add_argument("--watch-stdin", action="store_true", help="stop when stdin closes")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.nats and args.variant != "wrapped":
+        parser.error("--nats needs --variant wrapped: updates are forwarded through SessionSync")
+    if args.nats and not os.environ.get(NATS_URL_ENV):
+        parser.error(f"--nats needs the NATS URL in ${NATS_URL_ENV}")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -508,14 +529,23 @@ def cpu_seconds(pid: int) -> float:
 
 
 @asynccontextmanager
-async def running_server(module_args: Sequence[str]) -> AsyncIterator[ServerProcess]:
+async def running_server(
+    module_args: Sequence[str], *, env: Mapping[str, str] | None = None
+) -> AsyncIterator[ServerProcess]:
     """Run ``python -m <module_args>`` from the repository; yield it once it listens.
 
-    It is always stopped, within bounds, even when the caller is cancelled.
+    ``env`` adds environment variables to this process's, for the server only (secrets such as
+    :data:`NATS_URL_ENV` go there, never in the arguments). It is always stopped, within
+    bounds, even when the caller is cancelled.
     """
     command = [sys.executable, "-m", *module_args]
     process = await anyio.open_process(
-        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, cwd=REPOSITORY
+        command,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=None,
+        cwd=REPOSITORY,
+        env=None if env is None else {**os.environ, **env},
     )
     try:
         assert process.stdout is not None

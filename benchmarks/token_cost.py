@@ -11,8 +11,8 @@ own process, connected to an embedded ``nats-server`` that lives for the whole p
 The server holds sessions of 10, 100 and 1,000 interactions of about 1 KB each, in memory.
 For every size, and for both modes in an order that changes every round and size:
 
-1. ``clients`` WebSocket clients connect to the session; the middleware sends each its
-   snapshot, and the app subscribes each socket on the bridge before accepting it.
+1. ``clients`` WebSocket clients connect to the session; the app subscribes each socket on
+   the bridge, then accepts it through ``SessionSync.accept``, which sends its snapshot.
 2. The server's CPU time is read over its control socket, then the server is told to stream
    ``tokens`` tokens into the session's last interaction. For each token it updates the
    session in memory, bumps the version and publishes: ``NatsBridge.publish(session_id,
@@ -36,12 +36,10 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import anyio
@@ -60,7 +58,7 @@ from ._report import (
     ratio,
     table,
 )
-from ._server import cpu_seconds, server_args
+from ._server import NATS_URL_ENV, cpu_seconds, server_args
 from ._sessions import filler, memory_sessions, session_id_for, streamed_content
 
 __all__ = ["PART", "TokenCostOptions"]
@@ -70,7 +68,7 @@ BYTES_GROWTH = 1.2  # patches: figure at the largest size / at the smallest, at 
 CPU_GROWTH = 1.2
 FULL_OVER_PATCH = 100  # bytes per token at the largest size, at least
 FRAME_TYPES = {"full": b'{"type":"session_update"', "patch": b'{"type":"session_patch"'}
-NATS_CONFIG = "max_payload: 8MB\n"
+NATS_MAX_PAYLOAD = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -101,12 +99,9 @@ async def embedded_nats(options: TokenCostOptions) -> AsyncIterator[Environment]
     """A private nats-server for the whole part, with a large enough ``max_payload``."""
     from asgi_session_sync.nats import EmbeddedNats
 
-    with tempfile.TemporaryDirectory(prefix="token-cost-") as tmp:
-        config = Path(tmp) / "nats.conf"
-        config.write_text(NATS_CONFIG)
-        async with EmbeddedNats(args=["-c", str(config)]) as nats:
-            assert nats.process is not None
-            yield Environment(nats.url, nats.process.pid)
+    async with EmbeddedNats(config={"max_payload": NATS_MAX_PAYLOAD}) as nats:
+        assert nats.process is not None
+        yield Environment(nats.url, nats.process.pid)
 
 
 def expected_session(options: TokenCostOptions, size: int) -> Any:
@@ -176,10 +171,11 @@ def check(mode: str, result: dict[str, Any], expected: Any) -> str | None:
 async def run_round(number: int, options: TokenCostOptions, env: Environment) -> list[Row]:
     """One round on a fresh server: every size, both modes, after a warm-up of each mode."""
     sizes = [str(size) for size in options.sizes]
-    args = server_args("wrapped", "--nats", env.url, "--sessions", "0", "--session-sizes", *sizes)
+    args = server_args("wrapped", "--nats", "--sessions", "0", "--session-sizes", *sizes)
     args += ["--interaction-bytes", str(options.interaction_bytes)]
     rows: list[Row] = []
-    async with server_pair({"wrapped": args}) as servers:
+    # The URL carries the broker's credentials: the server gets it in its environment.
+    async with server_pair({"wrapped": args}, env={NATS_URL_ENV: env.url}) as servers:
         server = servers["wrapped"]
         for mode in MODES:
             await stream(server, options.sizes[0], mode, options.warmup_tokens, options, env)

@@ -35,8 +35,8 @@ from typing import Any
 
 import pytest
 
-from asgi_session_sync import SessionContext, SessionSyncMiddleware, Snapshot
-from asgi_session_sync.testing import connect_websocket
+from asgi_session_sync import SessionContext, SessionSync, SessionSyncMiddleware, Snapshot
+from asgi_session_sync.testing import WebSocketRejected, connect_websocket
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = (ROOT / "README.md", ROOT / "docs" / "getting-started.md")
@@ -265,6 +265,32 @@ async def test_getting_started_tab_sends_the_snapshot_first(name: str) -> None:
         event = await ws.receive_json()
         await ws.disconnect()
     assert (event["type"], event["session_id"], event["version"]) == ("session_update", "demo", 1)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.anyio
+async def test_getting_started_route_hands_its_user_to_the_loader() -> None:
+    namespace = run_python(named(GETTING_STARTED, "fastapi_accept"))
+    users: list[Any] = []
+
+    async def loader(ctx: SessionContext) -> Snapshot | None:
+        users.append(ctx.user)
+        snapshot: Snapshot | None = await namespace["load_session"](ctx)
+        return snapshot
+
+    namespace["sync"] = SessionSync(loader)  # the route reads the module's global
+    app = namespace["app"]
+    async with connect_websocket(app, "/ws/sessions/demo?token=alice-token") as ws:
+        event = await ws.receive_json()
+        await ws.disconnect()
+    assert (event["type"], event["version"]) == ("session_update", 1)
+    assert users == ["alice"]
+    # No user: the dependency refuses before accepting, and the loader is never asked.
+    with pytest.raises(WebSocketRejected) as rejected:
+        async with connect_websocket(app, "/ws/sessions/demo?token=nobody"):
+            pass
+    assert rejected.value.code == 1008
+    assert users == ["alice"]
 
 
 # What the pages claim about where authentication goes. Starlette's AuthenticationMiddleware in

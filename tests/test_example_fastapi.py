@@ -12,6 +12,7 @@ import pytest
 from conftest import follow_a_prompt
 from fastapi import FastAPI
 
+from asgi_session_sync import SessionSync
 from asgi_session_sync.nats import EmbeddedNats
 from asgi_session_sync.testing import WebSocketClient, WebSocketRejected, connect_websocket
 from examples.chat.worker import run_worker, simulated_tokens
@@ -125,24 +126,42 @@ async def test_prompt_streams_tokens_as_patches_chained_version_by_version(
     ]
 
 
+async def closed_before_any_frame(app: FastAPI, path: str) -> int:
+    """Open ``path``: the app accepts, then closes with no frame at all; return the close code."""
+    async with connect_websocket(app, path, timeout=WAIT) as ws:
+        message = await ws.receive()
+        assert message["type"] == "websocket.close", message
+        code: int = message["code"]
+        return code
+
+
 async def test_another_user_never_sees_the_session(app: FastAPI, client: httpx.AsyncClient) -> None:
     session = await create_session(client)
     path = f"/api/sessions/{session['id']}"
+    socket = f"/ws/sessions/{session['id']}"
 
     assert (await client.get(path, headers=BOB)).status_code == 404
     prompt = await client.post(f"{path}/prompts", json={"prompt": "mine now"}, headers=BOB)
     assert prompt.status_code == 404
-    # Refused before accepting: no snapshot, and no subscription to the live updates.
-    with pytest.raises(WebSocketRejected):
-        async with connect_websocket(app, f"/ws/sessions/{session['id']}?token=bob"):
-            pass
-    # Nobody at all: 401 on HTTP, refused on the WebSocket.
+    # The loader refused bob's snapshot, so the socket closes before forwarding any update;
+    # resuming with the current version does not skip the check (the version loader checks too).
+    assert await closed_before_any_frame(app, f"{socket}?token=bob") == 1008
+    assert await closed_before_any_frame(app, f"{socket}?token=bob&since=1") == 1008
+    # Nobody at all: 401 on HTTP, refused before accepting on the WebSocket.
     assert (await client.get(path)).status_code == 401
-    with pytest.raises(WebSocketRejected):
-        async with connect_websocket(app, f"/ws/sessions/{session['id']}"):
+    with pytest.raises(WebSocketRejected) as rejected:
+        async with connect_websocket(app, socket):
             pass
-    # Alice's session is untouched.
+    assert rejected.value.code == 1008
+    # Alice's session is untouched, and bob's sockets were never sent a frame of it.
     assert (await client.get(path, headers=ALICE)).json() == session
+    sync: SessionSync = app.state.sync
+    assert sync.stats.snapshots_sent == 0
+    assert app.state.bridge.stats.updates_forwarded == 0
+
+
+async def test_a_session_that_does_not_exist_is_closed_without_a_frame(app: FastAPI) -> None:
+    assert await closed_before_any_frame(app, f"/ws/sessions/{'0' * 32}?token=alice") == 1008
 
 
 async def test_current_client_resuming_gets_no_snapshot_only_new_updates(

@@ -142,16 +142,31 @@ async def test_resuming_client_that_is_current_gets_updates_but_no_snapshot(
         assert (await next_event(ws))["version"] == 2
 
 
+async def closed_before_any_frame(app: Litestar, path: str) -> int:
+    """Open ``path``: the app accepts, then closes with no frame at all; return the close code."""
+    async with connect_websocket(app, path, timeout=WAIT) as ws:
+        message = await ws.receive()
+        assert message["type"] == "websocket.close", message
+        code: int = message["code"]
+        return code
+
+
 async def test_another_user_never_sees_the_session(app: Litestar, http: httpx.AsyncClient) -> None:
     session = await create_session(http)
     base = f"/api/sessions/{session['id']}"
+    socket = f"/ws/sessions/{session['id']}"
 
     assert (await call(http, "GET", base, "bob")).status_code == 404
     assert (await call(http, "POST", f"{base}/prompts", "bob", {"prompt": "x"})).status_code == 404
     assert (await call(http, "GET", base, None)).status_code == 401
-    for query in ("?token=bob", "", "?token=not%20a%20token"):
+    # The loader refused bob's snapshot, so the socket closes before forwarding any update;
+    # resuming with the current version does not skip the check (the version loader checks too).
+    assert await closed_before_any_frame(app, f"{socket}?token=bob") == 1008
+    assert await closed_before_any_frame(app, f"{socket}?token=bob&since=1") == 1008
+    # No user at all: refused before accepting.
+    for query in ("", "?token=not%20a%20token"):
         with pytest.raises(WebSocketRejected) as rejected:
-            async with connect_websocket(app, f"/ws/sessions/{session['id']}{query}"):
+            async with connect_websocket(app, f"{socket}{query}"):
                 pass
         assert rejected.value.code == 1008
 
@@ -166,9 +181,14 @@ async def test_unknown_and_invalid_session_ids_are_refused(
     for session_id in ("0" * 32, "a.b", "x" * 300):
         response = await call(http, "GET", f"/api/sessions/{session_id}", "alice")
         assert response.status_code == 404
-        with pytest.raises(WebSocketRejected):
+    # A well-formed id: the loader finds nothing, so the socket closes before any frame.
+    assert await closed_before_any_frame(app, f"/ws/sessions/{'0' * 32}?token=alice") == 1008
+    # A malformed one never reaches the loader, or NATS: refused before accepting.
+    for session_id in ("a.b", "x" * 300):
+        with pytest.raises(WebSocketRejected) as rejected:
             async with connect_websocket(app, f"/ws/sessions/{session_id}?token=alice"):
                 pass
+        assert rejected.value.code == 1008
 
 
 async def test_page_and_browser_client_are_served(http: httpx.AsyncClient) -> None:

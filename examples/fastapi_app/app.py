@@ -1,4 +1,4 @@
-"""``create_app``: the FastAPI app, its lifespan, and SessionSyncMiddleware in one line."""
+"""``create_app``: the FastAPI app, its lifespan, and the one snapshot service its socket uses."""
 
 from __future__ import annotations
 
@@ -9,14 +9,13 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from asgi_session_sync import SessionSyncMiddleware
+from asgi_session_sync import SessionSync
 from asgi_session_sync.client import STATIC_DIR
 from asgi_session_sync.loaders.sqlalchemy import sqlalchemy_loader
 from examples.chat.live import LiveChat
 from examples.chat.models import ChatSession, session_view
 from examples.chat.store import ChatStore
 
-from .auth import authenticate
 from .routes import router
 from .settings import Settings
 
@@ -50,13 +49,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="asgi-session-sync FastAPI example", lifespan=lifespan)
     app.state.store = store
     app.state.settings = settings
+    # The snapshot service. The WebSocket route (routes.py) accepts through it, with the user
+    # its dependency authenticated: no middleware, so the route is declared once, and the
+    # loader checks the owner against that same user.
+    app.state.sync = SessionSync(loader, version_loader=loader.version_loader)
     app.include_router(router)
     app.mount("/static/session-sync", StaticFiles(directory=STATIC_DIR))
-    app.add_middleware(
-        SessionSyncMiddleware,
-        loader=loader,
-        version_loader=loader.version_loader,
-        paths=["/ws/sessions/{session_id}"],
-        authenticate=authenticate,
-    )
     return app

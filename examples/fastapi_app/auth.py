@@ -1,8 +1,9 @@
 """Minimal authentication: the token names the user (``?token=alice``, ``Bearer alice``).
 
 Enough to make the owner checks real in a demo, and nothing more: anyone can claim any name.
-Swap :func:`connection_user` for your real check (a session cookie, a verified JWT); the
-endpoints and the middleware both go through it, so they always agree on who is connecting.
+Swap :func:`connection_user` for your real check (a session cookie, a verified JWT). Every
+endpoint goes through it once, the WebSocket's included, which hands the user to the snapshot
+loader: the API and the live socket always agree on who is connecting.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, WebSocket, WebSocketException, status
 from starlette.requests import HTTPConnection
-from starlette.types import Scope
 
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -29,11 +29,6 @@ def connection_user(connection: HTTPConnection) -> str | None:
     else:
         token = connection.query_params.get("token")
     return token if token and _TOKEN.fullmatch(token) else None
-
-
-async def authenticate(scope: Scope) -> str | None:
-    """Who is connecting, for ``SessionSyncMiddleware``: FastAPI's dependencies run after it."""
-    return connection_user(HTTPConnection(scope))
 
 
 def current_user(request: HTTPConnection) -> str:

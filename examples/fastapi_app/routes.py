@@ -5,10 +5,19 @@ from __future__ import annotations
 from pathlib import Path as FilePath
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Path, WebSocket, status
+from fastapi import (
+    APIRouter,
+    Depends,
+    HTTPException,
+    Path,
+    WebSocket,
+    WebSocketDisconnect,
+    status,
+)
 from fastapi.responses import HTMLResponse
 from starlette.requests import HTTPConnection
 
+from asgi_session_sync import SessionSync
 from asgi_session_sync.nats import NatsBridge
 from examples.chat.live import HEARTBEAT
 from examples.chat.publishing import SessionPublisher
@@ -23,11 +32,16 @@ PAGE = FilePath(__file__).with_name("index.html").read_text(encoding="utf-8")
 SessionId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]
 
 
-# The app's parts live on app.state: the store and settings from create_app, the bridge and
-# the publisher from the lifespan (they need the running event loop).
+# The app's parts live on app.state: the store, the settings and the snapshot service from
+# create_app, the bridge and the publisher from the lifespan (they need the running event loop).
 def get_store(connection: HTTPConnection) -> ChatStore:
     store: ChatStore = connection.app.state.store
     return store
+
+
+def get_sync(connection: HTTPConnection) -> SessionSync:
+    sync: SessionSync = connection.app.state.sync
+    return sync
 
 
 def get_bridge(connection: HTTPConnection) -> NatsBridge:
@@ -46,6 +60,7 @@ def get_settings(connection: HTTPConnection) -> Settings:
 
 
 Store = Annotated[ChatStore, Depends(get_store)]
+Sync = Annotated[SessionSync, Depends(get_sync)]
 Bridge = Annotated[NatsBridge, Depends(get_bridge)]
 Publisher = Annotated[SessionPublisher, Depends(get_publisher)]
 AppSettings = Annotated[Settings, Depends(get_settings)]
@@ -98,17 +113,24 @@ async def session_socket(
     websocket: WebSocket,
     session_id: SessionId,
     user: WebSocketUser,
-    store: Store,
+    sync: Sync,
     bridge: Bridge,
 ) -> None:
-    """The session live: the middleware's snapshot first, then every published update."""
-    # The snapshot loader checks the owner, but live updates come from NATS, not the loader:
-    # refuse other users before subscribing, or they would receive the updates.
-    if not await store.is_owner(session_id, user):
-        await websocket.close(status.WS_1008_POLICY_VIOLATION)
-        return
+    """The session live: its snapshot first, then every published update."""
     # Subscribe BEFORE accepting: the snapshot is loaded during accept, so any update
     # published after that load is already on its way to this subscription.
-    async with bridge.subscribe(session_id, scope=websocket.scope) as updates:
-        await websocket.accept()  # SessionSyncMiddleware sends the snapshot here
-        await updates.forward(websocket.send_text, websocket.receive, heartbeat=HEARTBEAT)
+    async with bridge.subscribe(session_id) as updates:
+        socket = await sync.accept(websocket.scope, websocket.send, session_id, user=user)
+        # The one owner check is the loader's: it compares the session's owner with `user`,
+        # in the full load and in the version check of a client resuming with `since`. The
+        # socket's state is known only when the loader vouched for this user: a snapshot was
+        # sent, or the client is current. Live updates come from NATS, not from the loader,
+        # so anything else (another user's session, no such session, a failed load) is
+        # closed here, before a single update is forwarded.
+        if not socket.known:
+            await websocket.close(status.WS_1008_POLICY_VIOLATION)
+            return
+        try:
+            await updates.forward(socket, websocket.receive, heartbeat=HEARTBEAT)
+        except WebSocketDisconnect:
+            return  # the client left while an update was being sent

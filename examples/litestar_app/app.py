@@ -16,7 +16,6 @@ from litestar.exceptions import (
     NotFoundException,
     WebSocketDisconnect,
 )
-from litestar.middleware import DefineMiddleware
 from litestar.params import FromPath, JSONBody
 from litestar.static_files import create_static_files_router
 from litestar.status_codes import HTTP_202_ACCEPTED, WS_1008_POLICY_VIOLATION
@@ -24,16 +23,16 @@ from litestar.types import Scope
 from msgspec import Meta, Struct
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from asgi_session_sync import SessionSyncMiddleware
+from asgi_session_sync import SessionSync
 from asgi_session_sync.client import STATIC_DIR
 from asgi_session_sync.loaders.sqlalchemy import sqlalchemy_loader
 from examples.chat.live import HEARTBEAT, LiveChat
-from examples.chat.models import ChatSession, SessionView, session_view
+from examples.chat.models import ChatSession, SessionView, is_session_id, session_view
 from examples.chat.store import ChatStore
 
 from .settings import Settings
 
-__all__ = ["authenticate", "create_app", "token_user"]
+__all__ = ["create_app", "token_user"]
 
 logger = logging.getLogger("examples.litestar_app")
 
@@ -45,7 +44,8 @@ _LOG_CHARS = 200
 
 
 # Authentication: the least that makes the owner check real. The token IS the user's name;
-# put your real authentication (a session cookie, a signed JWT) in token_user.
+# put your real authentication (a session cookie, a signed JWT) in token_user. The API and the
+# WebSocket each call it once per connection.
 
 
 def token_user(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
@@ -53,15 +53,6 @@ def token_user(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
     scheme, _, credentials = connection.headers.get("authorization", "").partition(" ")
     token = credentials if scheme.lower() == "bearer" else connection.query_params.get("token")
     return token if token is not None and _TOKEN.fullmatch(token) else None
-
-
-async def authenticate(scope: Scope) -> str | None:
-    """Who opens a session WebSocket, for the snapshot loader's owner check.
-
-    SessionSyncMiddleware runs outside Litestar's dependency injection, so it reads the token
-    from the scope itself.
-    """
-    return token_user(ASGIConnection(scope))
 
 
 async def provide_user(request: Request[Any, Any, Any]) -> str:
@@ -146,24 +137,32 @@ class SessionController(Controller):
 async def session_socket(
     socket: WebSocket[Any, Any, Any],
     session_id: FromPath[str],
-    store: NamedDependency[ChatStore],
+    sync: NamedDependency[SessionSync],
     live: NamedDependency[LiveChat],
 ) -> None:
-    """The session's state: the snapshot at accept (from the middleware), then every update."""
+    """The session's state: the snapshot at accept, then every update."""
     user = token_user(socket)
-    if user is None or not await store.is_owner(session_id, user):
+    if user is None or not is_session_id(session_id):
         # Refused before accepting: no snapshot, no updates, not even whether the id exists.
         await socket.close(code=WS_1008_POLICY_VIOLATION, reason="no such session")
         return
     # Subscribe BEFORE accepting: the snapshot is loaded during accept, so every update
     # committed after that load is already on its way to this subscription.
-    # scope: the subscription resyncs through the middleware's loader, and chains patches
-    # from the snapshot's version.
-    async with live.bridge.subscribe(session_id, scope=socket.scope) as updates:
-        await socket.accept()  # SessionSyncMiddleware sends the snapshot here
+    async with live.bridge.subscribe(session_id) as updates:
+        # socket.send takes ASGI messages: accept sends websocket.accept, then the snapshot.
+        accepted = await sync.accept(socket.scope, socket.send, session_id, user=user)
+        # The one owner check is the loader's: it compares the session's owner with `user`,
+        # in the full load and in the version check of a client resuming with `since`. The
+        # socket's state is known only when the loader vouched for this user: a snapshot was
+        # sent, or the client is current. Live updates come from NATS, not from the loader,
+        # so anything else (another user's session, no such session, a failed load) is
+        # closed here, before a single update is forwarded.
+        if not accepted.known:
+            await socket.close(code=WS_1008_POLICY_VIOLATION, reason="no such session")
+            return
         try:
             # Sends each update (and each resync after NATS trouble) until the client leaves.
-            await updates.forward(socket.send_text, socket.receive, heartbeat=HEARTBEAT)
+            await updates.forward(accepted, socket.receive, heartbeat=HEARTBEAT)
         except WebSocketDisconnect:
             return  # the client left while an update was being sent
 
@@ -203,6 +202,9 @@ def create_app(settings: Settings) -> Litestar:
         version=ChatSession.version,
         serialize=session_view,  # the shape the API returns and the worker publishes
     )
+    # The snapshot service: the WebSocket handler accepts through it, with the user it
+    # authenticated. No middleware, so the route is declared once, by its handler.
+    sync = SessionSync(loader, version_loader=loader.version_loader)
     return Litestar(
         route_handlers=[
             index,
@@ -213,18 +215,10 @@ def create_app(settings: Settings) -> Litestar:
         dependencies={
             "store": Provide(lambda: store, sync_to_thread=False),
             "live": Provide(lambda: live, sync_to_thread=False),
+            "sync": Provide(lambda: sync, sync_to_thread=False),
             "user": Provide(provide_user),
         },
         lifespan=[store, live],
-        middleware=[
-            DefineMiddleware(
-                SessionSyncMiddleware,
-                loader=loader,
-                version_loader=loader.version_loader,
-                paths=["/ws/sessions/{session_id}"],
-                authenticate=authenticate,
-            )
-        ],
         after_exception=[log_exception],
         # Logging is configured by whoever runs the app (__main__, uvicorn, a test), not here.
         logging_config=None,
