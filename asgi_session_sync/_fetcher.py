@@ -30,7 +30,7 @@ from .snapshot import (
 )
 from .stats import SessionSyncStats
 
-__all__ = ["NOTHING", "FirstFrame", "SnapshotFetcher"]
+__all__ = ["FAILED", "NOTHING", "FirstFrame", "SnapshotFetcher"]
 
 logger = logging.getLogger("asgi_session_sync")
 
@@ -50,6 +50,9 @@ class FirstFrame(NamedTuple):
     known: bool = False
     """Whether the client's state is known after it: a snapshot was sent, or resume said it
     is current."""
+    failed: bool = False
+    """Whether nothing is sent because something failed (raised, timed out, could not be
+    encoded), rather than because there is no such session for this user."""
 
     def snapshot_frame(self) -> Frame | None:
         """The snapshot as a resync frame (``"reset": true``), parsed; ``None`` without one."""
@@ -69,6 +72,9 @@ class FirstFrame(NamedTuple):
 
 NOTHING = FirstFrame(None, None)
 """Nothing to send, and the client's version unknown."""
+
+FAILED = FirstFrame(None, None, failed=True)
+"""Nothing to send because something failed (logged, counted and reported already)."""
 
 
 class SnapshotFetcher:
@@ -103,7 +109,9 @@ class SnapshotFetcher:
         self.send_synced = send_synced
         self.stats = stats
         limiter = anyio.Semaphore(max_concurrent_loads, fast_acquire=True)
-        self._snapshots: SingleFlight[FirstFrame] = SingleFlight(limiter=limiter, ttl=cache_ttl)
+        self._snapshots: SingleFlight[FirstFrame] = SingleFlight(
+            limiter=limiter, ttl=cache_ttl, keep=lambda frame: not frame.failed
+        )
         self._versions: SingleFlight[Version] = SingleFlight(limiter=limiter)
 
     async def context(self, ctx: SessionContext) -> SessionContext | None:
@@ -127,17 +135,22 @@ class SnapshotFetcher:
         loaded = await self.snapshot(ctx)
         if loaded is None:
             return NOTHING
+        if loaded.failed:
+            return loaded
         if ctx.since is not None and loaded.version == ctx.since:
             return self._resumed(ctx)
         return loaded
 
     async def snapshot(self, ctx: SessionContext, *, fresh: bool = False) -> FirstFrame | None:
-        """The ``session_update`` frame for ``ctx``, or ``None`` (logged) when there is none.
+        """The ``session_update`` frame for ``ctx``; ``None`` when the loader said there is
+        none, :data:`FAILED` (logged, counted, reported) when loading failed.
 
         ``fresh`` is for resyncs after a lost update: it skips the cache and shares only loads
         that started after it was asked for, so the state read is never older than the ask.
         """
-        return await self._fetch(ctx, self._snapshots, self._load_snapshot, "snapshot load", fresh)
+        return await self._fetch(
+            ctx, self._snapshots, self._load_snapshot, "snapshot load", fresh, failure=FAILED
+        )
 
     async def _fetch(
         self,
@@ -146,13 +159,15 @@ class SnapshotFetcher:
         load: Callable[[SessionContext], Awaitable[T | None]],
         what: str,
         fresh: bool = False,
+        *,
+        failure: T | None = None,
     ) -> T | None:
         try:
             key = self.flight_key(ctx)
             hash(key)  # an unhashable key (a list inside) fails here, not in the flight table
         except Exception as exc:
             self._fail(ctx, exc, "no snapshot: flight_key raised")
-            return None
+            return failure
         with anyio.move_on_after(self.timeout):
             result, how = await flights.run(key, lambda: load(ctx), fresh=fresh)
             if how != "loaded":
@@ -167,7 +182,7 @@ class SnapshotFetcher:
             clip_for_log(ctx.scope["path"]),
         )
         self.report(ctx, TimeoutError(f"{what} timed out after {self.timeout}s"))
-        return None
+        return failure
 
     async def _load_snapshot(self, ctx: SessionContext) -> FirstFrame | None:
         started = time.perf_counter()
@@ -176,7 +191,7 @@ class SnapshotFetcher:
             result = await self.loader(ctx)
         except Exception as exc:
             self._fail(ctx, exc, "no snapshot: loader raised")
-            return None
+            return FAILED
         except BaseException as exc:
             if not isinstance(exc, anyio.get_cancelled_exc_class()):
                 logger.error(
@@ -222,7 +237,7 @@ class SnapshotFetcher:
                 type(result).__name__,
                 ctx.session_id,
             )
-            return None
+            return FAILED
         try:
             event = SessionUpdate(
                 session_id=ctx.session_id, owner=owner, session=session, version=version
@@ -230,7 +245,7 @@ class SnapshotFetcher:
             data = event.to_json()
         except Exception as exc:
             self._fail(ctx, exc, "no snapshot: cannot serialise the session")
-            return None
+            return FAILED
         if self.max_bytes is not None and len(data) > self.max_bytes:
             self.stats.incr("oversize")
             logger.warning(
@@ -239,7 +254,7 @@ class SnapshotFetcher:
                 self.max_bytes,
                 ctx.session_id,
             )
-            return None
+            return FAILED
         return FirstFrame(data, event.version, owner, known=True)
 
     def _resumed(self, ctx: SessionContext) -> FirstFrame:

@@ -41,8 +41,9 @@ class SingleFlight(Generic[T]):
     so its cancel scopes (timeout) apply. A waiter that is cancelled just stops waiting; the
     leader and the other waiters go on. If the leader is cancelled, the call is abandoned and
     one of the waiters becomes the new leader, so nobody is left without a load. ``fn`` must not
-    raise ``Exception``: failures are results (``None``), shared like any other with the callers
-    in flight, but never cached. A key of ``None`` is never shared and never cached.
+    raise ``Exception``: failures are results (``None``, or what ``keep`` refuses), shared like
+    any other with the callers in flight, but never cached. A key of ``None`` is never shared
+    and never cached.
 
     Leaders hold a slot of ``limiter``, a fair (FIFO) semaphore, while their call runs, so at
     most its initial value of calls run at once however many keys are loading.
@@ -52,11 +53,18 @@ class SingleFlight(Generic[T]):
     them is a look at the oldest: every call costs O(1) amortised, whatever the table's size.
     """
 
-    def __init__(self, *, limiter: anyio.Semaphore, ttl: float | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        limiter: anyio.Semaphore,
+        ttl: float | None = None,
+        keep: Callable[[T], bool] = lambda result: True,
+    ) -> None:
         self._flights: dict[Hashable, _Flight[T]] = {}
         self._expiry: deque[tuple[Hashable, _Flight[T]]] = deque()
         self._limiter = limiter
         self._ttl = ttl
+        self._keep = keep
         self._started = 0
 
     @property
@@ -110,7 +118,13 @@ class SingleFlight(Generic[T]):
             async with self._limiter:
                 flight.result = await fn()
             flight.finished = True
-            if self._ttl is not None and flight.result is not None and self._owns(key, flight):
+            result = flight.result
+            if (
+                self._ttl is not None
+                and result is not None
+                and self._keep(result)
+                and self._owns(key, flight)
+            ):
                 flight.expires = anyio.current_time() + self._ttl
                 self._expiry.append((key, flight))
                 cached = True

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import anyio
 
-from ._fetcher import NOTHING
+from ._fetcher import FAILED
 from ._types import Message, Scope, Send
 from .cursor import Cursor, Verdict
 from .protocol import Frame, Kind, Version, parse_frame
@@ -119,7 +119,7 @@ class SnapshotResponder:
         sync = self._settings.sync
         try:
             ctx = await sync.context(self.scope, self.session_id, _FROM_SCOPE)
-            first = NOTHING if ctx is None else await sync.fetcher.first_frame(ctx)
+            first = FAILED if ctx is None else await sync.fetcher.first_frame(ctx)
             # Only now does the client learn it is connected. Whatever the app does once its
             # send(accept) returns (register for broadcasts, subscribe) comes after the
             # snapshot, so nothing published in between is lost to the client.

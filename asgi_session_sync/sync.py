@@ -14,7 +14,7 @@ import re
 from collections.abc import Hashable, Iterable
 from typing import Any
 
-from ._fetcher import FirstFrame, SnapshotFetcher
+from ._fetcher import FAILED, FirstFrame, SnapshotFetcher
 from ._paths import clip_for_log, query_values
 from ._session_ids import DEFAULT_SESSION_ID_PATTERN, SessionIdRules
 from ._types import Scope, Send
@@ -201,6 +201,8 @@ class SessionSync:
         Raises:
             ValueError: ``session_id`` is not a valid session id (the message says why);
                 nothing was sent. Validate ids in the route to answer with a close instead.
+            Exception: Whatever ``send`` raises when the client left during the load (in
+                Starlette, ``WebSocketDisconnect``), as from the app's own sends.
         """
         if isinstance(session_id, str):
             problem = self.session_ids.problem(session_id)
@@ -211,7 +213,7 @@ class SessionSync:
             raise ValueError(f"invalid session id {clip_for_log(str(session_id))!r}: {problem}")
         self.stats.incr("connections")
         ctx = await self.context(scope, session_id, user)
-        first = await self.fetcher.first_frame(ctx) if ctx is not None else FirstFrame(None, None)
+        first = FAILED if ctx is None else await self.fetcher.first_frame(ctx)
         accept: dict[str, Any] = {"type": "websocket.accept", "subprotocol": subprotocol}
         headers = list(headers)
         if headers:
@@ -219,7 +221,10 @@ class SessionSync:
         await send(accept)
         socket = SessionSocket(self, scope, send, session_id, ctx, first)
         if first.data is not None:
-            await socket.send_snapshot(first.data)
+            # The app's own send: a client gone meanwhile raises what the app's sends raise
+            # (Starlette's WebSocketDisconnect), for the route to handle as it always does.
+            await send({"type": "websocket.send", "text": first.data.decode()})
+            self.stats.incr("snapshots_sent")
         return socket
 
 
@@ -237,9 +242,24 @@ class SessionSocket:
         owner: The owner the loader named, if any: live frames naming another are refused.
         known: Whether the client's state is known (a snapshot was sent, or resume said it is
             current). While unknown, a live patch waits for a resync.
+        failed: Whether no snapshot was sent because something failed (the loader raised or
+            timed out, ``authenticate`` raised; logged and counted), rather than because the
+            loader said there is no such session for this user. A route that closes a socket
+            without a snapshot can tell a refusal (close code 1008) from a failure worth a
+            retry (1011).
     """
 
-    __slots__ = ("_ctx", "_send", "_sync", "known", "owner", "scope", "session_id", "version")
+    __slots__ = (
+        "_ctx",
+        "_send",
+        "_sync",
+        "failed",
+        "known",
+        "owner",
+        "scope",
+        "session_id",
+        "version",
+    )
 
     def __init__(
         self,
@@ -258,6 +278,7 @@ class SessionSocket:
         self.version: Version | None = first.version
         self.owner = first.owner
         self.known = first.known
+        self.failed = first.failed
 
     @property
     def user(self) -> Any:
@@ -269,7 +290,8 @@ class SessionSocket:
         await self._send({"type": "websocket.send", "text": text})
 
     async def send_snapshot(self, data: bytes) -> bool:
-        """Send the snapshot frame; ``False`` (logged, counted) if the server refused it."""
+        """Send the snapshot frame for the middleware, which never lets a server's error
+        reach the app: ``False`` (logged, counted) if the server refused it."""
         fetcher = self._sync.fetcher
         try:
             await self._send({"type": "websocket.send", "text": data.decode()})
