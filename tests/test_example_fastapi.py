@@ -11,6 +11,7 @@ import httpx
 import pytest
 from conftest import follow_a_prompt
 from fastapi import FastAPI
+from sqlalchemy import text
 
 from asgi_session_sync import SessionSync
 from asgi_session_sync.nats import EmbeddedNats
@@ -162,6 +163,17 @@ async def test_another_user_never_sees_the_session(app: FastAPI, client: httpx.A
 
 async def test_a_session_that_does_not_exist_is_closed_without_a_frame(app: FastAPI) -> None:
     assert await closed_before_any_frame(app, f"/ws/sessions/{'0' * 32}?token=alice") == 1008
+
+
+async def test_a_failed_load_closes_with_1011_so_the_page_retries(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    session = await create_session(client)
+    async with app.state.store.engine.begin() as connection:
+        await connection.execute(text("DROP TABLE interactions"))  # the database is broken
+    assert await closed_before_any_frame(app, f"/ws/sessions/{session['id']}?token=alice") == 1011
+    sync: SessionSync = app.state.sync
+    assert sync.stats.errors == 1
 
 
 async def test_current_client_resuming_gets_no_snapshot_only_new_updates(

@@ -17,6 +17,8 @@ import httpx
 import pytest
 from conftest import follow_a_prompt
 from litestar import Litestar
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from asgi_session_sync.nats import EmbeddedNats
 from asgi_session_sync.testing import WebSocketClient, WebSocketRejected, connect_websocket
@@ -173,6 +175,20 @@ async def test_another_user_never_sees_the_session(app: Litestar, http: httpx.As
     # Bob's prompt changed nothing, and alice still gets her session.
     current = await call(http, "GET", base, "alice")
     assert current.json() == session
+
+
+async def test_a_failed_load_closes_with_1011_so_the_page_retries(
+    app: Litestar, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    session = await create_session(http)
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}")
+    try:
+        async with engine.begin() as connection:
+            await connection.execute(text("DROP TABLE interactions"))  # the database is broken
+    finally:
+        await engine.dispose()
+    path = f"/ws/sessions/{session['id']}?token=alice"
+    assert await closed_before_any_frame(app, path) == 1011
 
 
 async def test_unknown_and_invalid_session_ids_are_refused(

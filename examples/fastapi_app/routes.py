@@ -125,10 +125,13 @@ async def session_socket(
         # in the full load and in the version check of a client resuming with `since`. The
         # socket's state is known only when the loader vouched for this user: a snapshot was
         # sent, or the client is current. Live updates come from NATS, not from the loader,
-        # so anything else (another user's session, no such session, a failed load) is
-        # closed here, before a single update is forwarded.
+        # so anything else is closed here, before a single update is forwarded: a failed load
+        # with 1011 (the page retries), another user's or no such session with 1008 (final).
         if not socket.known:
-            await websocket.close(status.WS_1008_POLICY_VIOLATION)
+            code = (
+                status.WS_1011_INTERNAL_ERROR if socket.failed else status.WS_1008_POLICY_VIOLATION
+            )
+            await websocket.close(code)
             return
         try:
             await updates.forward(socket, websocket.receive, heartbeat=HEARTBEAT)

@@ -18,7 +18,11 @@ from litestar.exceptions import (
 )
 from litestar.params import FromPath, JSONBody
 from litestar.static_files import create_static_files_router
-from litestar.status_codes import HTTP_202_ACCEPTED, WS_1008_POLICY_VIOLATION
+from litestar.status_codes import (
+    HTTP_202_ACCEPTED,
+    WS_1008_POLICY_VIOLATION,
+    WS_1011_INTERNAL_ERROR,
+)
 from litestar.types import Scope
 from msgspec import Meta, Struct
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -155,8 +159,11 @@ async def session_socket(
         # in the full load and in the version check of a client resuming with `since`. The
         # socket's state is known only when the loader vouched for this user: a snapshot was
         # sent, or the client is current. Live updates come from NATS, not from the loader,
-        # so anything else (another user's session, no such session, a failed load) is
-        # closed here, before a single update is forwarded.
+        # so anything else is closed here, before a single update is forwarded: a failed load
+        # with 1011 (the page retries), another user's or no such session with 1008 (final).
+        if accepted.failed:
+            await socket.close(code=WS_1011_INTERNAL_ERROR, reason="could not load the session")
+            return
         if not accepted.known:
             await socket.close(code=WS_1008_POLICY_VIOLATION, reason="no such session")
             return
