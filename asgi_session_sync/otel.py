@@ -10,14 +10,15 @@ metrics.observe(app.stats)  # asgi_session_sync.loads, asgi_session_sync.load.du
 metrics.observe(bridge.stats)  # asgi_session_sync.nats.*
 ```
 
-Every integer counter of a stats object (its ``as_dict()``)
+The instruments come from the stats object's rows of
+:data:`~asgi_session_sync.stats.METRICS`, with their units and descriptions. Each counter
 becomes an OpenTelemetry observable counter named ``<namespace>.<counter>``, read from the
-object whenever the SDK collects: nothing is added to a connection's path for it. Each duration
-the object samples through its ``on_metric`` hook (``"load_seconds"``, one per loader call)
-is recorded in a histogram ``<namespace>.<what>.duration``, in seconds, with
-:data:`~asgi_session_sync.stats.LATENCY_BUCKETS` as its advised buckets. That hook runs inline
-on every counter increment and does nothing but a dict lookup for anything but a duration; an
-``on_metric`` hook already set on the object keeps being called after it.
+object's ``as_dict()`` whenever the SDK collects: nothing is added to a connection's path for
+it. Each histogram ``<what>_seconds`` becomes a histogram ``<namespace>.<what>.duration``, in
+seconds, with :data:`~asgi_session_sync.stats.LATENCY_BUCKETS` as its advised buckets; its
+samples arrive through a listener added with the object's ``add_listener``, which does nothing
+but a dict lookup for anything but a sample. The object's ``on_metric`` is left alone: a
+user's hook keeps being called, and may be replaced later.
 
 Names follow OpenTelemetry's conventions: dot-separated, counts with a ``{thing}`` unit,
 durations in ``s``. A Prometheus exporter turns them into ``asgi_session_sync_loads_total`` and
@@ -29,10 +30,8 @@ chooses the SDK and the exporter).
 
 from __future__ import annotations
 
-import inspect
-import re
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 try:
@@ -48,13 +47,11 @@ except ImportError as exc:
     raise ImportError("install asgi-session-sync[otel] to use asgi_session_sync.otel") from exc
 
 from . import __version__
-from .stats import LATENCY_BUCKETS, MetricHook
+from .stats import LATENCY_BUCKETS, Metric, MetricHook
 
 __all__ = [
     "DEFAULT_NAMESPACES",
-    "DEFAULT_UNIT",
     "INSTRUMENTATION_SCOPE",
-    "UNITS",
     "SessionSyncMetrics",
     "StatsSource",
 ]
@@ -63,33 +60,10 @@ INSTRUMENTATION_SCOPE = "asgi_session_sync"
 """The OpenTelemetry meter's name (the instrumentation scope of every instrument)."""
 
 DEFAULT_NAMESPACES: Mapping[str, str] = {
-    "SessionSyncStats": "asgi_session_sync",
-    "BridgeStats": "asgi_session_sync.nats",
+    "session_sync": "asgi_session_sync",
+    "bridge": "asgi_session_sync.nats",
 }
-"""Metric name prefix for each stats class of this package, by class name."""
-
-UNITS: Mapping[str, str] = {
-    "connections": "{connection}",
-    "invalid_ids": "{connection}",
-    "loads": "{load}",
-    "coalesced": "{load}",
-    "cache_hits": "{load}",
-    "version_loads": "{load}",
-    "snapshots_sent": "{snapshot}",
-    "skipped_by_resume": "{snapshot}",
-    "oversize": "{snapshot}",
-    "fenced_frames": "{frame}",
-    "errors": "{error}",
-    "timeouts": "{timeout}",
-}
-"""The unit of each counter, as an OpenTelemetry annotation; other counters get ``{event}``."""
-
-DEFAULT_UNIT = "{event}"
-"""The unit of a counter that :data:`UNITS` does not name."""
-
-# A stats object that has a histogram keeps its sum as "<what>_seconds_total" and reports each
-# sample to on_metric as "<what>_seconds".
-_DURATION_SUM = re.compile(r"^(?P<what>\w+)_seconds_total$")
+"""Metric name prefix for each component of :data:`~asgi_session_sync.stats.METRICS`."""
 
 # Meters that a SessionSyncMetrics already owns. The SDK hands a second registration of an
 # instrument name the first instrument and drops the new callbacks, so a second owner on the
@@ -98,15 +72,25 @@ _METERS_IN_USE: weakref.WeakSet[Meter] = weakref.WeakSet()
 
 
 class StatsSource(Protocol):
-    """What :meth:`SessionSyncMetrics.observe` reads: any object with ``as_dict()``.
+    """What :meth:`SessionSyncMetrics.observe` reads.
 
-    :class:`~asgi_session_sync.SessionSyncStats` and the NATS bridge's stats qualify. A
-    settable ``on_metric`` attribute (``def on_metric(name, value)``), when the object has
-    one, feeds the duration histograms.
+    :class:`~asgi_session_sync.stats.SessionSyncStats` and
+    :class:`~asgi_session_sync.stats.BridgeStats` qualify. Another object qualifies when it
+    declares its own :class:`~asgi_session_sync.stats.Metric` rows, counts them in
+    ``as_dict()`` and reports its histogram samples to its listeners.
     """
 
+    @property
+    def metrics(self) -> Sequence[Metric]:
+        """What the object counts: its rows of a metrics table."""
+        ...
+
     def as_dict(self) -> Mapping[str, Any]:
-        """Every counter by name: ints are counted, ``*_seconds_total`` sums name histograms."""
+        """Every field by name: each counter of :attr:`metrics` is an int."""
+        ...
+
+    def add_listener(self, listener: MetricHook, /) -> None:
+        """Call ``listener(name, value)`` with each sample of a histogram of :attr:`metrics`."""
         ...
 
 
@@ -155,67 +139,72 @@ class SessionSyncMetrics:
         """Report ``stats`` through this object's instruments from now on.
 
         Args:
-            stats: The middleware's ``stats``, the bridge's ``stats``, or any object with
-                ``as_dict()``.
+            stats: The middleware's ``stats``, the bridge's ``stats``, or another
+                :class:`StatsSource`.
             namespace: The metric name prefix. Defaults to ``asgi_session_sync`` for the
                 middleware's stats and ``asgi_session_sync.nats`` for the bridge's
-                (:data:`DEFAULT_NAMESPACES`); required for any other object.
+                (:data:`DEFAULT_NAMESPACES`, by the component of ``stats.metrics``);
+                required for any other object.
             attributes: Attributes on every measurement of this object, such as
                 ``{"app": "chat"}``.
 
         Raises:
-            ValueError: ``stats`` is already observed, or no namespace is known for it.
+            ValueError: ``stats`` is already observed, no namespace is known for it, or its
+                ``as_dict()`` lacks an int for a counter it declares.
         """
         if any(stats is observed for observed in self._observed):
             raise ValueError(f"{type(stats).__name__} object is already observed")
+        metrics = tuple(stats.metrics)
         if namespace is None:
-            namespace = DEFAULT_NAMESPACES.get(type(stats).__name__)
+            components = {metric.component for metric in metrics}
+            if len(components) == 1:
+                namespace = DEFAULT_NAMESPACES.get(components.pop())
             if namespace is None:
                 raise ValueError(
                     f"no default namespace for {type(stats).__name__}: pass namespace="
                     "(a metric name prefix such as 'myapp.session_sync')"
                 )
+        values = stats.as_dict()
+        for metric in metrics:
+            if metric.kind == "counter" and type(values.get(metric.name)) is not int:
+                raise ValueError(
+                    f"{type(stats).__name__}.as_dict() has no int {metric.name!r}, "
+                    "which its metrics declare as a counter"
+                )
         source = _Source(stats, attributes or {})
-        descriptions = _attribute_docs(type(stats))
         histograms: dict[str, Histogram] = {}
-        for field, value in stats.as_dict().items():
-            duration = _DURATION_SUM.match(field)
-            if duration is not None:
-                what = duration["what"]
-                histograms[f"{what}_seconds"] = self._histogram(
-                    f"{namespace}.{what}.duration",
-                    f"Duration of each {what.replace('_', ' ')}.",
-                )
-            elif type(value) is int:  # not bool, not float sums or maxima, not bucket lists
-                self._counter(f"{namespace}.{field}", field, descriptions.get(field, "")).append(
-                    source
-                )
+        for metric in metrics:
+            if metric.kind == "counter":
+                self._counter(namespace, metric).append(source)
+            else:
+                histograms[metric.name] = self._histogram(namespace, metric)
         self._observed.append(stats)
-        if histograms and hasattr(stats, "on_metric"):
-            previous: MetricHook | None = getattr(stats, "on_metric")  # noqa: B009
-            hook = _recording_hook(histograms, source.attributes, previous)
-            setattr(stats, "on_metric", hook)  # noqa: B010 (not part of the StatsSource protocol)
+        if histograms:
+            stats.add_listener(_recorder(histograms, source.attributes))
 
-    def _counter(self, name: str, field: str, description: str) -> list[_Source]:
-        """The sources of counter ``name``, creating the instrument on first use."""
+    def _counter(self, namespace: str, metric: Metric) -> list[_Source]:
+        """The sources of ``metric``'s counter, creating the instrument on first use."""
+        name = f"{namespace}.{metric.name}"
         sources = self._sources.get(name)
         if sources is None:
             sources = self._sources[name] = []
             self._meter.create_observable_counter(
                 name,
-                callbacks=[_observe_field(field, sources)],
-                unit=UNITS.get(field, DEFAULT_UNIT),
-                description=description,
+                callbacks=[_observe_field(metric.name, sources)],
+                unit=metric.unit,
+                description=metric.description,
             )
         return sources
 
-    def _histogram(self, name: str, description: str) -> Histogram:
+    def _histogram(self, namespace: str, metric: Metric) -> Histogram:
+        """``metric``'s histogram, creating the instrument on first use."""
+        name = f"{namespace}.{metric.name.removesuffix('_seconds')}.duration"
         histogram = self._histograms.get(name)
         if histogram is None:
             histogram = self._histograms[name] = self._meter.create_histogram(
                 name,
-                unit="s",
-                description=description,
+                unit=metric.unit,
+                description=metric.description,
                 explicit_bucket_boundaries_advisory=LATENCY_BUCKETS,
             )
         return histogram
@@ -239,39 +228,12 @@ def _observe_field(
     return callback
 
 
-def _recording_hook(
-    histograms: Mapping[str, Histogram],
-    attributes: Mapping[str, str],
-    previous: MetricHook | None,
-) -> MetricHook:
-    """An ``on_metric`` hook that records duration samples, then calls ``previous``."""
+def _recorder(histograms: Mapping[str, Histogram], attributes: Mapping[str, str]) -> MetricHook:
+    """A stats listener that records the samples named in ``histograms``; it ignores the rest."""
 
-    def on_metric(name: str, value: float) -> None:
+    def record(name: str, value: float) -> None:
         histogram = histograms.get(name)
         if histogram is not None:
             histogram.record(value, attributes)
-        if previous is not None:
-            previous(name, value)
 
-    return on_metric
-
-
-def _attribute_docs(cls: type) -> dict[str, str]:
-    """The ``Attributes:`` section of ``cls``'s Google-style docstring, as name -> text."""
-    docs: dict[str, str] = {}
-    lines = inspect.cleandoc(cls.__doc__ or "").splitlines()
-    try:
-        start = lines.index("Attributes:") + 1
-    except ValueError:
-        return docs
-    name = None
-    for line in lines[start:]:
-        if line and not line.startswith(" "):
-            break  # the next section
-        entry = re.match(r"^ {4}(\w+): (.*)$", line)
-        if entry is not None:
-            name = entry[1]
-            docs[name] = entry[2]
-        elif name is not None and line.strip():
-            docs[name] += " " + line.strip()
-    return docs
+    return record

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import importlib
 import logging
+import re
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -16,16 +18,22 @@ from opentelemetry.sdk.metrics.export import (
     Histogram,
     HistogramDataPoint,
     InMemoryMetricReader,
-    Metric,
     NumberDataPoint,
     Sum,
 )
+from opentelemetry.sdk.metrics.export import Metric as Exported
 
 from asgi_session_sync import SessionContext, SessionSyncMiddleware, Snapshot
-from asgi_session_sync import stats as stats_module
 from asgi_session_sync._types import Receive, Scope, Send
 from asgi_session_sync.otel import SessionSyncMetrics
-from asgi_session_sync.stats import LATENCY_BUCKETS, MetricHook
+from asgi_session_sync.stats import (
+    LATENCY_BUCKETS,
+    METRICS,
+    BridgeStats,
+    Metric,
+    MetricHook,
+    SessionSyncStats,
+)
 from asgi_session_sync.testing import connect_websocket
 
 pytestmark = pytest.mark.anyio
@@ -65,10 +73,11 @@ class Telemetry:
     provider: MeterProvider
     reader: InMemoryMetricReader
 
-    def collect(self) -> dict[str, Metric]:
+    def collect(self) -> dict[str, Exported]:
         """Every metric the reader collects now, by name."""
         data = self.reader.get_metrics_data()
-        assert data is not None
+        if data is None:  # no instrument yet
+            return {}
         return {
             metric.name: metric
             for resource in data.resource_metrics
@@ -85,7 +94,7 @@ def telemetry() -> Iterator[Telemetry]:
     provider.shutdown()
 
 
-def counter_values(metric: Metric) -> dict[tuple[tuple[str, Any], ...], float]:
+def counter_values(metric: Exported) -> dict[tuple[tuple[str, Any], ...], float]:
     """A monotonic counter's values, by sorted attribute items."""
     assert isinstance(metric.data, Sum)
     assert metric.data.is_monotonic
@@ -96,7 +105,7 @@ def counter_values(metric: Metric) -> dict[tuple[tuple[str, Any], ...], float]:
     return values
 
 
-def histogram_point(metric: Metric) -> HistogramDataPoint:
+def histogram_point(metric: Exported) -> HistogramDataPoint:
     assert isinstance(metric.data, Histogram)
     [point] = metric.data.data_points
     assert isinstance(point, HistogramDataPoint)
@@ -127,7 +136,9 @@ async def test_every_middleware_counter_is_an_otel_counter_with_the_stats_value(
         assert counter_values(collected[f"asgi_session_sync.{name}"]) == {(): value}, name
     assert collected["asgi_session_sync.loads"].unit == "{load}"
     assert collected["asgi_session_sync.connections"].unit == "{connection}"
-    assert "Loader calls actually made" in collected["asgi_session_sync.loads"].description
+    assert collected["asgi_session_sync.loads"].description == (
+        "Loader calls actually made (after single-flight and the cache)."
+    )
 
 
 async def test_counters_follow_later_connections(telemetry: Telemetry) -> None:
@@ -161,8 +172,13 @@ async def test_each_loader_call_is_recorded_in_the_load_duration_histogram(
 
 async def test_an_existing_on_metric_hook_is_still_called(telemetry: Telemetry) -> None:
     reported: list[tuple[str, float]] = []
-    middleware = session_sync(on_metric=lambda name, value: reported.append((name, value)))
+
+    def on_metric(name: str, value: float) -> None:
+        reported.append((name, value))
+
+    middleware = session_sync(on_metric=on_metric)
     SessionSyncMetrics(meter_provider=telemetry.provider).observe(middleware.stats)
+    assert middleware.stats.on_metric is on_metric  # observed beside it, not in its place
     await connect(middleware, "/ws/s1", snapshot=True)
 
     assert [name for name, _ in reported] == [
@@ -217,83 +233,142 @@ async def test_attributes_tell_two_middlewares_apart_and_equal_ones_are_summed(
     }
 
 
-@dataclass
-class BridgeStats:
-    """A stand-in with the NATS bridge's stats shape (fields, ``incr``, ``as_dict``, hook).
-
-    Attributes:
-        published: Updates published.
-        resyncs: Subscriptions resynced after broker trouble.
-    """
-
-    published: int = 0
-    resyncs: int = 0
-    on_metric: MetricHook | None = field(default=None, repr=False, compare=False)
-
-    def incr(self, name: str, amount: int = 1) -> None:
-        setattr(self, name, getattr(self, name) + amount)
-        if self.on_metric is not None:
-            self.on_metric(name, amount)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "on_metric"}
-
-
-async def test_bridge_stats_are_counted_under_the_nats_namespace(telemetry: Telemetry) -> None:
+async def test_every_bridge_counter_is_counted_under_the_nats_namespace(
+    telemetry: Telemetry,
+) -> None:
     bridge_stats = BridgeStats()
     SessionSyncMetrics(meter_provider=telemetry.provider).observe(bridge_stats)
-    bridge_stats.incr("published", 3)
-    bridge_stats.incr("resyncs")
+    for amount, metric in enumerate(BridgeStats.metrics, start=1):
+        bridge_stats.incr(metric.name, amount)
 
     collected = telemetry.collect()
-    assert counter_values(collected["asgi_session_sync.nats.published"]) == {(): 3}
-    assert counter_values(collected["asgi_session_sync.nats.resyncs"]) == {(): 1}
-    assert collected["asgi_session_sync.nats.resyncs"].unit == "{event}"
-    assert collected["asgi_session_sync.nats.resyncs"].description == (
-        "Subscriptions resynced after broker trouble."
-    )
+    for amount, metric in enumerate(BridgeStats.metrics, start=1):
+        exported = collected[f"asgi_session_sync.nats.{metric.name}"]
+        assert counter_values(exported) == {(): amount}, metric.name
+        assert (exported.unit, exported.description) == (metric.unit, metric.description)
+    assert collected["asgi_session_sync.nats.slow_consumers"].unit == "{socket}"
 
 
-@pytest.mark.skipif(
-    not hasattr(stats_module, "BridgeStats"), reason="the NATS bridge has no BridgeStats yet"
-)
-async def test_the_real_bridge_stats_are_counted_under_the_nats_namespace(
+async def test_a_users_on_metric_receives_every_increment_while_otel_observes(
     telemetry: Telemetry,
 ) -> None:
-    bridge_stats = stats_module.BridgeStats()  # type: ignore[attr-defined]
-    SessionSyncMetrics(meter_provider=telemetry.provider).observe(bridge_stats)
-    counters = [name for name, value in bridge_stats.as_dict().items() if type(value) is int]
-    assert counters, "BridgeStats has no int counters"
-    bridge_stats.incr(counters[0], 2)
-    metric = telemetry.collect()[f"asgi_session_sync.nats.{counters[0]}"]
-    assert counter_values(metric) == {(): 2}
+    reported: list[tuple[str, float]] = []
+
+    def on_metric(name: str, value: float) -> None:
+        reported.append((name, value))
+
+    sync_stats = SessionSyncStats(on_metric=on_metric)
+    bridge_stats = BridgeStats(on_metric=on_metric)
+    metrics = SessionSyncMetrics(meter_provider=telemetry.provider)
+    metrics.observe(sync_stats)
+    metrics.observe(bridge_stats)
+    assert (sync_stats.on_metric, bridge_stats.on_metric) == (on_metric, on_metric)
+
+    expected: list[tuple[str, float]] = []
+    for stats in (sync_stats, bridge_stats):
+        for amount, metric in enumerate(stats.metrics, start=1):
+            if metric.kind == "counter":
+                stats.incr(metric.name, amount)
+                expected.append((metric.name, amount))
+    for seconds in (0.002, 0.3):
+        sync_stats.observe_load(seconds)
+        expected.append(("load_seconds", seconds))
+
+    assert reported == expected
+    collected = telemetry.collect()
+    for namespace, stats in (
+        ("asgi_session_sync", sync_stats),
+        ("asgi_session_sync.nats", bridge_stats),
+    ):
+        for metric in stats.metrics:
+            if metric.kind == "counter":
+                exported = collected[f"{namespace}.{metric.name}"]
+                assert counter_values(exported) == {(): getattr(stats, metric.name)}
+    point = histogram_point(collected["asgi_session_sync.load.duration"])
+    assert point.count == 2
+    assert point.sum == pytest.approx(0.302)
 
 
-async def test_any_object_with_as_dict_is_observed_under_the_namespace_given(
+async def test_a_hook_set_after_observe_replaces_only_the_users_hook(
     telemetry: Telemetry,
 ) -> None:
-    class Custom:
-        def __init__(self) -> None:
-            self.jobs = 5
+    stats = SessionSyncStats()
+    SessionSyncMetrics(meter_provider=telemetry.provider).observe(stats)
+    reported: list[str] = []
+    stats.on_metric = lambda name, value: reported.append(name)
+    stats.observe_load(0.01)
+    stats.on_metric = None
+    stats.observe_load(0.02)
 
-        def as_dict(self) -> dict[str, Any]:
-            return {"jobs": self.jobs, "ratio": 0.5, "flag": True}
+    assert reported == ["load_seconds"]
+    assert histogram_point(telemetry.collect()["asgi_session_sync.load.duration"]).count == 2
 
-    SessionSyncMetrics(meter_provider=telemetry.provider).observe(Custom(), namespace="myapp.sync")
+
+class Jobs:
+    """A user's own stats object, with its own metrics table."""
+
+    metrics = (Metric("jobs", "worker", "counter", "{job}", "Jobs run."),)
+
+    def __init__(self) -> None:
+        self.jobs = 5
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"jobs": self.jobs, "ratio": 0.5}
+
+    def add_listener(self, listener: MetricHook) -> None:
+        raise AssertionError("a table without histograms needs no listener")
+
+
+async def test_any_stats_source_is_observed_from_its_own_table(telemetry: Telemetry) -> None:
+    SessionSyncMetrics(meter_provider=telemetry.provider).observe(Jobs(), namespace="myapp.sync")
     collected = telemetry.collect()
     assert counter_values(collected["myapp.sync.jobs"]) == {(): 5}
-    assert "myapp.sync.ratio" not in collected  # floats are not counts
-    assert "myapp.sync.flag" not in collected  # neither are booleans
+    assert (collected["myapp.sync.jobs"].unit, collected["myapp.sync.jobs"].description) == (
+        "{job}",
+        "Jobs run.",
+    )
+    assert "myapp.sync.ratio" not in collected  # not in its table
+
+
+def test_a_declared_counter_missing_from_as_dict_is_refused(telemetry: Telemetry) -> None:
+    class Broken(Jobs):
+        def as_dict(self) -> dict[str, Any]:
+            return {"jobs": 1.5}
+
+    metrics = SessionSyncMetrics(meter_provider=telemetry.provider)
+    with pytest.raises(ValueError, match=r"Broken.as_dict\(\) has no int 'jobs'"):
+        metrics.observe(Broken(), namespace="myapp")
+    assert telemetry.collect() == {}  # nothing half-registered
+
+
+GUIDE = Path(__file__).parent.parent / "docs" / "guides" / "metrics.md"
+GUIDE_ROW = re.compile(r"^\| `([^`]+)` \| (counter|histogram) \| `([^`]+)` \| (.+) \|$", re.M)
+
+
+def test_the_metrics_guide_lists_exactly_what_is_exported(telemetry: Telemetry) -> None:
+    sync_stats, bridge_stats = SessionSyncStats(), BridgeStats()
+    metrics = SessionSyncMetrics(meter_provider=telemetry.provider)
+    metrics.observe(sync_stats)
+    metrics.observe(bridge_stats)
+    sync_stats.observe_load(0.01)  # a histogram with no sample is not collected
+
+    exported = {
+        (
+            metric.name,
+            "histogram" if isinstance(metric.data, Histogram) else "counter",
+            metric.unit,
+            metric.description,
+        )
+        for metric in telemetry.collect().values()
+    }
+    assert len(exported) == len(METRICS)
+    assert set(GUIDE_ROW.findall(GUIDE.read_text())) == exported
 
 
 def test_an_unknown_stats_class_needs_a_namespace(telemetry: Telemetry) -> None:
-    class Custom:
-        def as_dict(self) -> dict[str, Any]:
-            return {}
-
     metrics = SessionSyncMetrics(meter_provider=telemetry.provider)
-    with pytest.raises(ValueError, match="no default namespace for Custom: pass namespace="):
-        metrics.observe(Custom())
+    with pytest.raises(ValueError, match="no default namespace for Jobs: pass namespace="):
+        metrics.observe(Jobs())
 
 
 def test_observing_the_same_stats_twice_is_refused(telemetry: Telemetry) -> None:
