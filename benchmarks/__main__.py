@@ -16,7 +16,9 @@ Parts (see each module's docstring for the method):
 4. ``idle_memory``: server RSS per idle connection at 1,000 connections;
 5. ``mass_reconnect``: 2,000 clients at once, single-flight off vs on;
 6. ``token_cost``: bytes and server CPU per streamed token as the session grows, full-state
-   publishing vs patch publishing through the NATS bridge.
+   publishing vs patch publishing through the NATS bridge;
+7. ``fanout``: server CPU per update delivered to each of 20 and 100 sockets of one session,
+   the NATS bridge vs a hand-written forwarder (a nats-py subscription per socket).
 
 The report goes to ``benchmarks/results/report.json`` (see :mod:`benchmarks._harness` for its
 schema). The exit status is 1 if any connection failed or any frame was not the expected one;
@@ -32,7 +34,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import first_frame, idle_memory, mass_reconnect, passthrough, snapshot_cost, token_cost
+from . import (
+    fanout,
+    first_frame,
+    idle_memory,
+    mass_reconnect,
+    passthrough,
+    snapshot_cost,
+    token_cost,
+)
 from ._harness import RESULTS, Part, main
 from ._server import PROFILE_ENV
 
@@ -45,6 +55,7 @@ PARTS: dict[str, Part[Any]] = {
         idle_memory.PART,
         mass_reconnect.PART,
         token_cost.PART,
+        fanout.PART,
     )
 }
 

@@ -19,10 +19,16 @@ SQLAlchemy loader, or the same hand-written one).
 
 On a session's WebSocket (``/ws/sessions/{id}``), after the snapshot, a client message ``burst
 N`` makes the app send the first ``N`` of :func:`token_frames` as fast as it can. With
-``--nats`` (``wrapped`` only), the app instead subscribes to the session on a ``NatsBridge``
-connected to the URL in the ``BENCHMARKS_NATS_URL`` environment variable (it carries the
-broker's credentials, so never the command line), accepts with ``SessionSync.accept`` (the
-same service, no middleware) and forwards its updates, as the bridge's documentation shows.
+``--nats``, the app instead forwards the session's updates from the NATS server at the URL in
+the ``BENCHMARKS_NATS_URL`` environment variable (it carries the broker's credentials, so never
+the command line), on the session's :func:`subject`:
+
+- ``wrapped``: through the bridge, as its documentation shows: ``NatsBridge.subscribe``, accept
+  with ``SessionSync.accept`` (the same service, no middleware), ``updates.forward(socket,
+  receive)``. With ``--stream``, the server also publishes token streams (``stream`` below).
+- ``bare``, the hand-written forwarder: one plain nats-py subscription per socket, confirmed
+  (``flush``) before the accept and the snapshot by hand; its callback sends each message's
+  text as it came, with no ordering and no repair.
 
 ``/control`` is a control WebSocket (a path the middleware does not serve, so both variants
 answer it with the same code). Each message gets one answer:
@@ -30,9 +36,9 @@ answer it with the same code). Each message gets one answer:
 - ``cpu``: this process's CPU seconds (``time.process_time()``, all threads), to the nanosecond;
 - ``stats``: JSON of the snapshot service's counters (``"middleware"``, ``null`` for ``bare``),
   the loader's own call count and the CPU seconds;
-- ``stream <session id> <full|patch> <tokens> <clients>``: publish ``tokens`` changes to the
-  session through the bridge, each after the previous one reached all ``clients`` sockets;
-  answers ``done`` or ``failed: <why>``.
+- ``stream <session id> <full|patch> <tokens> <clients>`` (``--stream`` only): publish
+  ``tokens`` changes to the session through the bridge, each after the previous one reached
+  all ``clients`` sockets; answers ``done`` or ``failed: <why>``.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ import cProfile
 import json
 import os
 import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -76,11 +83,15 @@ __all__ = [
     "NATS_URL_ENV",
     "PREFIX",
     "PROFILE_ENV",
+    "Broker",
     "LiveApp",
     "ServerProcess",
+    "cpu_seconds",
+    "embedded_nats",
     "raise_open_files_limit",
     "running_server",
     "server_args",
+    "subject",
     "token_frames",
 ]
 
@@ -95,6 +106,8 @@ MAX_BURST = 4096
 SERVER_START_TIMEOUT = 30.0
 SERVER_STOP_TIMEOUT = 10.0
 TOKEN_TIMEOUT = 30.0
+# A full-state event of 1,000 interactions is about 1.1 MB, over NATS's default of 1 MB.
+NATS_MAX_PAYLOAD = 8 * 1024 * 1024
 
 
 def raise_open_files_limit() -> int:
@@ -117,6 +130,11 @@ def token_frames(session_id: str) -> list[str]:
         f'"delta":"{FILLER[:64]}"}}'
         for n in range(MAX_BURST)
     ]
+
+
+def subject(session_id: str) -> str:
+    """The NATS subject of a session's updates, as ``NatsBridge`` names it by default."""
+    return f"session_sync.{session_id}"
 
 
 # The child: the app and its stores.
@@ -223,7 +241,8 @@ class LiveApp:
     ``by_hand`` is the bare app's own snapshot: ``async def frame(session_id) -> text | None``,
     sent right after accepting; ``None`` when ``sync`` sends it instead, through the middleware
     or, with a ``bridge``, through :meth:`SessionSync.accept` in :meth:`forward_updates`. With a
-    ``bridge``, each session socket forwards the session's updates from NATS.
+    ``bridge``, each session socket forwards the session's updates from NATS; with a plain
+    nats-py client (``nats``) instead, it forwards them by hand (:meth:`forward_by_hand`).
 
     Raises:
         ValueError: A ``bridge`` without a ``sync``: the forwarding loop needs its socket.
@@ -236,6 +255,7 @@ class LiveApp:
         loader: Any = None,
         sync: SessionSync | None = None,
         bridge: Any = None,
+        nats: Any = None,
         stream: TokenStream | None = None,
     ) -> None:
         if bridge is not None and sync is None:
@@ -244,6 +264,7 @@ class LiveApp:
         self.loader = loader
         self.sync = sync
         self.bridge = bridge
+        self.nats = nats
         self.stream = stream
         self.forwarded = stream.forwarded if stream is not None else Forwarded()
 
@@ -257,6 +278,9 @@ class LiveApp:
         session_id = scope["path"][len(PREFIX) :]
         if self.bridge is not None:
             await self.forward_updates(scope, session_id, receive, send)
+            return
+        if self.nats is not None:
+            await self.forward_by_hand(session_id, receive, send)
             return
         if (await receive())["type"] != "websocket.connect":
             return
@@ -293,10 +317,34 @@ class LiveApp:
             if accepted:  # a forwarded frame, not the accept or the snapshot
                 self.forwarded.add(session_id)
 
+        # Only a token stream waits for the count: without one, the bridge gets the server's
+        # own send, as the hand-written forwarder does.
+        send_to_socket = send if self.stream is None else counted_send
         async with self.bridge.subscribe(session_id) as updates:
-            socket = await self.sync.accept(scope, counted_send, session_id)
+            socket = await self.sync.accept(scope, send_to_socket, session_id)
             accepted = True
             await updates.forward(socket, receive)
+
+    async def forward_by_hand(self, session_id: str, receive: Receive, send: Send) -> None:
+        """The floor of fan-out: a subscription per socket, each message sent as it came."""
+        if (await receive())["type"] != "websocket.connect":
+            return
+
+        async def deliver(msg: Any) -> None:
+            await send({"type": "websocket.send", "text": msg.data.decode()})
+
+        subscription = await self.nats.subscribe(subject(session_id), cb=deliver)
+        try:
+            # One round trip, as the bridge's subscribe: the broker has the subscription
+            # before the client has its snapshot, so no update published after it is missed.
+            await self.nats.flush()
+            await send({"type": "websocket.accept"})
+            await self.send_snapshot(session_id, send)
+            while (await receive())["type"] != "websocket.disconnect":
+                pass
+        finally:
+            with anyio.CancelScope(shield=True):
+                await subscription.unsubscribe()
 
     async def control(self, receive: Receive, send: Send) -> None:
         """Answer every message of the control socket (see the module's docstring)."""
@@ -337,7 +385,8 @@ async def serve(args: argparse.Namespace) -> None:
     """Build the variant's app over its store and serve it until told to stop."""
     async with AsyncExitStack() as stack:
         bridge: Any = None
-        if args.nats:
+        client: Any = None
+        if args.nats and args.variant == "wrapped":
             from asgi_session_sync.nats import NatsBridge
 
             # Full-state frames of 1,000 interactions are about 1 MiB each: allow the
@@ -345,13 +394,18 @@ async def serve(args: argparse.Namespace) -> None:
             bridge = await stack.enter_async_context(
                 NatsBridge(os.environ[NATS_URL_ENV], pending_bytes_limit=256 * 2**20)
             )
+        elif args.nats:
+            import nats
+
+            client = await nats.connect(os.environ[NATS_URL_ENV])
+            stack.push_async_callback(client.close)
         loader: Any
         by_hand: Callable[[str], Awaitable[str | None]]
         stream = None
         if args.db is None:
             store = MemoryStore(sessions_of(args))
             loader, by_hand = store, store.frame
-            if bridge is not None:
+            if args.stream:
                 stream = TokenStream(store, bridge, Forwarded())
         else:
             from ._database import HandLoader, library_loader, open_engine
@@ -364,7 +418,7 @@ async def serve(args: argparse.Namespace) -> None:
             by_hand = hand.frame
         app: Any
         if args.variant == "bare":
-            app = LiveApp(by_hand, loader=loader)
+            app = LiveApp(by_hand, loader=loader, nats=client)
         else:
             options: dict[str, Any] = {}
             if args.single_flight is not None:
@@ -453,10 +507,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--nats", action="store_true", help=f"forward the sessions' updates from ${NATS_URL_ENV}"
     )
+    parser.add_argument(
+        "--stream", action="store_true", help="publish token streams on request (wrapped --nats)"
+    )
     parser.add_argument("--watch-stdin", action="store_true", help="stop when stdin closes")
     args = parser.parse_args(argv)
-    if args.nats and args.variant != "wrapped":
-        parser.error("--nats needs --variant wrapped: updates are forwarded through SessionSync")
+    if args.stream and not (args.nats and args.variant == "wrapped" and args.db is None):
+        parser.error("--stream needs --variant wrapped --nats over the in-memory store")
     if args.nats and not os.environ.get(NATS_URL_ENV):
         parser.error(f"--nats needs the NATS URL in ${NATS_URL_ENV}")
     return args
@@ -470,10 +527,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not profile_dir:
         anyio.run(serve, args)
         return 0
-    # cProfile over the whole server, written when it stops (SIGTERM ends uvicorn cleanly).
+    # cProfile over the whole server, written when it stops. uvicorn shuts down cleanly on
+    # SIGTERM, then raises the signal again with the handler it found: the default one would
+    # end the process before the stats are written, so SIGTERM raises KeyboardInterrupt here.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     profiler = cProfile.Profile()
     try:
         profiler.runcall(anyio.run, serve, args)
+    except KeyboardInterrupt:
+        pass
     finally:
         profiler.dump_stats(os.path.join(profile_dir, f"{args.variant}-{os.getpid()}.prof"))
     return 0
@@ -526,6 +588,27 @@ def cpu_seconds(pid: int) -> float:
             fields = stat.read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return total / 1e9
+
+
+@dataclass(frozen=True)
+class Broker:
+    """A running nats-server: its URL (a secret: it carries the credentials) and its pid."""
+
+    url: str
+    pid: int
+
+
+@asynccontextmanager
+async def embedded_nats(options: Any = None) -> AsyncIterator[Broker]:
+    """A private nats-server around a part's rounds (its ``environment``), ``max_payload`` 8 MB.
+
+    Hand its URL to a server through ``env={NATS_URL_ENV: broker.url}``, never its arguments.
+    """
+    from asgi_session_sync.nats_server import EmbeddedNats
+
+    async with EmbeddedNats(config={"max_payload": NATS_MAX_PAYLOAD}) as nats:
+        assert nats.process is not None
+        yield Broker(nats.url, nats.process.pid)
 
 
 @asynccontextmanager

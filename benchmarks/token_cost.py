@@ -5,9 +5,10 @@ sends the change through the NATS bridge, and every WebSocket watching the sessi
 Publishing the whole session makes a token cost as much as the session is large; publishing a
 JSON Patch (issue 11) should make it cost the same at 10 interactions as at 1,000.
 
-Each round starts a fresh server (:mod:`benchmarks._server`, ``wrapped``, ``--nats``) in its
-own process, connected to an embedded ``nats-server`` that lives for the whole part (its
-``max_payload`` raised to 8 MB: a full-state frame of 1,000 interactions is about 1.1 MB).
+Each round starts a fresh server (:mod:`benchmarks._server`, ``wrapped``, ``--nats
+--stream``) in its own process, connected to an embedded ``nats-server`` that lives for the
+whole part (its ``max_payload`` raised to 8 MB: a full-state frame of 1,000 interactions is
+about 1.1 MB).
 The server holds sessions of 10, 100 and 1,000 interactions of about 1 KB each, in memory.
 For every size, and for both modes in an order that changes every round and size:
 
@@ -37,8 +38,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -58,7 +57,7 @@ from ._report import (
     ratio,
     table,
 )
-from ._server import NATS_URL_ENV, cpu_seconds, server_args
+from ._server import NATS_URL_ENV, Broker, cpu_seconds, embedded_nats, server_args
 from ._sessions import filler, memory_sessions, session_id_for, streamed_content
 
 __all__ = ["PART", "TokenCostOptions"]
@@ -68,7 +67,6 @@ BYTES_GROWTH = 1.2  # patches: figure at the largest size / at the smallest, at 
 CPU_GROWTH = 1.2
 FULL_OVER_PATCH = 100  # bytes per token at the largest size, at least
 FRAME_TYPES = {"full": b'{"type":"session_update"', "patch": b'{"type":"session_patch"'}
-NATS_MAX_PAYLOAD = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -86,24 +84,6 @@ class TokenCostOptions:
     timeout: float = 60.0
 
 
-@dataclass
-class Environment:
-    """The embedded nats-server every round's server connects to."""
-
-    url: str
-    pid: int
-
-
-@asynccontextmanager
-async def embedded_nats(options: TokenCostOptions) -> AsyncIterator[Environment]:
-    """A private nats-server for the whole part, with a large enough ``max_payload``."""
-    from asgi_session_sync.nats import EmbeddedNats
-
-    async with EmbeddedNats(config={"max_payload": NATS_MAX_PAYLOAD}) as nats:
-        assert nats.process is not None
-        yield Environment(nats.url, nats.process.pid)
-
-
 def expected_session(options: TokenCostOptions, size: int) -> Any:
     """The session of ``size`` interactions once a stream of ``tokens`` tokens is done."""
     sid = session_id_for(size, 0)
@@ -113,7 +93,7 @@ def expected_session(options: TokenCostOptions, size: int) -> Any:
 
 
 async def stream(
-    server: Server, size: int, mode: str, tokens: int, options: TokenCostOptions, env: Environment
+    server: Server, size: int, mode: str, tokens: int, options: TokenCostOptions, env: Broker
 ) -> dict[str, Any]:
     """One stream to fresh clients; return its figures and what the first client received."""
     sid = session_id_for(size, 0)
@@ -168,10 +148,11 @@ def check(mode: str, result: dict[str, Any], expected: Any) -> str | None:
     return None if state == expected else f"{mode}: the client's state is not the server's"
 
 
-async def run_round(number: int, options: TokenCostOptions, env: Environment) -> list[Row]:
+async def run_round(number: int, options: TokenCostOptions, env: Broker) -> list[Row]:
     """One round on a fresh server: every size, both modes, after a warm-up of each mode."""
     sizes = [str(size) for size in options.sizes]
-    args = server_args("wrapped", "--nats", "--sessions", "0", "--session-sizes", *sizes)
+    args = server_args("wrapped", "--nats", "--stream", "--sessions", "0")
+    args += ["--session-sizes", *sizes]
     args += ["--interaction-bytes", str(options.interaction_bytes)]
     rows: list[Row] = []
     # The URL carries the broker's credentials: the server gets it in its environment.
@@ -236,7 +217,7 @@ def progress(rows: list[Row]) -> str:
     )
 
 
-def report(rows: list[Row], options: TokenCostOptions, env: Environment) -> Report:
+def report(rows: list[Row], options: TokenCostOptions, env: Broker) -> Report:
     """Per size, both modes and full/patch; per mode, the largest size over the smallest."""
     smallest, largest = min(options.sizes), max(options.sizes)
     by_size = compare(rows, FIGURES, key="mode", baseline="patch", candidate="full", by=("size",))

@@ -2,7 +2,7 @@
 
 The e2e tests below do; the others check the harness's own rules without servers.
 
-Each part starts its real servers (uvicorn in child processes, nats-server for the token part,
+Each part starts its real servers (uvicorn in child processes, nats-server for the NATS parts,
 SQLite for the database parts) with far less work than even ``--quick``: the figures are noise,
 but every connection must succeed and every frame be the expected one.
 """
@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from benchmarks import (
+    fanout,
     first_frame,
     idle_memory,
     mass_reconnect,
@@ -42,6 +43,7 @@ SMALLEST: list[tuple[Part[Any], dict[str, Any]]] = [
     ),
     (idle_memory.PART, {"connections": 10, "warmup": 2, "settle_seconds": 0.05}),
     (mass_reconnect.PART, {"clients": 10, "sessions": 5, "interactions": 3}),
+    (fanout.PART, {"clients": (3,), "updates": 20, "warmup_updates": 2}),
 ]
 
 
