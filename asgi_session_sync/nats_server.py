@@ -22,23 +22,31 @@ SIGKILL and runs no clean-up code at all:
   Killing the watchdog itself with SIGKILL as well leaves the server running.
 
 Pass ``die_with_parent="watchdog"`` to use the watchdog on Linux too (tests do, to cover it).
+
+The server requires credentials that each instance generates (or is given): without them any
+local account could read and forge every update on its loopback port. They reach the server
+through a configuration file readable by this account only (mode 0600 in a private temporary
+directory, removed on stop), never its command line, which every local account can read.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
+import re
+import secrets
 import shutil
 import socket
 import subprocess
 import sys
 import sysconfig
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Literal
+from typing import Any, Literal
 
 import anyio
 import anyio.abc
@@ -49,6 +57,16 @@ _BINARY = "nats-server"
 _READY_LINE = b"Server is ready"
 _TAIL_BYTES = 2000
 _POLL_INTERVAL = 0.01
+# Characters a generated or given user name or password may hold: URL-unreserved, so that it
+# goes into a ``nats://user:password@`` URL as it is (nats-py does not percent-decode them),
+# and nothing nats-server's configuration parser would read as a variable or a bcrypt hash.
+_CREDENTIAL = re.compile(r"[A-Za-z0-9._~-]+")
+# ``args`` may not set these: the server's credentials come from its own configuration file,
+# and a flag would override them (and show them to every local account in ``ps``), or replace
+# that file.
+_OWN_FLAGS = frozenset({"user", "pass", "auth", "c", "config"})
+# ``config`` may not set these: each would decide who may connect instead of the credentials.
+_OWN_KEYS = frozenset({"authorization", "accounts", "no_auth_user", "operator", "resolver"})
 
 # Run with ``python -I -S -c``: sets the parent-death signal, checks the parent did not die
 # before it was set (the kernel would then never send it), and becomes nats-server. The
@@ -161,9 +179,19 @@ class EmbeddedNats:
     documentation for how, per platform). For production, run nats-server under your process
     supervisor and pass its URL.
 
+    The server admits only clients that present its user name and password, random per
+    instance unless given (from :mod:`secrets`). :attr:`url` carries them, so
+    ``NatsBridge(server.url)`` and ``nats.connect(server.url)`` just work: **the URL is a
+    secret**. Log :attr:`display_url` instead, and hand :attr:`url` to another process you
+    trust through its environment or a file only it can read, never its command line. A server
+    restarted on a pinned ``port`` keeps its clients only if it keeps its credentials: pass the
+    same ``user`` and ``password`` to both.
+
     Attributes:
         host: The address the server binds.
         port: Its client port (chosen when entering if none was given).
+        user: The user name clients must present.
+        password: The password clients must present (a secret).
         process: The running ``nats-server`` process, for tests that simulate a crash
             (``process.kill()``).
 
@@ -172,7 +200,13 @@ class EmbeddedNats:
             comes back at the same URL, where clients reconnect on their own.
         host: Address to bind; loopback by default.
         args: Extra ``nats-server`` arguments, such as ``["--cluster_name", "c", "--cluster",
-            "nats://127.0.0.1:6250", "--routes", "nats://127.0.0.1:6251"]``.
+            "nats://127.0.0.1:6250", "--routes", "nats://127.0.0.1:6251"]``; not ``--user``,
+            ``--pass``, ``--auth`` or ``-c`` (the server's credentials are its own). A node
+            of such a cluster does not tell clients the other nodes' addresses (they would
+            come without credentials): give a client every node's :attr:`url`.
+        config: Configuration entries with no command-line flag, written to the server's
+            configuration file as JSON, such as ``{"max_payload": 8 * 1024 * 1024}``; not
+            ``authorization``, ``accounts`` or others that decide who may connect.
         jetstream: Enable JetStream, with a temporary store removed on exit.
         binary: The ``nats-server`` to run; default :func:`find_nats_server`.
         start_timeout: Seconds the server may take to become ready.
@@ -181,12 +215,19 @@ class EmbeddedNats:
             parent-death signal), ``"watchdog"`` (a watchdog process on a pipe, any POSIX
             system), or ``"auto"``: the signal on Linux under asyncio, the watchdog elsewhere
             and under trio (which forks in a worker thread).
+        user: The user name clients must present; default a random one.
+        password: The password clients must present; default a random one (192 bits). Give
+            your own (say from :func:`secrets.token_urlsafe`) to share it with processes
+            started before the server, or to keep it across a restart.
 
     Raises:
         FileNotFoundError: No ``nats-server`` binary was found.
+        TypeError: ``config`` holds a value JSON cannot encode.
         ValueError: ``die_with_parent`` is not one of the three, or ``"signal"`` off Linux;
             ``port`` is 0 (nats-server would take its default port, 4222: pass ``None``
-            for a free one).
+            for a free one); ``user`` or ``password`` is empty or holds a character other
+            than letters, digits and ``._~-``; ``args`` sets the credentials or a
+            configuration file, or ``config`` decides who may connect.
     """
 
     def __init__(
@@ -195,11 +236,14 @@ class EmbeddedNats:
         port: int | None = None,
         host: str = "127.0.0.1",
         args: Sequence[str] = (),
+        config: Mapping[str, Any] | None = None,
         jetstream: bool = False,
         binary: str | os.PathLike[str] | None = None,
         start_timeout: float = 10.0,
         stop_timeout: float = 5.0,
         die_with_parent: DieWithParent = "auto",
+        user: str | None = None,
+        password: str | None = None,
     ) -> None:
         if binary is None:
             self.binary = find_nats_server()
@@ -211,6 +255,19 @@ class EmbeddedNats:
             raise TypeError(f"args must be a list of arguments, not a string: got {args!r}")
         if port == 0:
             raise ValueError("port=0 makes nats-server take 4222: pass port=None for a free port")
+        _refuse_own_flags(args)
+        self._config = dict(config or {})
+        refused = sorted(_OWN_KEYS.intersection(self._config))
+        if refused:
+            raise ValueError(
+                f"config may not set {', '.join(refused)}: the server admits its own user= "
+                "and password= only"
+            )
+        json.dumps(self._config)  # TypeError now, not when the server starts
+        self.user = secrets.token_urlsafe(12) if user is None else _credential("user", user)
+        self.password = (
+            secrets.token_urlsafe(24) if password is None else _credential("password", password)
+        )
         self._auto = die_with_parent == "auto"
         if die_with_parent == "auto":
             die_with_parent = "signal" if sys.platform.startswith("linux") else "watchdog"
@@ -235,10 +292,29 @@ class EmbeddedNats:
 
     @property
     def url(self) -> str:
-        """The client URL, ``nats://127.0.0.1:PORT``."""
+        """The client URL with the credentials, ``nats://USER:PASSWORD@127.0.0.1:PORT``.
+
+        A secret: whoever holds it can read and publish every update. Never log it (log
+        :attr:`display_url`) or pass it on a command line.
+
+        Raises:
+            RuntimeError: The server was never started (it has no port yet).
+        """
+        return f"nats://{self.user}:{self.password}@{self._address()}"
+
+    @property
+    def display_url(self) -> str:
+        """The client URL without the credentials, ``nats://127.0.0.1:PORT``, for logs.
+
+        Raises:
+            RuntimeError: The server was never started (it has no port yet).
+        """
+        return f"nats://{self._address()}"
+
+    def _address(self) -> str:
         if self.port is None:
             raise RuntimeError("the server has no port until it is started")
-        return f"nats://{self.host}:{self.port}"
+        return f"{self.host}:{self.port}"
 
     async def __aenter__(self) -> EmbeddedNats:
         """Start the server and wait until it is ready.
@@ -286,8 +362,12 @@ class EmbeddedNats:
         """Stop the server."""
         await self.stop()
 
-    def _command(self, workdir: Path) -> list[str]:
-        command = [self.binary, "-a", self.host, "-p", str(self.port)]
+    def _command(self, workdir: Path, config: Path) -> list[str]:
+        command = [self.binary, "-c", str(config), "-a", self.host, "-p", str(self.port)]
+        # In a cluster, a server tells its clients the other nodes' addresses, which a client
+        # adds to its list without credentials (and each node's are its own): it would fail
+        # to authenticate there. Clients use the URLs they were given instead.
+        command.append("--no_advertise=true")
         if self.jetstream:
             command += ["--jetstream", "--store_dir", str(workdir / "jetstream")]
         command += self.args
@@ -306,17 +386,19 @@ class EmbeddedNats:
                     "that retires): use 'auto' or 'watchdog'"
                 )
             self.die_with_parent = "watchdog"
+        # mkdtemp: a new directory only this account can enter (mode 0700).
         self._workdir = tempfile.TemporaryDirectory(prefix="nats-server-")
         workdir = Path(self._workdir.name)
         log = workdir / "nats-server.log"
         try:
+            config = self._write_config(workdir)
             # The server writes to the file; it never blocks on a full pipe nobody reads. In a
             # session of its own, so Ctrl+C in a terminal reaches the app, which then stops the
             # server after its own shutdown, not the server first. Forked from this (the
             # event loop's) thread: the parent-death signal follows the forking thread.
             with log.open("wb") as log_file:
                 self.process = await anyio.open_process(
-                    self._command(workdir),
+                    self._command(workdir, config),
                     stdin=subprocess.DEVNULL,
                     stdout=log_file,
                     stderr=log_file,
@@ -337,6 +419,18 @@ class EmbeddedNats:
             if "address already in use" in tail:
                 raise _AddressInUse(tail) from None
             raise
+
+    def _write_config(self, workdir: Path) -> Path:
+        """Write the credentials to ``workdir/nats-server.conf``, mode 0600; return its path."""
+        # JSON is valid nats-server configuration, and quoted values are taken literally
+        # (never as a ``$variable`` or a number); the characters were checked already.
+        authorization = {"user": self.user, "password": self.password}
+        text = json.dumps({**self._config, "authorization": authorization})
+        path = workdir / "nats-server.conf"
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+            file.write(text + "\n")
+        return path
 
     async def _wait_ready(self, log: Path) -> None:
         assert self.process is not None
@@ -409,6 +503,26 @@ class EmbeddedNats:
 
 class _AddressInUse(RuntimeError):
     pass
+
+
+def _credential(name: str, value: str) -> str:
+    if not _CREDENTIAL.fullmatch(value):
+        raise ValueError(
+            f"{name} must be letters, digits and ._~- only (it goes into the URL as it is): "
+            "use secrets.token_urlsafe(), or None for a random one"
+        )
+    return value
+
+
+def _refuse_own_flags(args: Sequence[str]) -> None:
+    for arg in args:
+        flag = arg.lstrip("-").partition("=")[0] if arg.startswith("-") else ""
+        if flag in _OWN_FLAGS:
+            fix = "config={...}" if flag in ("c", "config") else "user= and password="
+            raise ValueError(
+                f"args may not hold {arg.partition('=')[0]!r}: the server's credentials are its "
+                f"own, in its own configuration file, never on its command line; pass {fix}"
+            )
 
 
 def _on_asyncio() -> bool:

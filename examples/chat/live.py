@@ -13,7 +13,7 @@ from asgi_session_sync.nats_server import EmbeddedNats
 
 from .leases import LeaseSweeper
 from .publishing import SessionPublisher
-from .settings import ChatSettings
+from .settings import NATS_USER, ChatSettings
 from .store import ChatStore
 
 __all__ = ["HEARTBEAT", "LiveChat"]
@@ -32,8 +32,9 @@ class LiveChat:
     """The API's running parts, for its lifespan: ``async with LiveChat(store, settings):``.
 
     Entering starts the private ``nats-server`` on ``settings.nats_port`` when no
-    ``settings.nats_url`` is set (it dies with this process, even on SIGKILL), opens the
-    bridge, and starts the lease sweeper. Leaving stops them in reverse order.
+    ``settings.nats_url`` is set (it dies with this process, even on SIGKILL, and admits only
+    ``settings.nats_password``), opens the bridge, and starts the lease sweeper. Leaving
+    stops them in reverse order.
 
     Args:
         store: The chat store (entered separately).
@@ -78,9 +79,19 @@ class LiveChat:
         async with AsyncExitStack() as stack:
             url = self.settings.nats_url
             if url is None:
-                server = EmbeddedNats(port=self.settings.nats_port)
+                password = self.settings.nats_password
+                server = EmbeddedNats(
+                    port=self.settings.nats_port, user=NATS_USER, password=password
+                )
+                # The URL carries the password: log the one without it.
                 url = (await stack.enter_async_context(server)).url
-                logger.info("started nats-server url=%s", url)
+                logger.info("started nats-server url=%s", server.display_url)
+                if password is None:
+                    logger.warning(
+                        "NATS_PASSWORD is not set: the private nats-server's password is this "
+                        "process's own, so no worker can reach it; run python -m "
+                        "examples.<app> (it sets one), or export the same NATS_PASSWORD to both"
+                    )
             bridge = await stack.enter_async_context(
                 NatsBridge(url, name=self.name, reconnect_time_wait=NATS_RECONNECT_WAIT)
             )

@@ -4,6 +4,11 @@
 ``worker`` streams the responses; ``all`` (the default) starts both as child processes, prints
 their pids, restarts either one a second after it dies (so ``kill -9 <pid>`` shows a restart),
 and stops both on Ctrl+C or SIGTERM.
+
+The private nats-server admits only the password in ``NATS_PASSWORD``. ``all`` makes one per
+run, unless it is set, and gives it to both children in their environment: never on a
+command line, which every local account can read with ``ps``. A restarted API starts its
+server with the same password, so the worker reconnects. Run apart, both need the same one.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -62,7 +69,10 @@ def main(
     if process == "api":
         serve_api()
     elif process == "worker":
-        settings = worker_settings()
+        try:
+            settings = worker_settings()
+        except ValueError as error:
+            sys.exit(f"python -m {module} worker: {error}")
         with contextlib.suppress(KeyboardInterrupt):
             anyio.run(run_worker, settings)
     else:
@@ -77,10 +87,13 @@ async def supervise(module: str) -> bool:
     Returns ``False`` when one kept exiting right after it started, and both were stopped.
     """
     gave_up: list[str] = []
+    environment = _children_environment()
     async with anyio.create_task_group() as children:
         for process in ("api", "worker"):
             command = [sys.executable, "-m", module, process]
-            children.start_soon(_keep_running, command, process, children.cancel_scope, gave_up)
+            children.start_soon(
+                _keep_running, command, environment, process, children.cancel_scope, gave_up
+            )
         # Both, explicitly: a shell starts background jobs with SIGINT ignored, and Python
         # then never raises KeyboardInterrupt; the children may have stopped on it already.
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -89,15 +102,31 @@ async def supervise(module: str) -> bool:
     return not gave_up
 
 
+def _children_environment() -> dict[str, str]:
+    """This environment, with a ``NATS_PASSWORD`` for the API's private server if it has none.
+
+    Only when the API starts one (no ``NATS_URL``). Made once per launcher, so that a restarted
+    API's server takes the password the worker already holds.
+    """
+    environment = dict(os.environ)
+    if not environment.get("NATS_URL") and not environment.get("NATS_PASSWORD"):
+        environment["NATS_PASSWORD"] = secrets.token_urlsafe(24)
+    return environment
+
+
 async def _keep_running(
-    command: list[str], name: str, everything: anyio.CancelScope, gave_up: list[str]
+    command: list[str],
+    environment: dict[str, str],
+    name: str,
+    everything: anyio.CancelScope,
+    gave_up: list[str],
 ) -> None:
     quick_exits = 0
     while True:
         # The child shares this terminal's process group: Ctrl+C reaches it directly.
         started = anyio.current_time()
         process = await anyio.open_process(
-            command, stdin=subprocess.DEVNULL, stdout=None, stderr=None
+            command, stdin=subprocess.DEVNULL, stdout=None, stderr=None, env=environment
         )
         print(f"started {name} pid={process.pid}  (kill -9 {process.pid} to crash it)", flush=True)
         try:

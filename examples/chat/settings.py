@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 from sqlalchemy.engine import make_url
 
 from .worker import WorkerSettings
 
-__all__ = ["ChatSettings"]
+__all__ = ["NATS_USER", "ChatSettings"]
+
+NATS_USER = "chat"
+"""The user name of the API's private nats-server; its password is ``NATS_PASSWORD``."""
 
 _Settings = TypeVar("_Settings", bound="ChatSettings")
 
@@ -27,6 +31,7 @@ _ENVIRONMENT: dict[str, tuple[str, type[Any]]] = {
     "DATABASE_URL": ("database_url", str),
     "NATS_URL": ("nats_url", str),
     "NATS_PORT": ("nats_port", int),
+    "NATS_PASSWORD": ("nats_password", str),
     "HOST": ("host", str),
     "PORT": ("port", int),
     "RESPONSE_TOKENS": ("response_tokens", int),
@@ -46,6 +51,11 @@ class ChatSettings:
             on ``nats_port`` of 127.0.0.1, and the worker connects there.
         nats_port: Port of that private server: pinned, so that after an API restart it
             comes back at the same address, where the worker reconnects.
+        nats_password: The password of that private server (user :data:`NATS_USER`): the
+            API and the worker must share it, and keep it across restarts (the launcher,
+            ``python -m examples.<app>``, makes one per run and hands it to both through
+            their environment). ``None``: the API's server gets a password of its own,
+            which no worker knows. A secret: never logged, and left out of ``repr``.
         host: Address the API binds.
         port: Port the API binds.
         response_tokens: Tokens in each simulated response.
@@ -58,8 +68,9 @@ class ChatSettings:
     """
 
     database_url: str = "sqlite+aiosqlite:///./chat.sqlite3"
-    nats_url: str | None = None
+    nats_url: str | None = field(default=None, repr=False)  # may carry credentials
     nats_port: int = 4223
+    nats_password: str | None = field(default=None, repr=False)
     host: str = "127.0.0.1"
     port: int = 8000
     response_tokens: int = 15
@@ -78,6 +89,14 @@ class ChatSettings:
         for name, value in (("PORT", self.port), ("NATS_PORT", self.nats_port)):
             if not 0 < value < 65536:
                 raise ValueError(f"{name} must be between 1 and 65535: got {value}")
+        # It goes into the worker's URL as it is: unreserved URL characters only (the value
+        # is a secret, so the message does not repeat it).
+        password = self.nats_password
+        if password is not None and (not password or quote(password, safe="") != password):
+            raise ValueError(
+                "NATS_PASSWORD must be letters, digits and ._~- only: make one with "
+                "python -c 'import secrets; print(secrets.token_urlsafe(24))'"
+            )
         if self.response_tokens < 1:
             raise ValueError(f"RESPONSE_TOKENS must be at least 1: got {self.response_tokens}")
         if not self.token_interval >= 0:
@@ -89,9 +108,9 @@ class ChatSettings:
     def from_env(cls: type[_Settings], environ: Mapping[str, str] | None = None) -> _Settings:
         """Read the settings from ``environ`` (default ``os.environ``).
 
-        Variables: ``DATABASE_URL``, ``NATS_URL``, ``NATS_PORT``, ``HOST``, ``PORT``,
-        ``RESPONSE_TOKENS``, ``TOKEN_INTERVAL``, ``LEASE_SECONDS``. Unset or empty ones keep
-        their defaults.
+        Variables: ``DATABASE_URL``, ``NATS_URL``, ``NATS_PORT``, ``NATS_PASSWORD``,
+        ``HOST``, ``PORT``, ``RESPONSE_TOKENS``, ``TOKEN_INTERVAL``, ``LEASE_SECONDS``. Unset
+        or empty ones keep their defaults.
 
         Raises:
             ValueError: A number does not parse, or is out of range.
@@ -111,11 +130,29 @@ class ChatSettings:
 
     @property
     def worker_nats_url(self) -> str:
-        """Where the worker publishes: ``nats_url``, or the API's private server."""
-        return self.nats_url or f"nats://127.0.0.1:{self.nats_port}"
+        """Where the worker publishes: ``nats_url``, or the API's private server.
+
+        The private server's URL carries ``nats_password``: a secret, never to be logged.
+
+        Raises:
+            ValueError: Neither ``NATS_URL`` nor ``NATS_PASSWORD`` is set.
+        """
+        if self.nats_url:
+            return self.nats_url
+        if self.nats_password is None:
+            raise ValueError(
+                "the worker needs NATS_PASSWORD, the password of the API's private "
+                "nats-server: run both with python -m examples.<app> (it sets one), or "
+                "export the same NATS_PASSWORD to the API and the worker, or set NATS_URL"
+            )
+        return f"nats://{NATS_USER}:{self.nats_password}@127.0.0.1:{self.nats_port}"
 
     def worker(self) -> WorkerSettings:
-        """The worker's settings."""
+        """The worker's settings.
+
+        Raises:
+            ValueError: Neither ``NATS_URL`` nor ``NATS_PASSWORD`` is set.
+        """
         return WorkerSettings(
             database_url=self.database_url,
             nats_url=self.worker_nats_url,

@@ -13,8 +13,9 @@ import logging
 import os
 import socket
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import cycle, islice
+from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import anyio.abc
@@ -25,7 +26,13 @@ from asgi_session_sync.nats import NatsBridge
 from .publishing import SessionPublisher
 from .store import ChatStore, Claim
 
-__all__ = ["ResponseWorker", "WorkerSettings", "run_worker", "simulated_tokens"]
+__all__ = [
+    "ResponseWorker",
+    "WorkerSettings",
+    "run_worker",
+    "simulated_tokens",
+    "without_credentials",
+]
 
 logger = logging.getLogger("examples.chat")
 
@@ -45,13 +52,20 @@ def simulated_tokens(count: int) -> list[str]:
     return [(" " if index else "") + word for index, word in enumerate(words)]
 
 
+def without_credentials(url: str) -> str:
+    """``url`` without the user and password it may carry, for logs."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
 @dataclass(frozen=True)
 class WorkerSettings:
     """How a worker runs.
 
     Attributes:
         database_url: SQLAlchemy URL with an asyncio driver.
-        nats_url: Where to publish.
+        nats_url: Where to publish; it may carry credentials (a secret: log
+            :func:`without_credentials` of it).
         tokens: Tokens in each simulated response.
         token_interval: Seconds between two tokens.
         lease: Seconds a claim holds without renewal; the worker renews it with every token
@@ -61,7 +75,7 @@ class WorkerSettings:
     """
 
     database_url: str
-    nats_url: str
+    nats_url: str = field(repr=False)  # may carry credentials
     tokens: int = 15
     token_interval: float = 0.2
     lease: float = 10.0
@@ -175,7 +189,7 @@ async def run_worker(settings: WorkerSettings) -> None:
         AsyncExitStack() as stack,
     ):
         bridge = await _enter_bridge(stack, settings.nats_url)
-        logger.info("worker ready nats=%s", settings.nats_url)
+        logger.info("worker ready nats=%s", without_credentials(settings.nats_url))
         await ResponseWorker(store, SessionPublisher(bridge), settings).run()
 
 
@@ -191,4 +205,4 @@ async def _enter_bridge(stack: AsyncExitStack, url: str) -> NatsBridge:
         try:
             return await stack.enter_async_context(bridge)
         except ConnectionError:
-            logger.info("waiting for NATS url=%s", url)
+            logger.info("waiting for NATS url=%s", without_credentials(url))
