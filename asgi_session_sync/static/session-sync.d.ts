@@ -1,12 +1,12 @@
 // TypeScript declarations for session-sync.js, the asgi-session-sync browser client.
-// The options, events and the wire rule for versions: docs/guides/frontend.md.
+// The options, events and the ordering rules: docs/guides/frontend.md.
 
 /**
- * A session version: an int counter or an ISO-8601 timestamp string. An int beyond ±(2^53-1)
- * travels as a string of decimal digits ("-?[0-9]+"), and any such string is an int version,
- * compared by value (as a BigInt).
+ * A session version (protocol v3): a whole number from 0 to 2^53 - 1
+ * (`Number.MAX_SAFE_INTEGER`), such as a per-session counter or a row version. Strings (even of
+ * digits) and timestamps are not versions; see `asVersion`.
  */
-export type Version = number | string;
+export type Version = number;
 
 /** A JSON value, as carried in states and patches. */
 export type JsonValue =
@@ -33,6 +33,11 @@ export interface SessionUpdate<S = unknown> {
   version?: Version;
   owner?: string | null;
   session: S;
+  /**
+   * True on a snapshot loaded from the database (a resync on a live socket): the client replaces
+   * its state and version with it, even when it shows a newer version.
+   */
+  reset?: boolean;
 }
 
 /** A delta: applying `patch` to the state at `base_version` gives the state at `version`. */
@@ -75,7 +80,15 @@ export interface StateDetail {
 export interface SessionSyncOptions<S = unknown> {
   /** WebSocket URL; a path is resolved against the page, with ws: or wss: to match. */
   url: string | URL;
-  /** Called with each state applied: each connection's first snapshot, newer updates, patches. */
+  /**
+   * The session to follow: session events with another `session_id` are ignored. Default: the
+   * session each connection's first snapshot names.
+   */
+  sessionId?: string;
+  /**
+   * Called with each state applied: each connection's first snapshot, resets, newer updates,
+   * patches.
+   */
   onSession: (session: S, event: SessionUpdate<S> | SessionPatch) => void;
   /** Called when the connection state changes. */
   onState?: (state: ConnectionState, detail: StateDetail) => void;
@@ -132,7 +145,7 @@ export type DefaultedOption =
 /** Keeps one session current over a self-healing WebSocket. */
 export class SessionSync<S = unknown> {
   /**
-   * @throws {TypeError} Without url or onSession.
+   * @throws {TypeError} Without url or onSession, or with a sessionId that is not a string.
    * @throws {RangeError} For a time that is not a number of ms >= 0, a factor below 1, or a
    *   jitter outside 0..1.
    */
@@ -145,6 +158,8 @@ export class SessionSync<S = unknown> {
   readonly state: ConnectionState;
   /** The version of the state last applied, or null. */
   readonly version: Version | null;
+  /** The session followed (options.sessionId, or the one the last snapshot named), or null. */
+  readonly sessionId: string | null;
   /** The state last applied (undefined before the first). */
   readonly session: S | undefined;
   /** The current socket, or null between attempts. */
@@ -162,8 +177,15 @@ export class SessionSync<S = unknown> {
 }
 
 /**
- * Compare two versions: 1 if a is newer, -1 if older, 0 if the same, null if they don't compare
- * (an int and a timestamp, or something that is not a version).
+ * The version a decoded JSON value stands for, or null when it is not one: a number whose value
+ * is a whole number from 0 to 2^53 - 1 (`7`, `7.0` and `7e0` are 7; `-0` is 0). Strings (even
+ * of digits), booleans, fractions, negative numbers and numbers beyond 2^53 - 1 are not.
+ */
+export function asVersion(value: unknown): Version | null;
+
+/**
+ * Compare two versions: 1 if a is newer, -1 if older, 0 if the same, null if either is not a
+ * version (see `asVersion`).
  */
 export function compareVersions(a: unknown, b: unknown): 1 | 0 | -1 | null;
 

@@ -3,9 +3,9 @@
 // Opens the session's WebSocket and keeps it healthy: reconnects with jittered exponential
 // backoff (reset only once a connection has stayed up), notices a silent half-open socket by its
 // missing heartbeats, reconnects at once when the network comes back. Passes the last version it
-// applied as `since` on reconnect. Takes the first `session_update` of each connection as the
-// server's truth, then applies newer `session_update` and chained `session_patch` events
-// (RFC 6902 JSON Patch), never rolling back to an older state.
+// applied as `since` on reconnect. Takes the first `session_update` of each connection, and any
+// marked `"reset": true`, as the server's truth, then applies newer `session_update` and chained
+// `session_patch` events (RFC 6902 JSON Patch), never rolling back to an older state.
 //
 //   import { SessionSync } from "/static/session-sync/session-sync.js";
 //   const sync = new SessionSync({
@@ -14,94 +14,34 @@
 //     onState: (state) => (badge.textContent = state),
 //   }).start();
 //
-// The options, events and the wire rule for versions: docs/guides/frontend.md.
-
-const ISO = /^(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(?:\.(\d{1,9}))?(Z|[+-]\d{2}:?\d{2})?$/i;
-// An int version beyond ±(2^53-1) travels as a string of decimal digits; any such string is an
-// int version (the wire rule, shared with the server's versions.py).
-const DIGITS = /^-?[0-9]+$/;
+// The options, events and the ordering rules: docs/guides/frontend.md. What a version is
+// (protocol v3) is shared with the server through tests/vectors/versions.json.
 
 /**
- * Sort key of a version, or null when it is not one: [0, value] for an int, [1, microseconds
- * since the epoch] for a timestamp. BigInt, so ints beyond 2^53 and microseconds keep every digit.
- * A timestamp without an offset is UTC, as on the server.
- * @param {unknown} version
- * @returns {[0 | 1, bigint] | null}
+ * The version a decoded JSON value stands for, or null when it is not one: a number whose value
+ * is a whole number from 0 to 2^53 - 1 (Number.MAX_SAFE_INTEGER). JSON.parse has already made
+ * 7, 7.0 and 7e0 the same number. Strings (even of digits), booleans, fractions, negative
+ * numbers and numbers beyond 2^53 - 1 are not versions.
+ * @param {unknown} value
+ * @returns {number | null}
  */
-function versionKey(version) {
-  if (typeof version === "number") {
-    return Number.isInteger(version) ? [0, BigInt(version)] : null;
-  }
-  if (typeof version !== "string") return null;
-  if (DIGITS.test(version)) return [0, BigInt(version)];
-  const match = ISO.exec(version);
-  if (!match) return null;
-  const [, base, fraction = "", offset = "Z"] = match;
-  const milliseconds = Date.parse(base + offset);
-  if (Number.isNaN(milliseconds)) return null;
-  const microseconds = BigInt((fraction + "000000").slice(0, 6));
-  return [1, BigInt(milliseconds) * 1000n + microseconds];
+export function asVersion(value) {
+  // `+ 0` turns -0 (JSON "-0", "-0.0") into 0, so it prints and compares as the version 0.
+  return typeof value === "number" && Number.isSafeInteger(value) && value >= 0 ? value + 0 : null;
 }
 
 /**
- * Compare two versions: 1 if a is newer, -1 if older, 0 if the same, null if they don't compare
- * (an int and a timestamp, or something that is not a version).
+ * Compare two versions: 1 if a is newer, -1 if older, 0 if the same, null if either is not a
+ * version (see asVersion).
  * @param {unknown} a
  * @param {unknown} b
  * @returns {1 | 0 | -1 | null}
  */
 export function compareVersions(a, b) {
-  const x = versionKey(a);
-  const y = versionKey(b);
-  if (x === null || y === null || x[0] !== y[0]) return null;
-  if (x[1] === y[1]) return 0;
-  return x[1] > y[1] ? 1 : -1;
-}
-
-/**
- * A version as the `since` query parameter: ints as their exact decimal digits, timestamps as sent.
- * @param {number | string} version
- * @returns {string}
- */
-function sinceText(version) {
-  // String(2 ** 70) is "1.1805916207174113e+21", which the server cannot read as a version.
-  return typeof version === "number" && Number.isInteger(version)
-    ? BigInt(version).toString()
-    : String(version);
-}
-
-const VERSION_FIELDS = ["version", "base_version"];
-
-/** @param {unknown} value */
-function isUnsafeInt(value) {
-  return typeof value === "number" && Number.isInteger(value) && !Number.isSafeInteger(value);
-}
-
-/**
- * Parse one frame. A server that follows the wire rule sends big int versions as digit strings;
- * one that sends them as JSON numbers loses their low digits in JSON.parse. Where the browser
- * gives revivers the source text (Chrome 114+), such versions are read again as exact digit
- * strings; elsewhere they stay rounded numbers. Only top-level version fields are touched, and
- * only frames that have such a number pay for the second parse.
- * @param {string} text
- * @returns {unknown}
- */
-function parseFrame(text) {
-  const frame = JSON.parse(text);
-  if (!frame || typeof frame !== "object" || !VERSION_FIELDS.some((k) => isUnsafeInt(frame[k]))) {
-    return frame;
-  }
-  /** @type {[object, string, string][]} */
-  const exact = [];
-  const root = JSON.parse(text, function (key, value, context) {
-    const source = context === undefined ? undefined : context.source;
-    if (VERSION_FIELDS.includes(key) && isUnsafeInt(value) && DIGITS.test(source)) {
-      exact.push([this, key, source]);
-    }
-    return value;
-  });
-  for (const [holder, key, digits] of exact) if (holder === root) root[key] = digits;
-  return root;
+  const x = asVersion(a);
+  const y = asVersion(b);
+  if (x === null || y === null) return null;
+  return x > y ? 1 : x < y ? -1 : 0;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -364,7 +304,10 @@ export class SessionSync {
         throw new RangeError(`SessionSync: ${name} must be a number of ms >= 0, got ${value}`);
       }
     }
-    const { factor, jitter } = this.options;
+    const { factor, jitter, sessionId } = this.options;
+    if (sessionId !== undefined && typeof sessionId !== "string") {
+      throw new TypeError(`SessionSync: sessionId must be a string, got ${sessionId}`);
+    }
     if (typeof factor !== "number" || !(factor >= 1) || factor === Infinity) {
       throw new RangeError(`SessionSync: factor must be a number >= 1, got ${factor}`);
     }
@@ -383,6 +326,10 @@ export class SessionSync {
     this.stopped = true;
     // Per connection: no session_update or session_synced seen yet on this socket.
     this.fresh = true;
+    /** Whether a state was applied (with or without a version): a patch can then be judged. */
+    this.known = false;
+    /** The session followed: options.sessionId, else the one the last snapshot named, or null. */
+    this.sessionId = this.options.sessionId === undefined ? null : this.options.sessionId;
     this.openedAt = null; // Date.now() when the socket opened, null until then
     this.lastReceived = 0; // Date.now() of the last frame
     this.watchdog = null;
@@ -449,7 +396,7 @@ export class SessionSync {
     if (url.protocol === "http:") url.protocol = "ws:";
     if (url.protocol === "https:") url.protocol = "wss:";
     if (this.version === null) url.searchParams.delete(this.options.sinceParam);
-    else url.searchParams.set(this.options.sinceParam, sinceText(this.version));
+    else url.searchParams.set(this.options.sinceParam, String(this.version));
     return url.toString();
   }
 
@@ -604,7 +551,7 @@ export class SessionSync {
   receive(text) {
     let event;
     try {
-      event = parseFrame(text);
+      event = JSON.parse(text);
     } catch {
       return;
     }
@@ -619,37 +566,76 @@ export class SessionSync {
         this.applyPatchEvent(event);
         return;
       case "session_synced":
-        // The server skipped the snapshot: this client is current at the version it sent.
-        this.fresh = false;
-        if (this.version === null && event.version !== undefined) this.version = event.version;
+        if (!this.applySynced(event)) return;
         break;
     }
     if (this.options.onEvent) this.options.onEvent(event);
   }
 
+  /**
+   * @private
+   * Whether a session event is about the session this client follows: options.sessionId when
+   * given; else the session of this connection's first snapshot, which a first snapshot
+   * (`first`) names. Until one is known, every session is.
+   */
+  follows(event, first) {
+    const id = event.session_id;
+    if (this.options.sessionId !== undefined) return id === this.options.sessionId;
+    if (first) return true;
+    return this.sessionId === null || id === this.sessionId;
+  }
+
+  /** @private Take a frame the client applies as naming the session it follows. */
+  learnSession(event) {
+    if (this.options.sessionId === undefined) {
+      this.sessionId = typeof event.session_id === "string" ? event.session_id : null;
+    }
+  }
+
   /** @private */
   applyUpdate(event) {
-    if (this.fresh) {
-      // The first full state of a connection is the server's truth, even if older than what
-      // is shown: the session was re-created or restored from a backup.
-      this.fresh = false;
-      this.version = event.version === undefined ? null : event.version;
-    } else {
-      const order = this.version === null ? 1 : compareVersions(event.version, this.version);
-      if (order === 0 || order === -1) return;
-      if (event.version !== undefined) this.version = event.version;
+    const version = asVersion(event.version);
+    // A version that is not one makes the frame invalid (the server refuses it too); an absent
+    // (or null) version is a state without one.
+    if (version === null && event.version != null) return;
+    // The first full state of a connection, and a snapshot the server marks `reset` (a resync on
+    // a live socket), are the database's truth, even if older than what is shown: the session
+    // was re-created or restored from a backup, or the version shown came from a bad frame.
+    const truth = this.fresh || event.reset === true;
+    if (!this.follows(event, this.fresh)) return;
+    if (truth) {
+      this.version = version;
+      if (this.fresh) this.learnSession(event);
+    } else if (version !== null) {
+      if (this.version !== null && version <= this.version) return; // a duplicate or a late one
+      this.version = version;
     }
+    // A later state without a version is applied, the version shown kept: the server's cursor
+    // sends it, so the client takes it as well.
+    this.fresh = false;
+    this.known = true;
     this.session = event.session;
     this.options.onSession(event.session, event);
   }
 
   /** @private */
   applyPatchEvent(event) {
-    // Without a version there is no base to chain from; the next full state brings one.
-    if (this.version === null || compareVersions(event.version, this.version) !== 1) return;
-    if (compareVersions(event.base_version, this.version) !== 0) {
-      // A patch was lost (base ahead) or does not chain: resync with a fresh snapshot.
-      this.restart(`patch gap: base_version ${event.base_version}, have ${this.version}`);
+    const base = asVersion(event.base_version);
+    const version = asVersion(event.version);
+    // Malformed (the server refuses it too): a patch goes forward from a version to a newer one.
+    if (base === null || version === null || version <= base) return;
+    if (!this.follows(event, false)) return;
+    const current = this.version;
+    if (current === null) {
+      // A state without a version can never be patched; no state at all is a gap.
+      if (!this.known) this.restart(`patch gap: base_version ${base}, no state yet`);
+      return;
+    }
+    if (base !== current) {
+      if (version <= current) return; // already applied or superseded
+      // A patch was lost (base ahead), or this one overlaps the client's version: resync from a
+      // fresh snapshot, resuming with `since`.
+      this.restart(`patch gap: base_version ${base}, have ${current}`);
       return;
     }
     let session;
@@ -662,9 +648,23 @@ export class SessionSync {
       return;
     }
     this.session = session;
-    this.version = event.version;
+    this.version = version;
     this.fresh = false; // this connection's state is established: a later full state must be newer
     this.options.onSession(session, event);
+  }
+
+  /**
+   * @private
+   * The server skipped the snapshot: this client is current at the version it sent. Returns
+   * whether the event is for this client (then it goes on to onEvent).
+   */
+  applySynced(event) {
+    const version = asVersion(event.version);
+    if (version === null || !this.follows(event, this.fresh)) return false;
+    if (this.fresh) this.learnSession(event);
+    this.fresh = false;
+    if (this.version === null) this.version = version;
+    return true;
   }
 
   /**

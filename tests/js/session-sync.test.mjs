@@ -353,6 +353,18 @@ describe("applying full states", () => {
     sync.close();
   });
 
+  test("a later full state without a version is applied, and the version shown is kept", () => {
+    const sync = client();
+    server.last.open();
+    server.last.send(update(4));
+    server.last.send({ type: "session_update", session_id: "s1", session: { v: "unversioned" } });
+    assert.deepEqual(sync.session, { v: "unversioned" });
+    assert.equal(sync.version, 4); // as the server's cursor: sent, the client's version unchanged
+    server.last.send(update(3));
+    assert.deepEqual(sync.session, { v: "unversioned" });
+    sync.close();
+  });
+
   test("after session_synced, an older session_update on that connection is ignored", () => {
     const sync = client();
     server.last.open();
@@ -379,49 +391,176 @@ describe("applying full states", () => {
   });
 });
 
-describe("large versions", () => {
-  const A = "9007199254740993"; // 2^53 + 1: as a JSON number it would read as 2^53
-  const B = "9007199254740994";
-
-  test("two consecutive versions beyond 2^53 are both applied, and since carries the digits", () => {
+describe("versions (protocol v3: whole numbers from 0 to 2^53 - 1)", () => {
+  test("string versions are not versions: such frames are ignored, even as a snapshot", () => {
     const sync = client();
     server.last.open();
-    server.last.send(update(A));
-    server.last.send(update(B));
-    server.last.send(update(A)); // late duplicate of the older one
-    assert.deepEqual(versions(), [A, B]);
+    server.last.send(update("7")); // a digit string was an int version in protocol v2
+    server.last.send(update("2026-01-01T00:00:00Z")); // a timestamp was one too
+    assert.deepEqual(applied, []);
+    assert.equal(sync.version, null);
+    server.last.send(update(3));
+    server.last.send(update("9007199254740993"));
+    server.last.send(patch("3", "4", [{ op: "replace", path: "/v", value: 4 }]));
+    server.last.send(patch(3, "4", [{ op: "replace", path: "/v", value: 4 }]));
+    server.last.send({ type: "session_synced", session_id: "s1", version: "3" });
+    assert.deepEqual(versions(), [3]);
+    assert.deepEqual(sync.session, { v: 3 });
+    assert.deepEqual(events, []); // the invalid session_synced went nowhere either
+    assert.equal(server.sockets.length, 1); // and none of it counted as a gap
+    sync.close();
+  });
+
+  test("negative, fractional and unsafe numbers are not versions", () => {
+    const sync = client();
+    server.last.open();
+    server.last.send(update(5));
+    for (const bad of ["-1", "7.5", "9007199254740992", "9007199254740993", "1e62", "true"]) {
+      server.last.send(`{"type":"session_update","session_id":"s1","version":${bad},"session":{}}`);
+    }
+    assert.deepEqual(versions(), [5]);
+    assert.equal(sync.version, 5);
+    sync.close();
+  });
+
+  test("7.0 and 7e0 are the version 7: a duplicate update, and a base patches chain from", () => {
+    const sync = client();
+    server.last.open();
+    server.last.send(update(7, { n: 7 }));
+    server.last.send('{"type":"session_update","session_id":"s1","version":7.0,"session":{}}');
+    server.last.send(
+      '{"type":"session_patch","session_id":"s1","base_version":7e0,"version":8.0,' +
+        '"patch":[{"op":"replace","path":"/n","value":8}]}',
+    );
+    assert.deepEqual(sync.session, { n: 8 });
+    assert.equal(sync.version, 8);
+    assert.equal(applied.length, 2);
+    sync.close();
+  });
+
+  test("since carries the version as decimal digits, up to 2^53 - 1", () => {
+    const sync = client();
+    server.last.open();
+    server.last.send(update(1e15)); // String(1e21) would be "1e+21"; versions stop far below
     sync.reconnect();
-    assert.equal(server.sinces[1], B);
-    sync.close();
-  });
-
-  test("negative versions beyond -2^53 order by value too", () => {
-    const sync = client();
     server.last.open();
-    server.last.send(update("-9007199254740994"));
-    server.last.send(update("-9007199254740993"));
-    server.last.send(update(-5));
-    assert.deepEqual(versions(), ["-9007199254740994", "-9007199254740993", -5]);
-    sync.close();
-  });
-
-  test("a big version sent as a JSON number still goes out as digits, never as 1e+21", () => {
-    const sync = client();
-    server.last.open();
-    server.last.send('{"type":"session_update","session_id":"s1","version":2e21,"session":{}}');
+    server.last.send(update(Number.MAX_SAFE_INTEGER));
     sync.reconnect();
-    assert.equal(server.sinces[1], "2000000000000000000000");
+    assert.deepEqual(server.sinces, [null, "1000000000000000", "9007199254740991"]);
     sync.close();
   });
 
-  test("patches chain across versions beyond 2^53", () => {
+  test("consecutive versions up to 2^53 - 1 are told apart", () => {
     const sync = client();
+    const top = Number.MAX_SAFE_INTEGER;
     server.last.open();
-    server.last.send(update(A, { n: 0 }));
-    server.last.send(patch(A, B, [{ op: "replace", path: "/n", value: 1 }]));
-    server.last.send(patch(B, "9007199254740995", [{ op: "replace", path: "/n", value: 2 }]));
+    server.last.send(update(top - 2, { n: 0 }));
+    server.last.send(patch(top - 2, top - 1, [{ op: "replace", path: "/n", value: 1 }]));
+    server.last.send(update(top - 2)); // a late duplicate of the older one
+    server.last.send(patch(top - 1, top, [{ op: "replace", path: "/n", value: 2 }]));
+    assert.deepEqual(versions(), [top - 2, top - 1, top]);
     assert.deepEqual(sync.session, { n: 2 });
-    assert.equal(sync.version, "9007199254740995");
+    sync.close();
+  });
+});
+
+describe("reset", () => {
+  test("a reset update with a lower version replaces the state and the version", () => {
+    const sync = client();
+    server.last.open();
+    server.last.send(update(10, { bad: true })); // say, a forged frame pushed the version ahead
+    server.last.send(update(11, { bad: true }));
+    server.last.send({ ...update(4, { good: true }), reset: true }); // the server's resync
+    assert.deepEqual(versions(), [10, 11, 4]);
+    assert.deepEqual(sync.session, { good: true });
+    assert.equal(sync.version, 4);
+    // The client goes on from the reset's version: patches chain on it, newer updates apply.
+    server.last.send(patch(4, 5, [{ op: "add", path: "/n", value: 5 }]));
+    server.last.send(update(5)); // a duplicate of the patch's version
+    assert.deepEqual(sync.session, { good: true, n: 5 });
+    sync.reconnect();
+    assert.deepEqual(server.sinces, [null, "5"]);
+    sync.close();
+  });
+
+  test("without reset, a lower or equal update on a live connection is ignored", () => {
+    const sync = client();
+    server.last.open();
+    server.last.send(update(10, { shown: true }));
+    server.last.send(update(4, { older: true }));
+    server.last.send(update(10, { again: true }));
+    server.last.send({ ...update(3), reset: false }); // only true resets
+    server.last.send({ ...update(3), reset: "true" });
+    assert.deepEqual(versions(), [10]);
+    assert.deepEqual(sync.session, { shown: true });
+    assert.equal(sync.version, 10);
+    sync.close();
+  });
+
+  test("a reset at the same version replaces the state", () => {
+    const sync = client();
+    server.last.open();
+    server.last.send(update(6, { local: 1 }));
+    server.last.send({ ...update(6, { fromDatabase: 1 }), reset: true });
+    assert.deepEqual(sync.session, { fromDatabase: 1 });
+    assert.equal(applied.length, 2);
+    sync.close();
+  });
+
+  test("a reset without a version clears the version, so the next attempt has no since", () => {
+    const sync = client();
+    server.last.open();
+    server.last.send(update(6));
+    server.last.send({ type: "session_update", session_id: "s1", session: { v: 0 }, reset: true });
+    assert.equal(sync.version, null);
+    assert.deepEqual(sync.session, { v: 0 });
+    sync.reconnect();
+    assert.deepEqual(server.sinces, [null, null]);
+    sync.close();
+  });
+});
+
+describe("the session followed", () => {
+  test("session events for another session are ignored, resets and patches included", () => {
+    const sync = client();
+    server.last.open();
+    server.last.send(update(2, { mine: true }));
+    const other = (frame) => ({ ...frame, session_id: "s2" });
+    server.last.send(other(update(3)));
+    server.last.send(other({ ...update(1), reset: true }));
+    server.last.send(other(patch(2, 3, [{ op: "add", path: "/x", value: 1 }])));
+    server.last.send(other(patch(7, 8, [{ op: "add", path: "/x", value: 1 }]))); // no gap
+    server.last.send(other({ type: "session_synced", version: 2 }));
+    server.last.send({ type: "session_update", version: 3, session: {} }); // no session_id
+    assert.equal(sync.sessionId, "s1");
+    assert.deepEqual(versions(), [2]);
+    assert.deepEqual(sync.session, { mine: true });
+    assert.deepEqual(events, []);
+    assert.equal(server.sockets.length, 1);
+    sync.close();
+  });
+
+  test("each connection's first snapshot names the session followed", () => {
+    const sync = client();
+    server.last.open();
+    server.last.send(update(2));
+    sync.reconnect();
+    server.last.open();
+    server.last.send({ ...update(1, { renamed: true }), session_id: "s9" });
+    server.last.send(update(5)); // s1 is no longer followed
+    assert.equal(sync.sessionId, "s9");
+    assert.deepEqual(sync.session, { renamed: true });
+    sync.close();
+  });
+
+  test("with options.sessionId, only that session is followed, from the first frame on", () => {
+    const sync = client({ sessionId: "s1" });
+    server.last.open();
+    server.last.send({ ...update(9), session_id: "s2" });
+    server.last.send(update(1));
+    assert.deepEqual(versions(), [1]);
+    assert.equal(sync.sessionId, "s1");
+    assert.throws(() => client({ sessionId: 7 }), TypeError);
     sync.close();
   });
 });
@@ -497,11 +636,43 @@ describe("applying patches", () => {
     sync.close();
   });
 
-  test("a patch before any versioned state is ignored", () => {
-    const sync = client();
+  test("a patch before any state is a gap: reconnect for a snapshot", () => {
+    const sync = client({ minDelay: 100 });
     server.last.open();
     server.last.send(patch(1, 2, [{ op: "add", path: "/a", value: 1 }]));
     assert.equal(sync.session, undefined);
+    assert.match(server.sockets[0].closedByClient?.reason, /patch gap/);
+    waitOut(100);
+    assert.deepEqual(server.sinces, [null, null]);
+    sync.close();
+  });
+
+  test("a patch after a snapshot without a version is ignored: it can never chain", () => {
+    const sync = client();
+    server.last.open();
+    server.last.send({ type: "session_update", session_id: "s1", session: { a: 0 } });
+    server.last.send(patch(1, 2, [{ op: "replace", path: "/a", value: 1 }]));
+    assert.deepEqual(sync.session, { a: 0 });
+    assert.equal(server.last.closedByClient, null);
+    assert.equal(server.sockets.length, 1);
+    sync.close();
+  });
+
+  test("a patch that overlaps the client's version is a gap", () => {
+    const sync = live(5, { n: 5 });
+    server.last.send(patch(4, 6, [{ op: "replace", path: "/n", value: 6 }]));
+    assert.deepEqual(sync.session, { n: 5 });
+    assert.match(server.sockets[0].closedByClient?.reason, /patch gap: base_version 4, have 5/);
+    sync.close();
+  });
+
+  test("a patch whose version is not greater than its base is malformed and ignored", () => {
+    const sync = live(5, { n: 5 });
+    server.last.send(patch(5, 5, [{ op: "replace", path: "/n", value: -1 }]));
+    server.last.send(patch(5, 4, [{ op: "replace", path: "/n", value: -1 }]));
+    server.last.send(patch(9, 8, [{ op: "replace", path: "/n", value: -1 }])); // not a gap either
+    assert.deepEqual(sync.session, { n: 5 });
+    assert.equal(server.last.closedByClient, null);
     assert.equal(server.sockets.length, 1);
     sync.close();
   });

@@ -3,6 +3,7 @@
 import {
   SessionSync,
   applyPatch,
+  asVersion,
   compareVersions,
   type ConnectionState,
   type JsonPatchOperation,
@@ -23,6 +24,7 @@ function render(chat: Chat): string {
 
 const sync = new SessionSync<Chat>({
   url: "/ws/sessions/abc",
+  sessionId: "abc",
   onSession: (session, event) => {
     render(session);
     if (event.type === "session_patch") {
@@ -32,6 +34,8 @@ const sync = new SessionSync<Chat>({
     } else {
       const update: SessionUpdate<Chat> = event;
       void update.session.title;
+      const replaced: boolean = update.reset === true; // a resync from the database
+      void replaced;
     }
   },
   onState: (state: ConnectionState, { attempt, delay }) => {
@@ -56,7 +60,8 @@ const url: string = sync.currentUrl();
 const current: Chat | undefined = sync.session;
 const version: Version | null = sync.version;
 const state: ConnectionState = sync.state;
-void [url, current, version, state];
+const followed: string | null = sync.sessionId;
+void [url, current, version, state, followed];
 sync.close();
 
 const operations: JsonPatchOperation[] = [
@@ -68,8 +73,10 @@ const operations: JsonPatchOperation[] = [
   { op: "remove", path: "/c" },
 ];
 const chat: Chat = applyPatch<Chat>({ title: "t", interactions: [] }, operations);
-const order: 1 | 0 | -1 | null = compareVersions("9007199254740993", 9007199254740992);
-void [chat, order];
+const order: 1 | 0 | -1 | null = compareVersions(8, 7);
+const parsed: Version | null = asVersion(JSON.parse("7.0"));
+const next: number = (parsed ?? 0) + 1; // a version is a number
+void [chat, order, next];
 
 // Misuse the declarations must reject.
 // @ts-expect-error onSession is required
@@ -82,6 +89,13 @@ applyPatch({}, [{ op: "rename", path: "/a" }]);
 applyPatch({}, [{ op: "move", path: "/a" }]);
 // @ts-expect-error version is read-only
 sync.version = 3;
+// @ts-expect-error a version is a number, never a string (protocol v3)
+const stringVersion: Version = "7";
+// @ts-expect-error sessionId is a string
+new SessionSync({ url: "/ws", onSession: () => {}, sessionId: 7 });
+// @ts-expect-error reset is a boolean
+const badReset: SessionUpdate = { type: "session_update", session_id: "a", session: 1, reset: 1 };
+void [stringVersion, badReset];
 // Defaults are filled in; callbacks the caller left out may be absent.
 const delay: number = sync.options.minDelay;
 // @ts-expect-error onEvent is optional, even on the filled-in options
