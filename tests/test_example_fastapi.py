@@ -229,8 +229,12 @@ def test_settings_come_from_the_environment() -> None:
         0.1,
     )
     assert settings.worker().nats_url == "nats://nats:4222"
-    # Without NATS_URL, the worker finds the API's private server on its pinned port.
-    assert Settings.from_env({"NATS_PORT": "4300"}).worker().nats_url == "nats://127.0.0.1:4300"
+    # Without NATS_URL, the worker finds the API's private server on its pinned port, with the
+    # password the launcher gave both processes; without the password it cannot get in.
+    worker = Settings.from_env({"NATS_PORT": "4300", "NATS_PASSWORD": "pw"}).worker()
+    assert worker.nats_url == "nats://chat:pw@127.0.0.1:4300"
+    with pytest.raises(ValueError, match="NATS_PASSWORD"):
+        Settings.from_env({"NATS_PORT": "4300"}).worker()
     assert Settings(database_url="sqlite:///x.db").database_url == "sqlite+aiosqlite:///x.db"
     with pytest.raises(ValueError, match="PORT must be an integer"):
         Settings.from_env({"PORT": "http"})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -205,6 +206,8 @@ class ExampleStack:
         full_env = {
             "DATABASE_URL": f"sqlite:///{self.db}",
             "NATS_PORT": str(self.nats_port),
+            # What the launcher does: one password for the API's private server and the worker.
+            "NATS_PASSWORD": secrets.token_urlsafe(24),
             **({"NATS_URL": nats_url} if nats_url else {}),
             **env,
         }
