@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -88,3 +89,47 @@ async def nats_server() -> AsyncIterator[EmbeddedNats]:
     """
     async with EmbeddedNats() as server:
         yield server
+
+
+class MonitoredNats:
+    """A private nats-server with its HTTP monitoring on (``-m``), to count what it holds."""
+
+    def __init__(self, server: EmbeddedNats, monitor_port: int) -> None:
+        self.server = server
+        self.monitor_port = monitor_port
+
+    @property
+    def url(self) -> str:
+        """The client URL, with the server's credentials (:attr:`EmbeddedNats.url`)."""
+        return self.server.url
+
+    async def subscriptions(self, subject: str) -> int:
+        """Subscriptions on ``subject`` the server holds, over every client connection.
+
+        Read from the server's ``/connz?subs=1`` monitoring endpoint.
+        """
+        import httpx
+
+        async with httpx.AsyncClient(timeout=5.0) as http:
+            response = await http.get(
+                f"http://127.0.0.1:{self.monitor_port}/connz", params={"subs": "1"}
+            )
+        response.raise_for_status()
+        return sum(
+            connection.get("subscriptions_list", []).count(subject)
+            for connection in response.json()["connections"]
+        )
+
+
+@pytest.fixture
+async def monitored_nats() -> AsyncIterator[MonitoredNats]:
+    """A private nats-server on a free port of 127.0.0.1, with HTTP monitoring on another.
+
+    The monitoring port has no credentials: it shows subscriptions (subjects), never messages,
+    and lives only as long as the test.
+    """
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        monitor_port = int(sock.getsockname()[1])
+    async with EmbeddedNats(args=["-m", str(monitor_port)]) as server:
+        yield MonitoredNats(server, monitor_port)

@@ -6,6 +6,7 @@ import asyncio
 import importlib
 import json
 import logging
+import secrets
 import socket
 import sys
 import sysconfig
@@ -20,18 +21,14 @@ import anyio.lowlevel
 import jsonpatch
 import nats
 import pytest
+from conftest import MonitoredNats
 from nats.aio.client import Client
 
-from asgi_session_sync import (
-    SessionContext,
-    SessionSyncMiddleware,
-    Snapshot,
-    get_resync,
-    make_patch,
-)
+from asgi_session_sync import SessionContext, SessionSocket, SessionSync, Snapshot, make_patch
 from asgi_session_sync._types import Receive, Scope, Send
-from asgi_session_sync.events import SessionUpdate
-from asgi_session_sync.nats import EmbeddedNats, NatsBridge, SessionSubscription
+from asgi_session_sync.hub import SessionStream
+from asgi_session_sync.nats import EmbeddedNats, NatsBridge
+from asgi_session_sync.protocol import MAX_VERSION, SessionUpdate
 from asgi_session_sync.testing import connect_websocket
 
 pytestmark = pytest.mark.anyio
@@ -54,7 +51,7 @@ async def bridge(nats_server: EmbeddedNats) -> AsyncIterator[NatsBridge]:
 
 
 class SessionStore:
-    """The "database": what ``resync`` loads, as the middleware's loader would."""
+    """The "database": what ``resync`` loads, as a socket's resync would (``reset``)."""
 
     def __init__(self, session_id: str, session: dict[str, Any], version: int) -> None:
         self.session_id = session_id
@@ -67,12 +64,12 @@ class SessionStore:
         self.calls += 1
         self.called.set()
         event = SessionUpdate(
-            session_id=self.session_id, session=self.session, version=self.version
+            session_id=self.session_id, session=self.session, version=self.version, reset=True
         )
         return event.to_json().decode()
 
 
-async def next_event(updates: SessionSubscription) -> dict[str, Any]:
+async def next_event(updates: SessionStream) -> dict[str, Any]:
     with anyio.fail_after(WAIT):
         frame = await updates.__anext__()
     assert isinstance(frame, str)
@@ -102,12 +99,37 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def restarted(server: EmbeddedNats) -> EmbeddedNats:
+    """A new server where ``server`` was: its port and credentials, so clients reconnect."""
+    return EmbeddedNats(port=server.port, user=server.user, password=server.password)
+
+
+@pytest.fixture
+def no_retry_delays(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Retries of a failed resync at once: the delays are policy, not what these tests check."""
+    monkeypatch.setattr("asgi_session_sync.hub.RESYNC_RETRY_DELAYS", (0.0, 0.0, 0.0))
+
+
+SCOPE = {"type": "websocket", "path": "/ws/sessions/s1", "query_string": b"", "headers": []}
+
+
+async def accepted(
+    send: Callable[[dict[str, Any]], Any], *, version: int | None = 0
+) -> SessionSocket:
+    """A socket of ``s1`` accepted by a real SessionSync with a snapshot at ``version``."""
+
+    async def load(ctx: SessionContext) -> Snapshot:
+        return Snapshot({"n": version}, version=version)
+
+    return await SessionSync(load).accept(SCOPE, send, "s1")
+
+
 # The embedded server.
 
 
 async def test_embedded_server_serves_until_exit_then_frees_its_port() -> None:
     async with EmbeddedNats() as server:
-        assert server.url == f"nats://127.0.0.1:{server.port}"
+        assert server.display_url == f"nats://127.0.0.1:{server.port}"
         assert server.port is not None
         port, process = server.port, server.process
         assert process is not None
@@ -261,20 +283,28 @@ async def test_older_and_equal_versions_after_a_newer_one_are_dropped(bridge: Na
     assert seen == [1, 3, None, 4]
 
 
-async def test_a_resync_older_than_a_yielded_update_is_dropped(bridge: NatsBridge) -> None:
+async def test_a_resync_replaces_even_a_newer_yielded_update(bridge: NatsBridge) -> None:
+    # The database is the truth: a live version it does not have (a publisher's bug, a forged
+    # message) is replaced by its snapshot, and the updates after it follow.
     store = SessionStore("s1", {"from": "db"}, version=3)
-    async with bridge.subscribe("s1", resync=store.resync) as updates:
+    async with bridge.subscribe("s1") as updates:
+        updates.set_resync(store.resync)
         await bridge.publish("s1", {"from": "live"}, version=5)
         assert (await next_event(updates))["version"] == 5
-        updates.request_resync()
-        with anyio.fail_after(WAIT):
-            await store.called.wait()
+        updates.request_resync("the app asked")
+        snapshot = await next_event(updates)
+        assert (snapshot["session"], snapshot["version"], snapshot["reset"]) == (
+            {"from": "db"},
+            3,
+            True,
+        )
         await bridge.publish("s1", {"from": "live"}, version=6)
         await bridge.publish("s1", {"from": "live"}, version=7)
         assert [(await next_event(updates))["version"] for _ in range(2)] == [6, 7]
     assert store.calls == 1
 
 
+@pytest.mark.usefixtures("no_retry_delays")
 async def test_a_failing_resync_is_logged_and_the_stream_goes_on(
     bridge: NatsBridge, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -284,12 +314,14 @@ async def test_a_failing_resync_is_logged_and_the_stream_goes_on(
         called.set()
         raise RuntimeError("database down")
 
-    async with bridge.subscribe("s1", resync=broken_resync) as updates:
-        updates.request_resync()
-        with anyio.fail_after(WAIT):
-            await called.wait()
+    async with bridge.subscribe("s1") as updates:
+        updates.set_resync(broken_resync)
+        # A resync runs in the reading task, before the next frame it is sent.
+        updates.request_resync("the app asked")
         await bridge.publish("s1", {"title": "live"}, version=1)
         assert (await next_event(updates))["version"] == 1
+        assert called.is_set()
+    assert bridge.stats.resync_failures == 4  # the first try and every retry
     assert any(
         record.name == "asgi_session_sync" and "resync failed session_id=s1" in record.message
         for record in caplog.records
@@ -297,18 +329,23 @@ async def test_a_failing_resync_is_logged_and_the_stream_goes_on(
 
 
 async def test_body_exception_passes_unwrapped_and_the_subscription_is_removed(
-    bridge: NatsBridge,
+    monitored_nats: MonitoredNats,
 ) -> None:
-    subs_before = len(bridge.client._subs)
-    with pytest.raises(KeyError):
-        async with bridge.subscribe("s1"):
-            raise KeyError("app error")
-    with anyio.move_on_after(0.05):
-        async with bridge.subscribe("s1") as updates:
-            async for _ in updates:
-                pass
-    assert len(bridge.client._subs) == subs_before
-    assert bridge._subscriptions == {}
+    async with NatsBridge(monitored_nats.url, **FAST) as bridge:
+
+        async def failing_body() -> None:
+            async with bridge.subscribe("s1"):
+                assert await monitored_nats.subscriptions("session_sync.s1") == 1
+                raise KeyError("app error")
+
+        with pytest.raises(KeyError):
+            await failing_body()
+        with anyio.move_on_after(0.05):
+            async with bridge.subscribe("s1") as updates:
+                async for _ in updates:
+                    pass
+        assert bridge.hub.sessions == 0
+        assert await monitored_nats.subscriptions("session_sync.s1") == 0
 
 
 async def test_iteration_ends_when_the_bridge_closes(nats_server: EmbeddedNats) -> None:
@@ -332,12 +369,12 @@ async def test_iteration_ends_when_the_bridge_closes(nats_server: EmbeddedNats) 
 
 
 async def test_bridge_passes_credentials_to_the_server() -> None:
-    async with EmbeddedNats(args=["--user", "alice", "--pass", "s3cret"]) as server:
-        bridge = NatsBridge(server.url, user="alice", password="s3cret", **FAST)
+    async with EmbeddedNats(user="alice", password="s3cret") as server:
+        bridge = NatsBridge(server.display_url, user="alice", password="s3cret", **FAST)
         async with bridge, bridge.subscribe("s1") as updates:
             await bridge.publish("s1", {"title": "x"}, version=1)
             assert (await next_event(updates))["version"] == 1
-        url_with_password = server.url.replace("nats://", "nats://alice:wrong@")
+        url_with_password = server.display_url.replace("nats://", "nats://alice:wrong@")
         refused = NatsBridge(url_with_password, **{**FAST, "startup_timeout": 0.5})
         with pytest.raises(ConnectionError, match="could not connect to NATS") as error:
             async with refused:
@@ -365,24 +402,15 @@ async def test_bridge_adopts_an_existing_client_and_leaves_it_open(
 # Resync on broker trouble.
 
 
-def forwarding_app(bridge: NatsBridge) -> Callable[[Scope, Receive, Send], Any]:
+def forwarding_app(bridge: NatsBridge, sync: SessionSync) -> Callable[[Scope, Receive, Send], Any]:
     """The documented app shape: subscribe, accept (the snapshot), forward until disconnect."""
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         session_id = scope["path"].rsplit("/", 1)[1]
         assert (await receive())["type"] == "websocket.connect"
-        async with bridge.subscribe(session_id, resync=get_resync(scope)) as updates:
-            await send({"type": "websocket.accept"})
-            async with anyio.create_task_group() as tg:
-
-                async def forward() -> None:
-                    async for frame in updates:
-                        await send({"type": "websocket.send", "text": frame})
-
-                tg.start_soon(forward)
-                while (await receive())["type"] != "websocket.disconnect":
-                    pass
-                tg.cancel_scope.cancel()
+        async with bridge.subscribe(session_id) as updates:
+            socket = await sync.accept(scope, send, session_id)
+            await updates.forward(socket, receive)
 
     return app
 
@@ -396,34 +424,31 @@ async def test_broker_restart_resyncs_the_open_websocket_from_the_loader() -> No
     async with AsyncExitStack() as servers:
         first = await servers.enter_async_context(EmbeddedNats())
         async with NatsBridge(first.url, **FAST) as bridge:
-            app = SessionSyncMiddleware(
-                forwarding_app(bridge), loader=loader, paths=["/ws/sessions/{session_id}"]
-            )
+            app = forwarding_app(bridge, SessionSync(loader))
             async with connect_websocket(app, "/ws/sessions/s1") as ws:
                 assert (await ws.receive_json())["session"] == {"title": "first"}
-                subscriptions = list(bridge.client._subs.values())
 
                 await first.kill()
                 db["s1"] = Snapshot({"title": "changed while NATS was down"}, version=2)
-                await servers.enter_async_context(EmbeddedNats(port=first.port))
+                await servers.enter_async_context(restarted(first))
                 with anyio.fail_after(2):
                     event = await ws.receive_json()
                 assert event["session"] == {"title": "changed while NATS was down"}
-                assert event["version"] == 2
+                assert (event["version"], event["reset"]) == (2, True)
                 # The same subscription, replayed by nats-py: the app did not re-subscribe.
-                assert list(bridge.client._subs.values()) == subscriptions
+                assert (bridge.stats.subscriptions, bridge.hub.sessions) == (1, 1)
 
                 await bridge.publish("s1", {"title": "live again"}, version=3)
                 assert (await ws.receive_json())["session"] == {"title": "live again"}
 
 
-async def test_slow_consumer_drop_injects_a_resync(bridge: NatsBridge) -> None:
+async def test_slow_consumer_drop_injects_a_resync(nats_server: EmbeddedNats) -> None:
     store = SessionStore("s1", {"from": "db"}, version=1000)
-    async with bridge.subscribe(
-        "s1", resync=store.resync, max_queued=1, pending_msgs_limit=1
-    ) as updates:
-        # Nobody reads while this floods: one frame fits in the stream, one waits in the
-        # callback, one in nats-py's queue, and the rest are dropped as a slow consumer.
+    bridge = NatsBridge(nats_server.url, pending_msgs_limit=1, **FAST)
+    async with bridge, bridge.subscribe("s1") as updates:
+        updates.set_resync(store.resync)
+        # Nobody reads while this floods: nats-py takes many messages from one read of the
+        # socket before its callback task runs, and past one pending message drops the rest.
         for version in range(1, 201):
             await bridge.publish("s1", {"from": "live"}, version=version)
         await bridge.client.flush()
@@ -436,6 +461,7 @@ async def test_slow_consumer_drop_injects_a_resync(bridge: NatsBridge) -> None:
         await bridge.publish("s1", {"from": "live"}, version=1001)
         assert (await next_event(updates))["version"] == 1001
     assert store.calls >= 1
+    assert bridge.stats.slow_consumer_drops > 0
 
 
 async def test_cluster_failover_resyncs_and_keeps_receiving() -> None:
@@ -454,11 +480,23 @@ async def test_cluster_failover_resyncs_and_keeps_receiving() -> None:
 
     store = SessionStore("s1", {"from": "db"}, version=1)
     async with AsyncExitStack() as stack:
+        # One cluster, one set of credentials: a client fails over to any node with them.
+        password = secrets.token_urlsafe(24)
         nodes = [
-            await stack.enter_async_context(EmbeddedNats(args=cluster_args(i))) for i in range(3)
+            await stack.enter_async_context(
+                EmbeddedNats(args=cluster_args(i), user="bridge", password=password)
+            )
+            for i in range(3)
         ]
-        bridge = await stack.enter_async_context(NatsBridge([node.url for node in nodes], **FAST))
-        updates = await stack.enter_async_context(bridge.subscribe("s1", resync=store.resync))
+        # Credentials as options, not in the URLs: nats-py presents them to the nodes it
+        # discovers from the cluster too.
+        bridge = await stack.enter_async_context(
+            NatsBridge(
+                [node.display_url for node in nodes], user="bridge", password=password, **FAST
+            )
+        )
+        updates = await stack.enter_async_context(bridge.subscribe("s1"))
+        updates.set_resync(store.resync)
 
         def connected_port() -> int | None:
             url = bridge.client.connected_url
@@ -483,22 +521,25 @@ async def test_cluster_failover_resyncs_and_keeps_receiving() -> None:
         assert event["session"] == {"from": "other node"}
 
 
-async def test_no_subscriptions_or_tasks_leak_over_many_cycles(bridge: NatsBridge) -> None:
+async def test_no_subscriptions_or_tasks_leak_over_many_cycles(
+    monitored_nats: MonitoredNats,
+) -> None:
     store = SessionStore("s1", {"from": "db"}, version=1)
-    client = bridge.client
-    subs_before = len(client._subs)
-    tasks_before = len(asyncio.all_tasks())
-    for cycle in range(1000):
-        async with bridge.subscribe(f"s{cycle % 10}", resync=store.resync) as updates:
-            if cycle % 100 == 0:
-                updates.request_resync()
-                await bridge.publish(f"s{cycle % 10}", {"cycle": cycle}, version=cycle)
-                await next_event(updates)
-    assert len(client._subs) == subs_before
-    assert bridge._subscriptions == {}
-    # nats-py cancels each subscription's task; let the cancellations finish.
-    await wait_until(lambda: len(asyncio.all_tasks()) <= tasks_before)
-    assert len(asyncio.all_tasks()) == tasks_before
+    async with NatsBridge(monitored_nats.url, **FAST) as bridge:
+        tasks_before = len(asyncio.all_tasks())
+        for cycle in range(1000):
+            async with bridge.subscribe(f"s{cycle % 10}") as updates:
+                updates.set_resync(store.resync)
+                if cycle % 100 == 0:
+                    updates.request_resync("cycle")
+                    await bridge.publish(f"s{cycle % 10}", {"cycle": cycle}, version=cycle)
+                    await next_event(updates)
+        assert bridge.hub.sessions == 0
+        for n in range(10):
+            assert await monitored_nats.subscriptions(f"session_sync.s{n}") == 0
+        # nats-py cancels each subscription's task; let the cancellations finish.
+        await wait_until(lambda: len(asyncio.all_tasks()) <= tasks_before)
+        assert len(asyncio.all_tasks()) == tasks_before
 
 
 async def test_reconnect_resyncs_only_open_subscriptions(
@@ -509,15 +550,16 @@ async def test_reconnect_resyncs_only_open_subscriptions(
     async with AsyncExitStack() as servers:
         first = await servers.enter_async_context(EmbeddedNats())
         async with NatsBridge(first.url, **FAST) as bridge:
-            async with bridge.subscribe("gone", resync=store.resync):
-                pass
-            async with bridge.subscribe("s1", resync=store.resync) as updates:
+            async with bridge.subscribe("gone") as gone:
+                gone.set_resync(store.resync)
+            async with bridge.subscribe("s1") as updates:
+                updates.set_resync(store.resync)
                 await first.kill()
-                await servers.enter_async_context(EmbeddedNats(port=first.port))
+                await servers.enter_async_context(restarted(first))
                 with anyio.fail_after(2):
                     assert (await next_event(updates))["version"] == 7
     assert store.calls == 1
-    assert any("resyncing 1 subscriptions" in record.message for record in caplog.records)
+    assert any("resyncing the sockets of 1 sessions" in record.message for record in caplog.records)
     assert (bridge.stats.reconnects, bridge.stats.resyncs) == (1, 1)
 
 
@@ -529,9 +571,10 @@ async def test_forward_sends_updates_and_hands_client_messages_until_disconnect(
     to_app_send, to_app = anyio.create_memory_object_stream[dict[str, Any]](10)
     heard: list[str] = []
 
-    async def send_text(text: str) -> None:
-        sent.append(text)
-        got_update.set()
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "websocket.send":
+            sent.append(message["text"])
+            got_update.set()
 
     async def on_message(message: Any) -> None:
         heard.append(message["text"])
@@ -542,7 +585,10 @@ async def test_forward_sends_updates_and_hands_client_messages_until_disconnect(
         to_app,
         anyio.create_task_group() as tg,
     ):
-        tg.start_soon(lambda: updates.forward(send_text, to_app.receive, on_message=on_message))
+        socket = await accepted(send, version=0)
+        sent.clear()  # the snapshot
+        got_update = anyio.Event()
+        tg.start_soon(lambda: updates.forward(socket, to_app.receive, on_message=on_message))
         await bridge.publish("s1", {"n": 1}, version=1)
         with anyio.fail_after(WAIT):
             await got_update.wait()
@@ -556,17 +602,22 @@ async def test_forward_reraises_the_send_error_unwrapped(bridge: NatsBridge) -> 
     class Gone(Exception):
         pass
 
-    async def send_text(text: str) -> None:
-        raise Gone
+    accepted_yet = False
+
+    async def send(message: dict[str, Any]) -> None:
+        if accepted_yet:
+            raise Gone
 
     async def receive() -> dict[str, Any]:
         await anyio.sleep_forever()
         raise AssertionError
 
     async with bridge.subscribe("s1") as updates:
+        socket = await accepted(send, version=0)
+        accepted_yet = True
         await bridge.publish("s1", {"n": 1}, version=1)
         with anyio.fail_after(WAIT), pytest.raises(Gone):
-            await updates.forward(send_text, receive)
+            await updates.forward(socket, receive)
 
 
 # Patches.
@@ -599,9 +650,15 @@ async def test_invalid_patches_and_ids_never_reach_nats(
         for session_id, reason in BAD_IDS.items():
             with pytest.raises(ValueError, match=reason):
                 await bridge.publish_patch(session_id, [], base_version=1, version=2)
-        for base_version, version in ((2, 2), (3, 2), (1, "2026-01-01T00:00:00Z")):
-            with pytest.raises(ValueError, match="newer than base_version"):
+        for base_version, version in ((2, 2), (3, 2)):
+            with pytest.raises(ValueError, match="must be greater than base_version"):
                 await bridge.publish_patch("s1", [], base_version=base_version, version=version)
+        # Versions are whole numbers from 0 to 2**53 - 1: no timestamps, no digit strings.
+        for not_a_version in ("2026-01-01T00:00:00Z", "2", 2.5, True, -1, MAX_VERSION + 1):
+            with pytest.raises(ValueError, match="a version is a whole number"):
+                await bridge.publish_patch("s1", [], base_version=1, version=not_a_version)
+            with pytest.raises(ValueError, match="a version is a whole number"):
+                await bridge.publish("s1", {}, version=not_a_version)
         with pytest.raises(ValueError, match="not an RFC 6902 patch"):
             await bridge.publish_patch(
                 "s1", [{"op": "nope", "path": "/a"}], base_version=1, version=2
@@ -610,39 +667,46 @@ async def test_invalid_patches_and_ids_never_reach_nats(
             await bridge.publish_patch(
                 "s1", [{"op": "add", "path": "/a"}], base_version=1, version=2
             )
-        with pytest.raises(ValueError, match="at most 64 characters"):
+        with pytest.raises(ValueError, match="a version is a whole number"):
             await bridge.publish_patch("s1", [], base_version=10**64, version=10**64 + 1)
 
 
-async def test_large_versions_travel_as_decimal_strings_and_chain(bridge: NatsBridge) -> None:
-    big = 2**63
+async def test_the_largest_version_travels_as_a_json_number_and_chains(
+    bridge: NatsBridge,
+) -> None:
     async with bridge.subscribe("s1") as updates:
-        updates.version = big
-        await bridge.publish_patch("s1", [], base_version=big, version=big + 1)
+        updates.version = MAX_VERSION - 1
+        await bridge.publish_patch("s1", [], base_version=MAX_VERSION - 1, version=MAX_VERSION)
         event = await next_event(updates)
-        assert (event["base_version"], event["version"]) == (str(big), str(big + 1))
-        assert updates.version == str(big + 1)
+        assert (event["base_version"], event["version"]) == (MAX_VERSION - 1, MAX_VERSION)
+        assert updates.version == MAX_VERSION
 
 
 def patching_app(
-    bridge: NatsBridge, *, by_scope: bool = True
+    bridge: NatsBridge, sync: SessionSync, *, knows_version: bool = True
 ) -> Callable[[Scope, Receive, Send], Any]:
-    """The documented app shape, with ``scope=`` (or only ``resync=``) and ``forward``."""
+    """The documented app shape: subscribe, accept, ``forward``; or, with ``knows_version``
+    off, a stream driven by hand that has the socket's resync but not its snapshot's version."""
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         session_id = scope["path"].rsplit("/", 1)[1]
         assert (await receive())["type"] == "websocket.connect"
-        if by_scope:
-            subscription = bridge.subscribe(session_id, scope=scope)
-        else:
-            subscription = bridge.subscribe(session_id, resync=get_resync(scope))
-        async with subscription as updates:
-            await send({"type": "websocket.accept"})
+        async with bridge.subscribe(session_id) as updates:
+            socket = await sync.accept(scope, send, session_id)
+            if knows_version:
+                await updates.forward(socket, receive)
+                return
+            updates.set_resync(socket.resync)
+            async with anyio.create_task_group() as tg:
 
-            async def send_text(text: str) -> None:
-                await send({"type": "websocket.send", "text": text})
+                async def send_frames() -> None:
+                    async for text in updates:
+                        await socket.send_text(text)
 
-            await updates.forward(send_text, receive)
+                tg.start_soon(send_frames)
+                while (await receive())["type"] != "websocket.disconnect":
+                    pass
+                tg.cancel_scope.cancel()
 
     return app
 
@@ -700,9 +764,7 @@ async def test_a_lost_patch_resyncs_the_socket_then_the_following_patches_chain(
     bridge: NatsBridge,
 ) -> None:
     db = PatchedSession(bridge)
-    app = SessionSyncMiddleware(
-        patching_app(bridge), loader=db.load, paths=["/ws/sessions/{session_id}"]
-    )
+    app = patching_app(bridge, SessionSync(db.load))
     async with connect_websocket(app, "/ws/sessions/s1") as ws:
         client = PatchingClient(ws)
         assert (await client.next())["type"] == "session_update"
@@ -729,12 +791,10 @@ async def test_a_lost_patch_resyncs_the_socket_then_the_following_patches_chain(
 async def test_with_only_resync_the_first_patch_is_replaced_by_a_snapshot(
     bridge: NatsBridge,
 ) -> None:
-    # Without the scope the subscription does not know the snapshot's version: the first
-    # patch cannot be trusted to chain, so the socket gets a fresh snapshot instead.
+    # A stream that was not told the snapshot's version: the first patch cannot be trusted
+    # to chain, so the socket gets a fresh snapshot instead.
     db = PatchedSession(bridge)
-    app = SessionSyncMiddleware(
-        patching_app(bridge, by_scope=False), loader=db.load, paths=["/ws/sessions/{session_id}"]
-    )
+    app = patching_app(bridge, SessionSync(db.load), knows_version=False)
     async with connect_websocket(app, "/ws/sessions/s1") as ws:
         client = PatchingClient(ws)
         await client.next()
@@ -747,16 +807,19 @@ async def test_with_only_resync_the_first_patch_is_replaced_by_a_snapshot(
 
 
 async def test_a_slow_consumer_losing_patches_is_resynced_and_ends_on_the_latest_state(
-    bridge: NatsBridge,
+    nats_server: EmbeddedNats,
 ) -> None:
+    # Both bounds are tiny: nats-py drops patches (pending_msgs_limit), and the stream's
+    # queue holds a few of them (max_socket_bytes).
+    bridge = NatsBridge(nats_server.url, pending_msgs_limit=1, max_socket_bytes=512, **FAST)
     db = PatchedSession(bridge)
 
     async def resync() -> str:
-        return (
-            SessionUpdate(session_id="s1", session=db.state, version=db.version).to_json().decode()
-        )
+        event = SessionUpdate(session_id="s1", session=db.state, version=db.version, reset=True)
+        return event.to_json().decode()
 
-    async with bridge.subscribe("s1", resync=resync, max_queued=1, pending_msgs_limit=1) as updates:
+    async with bridge, bridge.subscribe("s1") as updates:
+        updates.set_resync(resync)
         updates.version = db.version
         client = PatchingClient(None)
         client.state, client.version = dict(db.state), db.version
@@ -784,9 +847,11 @@ async def test_forward_sends_a_heartbeat_while_the_session_is_quiet(bridge: Nats
     sent: list[str] = []
     heartbeat = anyio.Event()
 
-    async def send_text(text: str) -> None:
-        sent.append(text)
-        if json.loads(text) == {"type": "heartbeat"}:
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] != "websocket.send":
+            return
+        sent.append(message["text"])
+        if json.loads(message["text"]) == {"type": "heartbeat"}:
             heartbeat.set()
 
     to_app_send, to_app = anyio.create_memory_object_stream[dict[str, Any]](1)
@@ -796,7 +861,8 @@ async def test_forward_sends_a_heartbeat_while_the_session_is_quiet(bridge: Nats
         to_app,
         anyio.create_task_group() as tg,
     ):
-        tg.start_soon(lambda: updates.forward(send_text, to_app.receive, heartbeat=0.05))
+        socket = await accepted(send, version=0)
+        tg.start_soon(lambda: updates.forward(socket, to_app.receive, heartbeat=0.05))
         await bridge.publish("s1", {"n": 1}, version=1)
         with anyio.fail_after(WAIT):
             await heartbeat.wait()

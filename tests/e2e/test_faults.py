@@ -204,7 +204,7 @@ async def test_nats_down_during_traffic_publish_fails_loudly_then_recovers() -> 
         return Snapshot({}, version=1)
 
     async with EmbeddedNats() as server:
-        port = server.port
+        port, user, password = server.port, server.user, server.password
         bridge = NatsBridge(server.url, reconnect_time_wait=0.1, connect_timeout=0.5)
         async with bridge, bridge.subscribe("s1") as updates:
             await bridge.publish("s1", {"n": 1}, version=1)
@@ -213,6 +213,7 @@ async def test_nats_down_during_traffic_publish_fails_loudly_then_recovers() -> 
             await server.kill()
             # While the broker is down nats-py buffers publishes for the reconnect.
             await bridge.publish("s1", {"n": 2}, version=2)
-            async with EmbeddedNats(port=port):
+            # Back where it was, with its credentials: the bridge reconnects by itself.
+            async with EmbeddedNats(port=port, user=user, password=password):
                 with anyio.fail_after(10):
                     assert '"version":2' in await updates.__anext__()

@@ -1,10 +1,10 @@
 """Load: many WebSockets through uvicorn with the full stack, then connect/disconnect churn.
 
-The full stack: SessionSyncMiddleware with the SQLAlchemy loader (SQLite), the NATS bridge on a
-real nats-server, a Starlette app forwarding updates, served by uvicorn in a thread of this
-process. After both phases, the server's asyncio tasks, NATS subscriptions and checked-out DB
-connections are back where they started, RSS grew less than a stated bound, and every client
-received every update it was owed.
+The full stack: SessionSync with the SQLAlchemy loader (SQLite) accepting each socket, the NATS
+bridge on a real nats-server, a Starlette app forwarding updates, served by uvicorn in a thread
+of this process. After both phases, the server's asyncio tasks, NATS subscriptions and
+checked-out DB connections are back where they started, RSS grew less than a stated bound, and
+every client received every update it was owed.
 
 Sizes: ``SSS_LOAD_CONNECTIONS`` (default 200) and ``SSS_LOAD_CYCLES`` (default 1000) keep the
 CI run short; the full run is ``SSS_LOAD_CONNECTIONS=1000 SSS_LOAD_CYCLES=10000 pytest
@@ -41,7 +41,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 from websockets.asyncio.client import connect
 
-from asgi_session_sync import SessionSyncMiddleware, get_resync
+from asgi_session_sync import SessionSync
 from asgi_session_sync.loaders.sqlalchemy import sqlalchemy_loader
 from asgi_session_sync.nats import EmbeddedNats, NatsBridge
 
@@ -109,35 +109,35 @@ def build_app(db_url: str, nats_url: str) -> Any:
     async def session_socket(websocket: WebSocket) -> None:
         bridge = stack["s"].bridge
         session_id = websocket.path_params["session_id"]
-        resync = get_resync(websocket.scope)
-        async with bridge.subscribe(session_id, resync=resync) as updates:
-            await websocket.accept()
-            await updates.forward(websocket.send_text, websocket.receive)
+        async with bridge.subscribe(session_id) as updates:
+            socket = await sync.accept(websocket.scope, websocket.send, session_id)
+            # No heartbeat: the clients count the frames they are sent.
+            await updates.forward(socket, websocket.receive)
 
     async def health(request: Request) -> JSONResponse:
         s = stack["s"]
         return JSONResponse(
             {
                 "tasks": len(asyncio.all_tasks()),
+                # The hub's sessions, each one NATS subscription, and nats-py's own count.
+                "hub_sessions": s.bridge.hub.sessions,
                 "nats_subscriptions": len(s.bridge.client._subs),
                 "db_checked_out": s.engine.pool.checkedout(),  # type: ignore[attr-defined]
                 "rss_kb": rss_kb(),
-                "stats": middleware.stats.as_dict(),
+                "stats": sync.stats.as_dict(),
+                "bridge": s.bridge.stats.as_dict(),
             }
         )
 
     loader = LazyLoader()
-    starlette = Starlette(
+    sync = SessionSync(loader, authenticate=token_user)
+    return Starlette(
         routes=[
             Route("/health", health),
             WebSocketRoute("/ws/sessions/{session_id}", session_socket),
         ],
         lifespan=lifespan,
     )
-    middleware = SessionSyncMiddleware(
-        starlette, loader=loader, paths=["/ws/sessions/{session_id}"], authenticate=token_user
-    )
-    return middleware
 
 
 class LazyLoader:
@@ -233,6 +233,7 @@ async def settled(http: httpx.AsyncClient, baseline: dict[str, Any]) -> dict[str
             health = await server_health(http)
             if (
                 health["nats_subscriptions"] <= baseline["nats_subscriptions"]
+                and health["hub_sessions"] == 0
                 and health["db_checked_out"] == 0
                 and health["tasks"] <= baseline["tasks"]
             ):
@@ -283,6 +284,7 @@ async def test_load_then_churn_leaves_nothing_behind(tmp_path: Path, nofile: Non
     )
     for after in (after_load, after_warm_churn, after_churn, after_traced_churn):
         assert after["tasks"] <= baseline["tasks"]
+        assert after["hub_sessions"] == baseline["hub_sessions"] == 0
         assert after["nats_subscriptions"] == baseline["nats_subscriptions"]
         assert after["db_checked_out"] == 0
     assert traced_mb < TRACED_BOUND_MB
@@ -290,6 +292,10 @@ async def test_load_then_churn_leaves_nothing_behind(tmp_path: Path, nofile: Non
     assert stats["errors"] == 0
     assert stats["timeouts"] == 0
     assert stats["snapshots_sent"] == 1 + CONNECTIONS + CYCLES
+    # One subscription per session in the process, and each update parsed once for it.
+    bridge = after_traced_churn["bridge"]
+    assert bridge["frames_parsed"] == SESSIONS * UPDATES
+    assert bridge["slow_consumers"] == bridge["refused_frames"] == 0
 
 
 async def hold_many_and_publish(host: str, publisher: NatsBridge) -> dict[int, int]:

@@ -27,10 +27,10 @@ def anyio_backend() -> str:
 
 
 class DictApp(BridgedApp):
-    """Snapshots from a dict; subscribes with the older ``resync=get_resync(scope)`` form."""
+    """Snapshots from a dict."""
 
     def __init__(self, nats_url: str, db: dict[str, Snapshot]) -> None:
-        super().__init__(nats_url, subscribe_with_scope=False)
+        super().__init__(nats_url)
         self.db = db
 
     async def load(self, ctx: SessionContext) -> Snapshot:
@@ -62,11 +62,14 @@ async def test_broker_restart_reaches_the_connected_client_without_reconnecting(
 
                 await first.kill()
                 db["s1"] = Snapshot({"title": "changed while NATS was down"}, "alice", 2)
-                restarted = await servers.enter_async_context(EmbeddedNats(port=first.port))
+                # Where the first one was, with its credentials: the bridge reconnects there.
+                restarted = await servers.enter_async_context(
+                    EmbeddedNats(port=first.port, user=first.user, password=first.password)
+                )
                 with anyio.fail_after(2):
                     event = await receive_json(ws)
                 assert event["session"] == {"title": "changed while NATS was down"}
-                assert event["version"] == 2
+                assert (event["version"], event["reset"]) == (2, True)
 
                 # Another replica (or a worker) publishes through the restarted broker.
                 async with NatsBridge(restarted.url) as publisher:
