@@ -7,6 +7,7 @@ import json
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -156,25 +157,17 @@ def test_client_reconnects_with_backoff_resumes_and_never_rolls_back(
         assert gap * 1000 >= delay - 5  # setTimeout never fires early; 5 ms for clock skew
 
 
-@pytest.mark.parametrize(
-    ("a", "b", "expected"),
-    [
-        (2, 1, 1),
-        (1, 1, 0),
-        (1, 2, -1),
-        ("2026-01-01T01:00:00+01:00", "2026-01-01T00:00:00Z", 0),
-        ("2026-01-01T00:00:00.000002Z", "2026-01-01T00:00:00.000001Z", 1),
-        ("2026-01-01T00:00:00", "2026-01-01T00:00:00Z", 0),
-        (1, "2026-01-01T00:00:00Z", None),
-        ("tuesday", 1, None),
-        (1.5, 1, None),
-    ],
-)
-def test_compare_versions_matches_the_server(
-    browser: Any, serve: Callable[[ASGIApp], str], a: object, b: object, expected: int | None
-) -> None:
-    from asgi_session_sync.versions import is_newer, same_version
+VECTORS = json.loads((Path(__file__).parents[1] / "vectors" / "versions.json").read_text())
 
+
+def test_chromium_reads_every_shared_version_vector_as_the_server_does(
+    browser: Any, serve: Callable[[ASGIApp], str]
+) -> None:
+    # The shared vectors (tests/vectors/versions.json), parsed by Chromium's own JSON.parse and
+    # judged by the shipped client, against the server's rule on Python's json.loads.
+    from asgi_session_sync.protocol import as_version
+
+    texts = [case["text"] for case in VECTORS["vectors"]]
     server = ScriptedServer()
     base = serve(server).replace("ws://", "http://")
     page = browser.new_page()
@@ -182,14 +175,27 @@ def test_compare_versions_matches_the_server(
         page.goto(base + "/")
         page.wait_for_function("typeof window.compareVersions === 'function'", timeout=10_000)
         page.evaluate("window.sync.close()")
-        result = page.evaluate("([a, b]) => window.compareVersions(a, b)", [a, b])
+        browser_view = page.evaluate(
+            """(texts) => {
+                const values = texts.map((text) => JSON.parse(text));
+                return values.map((a) => values.map((b) => window.compareVersions(a, b)));
+            }""",
+            texts,
+        )
     finally:
         page.close()
-    assert result == expected
-    server_view = 1 if is_newer(a, b) else 0 if same_version(a, b) else None
-    if is_newer(b, a):
-        server_view = -1
-    assert result == server_view
+    values = [as_version(json.loads(text)) for text in texts]
+    server_view = [
+        [None if a is None or b is None else (a > b) - (a < b) for b in values] for a in values
+    ]
+    assert len(texts) >= 37
+    disagreements = [
+        (texts[i], texts[j])
+        for i, row in enumerate(server_view)
+        for j, expected in enumerate(row)
+        if browser_view[i][j] != expected
+    ]
+    assert disagreements == []
 
 
 class RefusingServer(PageServer):
@@ -338,32 +344,37 @@ def test_client_reconnects_at_once_when_the_browser_comes_back_online(
     assert server.wait_disconnect(1, 5)["code"] in (1000, 1006)
 
 
-class BigVersionServer(PageServer):
-    """Versions beyond 2**53, sent as JSON numbers (as a server ignoring the wire rule would).
+class TopVersionServer(PageServer):
+    """Versions at the top of the range, then a resync that goes back.
 
-    Attempt 1: snapshot at 2**53, a patch to 2**53 + 1 (the same double: JSON.parse alone makes
-    them equal), then a patch whose base is ahead (a lost patch). Attempt 2: a snapshot at
-    2**53 + 4, its version a string of digits, as the wire rule has it.
+    Attempt 1: a snapshot at 2**53 - 4, a version beyond the range (not a version: ignored), a
+    patch to 2**53 - 3, then a patch whose base is ahead (a lost patch: a gap). Attempt 2: a
+    snapshot at 2**53 - 1, then a resync (``reset``) that takes the client back to 5, as the
+    database says after a poisoned message.
     """
 
     async def play(self, attempt: int, receive: Receive, send: Send) -> None:
         """Play the script above."""
         await send({"type": "websocket.accept"})
-        top = 2**53
+        top = 2**53 - 1
         if attempt == 1:
             frames: list[dict[str, Any]] = [
-                {"type": "session_update", "session_id": "s1", "version": top, "session": {"n": 0}},
-                patch_event(top, top + 1, [{"op": "replace", "path": "/n", "value": 1}]),
-                patch_event(top + 2, top + 3, [{"op": "replace", "path": "/n", "value": 3}]),
+                {"type": "session_update", "session_id": "s1", "version": top - 3, "session": {}},
+                {"type": "session_update", "session_id": "s1", "version": top + 1, "session": {}},
+                patch_event(top - 3, top - 2, [{"op": "add", "path": "/n", "value": 1}]),
+                patch_event(top - 1, top, [{"op": "replace", "path": "/n", "value": 3}]),
             ]
         else:
             frames = [
+                {"type": "session_update", "session_id": "s1", "version": top, "session": {"n": 4}},
                 {
                     "type": "session_update",
                     "session_id": "s1",
-                    "version": str(top + 4),
-                    "session": {"n": 4},
-                }
+                    "version": 5,
+                    "reset": True,
+                    "session": {"n": 5},
+                },
+                {"type": "session_update", "session_id": "s1", "version": 4, "session": {"n": 6}},
             ]
         for frame in frames:
             await send({"type": "websocket.send", "text": json.dumps(frame)})
@@ -380,25 +391,28 @@ def patch_event(base: object, version: object, operations: list[dict[str, Any]])
     }
 
 
-def test_client_keeps_every_digit_of_big_versions_and_resyncs_on_a_patch_gap(
+def test_client_orders_the_top_versions_exactly_and_takes_a_reset_back(
     browser: Any, serve: Callable[[ASGIApp], str]
 ) -> None:
-    server = BigVersionServer(minDelay=50, jitter=0)
+    server = TopVersionServer(minDelay=50, jitter=0)
+    top = 2**53 - 1
     base = serve(server).replace("ws://", "http://")
     page = browser.new_page()
     try:
         page.goto(base + "/")
-        wait_applied(page, str(2**53 + 4))
+        wait_applied(page, 5)
         applied = page.evaluate("window.applied")
         page.evaluate("window.sync.close()")
     finally:
         page.close()
 
-    # The page read 2**53 and 2**53 + 1 as exact digit strings, so the patch between them chained;
-    # the patch with a base ahead was never applied, and the resync asked with the exact digits.
+    # 2**53 is not a version (ignored); the patch from 2**53 - 4 to 2**53 - 3 chained; the one
+    # with a base ahead was never applied, and the client resumed with the exact digits.
+    # After the reconnect a reset took it back to 5, and an older plain update was ignored.
     assert applied == [
-        [str(2**53), {"n": 0}],
-        [str(2**53 + 1), {"n": 1}],
-        [str(2**53 + 4), {"n": 4}],
+        [top - 3, {}],
+        [top - 2, {"n": 1}],
+        [top, {"n": 4}],
+        [5, {"n": 5}],
     ]
-    assert server.queries == ["", f"since={2**53 + 1}"]
+    assert server.queries == ["", f"since={top - 2}"]
