@@ -215,6 +215,29 @@ def _misdirected(frame: Frame, session_id: str) -> str | None:
     return None
 
 
+def _as_reset(text: str) -> Frame | None:
+    """A resync's JSON text as the snapshot frame it is, marked ``reset``; ``None`` if it is not
+    a ``session_update``."""
+    frame = parse_frame(text)
+    if isinstance(frame, str) or frame.kind is not Kind.UPDATE:
+        return None
+    if frame.reset:
+        return frame
+    # The client must take it even when older than what it has: the member goes last, so it
+    # wins over a "reset" the text may already hold (RFC 8259 leaves duplicates to the reader;
+    # JavaScript's JSON.parse keeps the last).
+    text = text.rstrip()[:-1] + ',"reset":true}'
+    return Frame(
+        text,
+        frame.kind,
+        frame.session_id,
+        frame.owner,
+        frame.version,
+        reset=True,
+        size=frame.size + 14,
+    )
+
+
 class SessionStream:
     """The frames bound for one socket: queued in bytes, judged by its cursor, repaired.
 
@@ -240,6 +263,7 @@ class SessionStream:
         self._resync_reason: str | None = None
         self._ready: deque[str] = deque()
         self._ended = False
+        self._warned_no_resync = False
 
     # The socket's state.
 
@@ -358,7 +382,10 @@ class SessionStream:
         if self._resync is None:
             dropped = self.cursor.give_up()
             self.stats.incr("patches_unrepaired", dropped)
-            logger.warning(
+            # Once per stream at WARNING: a stream without a resync has this on every gap.
+            log = logger.debug if self._warned_no_resync else logger.warning
+            self._warned_no_resync = True
+            log(
                 "updates may have been missed and there is no resync session_id=%s reason=%s",
                 self.session_id,
                 reason,
@@ -404,12 +431,11 @@ class SessionStream:
             logger.exception("resync failed session_id=%s", self.session_id)
             result = None
         if isinstance(result, str):
-            result = parse_frame(result)
-            if isinstance(result, str) or result.kind is not Kind.UPDATE:
+            result = _as_reset(result)
+            if result is None:
                 logger.error(
                     "resync returned text that is not a snapshot session_id=%s", self.session_id
                 )
-                result = None
         if result is None:
             self.stats.incr("resync_failures")
         return result

@@ -322,9 +322,15 @@ def parse_frame(text: str, *, size: int | None = None) -> Frame | str:
         size = len(text) if text.isascii() else len(text.encode())
     event_type = event.get("type")
     kind = _KINDS.get(event_type, Kind.OTHER) if isinstance(event_type, str) else Kind.OTHER
-    if kind is Kind.OTHER:
-        return Frame(text, kind, size=size)
     session_id, owner = event.get("session_id"), event.get("owner")
+    if kind is Kind.OTHER:
+        return Frame(
+            text,
+            kind,
+            session_id if isinstance(session_id, str) else None,
+            owner if isinstance(owner, str) else None,
+            size=size,
+        )
     raw_version = event.get("version")
     version = as_version(raw_version)
     if raw_version is not None and version is None:

@@ -810,11 +810,6 @@ async def test_frames_for_another_session_or_owner_or_only_the_server_may_send_a
         assert any(reason in message for message in messages), reason
 
 
-@pytest.mark.xfail(
-    reason="bug: hub.SessionStream._load sends a resync's JSON text as it is: without "
-    '"reset": true the client ignores an older snapshot the cursor took as the truth',
-    strict=True,
-)
 async def test_a_resync_answered_as_plain_text_still_reaches_the_client_as_a_reset(
     stats: BridgeStats,
 ) -> None:
@@ -833,11 +828,6 @@ async def test_a_resync_answered_as_plain_text_still_reaches_the_client_as_a_res
         assert (snapshot["version"], snapshot.get("reset")) == (3, True)
 
 
-@pytest.mark.xfail(
-    reason="bug: parse_frame keeps no session_id for Kind.OTHER frames (protocol.py), so "
-    "hub._misdirected never sees that an app's own event names another session",
-    strict=True,
-)
 async def test_an_apps_own_event_naming_another_session_is_refused(stats: BridgeStats) -> None:
     async with open_stream(stats, version=1) as (rig, stream):
         rig.put('{"type": "chat", "session_id": "s2", "text": "for someone else"}')

@@ -348,10 +348,12 @@ def test_an_update_without_version_is_a_frame_without_version() -> None:
         '{"no": "type"}',
     ],
 )
-def test_other_types_pass_as_other_unchecked(text: str) -> None:
+def test_other_types_pass_as_other_with_their_session_but_no_version(text: str) -> None:
     frame = parsed(text)
     assert frame.kind is Kind.OTHER
-    assert (frame.session_id, frame.version) == (None, None)
+    assert frame.version is None
+    # The session an app's own event names is read, so a hub can refuse one for another session.
+    assert frame.session_id == ("s1" if '"session_id": "s1"' in text else None)
 
 
 @pytest.mark.parametrize(
