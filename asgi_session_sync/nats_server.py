@@ -180,7 +180,7 @@ class EmbeddedNats:
     supervisor and pass its URL.
 
     The server admits only clients that present its user name and password, random per
-    instance unless given (from :mod:`secrets`). :attr:`url` carries them, so
+    instance unless given (from the ``secrets`` module). :attr:`url` carries them, so
     ``NatsBridge(server.url)`` and ``nats.connect(server.url)`` just work: **the URL is a
     secret**. Log :attr:`display_url` instead, and hand :attr:`url` to another process you
     trust through its environment or a file only it can read, never its command line. A server
@@ -217,7 +217,7 @@ class EmbeddedNats:
             and under trio (which forks in a worker thread).
         user: The user name clients must present; default a random one.
         password: The password clients must present; default a random one (192 bits). Give
-            your own (say from :func:`secrets.token_urlsafe`) to share it with processes
+            your own (say from ``secrets.token_urlsafe``) to share it with processes
             started before the server, or to keep it across a restart.
 
     Raises:
