@@ -38,6 +38,9 @@ logger = logging.getLogger("asgi_session_sync")
 RESYNC_RETRY_DELAYS: tuple[float, ...] = (0.25, 1.0, 4.0)
 """Seconds to wait before each retry of a failed resync: four attempts in about 5 s."""
 
+_HEARTBEAT_LOOKS = 4
+"""How often per heartbeat period ``forward`` looks whether a frame was sent."""
+
 # Bounds on clean-up work that must finish even when the caller is cancelled.
 _UNSUBSCRIBE_TIMEOUT = 2.0
 
@@ -462,9 +465,10 @@ class SessionStream:
             receive: The raw ASGI receive of the socket: ``websocket.receive`` (Starlette,
                 FastAPI), ``socket.receive`` (Litestar).
             on_message: Called with each ``websocket.receive`` message the client sends.
-            heartbeat: Seconds of quiet after which a ``{"type": "heartbeat"}`` frame is sent,
-                so the client receives something at least this often and can tell a dead
-                socket from a quiet session. ``None`` (the default) sends none.
+            heartbeat: Seconds of quiet after which a ``{"type": "heartbeat"}`` frame is sent
+                (within 1.25 times this), so the client receives something at least that often
+                and can tell a dead socket from a quiet session. ``None`` (the default) sends
+                none.
 
         Raises:
             ValueError: ``heartbeat`` is not a positive number.
@@ -473,15 +477,7 @@ class SessionStream:
             raise ValueError(f"heartbeat must be positive seconds or None: got {heartbeat!r}")
         self.attach(socket)
         failure: Exception | None = None
-        lock = anyio.Lock()
-        last_sent = anyio.current_time()
-
-        async def send(text: str) -> None:
-            nonlocal last_sent
-            # One sender at a time: a heartbeat never interleaves with a frame being sent.
-            async with lock:
-                await socket.send_text(text)
-                last_sent = anyio.current_time()
+        sent = 0  # frames sent, for the heartbeat task to tell quiet from busy
 
         async with anyio.create_task_group() as tg:
 
@@ -494,23 +490,29 @@ class SessionStream:
                 tg.cancel_scope.cancel()  # failed, or the stream ended: nothing more to send
 
             async def send_frames() -> None:
+                # The only task that sends, so frames and heartbeats never interleave and a
+                # frame costs no lock and no clock read.
+                nonlocal sent
                 async for text in self:
-                    await send(text)
+                    await socket.send_text(text)
+                    sent += 1
 
             async def send_heartbeats() -> None:
+                # Looks four times a period: a heartbeat goes into the stream after a whole
+                # period without a frame, between 1 and 1.25 periods after the last one.
                 assert heartbeat is not None
-                nonlocal last_sent
+                seen, quiet = sent, 0
                 while True:
-                    wait = last_sent + heartbeat - anyio.current_time()
-                    if wait > 0:
-                        await anyio.sleep(wait)
+                    await anyio.sleep(heartbeat / _HEARTBEAT_LOOKS)
+                    if sent != seen:
+                        seen, quiet = sent, 0
                         continue
-                    async with lock:
-                        # Re-checked under the lock: a frame sent meanwhile resets the quiet.
-                        if anyio.current_time() >= last_sent + heartbeat:
-                            await socket.send_text(HEARTBEAT)
-                            last_sent = anyio.current_time()
-                            self.stats.incr("heartbeats")
+                    quiet += 1
+                    if quiet == _HEARTBEAT_LOOKS:
+                        quiet = 0
+                        self._ready.append(HEARTBEAT)
+                        self._wakeup.set()
+                        self.stats.incr("heartbeats")
 
             tg.start_soon(sending, send_frames)
             if heartbeat is not None:
