@@ -83,19 +83,21 @@ def test_another_user_never_sees_the_session(app: AppProcess, page: Any, tmp_pat
     open_page(page, app, f"token=bob&session={session_id}")
     page.wait_for_function("!document.querySelector('#error').hidden")
     assert page.text_content("#error") == f"No session {session_id} for bob."
-    # And the socket itself refuses bob, before any frame, even asked directly.
+    # And the socket itself refuses bob before any frame, even asked directly: the loader's
+    # owner check refuses the snapshot, so the route closes with 1008 (final) and forwards
+    # nothing.
     ws_url = app.url.replace("http://", "ws://") + f"/ws/sessions/{session_id}?token=bob"
     outcome = page.evaluate(
         """(url) => new Promise((resolve) => {
           const frames = [];
           const socket = new WebSocket(url);
           socket.onmessage = (message) => frames.push(message.data);
-          socket.onclose = (event) => resolve({ opened: event.wasClean, frames });
+          socket.onclose = (event) => resolve({ code: event.code, frames });
           setTimeout(() => resolve({ timeout: true, frames }), 5000);
         })""",
         ws_url,
     )
-    assert outcome == {"opened": False, "frames": []}
+    assert outcome == {"code": 1008, "frames": []}
     shown = page.evaluate(PAGE_STATE)
     assert shown["interactions"] == []
     assert shown["version"] == NO_VERSION
