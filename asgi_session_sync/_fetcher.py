@@ -18,16 +18,9 @@ from pydantic import BaseModel
 
 from ._flights import SingleFlight
 from ._paths import clip_for_log
+from .config import SyncConfig
 from .protocol import Frame, Kind, SessionSynced, SessionUpdate, Version, as_version
-from .snapshot import (
-    Authenticate,
-    ErrorHook,
-    FlightKey,
-    SessionContext,
-    SessionLoader,
-    Snapshot,
-    VersionLoader,
-)
+from .snapshot import SessionContext, Snapshot
 from .stats import SessionSyncStats
 
 __all__ = ["FAILED", "NOTHING", "FirstFrame", "SnapshotFetcher"]
@@ -84,43 +77,23 @@ class SnapshotFetcher:
     sharing) is bounded by ``timeout`` seconds on its own.
     """
 
-    def __init__(
-        self,
-        *,
-        loader: SessionLoader,
-        version_loader: VersionLoader | None,
-        authenticate: Authenticate | None,
-        on_error: ErrorHook | None,
-        flight_key: FlightKey,
-        timeout: float,
-        max_bytes: int | None,
-        send_synced: bool,
-        max_concurrent_loads: int,
-        cache_ttl: float | None,
-        stats: SessionSyncStats,
-    ) -> None:
-        self.loader = loader
-        self.version_loader = version_loader
-        self.authenticate = authenticate
-        self.on_error = on_error
-        self.flight_key = flight_key
-        self.timeout = timeout
-        self.max_bytes = max_bytes
-        self.send_synced = send_synced
+    def __init__(self, config: SyncConfig, stats: SessionSyncStats) -> None:
+        self.config = config
         self.stats = stats
-        limiter = anyio.Semaphore(max_concurrent_loads, fast_acquire=True)
+        limiter = anyio.Semaphore(config.max_concurrent_loads, fast_acquire=True)
         self._snapshots: SingleFlight[FirstFrame] = SingleFlight(
-            limiter=limiter, ttl=cache_ttl, keep=lambda frame: not frame.failed
+            limiter=limiter, ttl=config.cache_ttl, keep=lambda frame: not frame.failed
         )
         self._versions: SingleFlight[Version] = SingleFlight(limiter=limiter)
+        self._flight_key = config.shared_key
 
     async def context(self, ctx: SessionContext) -> SessionContext | None:
         """Return ``ctx`` with the user ``authenticate`` names; ``None`` if that failed."""
-        if self.authenticate is None:
+        if self.config.authenticate is None:
             return ctx
         try:
-            with anyio.fail_after(self.timeout):
-                user = await self.authenticate(ctx.scope)
+            with anyio.fail_after(self.config.timeout):
+                user = await self.config.authenticate(ctx.scope)
         except Exception as exc:
             self._fail(ctx, exc, "no snapshot: authenticate failed")
             return None
@@ -128,7 +101,7 @@ class SnapshotFetcher:
 
     async def first_frame(self, ctx: SessionContext) -> FirstFrame:
         """The frame to send after the accept: a snapshot, a ``session_synced`` or nothing."""
-        if ctx.since is not None and self.version_loader is not None:
+        if ctx.since is not None and self.config.version_loader is not None:
             current = await self._fetch(ctx, self._versions, self._load_version, "version load")
             if current is not None and current == ctx.since:
                 return self._resumed(ctx)
@@ -163,12 +136,12 @@ class SnapshotFetcher:
         failure: T | None = None,
     ) -> T | None:
         try:
-            key = self.flight_key(ctx)
+            key = self._flight_key(ctx)
             hash(key)  # an unhashable key (a list inside) fails here, not in the flight table
         except Exception as exc:
             self._fail(ctx, exc, "no snapshot: flight_key raised")
             return failure
-        with anyio.move_on_after(self.timeout):
+        with anyio.move_on_after(self.config.timeout):
             result, how = await flights.run(key, lambda: load(ctx), fresh=fresh)
             if how != "loaded":
                 self.stats.incr("coalesced" if how == "coalesced" else "cache_hits")
@@ -177,18 +150,18 @@ class SnapshotFetcher:
         logger.warning(
             "%s timed out after %ss session_id=%s path=%r",
             what,
-            self.timeout,
+            self.config.timeout,
             ctx.session_id,
             clip_for_log(ctx.scope["path"]),
         )
-        self.report(ctx, TimeoutError(f"{what} timed out after {self.timeout}s"))
+        self.report(ctx, TimeoutError(f"{what} timed out after {self.config.timeout}s"))
         return failure
 
     async def _load_snapshot(self, ctx: SessionContext) -> FirstFrame | None:
         started = time.perf_counter()
         self.stats.incr("loads")
         try:
-            result = await self.loader(ctx)
+            result = await self.config.loader(ctx)
         except Exception as exc:
             self._fail(ctx, exc, "no snapshot: loader raised")
             return FAILED
@@ -203,10 +176,10 @@ class SnapshotFetcher:
         return self._encode(ctx, result)
 
     async def _load_version(self, ctx: SessionContext) -> Version | None:
-        assert self.version_loader is not None
+        assert self.config.version_loader is not None
         self.stats.incr("version_loads")
         try:
-            current = await self.version_loader(ctx)
+            current = await self.config.version_loader(ctx)
         except Exception as exc:
             self._fail(ctx, exc, "version_loader raised, loading in full")
             return None
@@ -246,12 +219,12 @@ class SnapshotFetcher:
         except Exception as exc:
             self._fail(ctx, exc, "no snapshot: cannot serialise the session")
             return FAILED
-        if self.max_bytes is not None and len(data) > self.max_bytes:
+        if self.config.max_bytes is not None and len(data) > self.config.max_bytes:
             self.stats.incr("oversize")
             logger.warning(
                 "no snapshot: frame of %d bytes exceeds max_bytes=%d session_id=%s",
                 len(data),
-                self.max_bytes,
+                self.config.max_bytes,
                 ctx.session_id,
             )
             return FAILED
@@ -260,7 +233,7 @@ class SnapshotFetcher:
     def _resumed(self, ctx: SessionContext) -> FirstFrame:
         self.stats.incr("skipped_by_resume")
         logger.debug("snapshot skipped: client is current session_id=%s", ctx.session_id)
-        if not self.send_synced:
+        if not self.config.send_synced:
             return FirstFrame(None, ctx.since, known=True)
         assert ctx.since is not None
         synced = SessionSynced(session_id=ctx.session_id, version=ctx.since)
@@ -280,9 +253,9 @@ class SnapshotFetcher:
 
     def report(self, ctx: SessionContext, exc: Exception) -> None:
         """Pass ``exc`` to ``on_error``; a hook that raises is logged, never raised."""
-        if self.on_error is None:
+        if self.config.on_error is None:
             return
         try:
-            self.on_error(ctx, exc)
+            self.config.on_error(ctx, exc)
         except Exception:
             logger.exception("on_error hook raised session_id=%s", ctx.session_id)

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from asgiref.compatibility import guarantee_single_callable
 
 from ._paths import NoSessionId, PathMatcher, clip_for_log
 from ._responder import ConnectionSettings, SnapshotResponder
-from ._session_ids import DEFAULT_SESSION_ID_PATTERN
 from ._types import AnyASGIApp, ASGIApp
-from .snapshot import Authenticate, ErrorHook, FlightKey, SessionLoader, VersionLoader
+from .config import SyncOptions
+from .snapshot import SessionLoader
 from .stats import MetricHook, SessionSyncStats
-from .sync import SessionSync, default_flight_key
+from .sync import SessionSync
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.11
 
 __all__ = ["SessionSyncMiddleware"]
 
@@ -63,42 +65,17 @@ class SessionSyncMiddleware:
             ``scope["path"]`` without ``scope["root_path"]`` when it starts with it, as
             Starlette routes, so they hold under ``uvicorn --root-path`` and in mounted apps.
         session_id_param: Query parameter holding the id on exact paths.
-        session_id_pattern: Regular expression a session id must fully match before it reaches
-            the loader. Whatever it allows, ids with ``.``, ``*``, ``>``, whitespace, control,
-            format or invisible characters (C1, bidi, zero-width), and ids over 256
-            characters, are always refused.
-        timeout: Seconds a connection waits for its snapshot (queueing, loading, sharing).
-            ``authenticate`` and ``version_loader`` each have a budget of the same length, so
-            a resuming connection waits at most three times this, and so is its handshake
-            held. The bound cancels the loader: a loader that cannot be cancelled (a thread
-            not abandoned on cancel) holds the connection until it returns.
-        max_bytes: Largest snapshot frame sent, in bytes of JSON; larger ones are logged and
-            dropped. ``None`` for no limit.
-        authenticate: Optional ``async def authenticate(scope)`` returning the connecting user,
-            for stacks whose authentication runs inside the framework (FastAPI dependencies,
-            Litestar guards) where no middleware sets ``scope["user"]``.
-        on_error: Optional ``def on_error(ctx, exc)`` called with the exception whenever a
-            connection gets no snapshot because something failed: the loader,
-            ``version_loader``, ``authenticate`` or ``flight_key`` raised, a wait timed out (a
-            ``TimeoutError``), or the server's ``send`` refused the snapshot frame.
         fence_max_frames: App frames inspected after the snapshot at most; 0 turns the fence off.
         fence_max_seconds: Seconds after the snapshot during which frames are inspected.
-        since_param: Query parameter in which a resuming client passes its last version.
-        version_loader: Optional ``async def version(ctx) -> version | None``, a cheap query
-            asked before the full load when the client passes ``since``.
-        send_synced: Send a ``session_synced`` event when resume skips the snapshot.
-        single_flight: Share concurrent loads with equal ``flight_key``.
-        flight_key: Which connections may share a load; :func:`default_flight_key` by default.
-            It must return a hashable key, or ``None`` for a load never shared.
-        max_concurrent_loads: Loader calls running at once, at most.
-        cache_ttl: Opt-in: seconds a successful load is reused for new connections (failed
-            and empty loads are not). ``None`` (the default) caches nothing. A cached snapshot
-            can miss an update published before the new connection subscribed, until the next
-            update: keep it short, or use it only where updates repeat the whole state.
         on_metric: Optional ``def on_metric(name, value)`` called for each counter increment.
-        sync: A :class:`~asgi_session_sync.SessionSync` to use instead of ``loader`` and the
-            loading options, for an app that also accepts sockets with
+        sync: A :class:`~asgi_session_sync.SessionSync` to use instead of ``loader`` and its
+            options, for an app that also accepts sockets with
             :meth:`~asgi_session_sync.SessionSync.accept`: one service, one set of counters.
+        **options: How snapshots are loaded, shared and sent (``timeout``, ``max_bytes``,
+            ``authenticate``, ``on_error``, ``version_loader``, ``since_param``,
+            ``send_synced``, ``single_flight``, ``flight_key``, ``max_concurrent_loads``,
+            ``cache_ttl``, ``session_id_pattern``): the fields of
+            :class:`~asgi_session_sync.config.SyncConfig`, where each is described.
 
     Raises:
         ValueError: A path, the pattern or a limit is invalid.
@@ -113,46 +90,23 @@ class SessionSyncMiddleware:
         loader: SessionLoader | None = None,
         paths: Iterable[str],
         session_id_param: str = "session_id",
-        session_id_pattern: str | re.Pattern[str] = DEFAULT_SESSION_ID_PATTERN,
-        timeout: float = 5.0,
-        max_bytes: int | None = 4 * 1024 * 1024,
-        authenticate: Authenticate | None = None,
-        on_error: ErrorHook | None = None,
         fence_max_frames: int = 256,
         fence_max_seconds: float = 10.0,
-        since_param: str = "since",
-        version_loader: VersionLoader | None = None,
-        send_synced: bool = False,
-        single_flight: bool = True,
-        flight_key: FlightKey = default_flight_key,
-        max_concurrent_loads: int = 64,
-        cache_ttl: float | None = None,
         on_metric: MetricHook | None = None,
         sync: SessionSync | None = None,
+        **options: Unpack[SyncOptions],
     ) -> None:
         if fence_max_frames < 0 or not fence_max_seconds >= 0:
             raise ValueError("fence_max_frames and fence_max_seconds must not be negative")
         if sync is None:
             if loader is None:
                 raise TypeError("loader is required: an async def load_session(ctx)")
-            sync = SessionSync(
-                loader,
-                version_loader=version_loader,
-                authenticate=authenticate,
-                on_error=on_error,
-                timeout=timeout,
-                max_bytes=max_bytes,
-                send_synced=send_synced,
-                single_flight=single_flight,
-                flight_key=flight_key,
-                max_concurrent_loads=max_concurrent_loads,
-                cache_ttl=cache_ttl,
-                since_param=since_param,
-                session_id_pattern=session_id_pattern,
-                on_metric=on_metric,
+            sync = SessionSync(loader, on_metric=on_metric, **options)
+        elif loader is not None or options or on_metric is not None:
+            raise TypeError(
+                "pass either loader and its options, or sync (configured already), not both: "
+                f"got sync and {sorted([*options, *(['loader'] if loader else [])])}"
             )
-        elif loader is not None:
-            raise TypeError("pass either loader (and its options) or sync, not both")
         self.app: ASGIApp = guarantee_single_callable(app)  # type: ignore[no-untyped-call]
         self.sync = sync
         """The snapshot service: loads, shares, encodes and reports every connection's snapshot."""
@@ -162,7 +116,7 @@ class SessionSyncMiddleware:
             sync=sync,
             fence_max_frames=fence_max_frames,
             fence_max_seconds=fence_max_seconds,
-            max_held_bytes=sync.fetcher.max_bytes or 4 * 1024 * 1024,
+            max_held_bytes=sync.config.max_bytes or 4 * 1024 * 1024,
         )
         self._paths = PathMatcher(paths, session_id_param=session_id_param)
         self._session_ids = sync.session_ids

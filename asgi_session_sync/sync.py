@@ -10,135 +10,69 @@ stored in or read from the ASGI scope.
 from __future__ import annotations
 
 import logging
-import re
-from collections.abc import Hashable, Iterable
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from ._fetcher import FAILED, FirstFrame, SnapshotFetcher
 from ._paths import clip_for_log, query_values
-from ._session_ids import DEFAULT_SESSION_ID_PATTERN, SessionIdRules
+from ._session_ids import SessionIdRules
 from ._types import Scope, Send
+from .config import SyncConfig, SyncOptions, default_flight_key
 from .protocol import Frame, Version, version_from_text
-from .snapshot import (
-    Authenticate,
-    ErrorHook,
-    FlightKey,
-    SessionContext,
-    SessionLoader,
-    VersionLoader,
-    user_identity,
-)
+from .snapshot import SessionContext, SessionLoader
 from .stats import MetricHook, SessionSyncStats
 
-__all__ = ["SessionSocket", "SessionSync", "default_flight_key"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.11
+
+__all__ = ["SessionSocket", "SessionSync", "SyncConfig", "default_flight_key"]
 
 logger = logging.getLogger("asgi_session_sync")
 
 _FROM_SCOPE: Any = object()
 
 
-def default_flight_key(ctx: SessionContext) -> Hashable | None:
-    """Share loads between connections of the same session AND the same user.
-
-    A loader may check ownership, so one user's result is never handed to another. Anonymous
-    connections (``user`` is ``None``) share with each other; users the middleware cannot name
-    (see :func:`~asgi_session_sync.snapshot.user_identity`) share nothing: the key is ``None``.
-    """
-    if ctx.user is None:
-        return (ctx.session_id, None)
-    identity = user_identity(ctx.user)
-    return None if identity is None else (ctx.session_id, identity)
-
-
-def _unshared(ctx: SessionContext) -> None:
-    return None
-
-
 class SessionSync:
     """Loads a session's snapshot for each WebSocket, shares loads, and sends it first.
+
+    The options are the fields of :class:`~asgi_session_sync.config.SyncConfig` (where each is
+    described), checked once, here; :attr:`config` holds them.
+
+    ```python
+    sync = SessionSync(load_session, version_loader=load_version, timeout=2.0)
+    ```
 
     Args:
         loader: ``async def load_session(ctx: SessionContext)`` returning a mapping, a pydantic
             model, a :class:`~asgi_session_sync.Snapshot`, or ``None`` for "nothing to send".
-        version_loader: Optional ``async def version(ctx) -> int | None``, a cheap query
-            asked before the full load when the client resumes with ``since``.
-        authenticate: Optional ``async def authenticate(scope)`` returning the connecting user,
-            for connections whose user is not given to :meth:`accept` and not in
-            ``scope["user"]``.
-        on_error: Optional ``def on_error(ctx, exc)`` called whenever a connection gets no
-            snapshot because something failed (see :class:`SessionSyncMiddleware`).
-        timeout: Seconds a connection waits for its snapshot (queueing, loading, sharing);
-            ``authenticate`` and ``version_loader`` each have a budget of the same length.
-        max_bytes: Largest snapshot frame sent, in bytes of JSON; larger ones are logged and
-            dropped. ``None`` for no limit.
-        send_synced: Send a ``session_synced`` event when resume skips the snapshot.
-        single_flight: Share concurrent loads with equal ``flight_key``.
-        flight_key: Which connections may share a load; :func:`default_flight_key` by default.
-        max_concurrent_loads: Loader calls running at once, at most.
-        cache_ttl: Opt-in: seconds a successful load is reused for new connections.
-        since_param: Query parameter in which a resuming client passes its last version.
-        session_id_pattern: Regular expression a session id must fully match (the
-            middleware's rule; see :class:`SessionSyncMiddleware`).
         on_metric: Optional ``def on_metric(name, value)`` called for each counter increment.
+        **options: ``version_loader``, ``authenticate``, ``on_error``, ``timeout`` (seconds),
+            ``max_bytes``, ``send_synced``, ``single_flight``, ``flight_key``,
+            ``max_concurrent_loads``, ``cache_ttl`` (seconds), ``since_param``,
+            ``session_id_pattern``: see :class:`~asgi_session_sync.config.SyncConfig`.
 
     Raises:
-        TypeError: ``loader`` or ``version_loader`` is not callable.
-        ValueError: A limit is invalid.
+        TypeError: ``loader`` or ``version_loader`` is not callable, or an option is unknown.
+        ValueError: A limit is invalid (the message names it).
     """
 
     def __init__(
         self,
         loader: SessionLoader,
         *,
-        version_loader: VersionLoader | None = None,
-        authenticate: Authenticate | None = None,
-        on_error: ErrorHook | None = None,
-        timeout: float = 5.0,
-        max_bytes: int | None = 4 * 1024 * 1024,
-        send_synced: bool = False,
-        single_flight: bool = True,
-        flight_key: FlightKey = default_flight_key,
-        max_concurrent_loads: int = 64,
-        cache_ttl: float | None = None,
-        since_param: str = "since",
-        session_id_pattern: str | re.Pattern[str] = DEFAULT_SESSION_ID_PATTERN,
         on_metric: MetricHook | None = None,
+        **options: Unpack[SyncOptions],
     ) -> None:
-        if not callable(loader):
-            raise TypeError(f"loader must be an async callable: got {loader!r}")
-        if version_loader is not None and not callable(version_loader):
-            raise TypeError(f"version_loader must be an async callable: got {version_loader!r}")
-        if not timeout > 0:
-            raise ValueError(f"timeout must be a positive number of seconds: got {timeout!r}")
-        if max_bytes is not None and max_bytes <= 0:
-            raise ValueError(f"max_bytes must be positive or None: got {max_bytes!r}")
-        if not since_param:
-            raise ValueError("since_param must be a non-empty query parameter name")
-        if max_concurrent_loads < 1:
-            raise ValueError(f"max_concurrent_loads must be at least 1: got {max_concurrent_loads}")
-        if cache_ttl is not None and not cache_ttl > 0:
-            raise ValueError(f"cache_ttl must be positive or None: got {cache_ttl!r}")
+        self.config = SyncConfig(loader, **options)
+        """What this service was configured with, validated once."""
         self.stats = SessionSyncStats(on_metric=on_metric)
         """Counters since the service was created: see :class:`SessionSyncStats`."""
-        self.fetcher = SnapshotFetcher(
-            loader=loader,
-            version_loader=version_loader,
-            authenticate=authenticate,
-            on_error=on_error,
-            flight_key=flight_key if single_flight else _unshared,
-            timeout=timeout,
-            max_bytes=max_bytes,
-            send_synced=send_synced,
-            max_concurrent_loads=max_concurrent_loads,
-            cache_ttl=cache_ttl,
-            stats=self.stats,
-        )
-        self.since_param = since_param
-        self.session_ids = SessionIdRules(session_id_pattern)
+        self.fetcher = SnapshotFetcher(self.config, self.stats)
+        self.session_ids = SessionIdRules(self.config.session_id_pattern)
 
     def since(self, scope: Scope, session_id: str) -> Version | None:
         """The version a resuming client says it has (the ``since`` query parameter)."""
-        values = query_values(scope, self.since_param)
+        values = query_values(scope, self.config.since_param)
         if len(values) != 1:
             return None
         since = version_from_text(values[0])

@@ -856,3 +856,25 @@ async def test_accept_refuses_an_invalid_session_id_before_sending() -> None:
         await sync.accept({"type": "websocket", "path": "/", "query_string": b""}, send, "a.>")
     assert sent == []
     assert sync.stats.invalid_ids == 1
+
+
+def test_options_are_one_frozen_config_checked_once() -> None:
+    sync = SessionSync(RecordingLoader(), timeout=2.0, cache_ttl=1.0)
+    assert (sync.config.timeout, sync.config.cache_ttl) == (2.0, 1.0)
+    with pytest.raises(AttributeError):
+        sync.config.timeout = 3.0  # type: ignore[misc]
+    middleware = SessionSyncMiddleware(greeting_app, sync=sync, paths=["/ws/{session_id}"])
+    assert middleware.sync is sync
+    assert middleware.stats is sync.stats
+    with pytest.raises(ValueError, match="timeout must be a positive"):
+        SessionSync(RecordingLoader(), timeout=0)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        SessionSync(RecordingLoader(), time_out=1)  # type: ignore[call-arg]
+
+
+def test_a_given_sync_takes_no_options_of_its_own() -> None:
+    sync = SessionSync(RecordingLoader())
+    with pytest.raises(TypeError, match="either loader and its options, or sync"):
+        SessionSyncMiddleware(greeting_app, sync=sync, paths=["/ws/{session_id}"], timeout=1.0)
+    with pytest.raises(TypeError, match="loader is required"):
+        SessionSyncMiddleware(greeting_app, paths=["/ws/{session_id}"])
