@@ -46,8 +46,11 @@ class PathMatcher:
             self._add(path)
         if not self._exact and not self._patterns:
             raise ValueError("paths must name at least one WebSocket path")
-        if not session_id_param:
-            raise ValueError("session_id_param must be a non-empty query parameter name")
+        if not isinstance(session_id_param, str) or not session_id_param:
+            raise ValueError(
+                f"session_id_param must be a non-empty query parameter name: got "
+                f"{session_id_param!r}"
+            )
         self._param = session_id_param
 
     def _add(self, path: str) -> None:

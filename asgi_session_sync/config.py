@@ -6,9 +6,11 @@ middleware read it and forward nothing.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import re
-from collections.abc import Hashable
-from dataclasses import dataclass
+from collections.abc import Hashable, Iterable, Mapping
+from dataclasses import dataclass, fields
 from typing import TypedDict
 
 from ._session_ids import DEFAULT_SESSION_ID_PATTERN
@@ -22,7 +24,7 @@ from .snapshot import (
     user_identity,
 )
 
-__all__ = ["SyncConfig", "SyncOptions", "default_flight_key"]
+__all__ = ["SyncConfig", "SyncOptions", "check_options", "default_flight_key"]
 
 
 def default_flight_key(ctx: SessionContext) -> Hashable | None:
@@ -40,6 +42,27 @@ def default_flight_key(ctx: SessionContext) -> Hashable | None:
 
 def _unshared(ctx: SessionContext) -> None:
     return None
+
+
+def _is_async(value: object) -> bool:
+    """Whether calling ``value`` gives a coroutine: an ``async def`` function, or an object
+    whose ``__call__`` is one (``functools.partial`` of either too)."""
+    return inspect.iscoroutinefunction(value) or (
+        callable(value) and inspect.iscoroutinefunction(type(value).__call__)
+    )
+
+
+def _check_number(name: str, value: object, *, optional: bool, whole: bool) -> None:
+    """Refuse ``value`` unless it is a positive number (an int when ``whole``), or ``None``
+    when ``optional``; the message names the option and the fix."""
+    if value is None and optional:
+        return
+    kind = int if whole else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or not value > 0:
+        what = "a positive int" if whole else "a positive number of seconds"
+        raise (ValueError if isinstance(value, (int, float)) else TypeError)(
+            f"{name} must be {what}{' or None' if optional else ''}: got {value!r}"
+        )
 
 
 @dataclass(frozen=True)
@@ -79,8 +102,10 @@ class SyncConfig:
             characters, and ids over 256 characters, are always refused.
 
     Raises:
-        TypeError: ``loader`` or ``version_loader`` is not callable.
-        ValueError: A limit is invalid (the message names it).
+        TypeError: ``loader``, ``version_loader`` or ``authenticate`` is not an ``async``
+            function, a hook is not callable, or an option has the wrong type (the message
+            names it and the fix).
+        ValueError: A limit is not positive (the message names it).
     """
 
     loader: SessionLoader
@@ -98,29 +123,53 @@ class SyncConfig:
     session_id_pattern: str | re.Pattern[str] = DEFAULT_SESSION_ID_PATTERN
 
     def __post_init__(self) -> None:
-        if not callable(self.loader):
-            raise TypeError(f"loader must be an async callable: got {self.loader!r}")
-        if self.version_loader is not None and not callable(self.version_loader):
+        for name in ("loader", "version_loader", "authenticate"):
+            value = getattr(self, name)
+            if (value is not None or name == "loader") and not _is_async(value):
+                raise TypeError(
+                    f"{name} must be an async function (async def {name}(...)) or an object "
+                    f"with an async __call__: got {value!r}"
+                )
+        for name in ("on_error", "flight_key"):
+            value = getattr(self, name)
+            if (value is not None or name == "flight_key") and not callable(value):
+                raise TypeError(f"{name} must be a function (def {name}(...)): got {value!r}")
+        for name in ("send_synced", "single_flight"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False: got {getattr(self, name)!r}")
+        _check_number("timeout", self.timeout, optional=False, whole=False)
+        _check_number("max_bytes", self.max_bytes, optional=True, whole=True)
+        _check_number("max_concurrent_loads", self.max_concurrent_loads, optional=False, whole=True)
+        _check_number("cache_ttl", self.cache_ttl, optional=True, whole=False)
+        if not isinstance(self.since_param, str) or not self.since_param:
             raise TypeError(
-                f"version_loader must be an async callable: got {self.version_loader!r}"
+                f"since_param must be a non-empty query parameter name: got {self.since_param!r}"
             )
-        if not self.timeout > 0:
-            raise ValueError(f"timeout must be a positive number of seconds: got {self.timeout!r}")
-        if self.max_bytes is not None and self.max_bytes <= 0:
-            raise ValueError(f"max_bytes must be positive or None: got {self.max_bytes!r}")
-        if not self.since_param:
-            raise ValueError("since_param must be a non-empty query parameter name")
-        if self.max_concurrent_loads < 1:
-            raise ValueError(
-                f"max_concurrent_loads must be at least 1: got {self.max_concurrent_loads}"
+        if not isinstance(self.session_id_pattern, (str, re.Pattern)):
+            raise TypeError(
+                "session_id_pattern must be a regular expression (a str or re.Pattern): "
+                f"got {self.session_id_pattern!r}"
             )
-        if self.cache_ttl is not None and not self.cache_ttl > 0:
-            raise ValueError(f"cache_ttl must be positive or None: got {self.cache_ttl!r}")
 
     @property
     def shared_key(self) -> FlightKey:
         """The key loads are shared by: ``flight_key``, or none at all without single-flight."""
         return self.flight_key if self.single_flight else _unshared
+
+
+def check_options(caller: str, options: Mapping[str, object], *, also: Iterable[str] = ()) -> None:
+    """Refuse an option :class:`SyncConfig` does not have, naming ``caller`` and the nearest
+    name (``also``: the caller's own keywords, offered as suggestions too).
+
+    Raises:
+        TypeError: An unknown option, as Python says it for a misspelt keyword.
+    """
+    known = [field.name for field in fields(SyncConfig) if field.name != "loader"]
+    for name in options:
+        if name not in known:
+            close = difflib.get_close_matches(name, [*known, *also], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise TypeError(f"{caller}() got an unexpected keyword argument {name!r}{hint}")
 
 
 class SyncOptions(TypedDict, total=False):

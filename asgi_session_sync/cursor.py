@@ -6,35 +6,9 @@ live update. It does no I/O: the caller sends what it emits and, when told, repa
 client with a fresh snapshot from the database (a *resync*), which the cursor then takes as
 the truth with :meth:`Cursor.reset`.
 
-The rules, stated once (``docs/concepts.md`` has the same table): ``c`` is the version of
-the state the client has; it is *verified* when it came from the database (a snapshot) and
-*live* when it came from a live frame.
-
-=========================================  =====================================================
-frame                                      verdict
-=========================================  =====================================================
-not a session event (heartbeat, app's)     emit
-any session event while repairing          hold until the snapshot arrives
-``session_update`` without a version       emit (``c`` unchanged)
-``session_update`` v, ``c`` unknown or     emit, ``c = v``
-``v > c``
-``session_update`` v, ``v == c``           drop (a duplicate)
-``session_update`` v, ``v < c``            drop; if ``c`` is live, verify: repair
-``session_patch`` b→v, ``b == c``          emit, ``c = v``
-``session_patch`` b→v, ``v <= c``          drop; if ``c`` is live and ``v < c``, verify: repair
-``session_patch``, ``b > c`` (a patch in   hold, repair
-between was lost) or ``b < c < v``
-(overlaps)
-``session_patch``, ``c`` unknown           hold, repair
-``session_patch``, the snapshot had no     drop: it can never chain
-version
-``session_synced`` on a live path          drop: only the middleware sends it
-a snapshot (:meth:`Cursor.reset`)          emit always, even when older: ``c = v``,
-                                           verified; then the held frames by these rules
-                                           (one the snapshot does not reach, or an older
-                                           one, is dropped)
-=========================================  =====================================================
-
+The rules are stated once, as a table, in ``docs/concepts.md`` ("The ordering rules"); the
+methods below implement them row by row. ``c`` is the version of the state the client has:
+*verified* when it came from the database (a snapshot), *live* when it came from a live frame.
 "Verify" is what keeps one bad message from freezing a socket: a frame that moved ``c`` far
 ahead (a publisher's bug, a forged message) makes every later real update look stale, so the
 first such stale frame asks the database, whose snapshot replaces the bad state. A verified
@@ -136,14 +110,17 @@ class Cursor:
         """Take a snapshot from the database as the client's state; return what to send.
 
         The snapshot comes first, whatever its version; then the held frames, judged again
-        against it (those it already covers are dropped, a gap asks for another repair).
+        against it: those it already covers are dropped, those that chain are sent. When it
+        does not reach one (the loader is behind the publisher), that frame and the ones after
+        it stay held and :attr:`repairing` stays true: load again, or :meth:`give_up`.
         """
         self.version = snapshot.version
         self._known = self._verified = True
         self.repairing = False
         emitted = [snapshot]
         held, self._held, self.held_bytes = self._held, deque(), 0
-        for frame in held:
+        while held:
+            frame = held.popleft()
             verdict = self.offer(frame)
             if verdict is Verdict.EMIT:
                 emitted.append(frame)
@@ -152,12 +129,12 @@ class Cursor:
                 # database has spoken, so it is only stale.
                 self.repairing = False
             elif verdict is Verdict.HOLD:
-                # The snapshot does not reach it: the loader is behind the publisher. Dropped
-                # rather than reloaded for: the next live patch that does not chain asks again.
-                self.unrepaired += len(self._held)
-                self._held.clear()
-                self.held_bytes = 0
-                self.repairing = False
+                # The snapshot does not reach it: the loader is behind the publisher. It and
+                # the frames after it stay held, and the repair goes on (:attr:`repairing`):
+                # the caller loads again, or gives up.
+                self._held.extend(held)
+                self.held_bytes += sum(frame.size for frame in held)
+                break
         return emitted
 
     def give_up(self) -> int:

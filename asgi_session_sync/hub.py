@@ -38,6 +38,7 @@ logger = logging.getLogger("asgi_session_sync")
 RESYNC_RETRY_DELAYS: tuple[float, ...] = (0.25, 1.0, 4.0)
 """Seconds to wait before each retry of a failed resync: four attempts in about 5 s."""
 
+_HEARTBEAT_FRAME = Frame(HEARTBEAT, Kind.OTHER, size=len(HEARTBEAT))
 _HEARTBEAT_LOOKS = 4
 """How often per heartbeat period ``forward`` looks whether a frame was sent."""
 
@@ -145,7 +146,9 @@ class Hub:
                     channel.ready.set()
                 return channel
             await channel.ready.wait()
-            if not channel.failed:
+            # Still the session's channel: its last socket may have left (and unsubscribed)
+            # before this task ran again.
+            if not channel.failed and self._channels.get(session_id) is channel:
                 return channel
 
     def deliver(self, session_id: str, data: bytes) -> None:
@@ -161,11 +164,15 @@ class Hub:
         if isinstance(parsed, str):
             self.stats.incr("invalid_messages")
             logger.warning(
-                "dropped an invalid message reason=%s session_id=%s bytes=%d",
+                "dropped an invalid message, resyncing the session's sockets reason=%s "
+                "session_id=%s bytes=%d",
                 parsed,
                 session_id,
                 len(data),
             )
+            # It may have been an update no socket can read: as good as lost.
+            for stream in channel.streams:
+                stream.request_resync("an unreadable message")
             return
         problem = _misdirected(parsed, session_id)
         if problem is not None:
@@ -173,6 +180,21 @@ class Hub:
             return
         for stream in channel.streams:
             stream.offer(parsed)
+
+    def make_room(self, size: int) -> bool:
+        """Free ``size`` bytes under ``max_process_bytes`` by resyncing the streams holding the
+        most (the slowest consumers), largest first; ``False`` if that cannot be done."""
+        streams = sorted(
+            (stream for channel in self._channels.values() for stream in channel.streams),
+            key=lambda stream: stream.buffered_bytes,
+            reverse=True,
+        )
+        for stream in streams:
+            if self.queued_bytes + size <= self.max_process_bytes:
+                break
+            if stream.buffered_bytes:
+                stream.overflow()
+        return self.queued_bytes + size <= self.max_process_bytes
 
     def refuse(self, session_id: str, problem: str) -> None:
         """Count and log a frame that must reach no socket of ``session_id``."""
@@ -264,7 +286,9 @@ class SessionStream:
         self._queued_bytes = 0
         self._wakeup = anyio.Event()
         self._resync_reason: str | None = None
-        self._ready: deque[str] = deque()
+        self._ready: deque[Frame] = deque()
+        """Frames judged and due to be sent, in order (a repair releases several at once)."""
+        self._ready_bytes = 0
         self._ended = False
         self._warned_no_resync = False
 
@@ -303,22 +327,44 @@ class SessionStream:
             return
         hub = self.hub
         size = frame.size
-        over_socket = self._queued_bytes + self.cursor.held_bytes + size > hub.max_socket_bytes
-        if over_socket or hub.queued_bytes + size > hub.max_process_bytes:
-            if self._resync_reason != "slow consumer":
-                self.stats.incr("slow_consumers")
-                logger.warning(
-                    "slow consumer: dropped %d queued bytes, resyncing session_id=%s",
-                    self._queued_bytes,
-                    self.session_id,
-                )
+        if size > hub.max_socket_bytes:
+            # Never queued, however fast the socket: the database's snapshot stands in for it.
+            logger.warning(
+                "a frame of %d bytes is over max_socket_bytes=%d: resyncing instead session_id=%s",
+                size,
+                hub.max_socket_bytes,
+                self.session_id,
+            )
             self.discard()
-            self.request_resync("slow consumer")
+            self.request_resync("a frame over max_socket_bytes")
+            return
+        if self.buffered_bytes + size > hub.max_socket_bytes:
+            self.overflow()
+            return
+        if hub.queued_bytes + size > hub.max_process_bytes and not hub.make_room(size):
+            self.overflow()
             return
         self._queue.append(frame)
         self._queued_bytes += size
         hub.queued_bytes += size
         self._wakeup.set()
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes of frames this socket has queued, held for a repair, or due to send."""
+        return self._queued_bytes + self.cursor.held_bytes + self._ready_bytes
+
+    def overflow(self) -> None:
+        """The socket fell too far behind: drop what it buffered and resync it instead."""
+        if self._resync_reason != "slow consumer":
+            self.stats.incr("slow_consumers")
+            logger.warning(
+                "slow consumer: dropped %d buffered bytes, resyncing session_id=%s",
+                self.buffered_bytes,
+                self.session_id,
+            )
+        self.discard()
+        self.request_resync("slow consumer")
 
     def request_resync(self, reason: str) -> None:
         """Repair the socket with a fresh snapshot before the next frame it is sent."""
@@ -326,10 +372,12 @@ class SessionStream:
         self._wakeup.set()
 
     def discard(self) -> None:
-        """Drop every queued frame."""
-        self.hub.queued_bytes -= self._queued_bytes
-        self._queued_bytes = 0
+        """Drop every frame queued, held or due to send: a resync supersedes them all."""
+        self.hub.queued_bytes -= self._queued_bytes + self._ready_bytes
+        self._queued_bytes = self._ready_bytes = 0
         self._queue.clear()
+        self._ready.clear()
+        self.cursor.give_up()
 
     def end(self) -> None:
         """End the iteration once the queued frames are read."""
@@ -358,12 +406,21 @@ class SessionStream:
                 raise StopAsyncIteration
             await self._wakeup.wait()
             self._wakeup = anyio.Event()
-        return self._ready.popleft()
+        frame = self._ready.popleft()
+        self._ready_bytes -= frame.size
+        self.hub.queued_bytes -= frame.size
+        return frame.text
+
+    def _release(self, frame: Frame) -> None:
+        """Make ``frame`` the next to send after those already due."""
+        self._ready.append(frame)
+        self._ready_bytes += frame.size
+        self.hub.queued_bytes += frame.size
 
     def _judge(self, frame: Frame) -> None:
         verdict = self.cursor.offer(frame)
         if verdict is Verdict.EMIT:
-            self._ready.append(frame.text)
+            self._release(frame)
             self.stats.incr(
                 "patches_forwarded" if frame.kind is Kind.PATCH else "updates_forwarded"
             )
@@ -381,6 +438,14 @@ class SessionStream:
                 )
 
     async def _repair(self) -> None:
+        """Load snapshots until one makes the socket current, or end the stream.
+
+        A load that fails, or whose snapshot does not reach the patches held for it (the
+        loader is behind the publisher), is tried again after each of
+        :data:`RESYNC_RETRY_DELAYS`. When none succeeds the stream ends, whatever asked for
+        the repair: the socket closes and the client reconnects for a fresh snapshot, rather
+        than stay on a state that may be old with nothing coming to fix it.
+        """
         reason, self._resync_reason = self._resync_reason, None
         if self._resync is None:
             dropped = self.cursor.give_up()
@@ -395,32 +460,37 @@ class SessionStream:
             )
             return
         logger.info("resyncing session_id=%s reason=%s", self.session_id, reason)
-        snapshot = await self._load()
-        for delay in RESYNC_RETRY_DELAYS:
-            if snapshot is not None:
-                break
-            await anyio.sleep(delay)
+        for delay in (*RESYNC_RETRY_DELAYS, None):
             snapshot = await self._load()
-        if snapshot is None:
-            dropped = self.cursor.give_up()
-            self.stats.incr("patches_unrepaired", dropped)
-            if reason == "slow consumer" or dropped:
-                logger.error(
-                    "the socket could not be repaired: every resync failed; ending the stream "
-                    "so the client reconnects session_id=%s",
+            if snapshot is not None:
+                self._reset(snapshot)
+                if not self.cursor.repairing:
+                    return
+                logger.info(
+                    "the snapshot at version %s does not reach the patches held for it; "
+                    "loading again session_id=%s",
+                    snapshot.version,
                     self.session_id,
                 )
-                self.end()
-                self.discard()
-            return
+            if delay is not None:
+                await anyio.sleep(delay)
+        self.stats.incr("patches_unrepaired", self.cursor.give_up())
+        logger.error(
+            "the socket could not be repaired: no resync made it current; ending the stream so "
+            "the client reconnects session_id=%s reason=%s",
+            self.session_id,
+            reason,
+        )
+        self.discard()
+        self.end()
+
+    def _reset(self, snapshot: Frame) -> None:
         if snapshot.owner is not None:
             self.owner = snapshot.owner
-        unrepaired = self.cursor.unrepaired
         emitted = self.cursor.reset(snapshot)
-        self.stats.incr("patches_unrepaired", self.cursor.unrepaired - unrepaired)
         self.stats.incr("snapshots_forwarded")
         for frame in emitted:
-            self._ready.append(frame.text)
+            self._release(frame)
         if len(emitted) > 1:
             self.stats.incr("patches_forwarded", len(emitted) - 1)
 
@@ -510,9 +580,12 @@ class SessionStream:
                     quiet += 1
                     if quiet == _HEARTBEAT_LOOKS:
                         quiet = 0
-                        self._ready.append(HEARTBEAT)
-                        self._wakeup.set()
-                        self.stats.incr("heartbeats")
+                        # None while frames wait to be sent (a send blocked on a slow client):
+                        # they are the sign of life, and heartbeats must not pile up.
+                        if not self._ready:
+                            self._release(_HEARTBEAT_FRAME)
+                            self._wakeup.set()
+                            self.stats.incr("heartbeats")
 
             tg.start_soon(sending, send_frames)
             if heartbeat is not None:

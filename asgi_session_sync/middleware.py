@@ -11,7 +11,7 @@ from asgiref.compatibility import guarantee_single_callable
 from ._paths import NoSessionId, PathMatcher, clip_for_log
 from ._responder import ConnectionSettings, SnapshotResponder
 from ._types import AnyASGIApp, ASGIApp
-from .config import SyncOptions
+from .config import SyncOptions, check_options
 from .snapshot import SessionLoader
 from .stats import MetricHook, SessionSyncStats
 from .sync import SessionSync
@@ -22,6 +22,16 @@ if TYPE_CHECKING:
 __all__ = ["SessionSyncMiddleware"]
 
 logger = logging.getLogger("asgi_session_sync")
+
+_OWN_KEYWORDS = (
+    "loader",
+    "paths",
+    "session_id_param",
+    "fence_max_frames",
+    "fence_max_seconds",
+    "on_metric",
+    "sync",
+)
 
 
 class SessionSyncMiddleware:
@@ -96,6 +106,13 @@ class SessionSyncMiddleware:
         sync: SessionSync | None = None,
         **options: Unpack[SyncOptions],
     ) -> None:
+        check_options("SessionSyncMiddleware", options, also=_OWN_KEYWORDS)
+        if isinstance(fence_max_frames, bool) or not isinstance(fence_max_frames, int):
+            raise TypeError(f"fence_max_frames must be an int: got {fence_max_frames!r}")
+        if isinstance(fence_max_seconds, bool) or not isinstance(fence_max_seconds, (int, float)):
+            raise TypeError(
+                f"fence_max_seconds must be a number of seconds: got {fence_max_seconds!r}"
+            )
         if fence_max_frames < 0 or not fence_max_seconds >= 0:
             raise ValueError("fence_max_frames and fence_max_seconds must not be negative")
         if sync is None:

@@ -84,11 +84,12 @@ nats-py runs on asyncio only, so this module does too.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import ssl
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager, suppress
 from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
@@ -120,7 +121,8 @@ logger = logging.getLogger("asgi_session_sync")
 UserCallback = Callable[..., Any]
 
 _PREFIX = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
-_CONFIRM_TIMEOUT = 2  # nats-py types flush timeouts as int seconds
+_CONFIRM_TIMEOUT = 2.0
+"""Seconds the server has to confirm a subscription before the session's sockets resync."""
 _WATCH_INTERVAL = 0.25
 """Seconds between two looks at an adopted client's public ``stats`` for a reconnect."""
 _CALLBACKS = ("error_cb", "disconnected_cb", "reconnected_cb", "closed_cb")
@@ -273,6 +275,9 @@ class NatsBridge:
         self._open = False
         self._closing = False
         self._startup_error: Exception | None = None
+        self._probe_subject = ""
+        self._probes: dict[bytes, anyio.Event] = {}
+        self._probe_tokens = itertools.count()
 
     @property
     def client(self) -> Client:
@@ -316,6 +321,9 @@ class NatsBridge:
                 raise RuntimeError("the client passed to NatsBridge must be connected")
         client = self._client
         try:
+            # Where subscriptions are confirmed: see _confirm.
+            self._probe_subject = client.new_inbox()
+            probes = await client.subscribe(self._probe_subject, cb=self._on_probe)
             async with anyio.create_task_group() as tg:
                 if not self._owns_client:
                     tg.start_soon(self._watch, client)
@@ -327,6 +335,9 @@ class NatsBridge:
                     self._open = False
                     self.hub.end_all()
                     tg.cancel_scope.cancel()
+                    if not self._owns_client:
+                        with anyio.CancelScope(shield=True), suppress(NatsError):
+                            await probes.unsubscribe()
         finally:
             if self._owns_client:
                 await self._close(client)
@@ -473,24 +484,41 @@ class NatsBridge:
         return unsubscribe
 
     async def _confirm(self, client: Client, session_id: str) -> None:
-        # One round trip: once the server answers, it has the subscription, so what is
-        # published after the snapshot's load reaches us. While disconnected there is no one to
-        # ask; nats-py re-subscribes on reconnect and the reconnect triggers a resync.
+        # One round trip: the server handles a connection's messages in order, so once a probe
+        # published after the SUB comes back, it has the subscription, and what is published
+        # after the snapshot's load reaches us. Not client.flush(): a flush cancelled or timed
+        # out leaves its future behind, and the late PONG stops nats-py's reading task
+        # (nats-py 2.16). While disconnected there is no one to ask; nats-py re-subscribes on
+        # reconnect and the reconnect triggers a resync.
         if not client.is_connected:
             logger.warning(
                 "nats not connected; subscription pending until reconnect session_id=%s",
                 session_id,
             )
             return
+        token = str(next(self._probe_tokens)).encode()
+        probed = self._probes[token] = anyio.Event()
         try:
-            await client.flush(timeout=_CONFIRM_TIMEOUT)
+            await client.publish(self._probe_subject, token)
+            with anyio.move_on_after(_CONFIRM_TIMEOUT):
+                await probed.wait()
+                return
+            problem = f"no answer within {_CONFIRM_TIMEOUT}s"
         except (NatsError, OSError) as error:
-            logger.warning(
-                "nats did not confirm the subscription, resyncing session_id=%s: %s",
-                session_id,
-                error,
-            )
-            self.hub.resync(session_id, "subscription not confirmed")
+            problem = str(error)
+        finally:
+            del self._probes[token]
+        logger.warning(
+            "nats did not confirm the subscription, resyncing session_id=%s: %s",
+            session_id,
+            problem,
+        )
+        self.hub.resync(session_id, "subscription not confirmed")
+
+    async def _on_probe(self, msg: Msg) -> None:
+        probed = self._probes.get(msg.data)
+        if probed is not None:
+            probed.set()
 
     # Public API.
 

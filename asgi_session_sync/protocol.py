@@ -313,7 +313,8 @@ def parse_frame(text: str, *, size: int | None = None) -> Frame | str:
     it (a broker message's length); otherwise it is computed.
     """
     try:
-        event = from_json(text, cache_strings=False)
+        # RFC 8259 JSON only: NaN and Infinity would make JSON.parse throw in the browser.
+        event = from_json(text, cache_strings=False, allow_inf_nan=False)
     except ValueError:
         return "not JSON"
     if not isinstance(event, dict):

@@ -17,7 +17,7 @@ from ._fetcher import FAILED, FirstFrame, SnapshotFetcher
 from ._paths import clip_for_log, query_values
 from ._session_ids import SessionIdRules
 from ._types import Scope, Send
-from .config import SyncConfig, SyncOptions, default_flight_key
+from .config import SyncConfig, SyncOptions, check_options, default_flight_key
 from .protocol import Frame, Version, version_from_text
 from .snapshot import SessionContext, SessionLoader
 from .stats import MetricHook, SessionSyncStats
@@ -63,6 +63,7 @@ class SessionSync:
         on_metric: MetricHook | None = None,
         **options: Unpack[SyncOptions],
     ) -> None:
+        check_options("SessionSync", options)
         self.config = SyncConfig(loader, **options)
         """What this service was configured with, validated once."""
         self.stats = SessionSyncStats(on_metric=on_metric)

@@ -298,27 +298,39 @@ def test_a_reset_replays_held_updates_newer_than_the_snapshot() -> None:
     assert cursor.version == 9
 
 
-def test_a_held_frame_the_snapshot_does_not_reach_is_dropped_without_asking_again() -> None:
+def test_a_held_frame_the_snapshot_does_not_reach_stays_held_and_the_repair_goes_on() -> None:
     # The loader is behind the publisher: the snapshot is at 6, the held patches start at 8.
     cursor = verified(5)
-    assert cursor.offer(patch(8, 9)) is HOLD
-    assert cursor.offer(patch(9, 10)) is HOLD
-    fresh = snapshot(6)
-    assert cursor.reset(fresh) == [fresh]
-    assert (cursor.version, cursor.repairing, cursor.held_bytes) == (6, False, 0)
-    assert cursor.unrepaired == 2
-    # The next live patch that does not chain asks again.
-    assert cursor.offer(patch(10, 11)) is HOLD
-    assert cursor.repairing
-    assert versions(cursor.reset(snapshot(10))) == [10, 11]
+    first, second = patch(8, 9), patch(9, 10)
+    assert cursor.offer(first) is HOLD
+    assert cursor.offer(second) is HOLD
+    behind = snapshot(6)
+    assert cursor.reset(behind) == [behind]
+    assert (cursor.version, cursor.repairing) == (6, True)
+    assert cursor.held_bytes == first.size + second.size
+    assert cursor.unrepaired == 0
+    # Live frames meanwhile wait with them; the next snapshot, caught up, releases them all.
+    third = patch(10, 11)
+    assert cursor.offer(third) is HOLD
+    caught_up = snapshot(8)
+    assert cursor.reset(caught_up) == [caught_up, first, second, third]
+    assert (cursor.version, cursor.repairing, cursor.held_bytes) == (11, False, 0)
+    # Or the caller gives up: the held frames are dropped and counted.
+    cursor = verified(5)
+    cursor.offer(patch(8, 9))
+    cursor.reset(snapshot(6))
+    assert cursor.give_up() == 1
+    assert (cursor.repairing, cursor.held_bytes, cursor.unrepaired) == (False, 0, 1)
 
 
-def test_a_reset_keeps_the_frames_that_chain_before_a_gap_in_the_held_ones() -> None:
+def test_a_reset_sends_the_frames_that_chain_and_holds_on_at_a_gap_in_the_held_ones() -> None:
     cursor = verified(5)
     for frame in (patch(6, 7), patch(7, 8), patch(9, 10)):
         assert cursor.offer(frame) is HOLD
     assert versions(cursor.reset(snapshot(6))) == [6, 7, 8]
-    assert (cursor.version, cursor.repairing, cursor.unrepaired) == (8, False, 1)
+    # 9 -> 10 does not chain from 8: it stays held, and the repair goes on.
+    assert (cursor.version, cursor.repairing, cursor.unrepaired) == (8, True, 0)
+    assert cursor.held_bytes == patch(9, 10).size
 
 
 def test_held_frames_are_bounded_in_bytes() -> None:

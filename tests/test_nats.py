@@ -305,13 +305,14 @@ async def test_a_resync_replaces_even_a_newer_yielded_update(bridge: NatsBridge)
 
 
 @pytest.mark.usefixtures("no_retry_delays")
-async def test_a_failing_resync_is_logged_and_the_stream_goes_on(
-    bridge: NatsBridge, caplog: pytest.LogCaptureFixture
+async def test_a_resync_that_always_fails_is_logged_and_ends_the_stream(
+    bridge: NatsBridge, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    called = anyio.Event()
+    # The socket may be missing updates and nothing can repair it in place: the stream ends,
+    # so the endpoint returns, the socket closes and the client reconnects for a snapshot.
+    monkeypatch.setattr("asgi_session_sync.hub.RESYNC_RETRY_DELAYS", (0.0, 0.0, 0.0))
 
     async def broken_resync() -> str:
-        called.set()
         raise RuntimeError("database down")
 
     async with bridge.subscribe("s1") as updates:
@@ -319,8 +320,8 @@ async def test_a_failing_resync_is_logged_and_the_stream_goes_on(
         # A resync runs in the reading task, before the next frame it is sent.
         updates.request_resync("the app asked")
         await bridge.publish("s1", {"title": "live"}, version=1)
-        assert (await next_event(updates))["version"] == 1
-        assert called.is_set()
+        with anyio.fail_after(5):
+            assert [text async for text in updates] == []
     assert bridge.stats.resync_failures == 4  # the first try and every retry
     assert any(
         record.name == "asgi_session_sync" and "resync failed session_id=s1" in record.message
