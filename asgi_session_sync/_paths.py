@@ -60,6 +60,11 @@ class PathMatcher:
         if not placeholders:
             self._exact.add(path)
             return
+        if len(placeholders) == 1 and placeholders[0].startswith("{session_id:"):
+            raise ValueError(
+                f"drop the converter from {placeholders[0]!r}: the middleware takes the id as "
+                f"text and checks it with session_id_pattern; write '{{session_id}}': got {path!r}"
+            )
         if placeholders != [_PLACEHOLDER]:
             raise ValueError(
                 f"a path pattern may hold exactly one '{{session_id}}' placeholder: got {path!r}"

@@ -106,37 +106,46 @@ class SessionSyncMiddleware:
         sync: SessionSync | None = None,
         **options: Unpack[SyncOptions],
     ) -> None:
-        check_options("SessionSyncMiddleware", options, also=_OWN_KEYWORDS)
-        if isinstance(fence_max_frames, bool) or not isinstance(fence_max_frames, int):
-            raise TypeError(f"fence_max_frames must be an int: got {fence_max_frames!r}")
-        if isinstance(fence_max_seconds, bool) or not isinstance(fence_max_seconds, (int, float)):
-            raise TypeError(
-                f"fence_max_seconds must be a number of seconds: got {fence_max_seconds!r}"
+        # Frameworks build middleware lazily (Starlette on the first event), where a raised
+        # error can vanish: uvicorn's --lifespan auto takes it for "lifespan unsupported" and
+        # every request then fails. Logged at ERROR first, so it is in the server's log.
+        try:
+            check_options("SessionSyncMiddleware", options, also=_OWN_KEYWORDS)
+            if isinstance(fence_max_frames, bool) or not isinstance(fence_max_frames, int):
+                raise TypeError(f"fence_max_frames must be an int: got {fence_max_frames!r}")
+            if isinstance(fence_max_seconds, bool) or not isinstance(
+                fence_max_seconds, (int, float)
+            ):
+                raise TypeError(
+                    f"fence_max_seconds must be a number of seconds: got {fence_max_seconds!r}"
+                )
+            if fence_max_frames < 0 or not fence_max_seconds >= 0:
+                raise ValueError("fence_max_frames and fence_max_seconds must not be negative")
+            if sync is None:
+                if loader is None:
+                    raise TypeError("loader is required: an async def load_session(ctx)")
+                sync = SessionSync(loader, on_metric=on_metric, **options)
+            elif loader is not None or options or on_metric is not None:
+                raise TypeError(
+                    "pass either loader and its options, or sync (configured already), not both: "
+                    f"got sync and {sorted([*options, *(['loader'] if loader else [])])}"
+                )
+            self.app: ASGIApp = guarantee_single_callable(app)  # type: ignore[no-untyped-call]
+            self.sync = sync
+            """The snapshot service: loads, shares, encodes and reports each snapshot."""
+            self.stats: SessionSyncStats = sync.stats
+            """Counters since the service was created: see :class:`SessionSyncStats`."""
+            self._connections = ConnectionSettings(
+                sync=sync,
+                fence_max_frames=fence_max_frames,
+                fence_max_seconds=fence_max_seconds,
+                max_held_bytes=sync.config.max_bytes or 4 * 1024 * 1024,
             )
-        if fence_max_frames < 0 or not fence_max_seconds >= 0:
-            raise ValueError("fence_max_frames and fence_max_seconds must not be negative")
-        if sync is None:
-            if loader is None:
-                raise TypeError("loader is required: an async def load_session(ctx)")
-            sync = SessionSync(loader, on_metric=on_metric, **options)
-        elif loader is not None or options or on_metric is not None:
-            raise TypeError(
-                "pass either loader and its options, or sync (configured already), not both: "
-                f"got sync and {sorted([*options, *(['loader'] if loader else [])])}"
-            )
-        self.app: ASGIApp = guarantee_single_callable(app)  # type: ignore[no-untyped-call]
-        self.sync = sync
-        """The snapshot service: loads, shares, encodes and reports every connection's snapshot."""
-        self.stats: SessionSyncStats = sync.stats
-        """Counters since the service was created: see :class:`SessionSyncStats`."""
-        self._connections = ConnectionSettings(
-            sync=sync,
-            fence_max_frames=fence_max_frames,
-            fence_max_seconds=fence_max_seconds,
-            max_held_bytes=sync.config.max_bytes or 4 * 1024 * 1024,
-        )
-        self._paths = PathMatcher(paths, session_id_param=session_id_param)
-        self._session_ids = sync.session_ids
+            self._paths = PathMatcher(paths, session_id_param=session_id_param)
+            self._session_ids = sync.session_ids
+        except (TypeError, ValueError) as exc:
+            logger.error("SessionSyncMiddleware is misconfigured: %s", exc)
+            raise
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         """Serve one ASGI connection (typed loosely so every framework's app type accepts it)."""

@@ -898,3 +898,15 @@ def test_a_given_sync_takes_no_options_of_its_own() -> None:
         SessionSyncMiddleware(greeting_app, sync=sync, paths=["/ws/{session_id}"], timeout=1.0)
     with pytest.raises(TypeError, match="loader is required"):
         SessionSyncMiddleware(greeting_app, paths=["/ws/{session_id}"])
+
+
+def test_a_configuration_error_is_logged_at_error_before_it_is_raised(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Frameworks build middleware lazily, where a raised error can vanish (uvicorn's
+    # --lifespan auto): the log has it too. tests/e2e/test_misconfigured.py runs it for real.
+    with caplog.at_level(logging.ERROR, logger="asgi_session_sync"), pytest.raises(ValueError):
+        wrap(paths=["/ws/{session_id:int}"])
+    [record] = caplog.records
+    assert record.levelno == logging.ERROR
+    assert record.getMessage().startswith("SessionSyncMiddleware is misconfigured: drop the")
