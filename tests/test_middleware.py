@@ -905,7 +905,10 @@ def test_a_configuration_error_is_logged_at_error_before_it_is_raised(
 ) -> None:
     # Frameworks build middleware lazily, where a raised error can vanish (uvicorn's
     # --lifespan auto): the log has it too. tests/e2e/test_misconfigured.py runs it for real.
-    with caplog.at_level(logging.ERROR, logger="asgi_session_sync"), pytest.raises(ValueError):
+    with (
+        caplog.at_level(logging.ERROR, logger="asgi_session_sync"),
+        pytest.raises(ValueError, match="drop the converter"),
+    ):
         wrap(paths=["/ws/{session_id:int}"])
     [record] = caplog.records
     assert record.levelno == logging.ERROR
