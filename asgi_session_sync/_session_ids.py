@@ -25,7 +25,13 @@ MAX_SESSION_ID_LENGTH = 256
 """Longest session id accepted whatever the pattern, in characters."""
 
 _ASCII_NEVER = re.compile(r"[.*>\s\x00-\x1f\x7f]")
-_SUBJECT_CHARS = {".": "the NATS subject separator", "*": "a NATS wildcard", ">": "a NATS wildcard"}
+# Said as what they are in a path or a query first: the rule is the middleware's too, in apps
+# that have no NATS at all.
+_SUBJECT_CHARS = {
+    ".": "the separator of pub/sub subjects",
+    "*": "a pub/sub wildcard",
+    ">": "a pub/sub wildcard",
+}
 _REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zs", "Zl", "Zp"})
 # Unicode 15.1 DerivedCoreProperties.txt, Default_Ignorable_Code_Point, less what the
 # categories above already refuse; and U+FFFD, the replacement for undecodable bytes.
@@ -69,7 +75,7 @@ class SessionIdRules:
             return f"it has {len(session_id)} characters, at most {MAX_SESSION_ID_LENGTH} allowed"
         for char, what in _SUBJECT_CHARS.items():
             if char in session_id:
-                return f"{char!r} is {what}"
+                return f"{char!r} is never allowed, whatever the pattern ({what})"
         refused = _refused_char(session_id)
         if refused is not None:
             return (
