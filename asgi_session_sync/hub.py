@@ -338,14 +338,15 @@ class SessionStream:
             self.discard()
             self.request_resync("a frame over max_socket_bytes")
             return
-        if self.buffered_bytes + size > hub.max_socket_bytes:
-            self.overflow()
-            return
-        if hub.queued_bytes + size > hub.max_process_bytes and not hub.make_room(size):
+        queued = self._queued_bytes + size
+        # buffered_bytes, spelt out: this runs for every frame and every socket.
+        if queued + self.cursor.held_bytes + self._ready_bytes > hub.max_socket_bytes or (
+            hub.queued_bytes + size > hub.max_process_bytes and not hub.make_room(size)
+        ):
             self.overflow()
             return
         self._queue.append(frame)
-        self._queued_bytes += size
+        self._queued_bytes = queued
         hub.queued_bytes += size
         self._wakeup.set()
 
