@@ -5,6 +5,10 @@
 their pids, restarts either one a second after it dies (so ``kill -9 <pid>`` shows a restart),
 and stops both on Ctrl+C or SIGTERM.
 
+Each checks its settings before it starts anything (see :mod:`.preflight`): a bad one is one
+line on stderr, ``error: <VARIABLE> ...`` with the fix, and exit status 2, and the launcher
+never restarts a child that stopped on one.
+
 The private nats-server admits only the password in ``NATS_PASSWORD``. ``all`` makes one per
 run, unless it is set, and gives it to both children in their environment: never on a
 command line, which every local account can read with ``ps``. A restarted API starts its
@@ -19,16 +23,26 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
+import uvicorn
 
-from .worker import WorkerSettings, run_worker
+from .preflight import check_database, check_ports
+from .settings import ChatSettings
+from .worker import run_worker
 
-__all__ = ["main"]
+__all__ = ["CONFIGURATION_ERROR", "main", "serve"]
+
+CONFIGURATION_ERROR = 2
+"""Exit status of a process that refused its settings: the launcher does not restart it."""
+
+_Settings = TypeVar("_Settings", bound=ChatSettings)
 
 logger = logging.getLogger("examples.chat")
 
@@ -36,7 +50,8 @@ logger = logging.getLogger("examples.chat")
 RESTART_DELAY = 1.0
 STOP_TIMEOUT = 10.0
 # A child that exits this many times in a row within QUICK_EXIT seconds of starting will not
-# start (a port taken by a leftover process, a broken setting): the supervisor gives up.
+# start (it crashes as it starts): the supervisor gives up. A bad setting never gets here: the
+# checks refuse it before anything starts, and a child that refuses one is not restarted.
 QUICK_EXITS = 3
 QUICK_EXIT = 5.0
 
@@ -45,16 +60,19 @@ def main(
     argv: Sequence[str] | None,
     *,
     module: str,
-    serve_api: Callable[[], None],
-    worker_settings: Callable[[], WorkerSettings],
+    settings: Callable[[Mapping[str, str]], _Settings],
+    serve_api: Callable[[_Settings], None],
 ) -> None:
-    """Run the process ``argv`` names for the example ``module``.
+    """Run the process ``argv`` names for the example ``module``, once its settings check out.
+
+    A setting that cannot work (see :mod:`.preflight`) ends the process before anything
+    starts, with one line on stderr that names it, and exit status :data:`CONFIGURATION_ERROR`.
 
     Args:
         argv: The command-line arguments (default ``sys.argv[1:]``).
         module: The example's package, as ``python -m`` takes it.
-        serve_api: Serves the API until interrupted.
-        worker_settings: The worker's settings, read when the worker starts.
+        settings: Reads the example's settings from an environment (``Settings.from_env``).
+        serve_api: Serves the API with these settings until interrupted.
     """
     parser = argparse.ArgumentParser(prog=f"python -m {module}", description=__doc__)
     parser.add_argument(
@@ -66,40 +84,104 @@ def main(
     )
     process = parser.parse_args(argv).process
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # The children's environment: the settings checked are the ones they will read.
+    environment = _children_environment() if process == "all" else dict(os.environ)
+    try:
+        checked = _checked(settings(environment), process)
+    except ValueError as error:  # a SettingError too
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(CONFIGURATION_ERROR)
+    except KeyboardInterrupt:
+        sys.exit(130)  # interrupted while checking (a database slow to answer): quietly
     if process == "api":
-        serve_api()
+        serve_api(checked)
     elif process == "worker":
-        try:
-            settings = worker_settings()
-        except ValueError as error:
-            sys.exit(f"python -m {module} worker: {error}")
         with contextlib.suppress(KeyboardInterrupt):
-            anyio.run(run_worker, settings)
+            anyio.run(run_worker, checked.worker())
     else:
         with contextlib.suppress(KeyboardInterrupt):
-            if not anyio.run(supervise, module):
-                sys.exit(1)
+            code = anyio.run(supervise, module, environment)
+            if code:
+                sys.exit(code)
 
 
-async def supervise(module: str) -> bool:
+def _checked(settings: _Settings, process: str) -> _Settings:
+    """``settings``, once they check out for ``process`` (``api``, ``worker`` or ``all``).
+
+    Raises:
+        ValueError: One cannot work; the message names it and the fix.
+    """
+    if process != "api":
+        settings.worker()  # NATS_PASSWORD or NATS_URL
+    if process != "worker":
+        check_ports(settings)
+    anyio.run(check_database, settings)
+    return settings
+
+
+def serve(app: Any, settings: ChatSettings, *, ready: str, **options: Any) -> None:
+    """Serve ``app`` with uvicorn on ``HOST``:``PORT``; print ``ready`` once it listens.
+
+    So the page's URL is printed only when the page is there: not when another process
+    took the port meanwhile (uvicorn then logs why and exits).
+
+    Args:
+        app: The ASGI application.
+        settings: Its settings: ``host`` and ``port``.
+        ready: The line to print, such as the page's URL.
+        options: More of uvicorn's settings (``log_config``, ``log_level``).
+    """
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        # Open WebSockets never end on their own: don't wait for them forever on shutdown.
+        timeout_graceful_shutdown=5,
+        **options,
+    )
+    server = _AnnouncingServer(config, ready)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    if not server.started:
+        sys.exit(3)  # uvicorn's STARTUP_FAILURE, as uvicorn.run exits
+
+
+class _AnnouncingServer(uvicorn.Server):
+    """A uvicorn server that prints a line once it listens."""
+
+    def __init__(self, config: uvicorn.Config, ready: str) -> None:
+        super().__init__(config)
+        self._ready = ready
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and not self.should_exit:
+            print(self._ready, flush=True)
+
+
+async def supervise(module: str, environment: Mapping[str, str]) -> int:
     """Run ``python -m <module> api`` and ``... worker``, restarting each when it dies.
 
-    Returns ``False`` when one kept exiting right after it started, and both were stopped.
+    Each gets ``environment``. A child that exits with :data:`CONFIGURATION_ERROR` (it
+    refused a setting, and said which) is not restarted: both stop.
+
+    Returns:
+        0 when stopped by a signal; 1 when a child kept exiting right after it started;
+        :data:`CONFIGURATION_ERROR` when one refused its settings. Both are stopped then.
     """
-    gave_up: list[str] = []
-    environment = _children_environment()
+    outcome: list[int] = []
     async with anyio.create_task_group() as children:
         for process in ("api", "worker"):
             command = [sys.executable, "-m", module, process]
             children.start_soon(
-                _keep_running, command, environment, process, children.cancel_scope, gave_up
+                _keep_running, command, environment, process, children.cancel_scope, outcome
             )
         # Both, explicitly: a shell starts background jobs with SIGINT ignored, and Python
         # then never raises KeyboardInterrupt; the children may have stopped on it already.
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for _ in signals:
                 children.cancel_scope.cancel()
-    return not gave_up
+    return outcome[0] if outcome else 0
 
 
 def _children_environment() -> dict[str, str]:
@@ -116,10 +198,10 @@ def _children_environment() -> dict[str, str]:
 
 async def _keep_running(
     command: list[str],
-    environment: dict[str, str],
+    environment: Mapping[str, str],
     name: str,
     everything: anyio.CancelScope,
-    gave_up: list[str],
+    outcome: list[int],
 ) -> None:
     quick_exits = 0
     while True:
@@ -133,15 +215,20 @@ async def _keep_running(
             code = await process.wait()
         finally:
             await _stop(process)
+        if code == CONFIGURATION_ERROR:
+            # It said which setting, on stderr: a restart would refuse it again.
+            print(f"{name} refused its settings (above); stopping", flush=True)
+            outcome.append(CONFIGURATION_ERROR)
+            everything.cancel()
+            return
         quick_exits = quick_exits + 1 if anyio.current_time() - started < QUICK_EXIT else 0
         if quick_exits >= QUICK_EXITS:
             print(
                 f"{name} exited {quick_exits} times right after starting (last code {code}); "
-                "giving up. Is another instance still running (a port taken)? Stop it, or set "
-                "PORT and NATS_PORT.",
+                "giving up: its output above says why",
                 flush=True,
             )
-            gave_up.append(name)
+            outcome.append(1)
             everything.cancel()
             return
         print(f"{name} exited with {code}; restarting in {RESTART_DELAY}s", flush=True)

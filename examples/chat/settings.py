@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import quote
 
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
 
 from .worker import WorkerSettings
 
@@ -25,6 +27,11 @@ _ASYNC_DRIVERS = {
     "postgres": "postgresql+asyncpg",
     "postgresql": "postgresql+asyncpg",
 }
+# The databases the store runs on (it needs UPDATE ... RETURNING), with their async driver.
+_DATABASES = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncpg"}
+# The password of a URL that does not parse: an error message shows the rest of it.
+_PASSWORD = re.compile(r"(//[^/@:]*):[^/@]*@")
+_URL_FORMS = "use sqlite:///path/to/file.db or postgresql://user:password@host:5432/database"
 
 # Environment variable -> (setting, type).
 _ENVIRONMENT: dict[str, tuple[str, type[Any]]] = {
@@ -64,7 +71,8 @@ class ChatSettings:
             response interrupted; also how long a prompt may wait for a worker.
 
     Raises:
-        ValueError: A value is out of range; the message names the variable.
+        ValueError: A value is out of range, or ``database_url`` is not a SQLite or
+            PostgreSQL URL with an asyncio driver (or none); the message names the variable.
     """
 
     database_url: str = "sqlite+aiosqlite:///./chat.sqlite3"
@@ -78,7 +86,7 @@ class ChatSettings:
     lease_seconds: float = 10.0
 
     def __post_init__(self) -> None:
-        url = make_url(self.database_url)
+        url = _database_url(self.database_url)
         driver = _ASYNC_DRIVERS.get(url.drivername)
         if driver is not None:
             object.__setattr__(
@@ -113,7 +121,8 @@ class ChatSettings:
         or empty ones keep their defaults.
 
         Raises:
-            ValueError: A number does not parse, or is out of range.
+            ValueError: A number does not parse or is out of range, or ``DATABASE_URL`` is
+                not a SQLite or PostgreSQL URL with an asyncio driver (or none).
         """
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
@@ -141,9 +150,9 @@ class ChatSettings:
             return self.nats_url
         if self.nats_password is None:
             raise ValueError(
-                "the worker needs NATS_PASSWORD, the password of the API's private "
-                "nats-server: run both with python -m examples.<app> (it sets one), or "
-                "export the same NATS_PASSWORD to the API and the worker, or set NATS_URL"
+                "NATS_PASSWORD is not set, and the worker needs it (the password of the API's "
+                "private nats-server): run both with python -m examples.<app> (it sets one), "
+                "or export the same NATS_PASSWORD to the API and the worker, or set NATS_URL"
             )
         return f"nats://{NATS_USER}:{self.nats_password}@127.0.0.1:{self.nats_port}"
 
@@ -165,3 +174,40 @@ class ChatSettings:
     def sweep_interval(self) -> float:
         """Seconds between two lease sweeps in the API: a quarter lease, at most 1 s."""
         return min(1.0, self.lease_seconds / 4)
+
+
+def _database_url(text: str) -> URL:
+    """``DATABASE_URL`` parsed: a SQLite or PostgreSQL URL, with an asyncio driver or none.
+
+    Raises:
+        ValueError: It does not parse, names another database, or a driver that is not an
+            asyncio one; the message shows it without its password.
+    """
+    try:
+        url = make_url(text)
+    except (ArgumentError, ValueError):
+        shown = _PASSWORD.sub(r"\1:***@", text)
+        raise ValueError(
+            f"DATABASE_URL is not a database URL: got {shown!r}; {_URL_FORMS}"
+        ) from None
+    shown = url.render_as_string(hide_password=True)
+    backend = url.get_backend_name()
+    if backend == "postgres":
+        backend = "postgresql"
+    if backend not in _DATABASES:
+        raise ValueError(
+            f"DATABASE_URL must be a SQLite or PostgreSQL URL (the examples run on these "
+            f"two): got {shown}; {_URL_FORMS}"
+        )
+    if url.drivername in _ASYNC_DRIVERS:
+        return url
+    try:
+        is_async = url.get_dialect().is_async
+    except ArgumentError:  # no such driver
+        is_async = False
+    if not is_async:
+        raise ValueError(
+            f"DATABASE_URL must name an asyncio driver, or none: got {shown}; use "
+            f"{_DATABASES[backend]}:// (or {backend}://)"
+        )
+    return url

@@ -5,11 +5,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 
-from examples.chat.processes import main
-from examples.chat.worker import WorkerSettings
+from examples.chat.processes import main, serve
 
 from .app import create_app
 from .settings import Settings
@@ -31,25 +29,15 @@ def page_url(settings: Settings) -> str:
     return f"http://{host}:{settings.port}/?token=alice"
 
 
-def serve_api() -> None:
-    """Serve the app on ``HOST``:``PORT`` and print the page's URL."""
-    settings = Settings.from_env()
-    app = create_app(settings)
-    print(f"open {page_url(settings)}  (another user: ?token=bob)", flush=True)
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
+def serve_api(settings: Settings) -> None:
+    """Serve the app on ``HOST``:``PORT``; print the page's URL once it listens."""
+    serve(
+        create_app(settings),
+        settings,
+        ready=f"open {page_url(settings)}  (another user: ?token=bob)",
         log_config=log_config(),
-        # Open WebSockets never end on their own: don't wait for them forever on shutdown.
-        timeout_graceful_shutdown=5,
     )
 
 
-def worker_settings() -> WorkerSettings:
-    """The worker's settings, from the same environment as the API's."""
-    return Settings.from_env().worker()
-
-
 if __name__ == "__main__":
-    main(None, module="examples.fastapi_app", serve_api=serve_api, worker_settings=worker_settings)
+    main(None, module="examples.fastapi_app", settings=Settings.from_env, serve_api=serve_api)
