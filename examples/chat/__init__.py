@@ -9,4 +9,5 @@ the WebSocket endpoint are theirs, everything below the HTTP layer is here, once
   publishes it, and keeps a lease on the interaction while it streams.
 * :mod:`.leases`: the API's sweeper that marks an interaction whose lease expired as interrupted.
 * :mod:`.processes`: ``python -m examples.<app> [api|worker]``, and both at once.
+* :mod:`.preflight`: the checks each process runs on its settings before it starts.
 """

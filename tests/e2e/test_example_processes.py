@@ -418,9 +418,11 @@ def test_one_command_runs_both_restarts_a_killed_api_and_sigterm_stops_all(
     assert "Traceback" not in launcher.output(), launcher.output()
 
 
-def test_one_command_gives_up_when_the_api_cannot_start(example: Example, tmp_path: Path) -> None:
+def test_one_command_refuses_a_taken_port_before_starting_anything(
+    example: Example, tmp_path: Path
+) -> None:
     # A leftover API holds the port (its launcher was killed with kill -9): the new launcher
-    # must not restart its API every second forever, but say why and stop everything.
+    # says so in one line and starts nothing, rather than restart its API again and again.
     stack = make_stack(example, tmp_path)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", stack.api.port))
@@ -434,6 +436,8 @@ def test_one_command_gives_up_when_the_api_cannot_start(example: Example, tmp_pa
             check=False,
         )
     output = launcher.stdout + launcher.stderr
-    assert launcher.returncode == 1, output[-3000:]
-    assert "api exited 3 times right after starting" in output, output[-3000:]
-    assert len(re.findall(r"started api pid=", output)) == 3
+    assert launcher.returncode == 2, output[-3000:]
+    assert launcher.stderr == (
+        f"error: PORT {stack.api.port} is in use by another process; stop it or set PORT\n"
+    ), output[-3000:]
+    assert "started api pid=" not in output
