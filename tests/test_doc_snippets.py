@@ -36,7 +36,7 @@ from typing import Any
 import pytest
 
 from asgi_session_sync import SessionContext, SessionSync, SessionSyncMiddleware, Snapshot
-from asgi_session_sync.testing import WebSocketRejected, connect_websocket
+from asgi_session_sync.testing import WebSocketClosed, WebSocketRejected, connect_websocket
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = (ROOT / "README.md", ROOT / "docs" / "getting-started.md")
@@ -253,18 +253,69 @@ async def test_readme_app_sends_nothing_for_an_unknown_session() -> None:
     assert (message["type"], message["code"]) == ("websocket.close", 4403)
 
 
+# The getting-started page: its loader checks the owner, so each tab sends alice her session and
+# sends bob, who is logged in too, nothing.
+
+
+@pytest.mark.anyio
+async def test_getting_started_loader_loads_a_session_for_its_owner_only() -> None:
+    load_session = run_python(named(GETTING_STARTED, "loader"))["load_session"]
+
+    async def load(session_id: str, user: Any) -> Snapshot | None:
+        snapshot: Snapshot | None = await load_session(
+            SessionContext(session_id=session_id, scope={}, user=user)
+        )
+        return snapshot
+
+    snapshot = await load("demo", "alice")
+    assert snapshot is not None
+    assert (snapshot.owner, snapshot.version) == ("alice", 1)
+    assert await load("demo", "bob") is None
+    assert await load("demo", None) is None
+    assert await load("nope", "alice") is None
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("query", "user"), [("?token=alice-token", "alice"), ("?token=bob-token", "bob"), ("", None)]
+)
+async def test_getting_started_authenticate_reads_the_token(query: str, user: str | None) -> None:
+    authenticate = run_python(named(GETTING_STARTED, "auth"))["authenticate"]
+    scope = {"type": "websocket", "query_string": query.lstrip("?").encode()}
+    assert await authenticate(scope) == user
+
+
 FRAMEWORK_TABS = ["fastapi_app", "starlette_app", "litestar_app", "quart_app", "raw_asgi_app"]
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])  # Quart runs on asyncio only
 @pytest.mark.parametrize("name", FRAMEWORK_TABS)
 @pytest.mark.anyio
-async def test_getting_started_tab_sends_the_snapshot_first(name: str) -> None:
+async def test_getting_started_tab_sends_the_owner_the_snapshot_first(name: str) -> None:
     app = run_python(named(GETTING_STARTED, name))["app"]
-    async with connect_websocket(app, "/ws/sessions/demo") as ws:
+    async with connect_websocket(app, "/ws/sessions/demo?token=alice-token") as ws:
         event = await ws.receive_json()
         await ws.disconnect()
-    assert (event["type"], event["session_id"], event["version"]) == ("session_update", "demo", 1)
+    assert (event["type"], event["session_id"], event["owner"], event["version"]) == (
+        "session_update",
+        "demo",
+        "alice",
+        1,
+    )
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("query", ["?token=bob-token", ""])
+@pytest.mark.parametrize("name", FRAMEWORK_TABS)
+@pytest.mark.anyio
+async def test_getting_started_tab_sends_anyone_else_no_snapshot(name: str, query: str) -> None:
+    app = run_python(named(GETTING_STARTED, name))["app"]
+    async with connect_websocket(app, f"/ws/sessions/demo{query}") as ws:
+        # The tabs accept everyone; the loader refused, so nothing was sent before or after.
+        await ws.disconnect()
+        await ws.wait_app_done()
+        with pytest.raises(WebSocketClosed):
+            await ws.receive()
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
@@ -285,12 +336,17 @@ async def test_getting_started_route_hands_its_user_to_the_loader() -> None:
         await ws.disconnect()
     assert (event["type"], event["version"]) == ("session_update", 1)
     assert users == ["alice"]
+    # Another user: the loader refuses, so the route closes with 1008 and no snapshot before it.
+    async with connect_websocket(app, "/ws/sessions/demo?token=bob-token") as ws:
+        message = await ws.receive()
+    assert (message["type"], message["code"]) == ("websocket.close", 1008)
+    assert users == ["alice", "bob"]
     # No user: the dependency refuses before accepting, and the loader is never asked.
     with pytest.raises(WebSocketRejected) as rejected:
         async with connect_websocket(app, "/ws/sessions/demo?token=nobody"):
             pass
     assert rejected.value.code == 1008
-    assert users == ["alice"]
+    assert users == ["alice", "bob"]
 
 
 # What the pages claim about where authentication goes. Starlette's AuthenticationMiddleware in
