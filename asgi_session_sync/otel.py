@@ -24,7 +24,7 @@ Names follow OpenTelemetry's conventions: dot-separated, counts with a ``{thing}
 durations in ``s``. A Prometheus exporter turns them into ``asgi_session_sync_loads_total`` and
 ``asgi_session_sync_load_duration_seconds``.
 
-Install it with ``pip install asgi-session-sync[otel]`` (``opentelemetry-api`` only; your app
+Install it with the ``otel`` extra (``opentelemetry-api`` only; your app
 chooses the SDK and the exporter).
 """
 

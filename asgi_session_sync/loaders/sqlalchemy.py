@@ -22,7 +22,8 @@ since the Unix epoch (:func:`timestamp_version`). SQLite (aiosqlite) and Postgre
 are tested.
 
 It runs on asyncio only: SQLAlchemy's asyncio extension and its drivers do not run on trio.
-Install it with ``pip install asgi-session-sync[sqlalchemy]`` (``[postgres]`` for asyncpg).
+Install it with the ``sqlalchemy`` extra (``postgres`` for asyncpg): see "Install" in
+``docs/getting-started.md``.
 """
 
 from __future__ import annotations
