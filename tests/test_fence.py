@@ -230,6 +230,26 @@ async def test_a_patch_ahead_of_the_snapshot_gets_a_fresh_snapshot_first() -> No
     assert seen.fenced == 1
 
 
+SPELLINGS = {
+    "leading whitespace": lambda text: " \n\t" + text,
+    "escaped underscore": lambda text: text.replace("session_", "session\\u005f"),
+    "escaped member name": lambda text: text.replace('"type"', '"\\u0074ype"'),
+    "escaped session id": lambda text: text.replace('"s1"', '"\\u0073\\u0031"'),
+}
+
+
+@pytest.mark.parametrize("spell", SPELLINGS.values(), ids=SPELLINGS.keys())
+async def test_every_json_spelling_of_a_session_event_is_judged(spell: Any) -> None:
+    # JSON.parse reads each spelling as the session event it is: the fence must too, or a
+    # stale update takes the client (at 6) back, and a patch it cannot apply (8 -> 9) reaches
+    # it without the fresh snapshot first.
+    frames = [spell(event(5)), spell(patch(8, 9)), spell(event(9)), patch(9, 10)]
+    seen = await received_with(Database(6, 8), frames)
+    assert steps(seen) == [("reset", 8), (8, 9), (9, 10)]
+    assert seen.loads == 2
+    assert seen.fenced == 2
+
+
 async def test_a_patch_overlapping_the_snapshot_gets_a_fresh_snapshot_first() -> None:
     # 5 -> 7 starts from a state the client (at 6) never had: passing it would corrupt the
     # client's state. The fresh snapshot (v7) already holds it, so the patch is dropped.

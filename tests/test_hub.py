@@ -44,15 +44,18 @@ WAIT = 5.0
 asyncio_only = pytest.mark.parametrize("anyio_backend", ["asyncio"])
 
 
-def update(version: int | None, *, reset: bool = False, **session: Any) -> str:
+def update(
+    version: int | None, *, reset: bool = False, session_id: str = "s1", **session: Any
+) -> str:
     event = SessionUpdate(
-        session_id="s1", session=session, version=version, reset=True if reset else None
+        session_id=session_id, session=session, version=version, reset=True if reset else None
     )
     return event.to_json().decode()
 
 
-def patch(base: int, version: int) -> str:
-    operations = [{"op": "replace", "path": "/n", "value": str(version)}]
+def patch(base: int, version: int, *, value: str | None = None) -> str:
+    """A patch of ``s1`` from ``base`` to ``version`` that sets ``/n`` (to ``value`` if given)."""
+    operations = [{"op": "replace", "path": "/n", "value": value or str(version)}]
     event = SessionPatch(session_id="s1", base_version=base, version=version, patch=operations)
     return event.to_json().decode()
 
@@ -96,8 +99,9 @@ class MemoryBroker:
 class Loader:
     """What ``resync`` loads: a reset snapshot at ``version``, optionally held until released."""
 
-    def __init__(self, version: int | None) -> None:
+    def __init__(self, version: int | None, *, session_id: str = "s1") -> None:
         self.version = version
+        self.session_id = session_id
         self.calls = 0
         self.started = anyio.Event()
         self.release: anyio.Event | None = None
@@ -110,20 +114,27 @@ class Loader:
             await self.release.wait()
         if self.answers:
             return self.answers.pop(0)
-        return update(self.version, reset=True, n=str(self.version))
+        return update(self.version, reset=True, session_id=self.session_id, n=str(self.version))
 
 
 class Rig:
     """One hub on an in-memory broker, its counters, and a stream of session ``s1``."""
 
-    def __init__(self, stats: BridgeStats, *, max_socket_bytes: int = 1 << 20) -> None:
-        self.broker = MemoryBroker()
+    def __init__(
+        self,
+        stats: BridgeStats,
+        *,
+        max_socket_bytes: int = 1 << 20,
+        max_process_bytes: int = 16 << 20,
+        broker: MemoryBroker | None = None,
+    ) -> None:
+        self.broker = MemoryBroker() if broker is None else broker
         self.stats = stats
         self.hub = Hub(
             self.broker,
             stats=stats,
             max_socket_bytes=max_socket_bytes,
-            max_process_bytes=16 << 20,
+            max_process_bytes=max_process_bytes,
             max_concurrent_resyncs=4,
         )
 
@@ -297,6 +308,22 @@ async def test_a_gap_no_resync_can_repair_ends_the_stream(
     assert any("the socket could not be repaired" in r.message for r in caplog.records)
 
 
+@pytest.mark.usefixtures("no_retry_delays")
+async def test_a_loader_that_stays_behind_the_held_patch_ends_the_stream(
+    stats: BridgeStats, caplog: pytest.LogCaptureFixture
+) -> None:
+    # 5 -> 6 was lost and 6 -> 7 is held; every load (a lagging replica) still reads 5. Sent
+    # the snapshot at 5 and nothing after, the client would stay at 5 for good while the
+    # database is at 7 and the session goes quiet: the stream ends, so the client reconnects.
+    loader = Loader(version=5)
+    async with open_stream(stats, loader, version=5) as (rig, stream):
+        rig.put(patch(6, 7))
+        with anyio.fail_after(WAIT):
+            assert [text async for text in stream] == []
+    assert (loader.calls, stats.resync_failures, stats.patches_unrepaired) == (4, 0, 1)
+    assert any("the socket could not be repaired" in r.message for r in caplog.records)
+
+
 async def test_patches_that_can_never_chain_do_not_reload_the_session_each(
     stats: BridgeStats,
 ) -> None:
@@ -381,6 +408,10 @@ async def test_versions_up_to_2_53_minus_1_chain_exactly_and_larger_ones_are_inv
         (b'{"type": "session_patch", "version": 2, "patch": []}', "without a base_version"),
         (b'{"type": "session_patch", "base_version": 1, "version": 2}', "not a list"),
         (b'{"type": "session_update", "session_id": "s1", "version": "7"}', "whole number"),
+        # Not RFC 8259: JSON.parse in the browser throws on them.
+        (b'{"type": "session_update", "session_id": "s1", "session": {"x": NaN}}', "not JSON"),
+        (b'{"type": "session_update", "session_id": "s1", "version": Infinity}', "not JSON"),
+        (b'{"type": "token", "session_id": "s1", "score": -Infinity}', "not JSON"),
     ],
 )
 async def test_invalid_messages_are_counted_and_named_and_reach_no_stream(
@@ -415,6 +446,154 @@ async def test_streams_of_one_session_share_one_subscription_until_the_last_leav
     assert rig.hub.sessions == 0
 
 
+class SlowBroker(MemoryBroker):
+    """An in-memory broker that confirms its first subscription only when told to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.subscribing = anyio.Event()
+        self.confirm = anyio.Event()
+
+    async def subscribe_subject(
+        self, session_id: str, deliver: Callable[[bytes], None]
+    ) -> Callable[[], Any]:
+        self.subscribing.set()
+        await self.confirm.wait()
+        return await super().subscribe_subject(session_id, deliver)
+
+
+async def test_a_socket_that_waited_on_a_channel_its_first_socket_left_gets_a_live_one(
+    stats: BridgeStats,
+) -> None:
+    # The first socket subscribes and leaves at once (its client went away during the
+    # handshake), dropping the channel a second socket was waiting on: the second must
+    # subscribe anew, not stay in a channel no broker subscription feeds.
+    rig = Rig(stats, broker=SlowBroker())
+    broker = rig.broker
+    assert isinstance(broker, SlowBroker)
+    received: list[tuple[str, Any, Any]] = []
+
+    async def first() -> None:
+        async with rig.hub.subscribe("s1"):
+            pass
+
+    async def second() -> None:
+        async with rig.hub.subscribe("s1") as stream:
+            assert (rig.hub.sessions, "s1" in broker.subscribers) == (1, True), "an orphan"
+            rig.put(update(1))
+            received.extend(await take(stream, 1))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(first)
+        with anyio.fail_after(WAIT):
+            await broker.subscribing.wait()
+        tg.start_soon(second)
+        await anyio.wait_all_tasks_blocked()  # the second waits for the first's subscription
+        broker.confirm.set()
+    assert received == [("session_update", None, 1)]
+    assert broker.subscribes == 2  # the first socket's, then the second's own
+    assert (broker.subscribers, rig.hub.sessions) == ({}, 0)
+
+
+# Byte bounds.
+
+
+async def test_the_process_bound_resyncs_the_stream_holding_the_most_not_the_next_to_receive(
+    stats: BridgeStats,
+) -> None:
+    # Two sockets of one session stopped reading and fill the process bound; a third socket,
+    # of another session, reads at once. Its update must reach it as it is: the process makes
+    # room by resyncing a stalled stream (the one holding the most), not the fast one.
+    rig = Rig(stats, max_socket_bytes=10_000, max_process_bytes=20_000)
+    stalled_loader = Loader(18, session_id="big")
+    fast_loader = Loader(2, session_id="fast")
+    async with AsyncExitStack() as sockets:
+        stalled = [await sockets.enter_async_context(rig.hub.subscribe("big")) for _ in range(2)]
+        for stream in stalled:
+            stream.version = 0
+            stream.set_resync(stalled_loader.resync)
+        fast = await sockets.enter_async_context(rig.hub.subscribe("fast"))
+        fast.version = 1
+        fast.set_resync(fast_loader.resync)
+        for version in range(1, 19):
+            rig.broker.publish("big", update(version, session_id="big", pad="x" * 420))
+        assert rig.hub.queued_bytes > 17_000
+        assert stats.slow_consumers == 0
+
+        rig.broker.publish("fast", update(2, session_id="fast", pad="y" * 3000))
+        assert rig.hub.queued_bytes <= 20_000
+        with anyio.fail_after(WAIT):
+            text = await fast.__anext__()
+        assert (json.loads(text)["version"], "reset" in json.loads(text)) == (2, False)
+        assert fast_loader.calls == 0
+        assert stats.slow_consumers == 1
+        evicted, kept = sorted(stalled, key=lambda stream: stream.buffered_bytes)
+        assert evicted.buffered_bytes == 0
+        # The evicted stream is repaired when it reads; the other kept every update.
+        assert await take(evicted, 1) == [("session_update", None, 18)]
+        assert stalled_loader.calls == 1
+        assert await take(kept, 18) == [("session_update", None, v) for v in range(1, 19)]
+
+
+async def test_a_frame_over_max_socket_bytes_is_replaced_by_a_resync_and_is_not_a_slow_consumer(
+    stats: BridgeStats, caplog: pytest.LogCaptureFixture
+) -> None:
+    # However fast the socket reads, a frame over its bound is never queued: the database's
+    # snapshot stands in for it. It is logged, not counted as a slow consumer.
+    loader = Loader(version=2)
+    rig = Rig(stats, max_socket_bytes=10_000)
+    async with rig.hub.subscribe("s1") as stream, anyio.create_task_group() as tg:
+        stream.version = 1
+        stream.set_resync(loader.resync)
+        texts: list[str] = []
+
+        async def read() -> None:
+            with anyio.fail_after(WAIT):
+                texts.extend([await stream.__anext__() for _ in range(2)])
+
+        tg.start_soon(read)
+        await anyio.wait_all_tasks_blocked()  # the reader waits for a frame
+        rig.put(update(2, pad="y" * 12_000))
+        assert (stream.buffered_bytes, rig.hub.queued_bytes) == (0, 0)
+        rig.put(patch(2, 3))
+    first, second = (json.loads(text) for text in texts)
+    assert (first["version"], first["reset"], first["session"]) == (2, True, {"n": "2"})
+    assert (second["base_version"], second["version"]) == (2, 3)
+    assert (loader.calls, stats.resyncs, stats.slow_consumers) == (1, 1, 0)
+    assert any(
+        "a frame of" in r.getMessage() and "over max_socket_bytes=10000" in r.getMessage()
+        for r in caplog.records
+    )
+
+
+async def test_frames_a_repair_released_count_against_the_socket_bound(stats: BridgeStats) -> None:
+    # 1 -> 2 was lost: the large 2 -> 3 is held; the repair's snapshot (v2) releases it, and
+    # the reader stalls right after taking the snapshot. The released patch waits to be sent
+    # and counts against the bound with what queues after it.
+    bound = 10_000
+    loader = Loader(version=2)
+    rig = Rig(stats, max_socket_bytes=bound)
+    async with rig.hub.subscribe("s1") as stream:
+        stream.version = 1
+        stream.set_resync(loader.resync)
+        rig.put(patch(2, 3, value="z" * 9000))
+        assert 9000 < stream.buffered_bytes <= bound  # held for the repair
+        first = json.loads(await stream.__anext__())
+        assert (first["version"], first["reset"]) == (2, True)
+        assert 9000 < stream.buffered_bytes <= bound  # released, due to send
+        loader.version = 12  # what the database has by the time the reader resumes
+        for version in range(4, 13):
+            rig.put(update(version, pad="q" * 900))
+            assert stream.buffered_bytes <= bound
+            assert rig.hub.queued_bytes == stream.buffered_bytes
+        assert stats.slow_consumers == 1
+        # Resuming, the reader is repaired to the database's latest; the rest is stale.
+        snapshot = json.loads(await stream.__anext__())
+        assert (snapshot["version"], snapshot["reset"]) == (12, True)
+        assert await nothing_more(stream)
+    assert rig.hub.queued_bytes == 0
+
+
 # The heartbeat, through forward and a socket accepted by SessionSync.
 
 
@@ -422,16 +601,24 @@ SCOPE = {"type": "websocket", "path": "/ws/sessions/s1", "query_string": b"", "h
 
 
 class RecordingSocket:
-    """The ASGI side of one WebSocket: records each text frame sent, with when it was sent."""
+    """The ASGI side of one WebSocket: records each text frame sent, with when it was sent.
+
+    Once :attr:`stalled`, a send blocks for good (a client that stopped reading).
+    """
 
     def __init__(self) -> None:
         self.sent: list[tuple[float, str]] = []
         self.heartbeat_sent = anyio.Event()
+        self.stalled = False
+        self.send_blocked = anyio.Event()
         self.to_app_send, self.to_app = anyio.create_memory_object_stream[dict[str, Any]](4)
 
     async def send(self, message: dict[str, Any]) -> None:
         if message["type"] != "websocket.send":
             return
+        if self.stalled:
+            self.send_blocked.set()
+            await anyio.sleep_forever()
         self.sent.append((anyio.current_time(), message["text"]))
         if message["text"] == HEARTBEAT:
             self.heartbeat_sent.set()
@@ -508,6 +695,34 @@ async def test_a_busy_socket_carries_no_heartbeats(
     assert len(heartbeats) == 1
     assert heartbeats[0] - last_frame >= period
     assert stats.patches_forwarded == version + 1
+
+
+async def test_heartbeats_do_not_pile_up_behind_a_blocked_send(
+    recording: RecordingSocket,
+) -> None:
+    period = 0.02
+    heartbeats: list[float] = []
+    pending = anyio.Event()
+
+    def on_metric(name: str, value: float) -> None:
+        if name == "heartbeats":
+            heartbeats.append(value)
+            if len(heartbeats) == 2:
+                pending.set()
+
+    stats = BridgeStats(on_metric=on_metric)
+    socket = await recording.accept(version=1)
+    recording.stalled = True
+    async with open_stream(stats) as (rig, stream), anyio.create_task_group() as tg:
+        tg.start_soon(lambda: stream.forward(socket, recording.to_app.receive, heartbeat=period))
+        with anyio.fail_after(WAIT):
+            await recording.send_blocked.wait()  # the first heartbeat, being sent for good
+            await pending.wait()  # the second, waiting behind it
+        await anyio.sleep(10 * period)  # not synchronisation: ten more periods of quiet
+        assert stats.heartbeats == 2
+        assert stream.buffered_bytes == rig.hub.queued_bytes == len(HEARTBEAT)
+        await recording.disconnect()
+    assert recording.sent == []
 
 
 @pytest.mark.parametrize("heartbeat", [0, -1.0])

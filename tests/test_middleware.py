@@ -523,6 +523,7 @@ async def test_send_failure_of_snapshot_is_not_raised_into_app() -> None:
         ({"timeout": "5"}, "timeout must be a positive number of seconds"),
         ({"cache_ttl": "1"}, "cache_ttl must be a positive number of seconds or None"),
         ({"max_bytes": True}, "max_bytes must be a positive int or None"),
+        ({"max_bytes": "1"}, "max_bytes must be a positive int or None"),
         ({"since_param": 5}, "since_param must be a non-empty"),
         ({"fence_max_frames": 2.5}, "fence_max_frames must be an int"),
         ({"session_id_param": 3}, "session_id_param must be a non-empty"),
@@ -532,7 +533,11 @@ async def test_send_failure_of_snapshot_is_not_raised_into_app() -> None:
             "SessionSyncMiddleware() got an unexpected keyword argument 'time_out'; "
             "did you mean 'timeout'",
         ),
-        ({"fence_max_frame": 1}, "did you mean 'fence_max_frames'"),
+        (
+            {"fence_max_frame": 1},
+            "SessionSyncMiddleware() got an unexpected keyword argument 'fence_max_frame'; "
+            "did you mean 'fence_max_frames'",
+        ),
     ],
 )
 def test_bad_configuration_fails_at_construction(options: dict[str, Any], message: str) -> None:

@@ -6,12 +6,15 @@ import asyncio
 import importlib
 import json
 import logging
+import os
+import random
 import secrets
+import signal
 import socket
 import sys
 import sysconfig
-from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +32,7 @@ from asgi_session_sync._types import Receive, Scope, Send
 from asgi_session_sync.hub import SessionStream
 from asgi_session_sync.nats import EmbeddedNats, NatsBridge
 from asgi_session_sync.protocol import MAX_VERSION, SessionUpdate
-from asgi_session_sync.testing import connect_websocket
+from asgi_session_sync.testing import WebSocketClosed, connect_websocket
 
 pytestmark = pytest.mark.anyio
 
@@ -102,6 +105,18 @@ def free_port() -> int:
 def restarted(server: EmbeddedNats) -> EmbeddedNats:
     """A new server where ``server`` was: its port and credentials, so clients reconnect."""
     return EmbeddedNats(port=server.port, user=server.user, password=server.password)
+
+
+@contextmanager
+def paused(server: EmbeddedNats) -> Iterator[None]:
+    """The server stopped (``SIGSTOP``) for the block: a broker that answers late, not gone."""
+    assert server.process is not None
+    pid = server.process.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
 
 
 @pytest.fixture
@@ -400,6 +415,52 @@ async def test_bridge_adopts_an_existing_client_and_leaves_it_open(
         await client.close()
 
 
+# The subscription's confirmation.
+
+
+async def test_a_subscribe_cancelled_before_the_server_confirms_leaves_delivery_working(
+    monitored_nats: MonitoredNats,
+) -> None:
+    # The app gives up (its client left, a timeout) while the server is slow to answer. The
+    # late answer must not stop nats-py's reading task: every session of the process would
+    # then stop receiving, with no reconnect and no resync.
+    entered = False
+    async with NatsBridge(monitored_nats.url, **FAST) as bridge:
+        with paused(monitored_nats.server), anyio.move_on_after(0.2) as gave_up:
+            async with bridge.subscribe("s1"):
+                entered = True
+        assert gave_up.cancelled_caught
+        assert not entered
+        # The server answers a connection in order: the late answers come before this
+        # subscription's, and before its update.
+        async with bridge.subscribe("s2") as updates:
+            await bridge.publish("s2", {"title": "x"}, version=1)
+            assert (await next_event(updates))["version"] == 1
+        assert bridge.hub.sessions == 0
+        assert await monitored_nats.subscriptions("session_sync.s1") == 0
+
+
+async def test_a_confirmation_that_times_out_leaves_delivery_working(
+    monitored_nats: MonitoredNats,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr("asgi_session_sync.nats._CONFIRM_TIMEOUT", 0.2)
+    async with NatsBridge(monitored_nats.url, **FAST) as bridge:
+        with paused(monitored_nats.server), anyio.fail_after(WAIT):
+            async with bridge.subscribe("s1"):
+                pass  # entered once the confirmation timed out
+        async with bridge.subscribe("s2") as updates:
+            await bridge.publish("s2", {"title": "x"}, version=1)
+            assert (await next_event(updates))["version"] == 1
+        assert await monitored_nats.subscriptions("session_sync.s1") == 0
+    assert any(
+        "nats did not confirm the subscription" in record.getMessage()
+        and "session_id=s1" in record.getMessage()
+        for record in caplog.records
+    )
+
+
 # Resync on broker trouble.
 
 
@@ -543,6 +604,42 @@ async def test_no_subscriptions_or_tasks_leak_over_many_cycles(
         assert len(asyncio.all_tasks()) == tasks_before
 
 
+async def test_cancellation_at_any_point_leaves_no_subscription_and_no_orphan_stream(
+    monitored_nats: MonitoredNats,
+) -> None:
+    # Many sockets of one session enter and leave at once, each cancelled at a random point:
+    # while subscribing, waiting for another socket's subscription, inside, or leaving.
+    rng = random.Random(7)
+    visits, entered, orphans = 30 * 20, 0, 0
+    async with NatsBridge(monitored_nats.url, **FAST) as bridge:
+
+        def served(stream: SessionStream) -> bool:
+            channel = bridge.hub._channels.get("s1")
+            return channel is not None and stream in channel.streams
+
+        async def visit(within: float | None, stay: float) -> None:
+            nonlocal entered, orphans
+            with anyio.move_on_after(within):
+                async with bridge.subscribe("s1") as stream:
+                    entered += 1
+                    orphans += not served(stream)
+                    await anyio.sleep(stay)  # a socket's lifetime, not synchronisation
+
+        for _ in range(30):
+            async with anyio.create_task_group() as tg:
+                for _ in range(20):
+                    within = rng.choice([0, 0.0001, 0.0005, 0.001, 0.003, None])
+                    tg.start_soon(visit, within, rng.choice([0, 0.001]))
+        assert 0 < entered < visits  # some got in, some were cancelled before
+        assert orphans == 0, f"{orphans} sockets were handed a channel the hub had dropped"
+        assert bridge.hub.sessions == 0
+        await bridge.client.flush()  # the server has handled every UNSUB sent before this
+        assert await monitored_nats.subscriptions("session_sync.s1") == 0
+        async with bridge.subscribe("s1") as updates:
+            await bridge.publish("s1", {"title": "still live"}, version=1)
+            assert (await next_event(updates))["version"] == 1
+
+
 async def test_reconnect_resyncs_only_open_subscriptions(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -562,6 +659,37 @@ async def test_reconnect_resyncs_only_open_subscriptions(
     assert store.calls == 1
     assert any("resyncing the sockets of 1 sessions" in record.message for record in caplog.records)
     assert (bridge.stats.reconnects, bridge.stats.resyncs) == (1, 1)
+
+
+@pytest.mark.usefixtures("no_retry_delays")
+async def test_a_reconnect_whose_resyncs_all_fail_closes_the_socket_so_the_client_reconnects(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # NATS restarts, and so does the database: every resync after the reconnect fails. The
+    # socket may have missed updates while NATS was down, so it must not stay open on its old
+    # state with nothing coming to fix it: the stream ends, the app returns, the socket closes.
+    loads = 0
+
+    async def loader(ctx: SessionContext) -> Snapshot:
+        nonlocal loads
+        loads += 1
+        if loads > 1:
+            raise ConnectionError("the database is restarting too")
+        return Snapshot({"title": "first"}, version=1)
+
+    async with AsyncExitStack() as servers:
+        first = await servers.enter_async_context(EmbeddedNats())
+        async with NatsBridge(first.url, **FAST) as bridge:
+            app = forwarding_app(bridge, SessionSync(loader))
+            async with connect_websocket(app, "/ws/sessions/s1") as ws:
+                assert (await ws.receive_json())["version"] == 1
+                await first.kill()
+                await servers.enter_async_context(restarted(first))
+                with pytest.raises(WebSocketClosed, match="the app returned"):
+                    await ws.receive_json()  # bounded: connect_websocket's timeout
+    assert loads == 1 + 4  # the snapshot, then the resync's first try and every retry
+    assert (bridge.stats.reconnects, bridge.stats.resync_failures) == (1, 4)
+    assert any("the socket could not be repaired" in r.getMessage() for r in caplog.records)
 
 
 async def test_forward_sends_updates_and_hands_client_messages_until_disconnect(

@@ -390,6 +390,16 @@ def test_other_types_pass_as_other_with_their_session_but_no_version(text: str) 
             "a patch whose operations are not a list",
         ),
         ('{"type": "session_synced", "session_id": "s1"}', "a session_synced without a version"),
+        # RFC 8259 has no NaN or Infinity, and the browser's JSON.parse throws on them: a frame
+        # holding one, anywhere, would be counted as sent and never read.
+        ('{"type": "session_update", "session_id": "s1", "session": {"x": NaN}}', "not JSON"),
+        ('{"type": "session_update", "session_id": "s1", "version": Infinity}', "not JSON"),
+        (
+            '{"type": "session_patch", "base_version": 1, "version": 2, '
+            '"patch": [{"op": "add", "path": "/x", "value": -Infinity}]}',
+            "not JSON",
+        ),
+        ('{"type": "token", "session_id": "s1", "score": NaN}', "not JSON"),
     ],
 )
 def test_frames_that_are_not_valid_say_why(text: str, reason: str) -> None:
