@@ -461,6 +461,26 @@ async def test_a_confirmation_that_times_out_leaves_delivery_working(
     )
 
 
+async def test_a_socket_whose_subscription_was_not_confirmed_in_time_is_resynced(
+    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Until the server has the subscription, an update published after the snapshot's load
+    # is lost: once the confirmation timed out, the socket is repaired from the database.
+    monkeypatch.setattr("asgi_session_sync.nats._CONFIRM_TIMEOUT", 0.2)
+    store = SessionStore("s1", {"from": "db"}, version=2)
+    async with NatsBridge(nats_server.url, **FAST) as bridge, AsyncExitStack() as stack:
+        with paused(nats_server), anyio.fail_after(WAIT):
+            updates = await stack.enter_async_context(bridge.subscribe("s1"))
+        updates.version = 1  # the snapshot the socket was sent
+        updates.set_resync(store.resync)
+        event = None
+        with anyio.move_on_after(WAIT):
+            event = await updates.__anext__()
+        assert event is not None, "the socket of an unconfirmed subscription was never resynced"
+        assert json.loads(event) == json.loads(await store.resync())
+    assert bridge.stats.resyncs == 1
+
+
 # Resync on broker trouble.
 
 
