@@ -69,13 +69,16 @@ class Backend(Protocol):
 class _Channel:
     """The sockets of one process that watch one session, and their shared subscription."""
 
-    __slots__ = ("failed", "ready", "streams", "unsubscribe")
+    __slots__ = ("failed", "ready", "resync_reason", "streams", "unsubscribe")
 
     def __init__(self) -> None:
         self.streams: set[SessionStream] = set()
         self.ready = anyio.Event()
         self.failed = False
         self.unsubscribe: Unsubscribe | None = None
+        self.resync_reason: str | None = None
+        """Set when the broker did not confirm the subscription: every socket that joins is
+        resynced, since an update may have been published before the broker took it."""
 
 
 class Hub:
@@ -114,6 +117,8 @@ class Hub:
         stream = SessionStream(self, session_id)
         channel.streams.add(stream)
         self.stats.incr("subscriptions")
+        if channel.resync_reason is not None:
+            stream.request_resync(channel.resync_reason)
         try:
             yield stream
         finally:
@@ -204,13 +209,23 @@ class Hub:
     def resync_all(self, reason: str) -> None:
         """Resync every socket (the broker may have lost messages: a reconnect)."""
         for channel in list(self._channels.values()):
+            # The client subscribed again on reconnecting, confirmed by this very resync.
+            channel.resync_reason = None
             for stream in channel.streams:
                 stream.request_resync(reason)
 
     def resync(self, session_id: str, reason: str) -> None:
-        """Resync the sockets of one session (the broker dropped some of its messages)."""
+        """Resync the sockets of one session (the broker dropped some of its messages).
+
+        Before its subscription is ready, the session's sockets are still joining: each of
+        them is resynced as it joins, until the next reconnect.
+        """
         channel = self._channels.get(session_id)
-        for stream in () if channel is None else channel.streams:
+        if channel is None:
+            return
+        if not channel.ready.is_set():
+            channel.resync_reason = reason
+        for stream in channel.streams:
             stream.request_resync(reason)
 
     def end_all(self) -> None:
