@@ -9,6 +9,7 @@ import pytest
 from asgi_session_sync import SessionContext
 from asgi_session_sync._types import Receive, Scope, Send
 from asgi_session_sync.nats import EmbeddedNats
+from asgi_session_sync.testing import connect_websocket
 
 # The app and the loader the core tests share. Test modules import them from here
 # (``from conftest import greeting_app``), in-process and under real servers alike.
@@ -45,6 +46,18 @@ class RecordingLoader:
     def result(self, ctx: SessionContext) -> Any:
         """What to return for ``ctx``: the fixed result by default."""
         return self.fixed
+
+
+async def closed_before_any_frame(app: Any, path: str, *, within: float = 5.0) -> int:
+    """Open ``path`` on ``app``: it accepts, then closes with no frame at all; the close code.
+
+    What the examples do with a socket whose snapshot was refused (1008) or failed (1011).
+    """
+    async with connect_websocket(app, path, timeout=within) as ws:
+        message = await ws.receive()
+        assert message["type"] == "websocket.close", message
+        code: int = message["code"]
+        return code
 
 
 async def follow_a_prompt(

@@ -9,7 +9,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-from conftest import follow_a_prompt
+from conftest import closed_before_any_frame, follow_a_prompt
 from fastapi import FastAPI
 from sqlalchemy import text
 
@@ -125,15 +125,6 @@ async def test_prompt_streams_tokens_as_patches_chained_version_by_version(
             "interrupted": None,
         }
     ]
-
-
-async def closed_before_any_frame(app: FastAPI, path: str) -> int:
-    """Open ``path``: the app accepts, then closes with no frame at all; return the close code."""
-    async with connect_websocket(app, path, timeout=WAIT) as ws:
-        message = await ws.receive()
-        assert message["type"] == "websocket.close", message
-        code: int = message["code"]
-        return code
 
 
 async def test_another_user_never_sees_the_session(app: FastAPI, client: httpx.AsyncClient) -> None:

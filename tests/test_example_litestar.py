@@ -15,7 +15,7 @@ from urllib.parse import quote
 import anyio
 import httpx
 import pytest
-from conftest import follow_a_prompt
+from conftest import closed_before_any_frame, follow_a_prompt
 from litestar import Litestar
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -142,15 +142,6 @@ async def test_resuming_client_that_is_current_gets_updates_but_no_snapshot(
         assert response.status_code == 202, response.text
         # The first frame is the prompt's update: the version loader found the client current.
         assert (await next_event(ws))["version"] == 2
-
-
-async def closed_before_any_frame(app: Litestar, path: str) -> int:
-    """Open ``path``: the app accepts, then closes with no frame at all; return the close code."""
-    async with connect_websocket(app, path, timeout=WAIT) as ws:
-        message = await ws.receive()
-        assert message["type"] == "websocket.close", message
-        code: int = message["code"]
-        return code
 
 
 async def test_another_user_never_sees_the_session(app: Litestar, http: httpx.AsyncClient) -> None:
