@@ -14,6 +14,19 @@ frames are stated once, in ``docs/concepts.md``.
     {"type": "session_synced", "session_id": "a1", "version": 8}
     {"type": "heartbeat"}
 
+**Operations.** A patch holds RFC 6902 operations (``add``, ``remove``, ``replace``, ``move``,
+``copy``, ``test``), and one extension for text that grows, such as an answer streamed token
+by token, so that each piece costs its own bytes at any length of the text::
+
+    {"op": "append", "path": "/interactions/3/response", "offset": 120, "value": " world"}
+
+``append`` adds ``value`` (a string) to the end of the string at ``path`` (an RFC 6901 JSON
+Pointer). ``offset`` is that string's length *before* the append, counted in UTF-16 code units
+as JavaScript's ``string.length`` counts (:func:`utf16_length`; Python's ``len`` counts code
+points: ``"😀"`` is 1 to Python and 2 here). Like a built-in ``test``, the operation fails when
+the value at ``path`` is not a string of exactly ``offset`` units, and then the whole patch fails
+and the state before it is kept (RFC 6902 section 5). :func:`apply_patch` applies both kinds.
+
 A connection's first ``session_update`` is the database's truth: the client replaces what
 it had with it. ``reset`` marks the same truth later on a live socket (a resync): it replaces
 whatever the client had, even at a lower version. Only the server sends it; a live frame that
@@ -33,25 +46,31 @@ from __future__ import annotations
 import enum
 import json
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, ClassVar, Literal
 
 import jsonpatch
+import jsonpointer
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 from pydantic_core import from_json, to_jsonable_python
 
 __all__ = [
     "HEARTBEAT",
     "MAX_VERSION",
+    "AnswerStatus",
+    "Append",
     "Frame",
     "Kind",
     "SessionPatch",
     "SessionSynced",
     "SessionUpdate",
     "Version",
+    "apply_patch",
     "as_version",
     "make_patch",
     "parse_frame",
     "patch_problem",
+    "utf16_length",
     "version_from_text",
 ]
 
@@ -64,6 +83,34 @@ JavaScript (``Number.MAX_SAFE_INTEGER``)."""
 
 HEARTBEAT = '{"type":"heartbeat"}'
 """The heartbeat frame, for clients that tell a dead socket from a quiet session."""
+
+
+class AnswerStatus(str, enum.Enum):
+    """Where a streamed answer is, as its snapshot and its patches carry it.
+
+    :class:`~asgi_session_sync.streaming.AnswerStream` writes it at the JSON Pointer the app
+    chooses (``status_path``); the values are the JSON strings below.
+    """
+
+    STREAMING = "streaming"
+    """Its producer is appending text."""
+    COMPLETE = "complete"
+    """It ended normally: the text is whole."""
+    CANCELLED = "cancelled"
+    """A user stopped it (``NatsBridge.stop_answer``): the text is what came before."""
+    INTERRUPTED = "interrupted"
+    """Its producer failed or died (the app's lease ran out): the text is what was saved."""
+
+
+def utf16_length(text: str) -> int:
+    """The length of ``text`` in UTF-16 code units: JavaScript's ``string.length``.
+
+    What an ``append`` operation's ``offset`` counts. Each character outside the Basic
+    Multilingual Plane (most emoji) counts 2, every other character 1.
+    """
+    if text.isascii():
+        return len(text)
+    return len(text.encode("utf-16-le")) // 2
 
 
 def as_version(value: object) -> Version | None:
@@ -204,15 +251,89 @@ class SessionPatch(_Event):
         return patch
 
 
-_OPERAND = {"add": "value", "replace": "value", "test": "value", "move": "from", "copy": "from"}
+_OPERAND = {
+    "add": "value",
+    "replace": "value",
+    "test": "value",
+    "move": "from",
+    "copy": "from",
+    "append": "value",
+}
+
+
+class _AppendOperation(jsonpatch.PatchOperation):
+    """``append``: the one operation beyond RFC 6902 (see the module's docstring)."""
+
+    def _apply(self, obj: Any, journal: Any) -> Any:
+        problem = _append_problem(self.operation)
+        if problem is not None:
+            raise jsonpatch.InvalidJsonPatch(problem, op=self)
+        value, offset = self.operation["value"], as_version(self.operation["offset"])
+        parent, part = self.pointer.to_last(obj)
+        if part is None:
+            current = obj
+        else:
+            try:
+                current = parent[part]
+            except (KeyError, IndexError, TypeError):
+                raise jsonpatch.JsonPatchConflict(
+                    f"no string at {self.location!r} to append to", op=self
+                ) from None
+        if not isinstance(current, str):
+            raise jsonpatch.JsonPatchConflict(
+                f"the value at {self.location!r} is not a string", op=self
+            )
+        length = utf16_length(current)
+        if length != offset:
+            raise jsonpatch.JsonPatchTestFailed(
+                f"the string at {self.location!r} is {length} UTF-16 units long, not {offset}",
+                op=self,
+            )
+        if part is None:
+            return current + value
+        journal.setitem(parent, part, current + value)
+        return obj
+
+
+class _Patch(jsonpatch.JsonPatch):
+    operations = MappingProxyType({**jsonpatch.JsonPatch.operations, "append": _AppendOperation})
+
+
+def _append_problem(operation: dict[str, Any]) -> str | None:
+    """Why an ``append`` operation is malformed (its members), or ``None``."""
+    if not isinstance(operation.get("value"), str):
+        return "an append's 'value' is not a string"
+    if as_version(operation.get("offset")) is None:
+        return "an append's 'offset' is not a whole number of UTF-16 units"
+    return None
+
+
+def apply_patch(document: Any, patch: list[dict[str, Any]]) -> Any:
+    """Apply ``patch`` (RFC 6902 operations and ``append``) to ``document``; return the result.
+
+    ``document`` is a decoded JSON value and is never changed: the patch applies to a copy,
+    whole or not at all. For tests and Python consumers of the frames; the browser client has
+    its own.
+
+    Raises:
+        ValueError: The patch is malformed, or an operation fails (a missing member, a failed
+            ``test``, an ``append`` whose ``offset`` is not the string's length).
+    """
+    try:
+        return _Patch(patch).apply(document)
+    except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException, TypeError) as exc:
+        raise ValueError(f"the patch does not apply: {exc}") from exc
 
 
 def patch_problem(patch: object) -> str | None:
-    """Why ``patch`` is not a list of RFC 6902 operations every client can apply, or ``None``."""
+    """Why ``patch`` is not a list of operations every client can apply, or ``None``.
+
+    The operations are RFC 6902's and ``append`` (see the module's docstring).
+    """
     if not isinstance(patch, list):
         return "the patch is not a list of operations"
     try:
-        jsonpatch.JsonPatch(patch)
+        _Patch(patch)
     except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException, TypeError) as exc:
         return f"not an RFC 6902 patch: {exc}"
     # jsonpatch checks op and path here, the rest only when applying: check what every client
@@ -223,6 +344,10 @@ def patch_problem(patch: object) -> str | None:
             return f"operation {index} ({operation['op']}) has no 'value'"
         if member == "from" and not _is_pointer(operation.get("from")):
             return f"operation {index} ({operation['op']}) has no JSON Pointer 'from'"
+        if operation["op"] == "append":
+            problem = _append_problem(operation)
+            if problem is not None:
+                return f"operation {index}: {problem}"
     try:
         json.dumps(patch, allow_nan=False)
     except (TypeError, ValueError) as exc:
@@ -279,6 +404,21 @@ _KINDS = {kind.value: kind for kind in Kind}
 
 
 @dataclass(frozen=True, slots=True)
+class Append:
+    """One ``append`` operation of a patch, as the hub checks it.
+
+    Attributes:
+        path: The JSON Pointer of the string.
+        offset: The string's length before, in UTF-16 code units.
+        length: The appended text's length, in UTF-16 code units.
+    """
+
+    path: str
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
 class Frame:
     """One text frame, parsed once: what ordering and routing need, and the text to send.
 
@@ -291,6 +431,8 @@ class Frame:
         base_version: A patch's base version; ``None`` for other kinds.
         reset: Whether it is a snapshot that replaces the client's state.
         size: Bytes of its UTF-8 JSON: what byte bounds on queues count.
+        appends: A patch's ``append`` operations, in order.
+        touched: The paths (and ``from`` pointers) of a patch's other operations.
     """
 
     text: str
@@ -301,6 +443,8 @@ class Frame:
     base_version: Version | None = None
     reset: bool = False
     size: int = 0
+    appends: tuple[Append, ...] = ()
+    touched: tuple[str, ...] = ()
 
 
 def parse_frame(text: str, *, size: int | None = None) -> Frame | str:
@@ -337,14 +481,21 @@ def parse_frame(text: str, *, size: int | None = None) -> Frame | str:
     if raw_version is not None and version is None:
         return "its version is not a whole number from 0 to 2**53 - 1"
     base_version = None
+    appends: tuple[Append, ...] = ()
+    touched: tuple[str, ...] = ()
     if kind is Kind.PATCH:
         base_version = as_version(event.get("base_version"))
         if base_version is None or version is None:
             return "a patch without a base_version and a version"
         if version <= base_version:
             return "a patch whose version is not greater than its base_version"
-        if not isinstance(event.get("patch"), list):
+        operations = event.get("patch")
+        if not isinstance(operations, list):
             return "a patch whose operations are not a list"
+        read = _read_operations(operations)
+        if isinstance(read, str):
+            return read
+        appends, touched = read
     elif kind is Kind.SYNCED and version is None:
         return "a session_synced without a version"
     return Frame(
@@ -356,7 +507,38 @@ def parse_frame(text: str, *, size: int | None = None) -> Frame | str:
         base_version,
         event.get("reset") is True,
         size,
+        appends,
+        touched,
     )
+
+
+def _read_operations(operations: list[Any]) -> tuple[tuple[Append, ...], tuple[str, ...]] | str:
+    """A patch's appends and the paths its other operations touch, or why it is malformed.
+
+    Only the members routing needs: each client checks the rest when it applies the patch.
+    """
+    appends: list[Append] = []
+    touched: list[str] = []
+    for operation in operations:
+        if not isinstance(operation, dict) or not isinstance(operation.get("path"), str):
+            return "a patch with an operation that is not an object with a path"
+        if operation.get("op") == "append":
+            problem = _append_problem(operation)
+            if problem is not None:
+                return problem
+            appends.append(
+                Append(
+                    operation["path"],
+                    int(operation["offset"]),
+                    utf16_length(operation["value"]),
+                )
+            )
+        else:
+            touched.append(operation["path"])
+            origin = operation.get("from")
+            if isinstance(origin, str):
+                touched.append(origin)
+    return tuple(appends), tuple(touched)
 
 
 _DIGITS = frozenset("0123456789")
