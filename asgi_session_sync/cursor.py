@@ -112,12 +112,37 @@ class Cursor:
         The snapshot comes first, whatever its version; then the held frames, judged again
         against it: those it already covers are dropped, those that chain are sent. When it
         does not reach one (the loader is behind the publisher), that frame and the ones after
-        it stay held and :attr:`repairing` stays true: load again, or :meth:`give_up`.
+        it stay held and :attr:`repairing` stays true: catch up, load again, or
+        :meth:`give_up`.
         """
         self.version = snapshot.version
-        self._known = self._verified = True
+        self._known = True
+        return self._replay(snapshot)
+
+    @property
+    def gap(self) -> bool:
+        """Whether frames are held because they are ahead of the client's version: a
+        producer's catch-up (:meth:`catch_up`) may fill the gap without a snapshot."""
+        return self.repairing and bool(self._held) and self.version is not None
+
+    def catch_up(self, patch: Frame) -> list[Frame] | None:
+        """Fill a gap with ``patch`` from the producer; return what to send, or ``None``.
+
+        ``patch`` must chain from the client's version (its ``base_version``); it is then
+        sent, and the held frames judged again as after a snapshot: the producer answered for
+        the versions up to its own, so older frames are dropped as stale. ``None`` (nothing
+        changes) when it does not chain.
+        """
+        if patch.kind is not Kind.PATCH or patch.base_version != self.version:
+            return None
+        self.version = patch.version
+        return self._replay(patch)
+
+    def _replay(self, truth: Frame) -> list[Frame]:
+        """``truth`` is now the client's state: send it, then the held frames that chain."""
+        self._verified = True
         self.repairing = False
-        emitted = [snapshot]
+        emitted = [truth]
         held, self._held, self.held_bytes = self._held, deque(), 0
         while held:
             frame = held.popleft()
@@ -125,13 +150,12 @@ class Cursor:
             if verdict is Verdict.EMIT:
                 emitted.append(frame)
             elif verdict is Verdict.VERIFY:
-                # Older than a frame replayed before it, and the snapshot was just read: the
-                # database has spoken, so it is only stale.
+                # Older than a frame replayed before it, and the truth was just read: the
+                # database (or the producer) has spoken, so it is only stale.
                 self.repairing = False
             elif verdict is Verdict.HOLD:
-                # The snapshot does not reach it: the loader is behind the publisher. It and
-                # the frames after it stay held, and the repair goes on (:attr:`repairing`):
-                # the caller loads again, or gives up.
+                # The truth does not reach it: the loader is behind the publisher. It and the
+                # frames after it stay held, and the repair goes on (:attr:`repairing`).
                 self._held.extend(held)
                 self.held_bytes += sum(frame.size for frame in held)
                 break

@@ -53,7 +53,8 @@ Unsubscribe = Callable[[], Awaitable[None]]
 
 
 class Backend(Protocol):
-    """What a hub needs of a broker: one subscription per session subject."""
+    """What a hub needs of a broker: one subscription per session subject, and a way to ask
+    a session's producer for what a socket missed."""
 
     async def subscribe_subject(
         self, session_id: str, deliver: Callable[[bytes], None]
@@ -65,11 +66,20 @@ class Backend(Protocol):
         """
         ...
 
+    async def catch_up(self, session_id: str, version: int) -> bytes | None:
+        """Ask the producer streaming into the session for a patch from ``version`` to its own.
+
+        Returns the ``session_patch`` frame's JSON (from
+        :class:`~asgi_session_sync.streaming.AnswerStream`), or ``None`` when no producer
+        answers for that version within about a second: the caller then loads a snapshot.
+        """
+        ...
+
 
 class _Channel:
     """The sockets of one process that watch one session, and their shared subscription."""
 
-    __slots__ = ("failed", "ready", "resync_reason", "streams", "unsubscribe")
+    __slots__ = ("failed", "ready", "resync_reason", "streams", "texts", "unsubscribe")
 
     def __init__(self) -> None:
         self.streams: set[SessionStream] = set()
@@ -79,6 +89,43 @@ class _Channel:
         self.resync_reason: str | None = None
         """Set when the broker did not confirm the subscription: every socket that joins is
         resynced, since an update may have been published before the broker took it."""
+        self.texts: dict[str, tuple[int, int]] = {}
+        """For each string that patches append to: the version after the last append seen,
+        and the string's length then (UTF-16 units). See :meth:`Hub.deliver`."""
+
+    def append_problem(self, frame: Frame) -> str | None:
+        """Why ``frame``'s appends cannot follow the ones seen before it, or ``None``.
+
+        A patch that chains from the version of the last append to a string must append at
+        that string's end: an ``offset`` past it (or short of it) would fail in every client,
+        and so is refused here instead. Strings that no append has reached yet, and patches
+        that do not chain from the last one seen, are left to the clients' own check.
+        """
+        texts = self.texts
+        if frame.touched and texts:
+            # Another operation may have replaced, moved or removed a string: forget it.
+            for path in frame.touched:
+                for known in [k for k in texts if _overlaps(k, path)]:
+                    del texts[known]
+        if not frame.appends:
+            return None
+        assert frame.version is not None
+        lengths: dict[str, int] = {}
+        for append in frame.appends:
+            length = lengths.get(append.path)
+            if length is None:
+                seen = texts.get(append.path)
+                if seen is not None and seen[0] == frame.base_version:
+                    length = seen[1]
+            if length is not None and append.offset != length:
+                return (
+                    f"an append at offset {append.offset} to {append.path!r}, whose text is "
+                    f"{length} UTF-16 units long"
+                )
+            lengths[append.path] = append.offset + append.length
+        for path, length in lengths.items():
+            texts[path] = (frame.version, length)
+        return None
 
 
 class Hub:
@@ -180,6 +227,8 @@ class Hub:
                 stream.request_resync("an unreadable message")
             return
         problem = _misdirected(parsed, session_id)
+        if problem is None and parsed.kind is Kind.PATCH:
+            problem = channel.append_problem(parsed)
         if problem is not None:
             self.refuse(session_id, problem)
             return
@@ -238,6 +287,13 @@ class Hub:
     def sessions(self) -> int:
         """Sessions with a broker subscription in this process."""
         return len(self._channels)
+
+
+def _overlaps(path: str, other: str) -> bool:
+    """Whether one JSON Pointer is the other or inside it (RFC 6901 tokens, not characters)."""
+    if len(path) > len(other):
+        path, other = other, path
+    return other == path or other.startswith(path + "/") or path == ""
 
 
 def _misdirected(frame: Frame, session_id: str) -> str | None:
@@ -463,6 +519,8 @@ class SessionStream:
         than stay on a state that may be old with nothing coming to fix it.
         """
         reason, self._resync_reason = self._resync_reason, None
+        if self.cursor.gap and await self._catch_up():
+            return
         if self._resync is None:
             dropped = self.cursor.give_up()
             self.stats.incr("patches_unrepaired", dropped)
@@ -482,6 +540,9 @@ class SessionStream:
                 self._reset(snapshot)
                 if not self.cursor.repairing:
                     return
+                # A streamed answer is ahead of its last checkpoint: its producer has the rest.
+                if self.cursor.gap and await self._catch_up():
+                    return
                 logger.info(
                     "the snapshot at version %s does not reach the patches held for it; "
                     "loading again session_id=%s",
@@ -499,6 +560,50 @@ class SessionStream:
         )
         self.discard()
         self.end()
+
+    async def _catch_up(self) -> bool:
+        """Ask the session's producer to fill the gap; whether the socket is current after.
+
+        One round trip, and no database load: a streamed answer's producer holds the text
+        since its last checkpoint (:class:`~asgi_session_sync.streaming.AnswerStream`).
+        """
+        version = self.cursor.version
+        assert version is not None
+        self.stats.incr("catch_ups")
+        try:
+            data = await self.hub.backend.catch_up(self.session_id, version)
+        except Exception:
+            logger.exception("catch-up failed session_id=%s", self.session_id)
+            data = None
+        if data is None:
+            self.stats.incr("catch_up_failures")
+            return False
+        try:
+            parsed = parse_frame(data.decode(), size=len(data))
+        except UnicodeDecodeError:
+            parsed = "not UTF-8"
+        emitted = None
+        if isinstance(parsed, str):
+            problem: str | None = parsed
+        else:
+            problem = _misdirected(parsed, self.session_id)
+            if self.owner is not None and parsed.owner not in (None, self.owner):
+                problem = "it names another owner"
+            if problem is None:
+                emitted = self.cursor.catch_up(parsed)
+        if emitted is None:
+            self.stats.incr("catch_up_failures")
+            logger.warning(
+                "a producer's catch-up was not used session_id=%s version=%s reason=%s",
+                self.session_id,
+                version,
+                problem or "it does not chain from the socket's version",
+            )
+            return False
+        for frame in emitted:
+            self._release(frame)
+        self.stats.incr("patches_forwarded", len(emitted))
+        return not self.cursor.repairing
 
     def _reset(self, snapshot: Frame) -> None:
         if snapshot.owner is not None:

@@ -103,7 +103,8 @@ try:
     from nats.aio.msg import Msg
     from nats.aio.subscription import Subscription
     from nats.errors import Error as NatsError
-    from nats.errors import SlowConsumerError
+    from nats.errors import NoRespondersError, SlowConsumerError
+    from nats.errors import TimeoutError as NatsTimeoutError
 except ImportError as exc:
     raise ImportError("install asgi-session-sync[nats] to use asgi_session_sync.nats") from exc
 
@@ -111,7 +112,7 @@ from ._paths import clip_for_log
 from ._session_ids import DEFAULT_SESSION_ID_PATTERN, SessionIdRules
 from .hub import Hub, SessionStream, Unsubscribe
 from .nats_server import EmbeddedNats, find_nats_server
-from .protocol import SessionPatch, SessionUpdate, Version
+from .protocol import SessionPatch, SessionUpdate, Version, version_from_text
 from .stats import BridgeStats, MetricHook
 
 __all__ = ["EmbeddedNats", "NatsBridge", "SessionStream", "find_nats_server"]
@@ -126,6 +127,8 @@ _CONFIRM_TIMEOUT = 2.0
 _WATCH_INTERVAL = 0.25
 """Seconds between two looks at an adopted client's public ``stats`` for a reconnect."""
 _CALLBACKS = ("error_cb", "disconnected_cb", "reconnected_cb", "closed_cb")
+_REQUEST_TIMEOUT = 1.0
+"""Seconds a producer has to answer a catch-up or a stop before the asker does without."""
 
 
 class NatsBridge:
@@ -514,6 +517,103 @@ class NatsBridge:
             problem,
         )
         self.hub.resync(session_id, "subscription not confirmed")
+
+    async def catch_up(self, session_id: str, version: Version) -> bytes | None:
+        """Ask the session's producer for a patch from ``version`` (the hub's backend).
+
+        A NATS request on ``<prefix>.<session_id>.catchup``; ``None`` when no producer
+        answers for that version within a second, or none is streaming into the session.
+        """
+        try:
+            msg = await self.client.request(
+                f"{self.subject(session_id)}.catchup",
+                str(version).encode(),
+                timeout=_REQUEST_TIMEOUT,
+            )
+        except (NoRespondersError, NatsTimeoutError):
+            return None
+        except (NatsError, OSError) as error:
+            logger.warning("catch-up request failed session_id=%s: %s", session_id, error)
+            return None
+        return msg.data or None
+
+    async def stop_answer(self, session_id: str, text_path: str) -> bool:
+        """Ask the producer streaming the answer at ``text_path`` to stop it.
+
+        A NATS request on ``<prefix>.<session_id>.stop``. The producer
+        (:class:`~asgi_session_sync.streaming.AnswerStream`) stops, ends the answer as
+        ``cancelled`` and publishes that to every socket. Closing a socket never stops an
+        answer: only this does.
+
+        Args:
+            session_id: The session; validated before any subject is built.
+            text_path: The answer's ``text_path`` (a JSON Pointer), as its producer has it.
+
+        Returns:
+            ``True`` when the producer acknowledged within a second; ``False`` when none did
+            (the answer is not streaming, or its producer is gone).
+
+        Raises:
+            ValueError: ``session_id`` is invalid.
+            RuntimeError: The bridge is not open.
+        """
+        try:
+            msg = await self.client.request(
+                f"{self.subject(session_id)}.stop", text_path.encode(), timeout=_REQUEST_TIMEOUT
+            )
+        except (NoRespondersError, NatsTimeoutError):
+            return False
+        except (NatsError, OSError) as error:
+            logger.warning("stop request failed session_id=%s: %s", session_id, error)
+            return False
+        return msg.data == b"stopping"
+
+    @asynccontextmanager
+    async def serve_answer(
+        self,
+        session_id: str,
+        text_path: str,
+        *,
+        catch_up: Callable[[Version], bytes | None],
+        stop: Callable[[], None],
+    ) -> AsyncIterator[None]:
+        """Answer a streamed answer's catch-up and stop requests while the block runs.
+
+        For :class:`~asgi_session_sync.streaming.AnswerStream`. ``catch_up(version)`` returns
+        a ``session_patch`` frame from ``version`` or ``None`` (it does not know that
+        version); ``stop()`` is called for a stop request naming ``text_path``.
+
+        Raises:
+            ValueError: ``session_id`` is invalid.
+            RuntimeError: The bridge is not open.
+        """
+        subject = self.subject(session_id)
+        client = self.client
+
+        async def on_catch_up(msg: Msg) -> None:
+            version = version_from_text(msg.data.decode(errors="replace"))
+            reply = None if version is None else catch_up(version)
+            with suppress(NatsError, OSError):
+                await msg.respond(reply or b"")
+
+        async def on_stop(msg: Msg) -> None:
+            if msg.data.decode(errors="replace") != text_path:
+                return  # another answer's producer may be the one asked
+            stop()
+            with suppress(NatsError, OSError):
+                await msg.respond(b"stopping")
+
+        subs = [
+            await client.subscribe(f"{subject}.catchup", cb=on_catch_up),
+            await client.subscribe(f"{subject}.stop", cb=on_stop),
+        ]
+        try:
+            yield
+        finally:
+            with anyio.CancelScope(shield=True):
+                for sub in subs:
+                    with suppress(NatsError):
+                        await sub.unsubscribe()
 
     async def _on_probe(self, msg: Msg) -> None:
         probed = self._probes.get(msg.data)

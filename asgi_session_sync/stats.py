@@ -220,6 +220,22 @@ METRICS: tuple[Metric, ...] = (
         "{resync}",
         "Resyncs that raised, returned nothing or returned text that is not a JSON object.",
     ),
+    Metric(
+        "catch_ups",
+        _BRIDGE,
+        "counter",
+        "{request}",
+        "Gaps a socket asked the session's producer to fill (a streamed answer ahead of the "
+        "socket's snapshot or of a lost patch), instead of loading a snapshot.",
+    ),
+    Metric(
+        "catch_up_failures",
+        _BRIDGE,
+        "counter",
+        "{request}",
+        "Catch-ups no producer answered, or answered with a patch that does not chain: the "
+        "socket then loads a snapshot.",
+    ),
     Metric("reconnects", _BRIDGE, "counter", "{reconnect}", "Reconnects to NATS."),
     Metric(
         "slow_consumer_drops",
@@ -392,6 +408,8 @@ class BridgeStats(_Counters, component="bridge"):
     patches_unrepaired: int = 0
     resyncs: int = 0
     resync_failures: int = 0
+    catch_ups: int = 0
+    catch_up_failures: int = 0
     reconnects: int = 0
     slow_consumer_drops: int = 0
     slow_consumers: int = 0

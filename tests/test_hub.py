@@ -91,6 +91,9 @@ class MemoryBroker:
 
         return unsubscribe
 
+    async def catch_up(self, session_id: str, version: int) -> bytes | None:
+        return None  # no producer streams into these sessions
+
     def publish(self, session_id: str, text: str | bytes) -> None:
         data = text.encode() if isinstance(text, str) else text
         self.subscribers[session_id](data)
