@@ -17,14 +17,31 @@ export type JsonValue =
   | JsonValue[]
   | { [key: string]: JsonValue };
 
-/** One RFC 6902 JSON Patch operation. `path` and `from` are RFC 6901 JSON Pointers. */
-export type JsonPatchOperation =
+/** One of the six RFC 6902 operations. `path` and `from` are RFC 6901 JSON Pointers. */
+export type Rfc6902Operation =
   | { op: "add"; path: string; value: unknown }
   | { op: "remove"; path: string }
   | { op: "replace"; path: string; value: unknown }
   | { op: "move"; from: string; path: string }
   | { op: "copy"; from: string; path: string }
   | { op: "test"; path: string; value: unknown };
+
+/**
+ * Protocol v3's extension of RFC 6902: adds `value` to the end of the string at `path` (an RFC
+ * 6901 JSON Pointer), as a streamed answer grows. `offset` is that string's length before the
+ * append in UTF-16 code units (JavaScript's `string.length`: "😀" counts 2), a whole number
+ * from 0 to 2^53 - 1. Like a `test`, the operation fails, and so the whole patch, when the value
+ * at `path` is not a string of exactly that length.
+ */
+export interface AppendOperation {
+  op: "append";
+  path: string;
+  offset: number;
+  value: string;
+}
+
+/** One operation of a `session_patch`: RFC 6902's six, or `append`. */
+export type JsonPatchOperation = Rfc6902Operation | AppendOperation;
 
 /** The full state of a session: the snapshot, first on each connection, and later updates. */
 export interface SessionUpdate<S = unknown> {
@@ -190,8 +207,10 @@ export function asVersion(value: unknown): Version | null;
 export function compareVersions(a: unknown, b: unknown): 1 | 0 | -1 | null;
 
 /**
- * Apply an RFC 6902 JSON Patch: returns the new document, never mutates the input (the result
- * shares unchanged parts with it).
- * @throws {Error} When the patch is invalid or an operation fails; nothing is applied then.
+ * Apply a JSON Patch (RFC 6902's operations and `append`): returns the new document, never
+ * mutates the input (the result shares unchanged parts with it). Each container on a path the
+ * patch touches is copied at most once per patch, however many operations touch it.
+ * @throws {Error} When the patch is invalid or an operation fails (an `append` whose target is
+ *   not a string of length `offset`, too); nothing is applied then.
  */
 export function applyPatch<T>(document: T, operations: readonly JsonPatchOperation[]): T;

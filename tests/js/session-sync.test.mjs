@@ -636,6 +636,42 @@ describe("applying patches", () => {
     sync.close();
   });
 
+  test("a streamed answer's appends are applied, each state a new object", () => {
+    const sync = live(1, { answer: { text: "", status: "streaming" } });
+    const append = (offset, value) => ({ op: "append", path: "/answer/text", offset, value });
+    server.last.send(patch(1, 2, [append(0, "Hi 😀")]));
+    server.last.send(patch(2, 3, [append(5, "!"), append(6, " Bye")]));
+    server.last.send(patch(3, 4, [{ op: "replace", path: "/answer/status", value: "complete" }]));
+    assert.deepEqual(sync.session, { answer: { text: "Hi 😀! Bye", status: "complete" } });
+    assert.equal(sync.version, 4);
+    assert.deepEqual(
+      applied.map(([session]) => session.answer.text),
+      ["", "Hi 😀", "Hi 😀! Bye", "Hi 😀! Bye"],
+    );
+    sync.close();
+  });
+
+  test("an append whose offset is not the text's length leaves the state and resyncs", (t) => {
+    const warn = t.mock.method(console, "warn", () => {});
+    const sync = live(1, { answer: { text: "a😀", status: "streaming" } });
+    const before = sync.session;
+    server.last.send(
+      patch(1, 2, [
+        { op: "replace", path: "/answer/status", value: "complete" },
+        { op: "append", path: "/answer/text", offset: 2, value: "b" }, // "a😀" is 3 long
+      ]),
+    );
+    assert.equal(sync.session, before);
+    assert.deepEqual(before, { answer: { text: "a😀", status: "streaming" } });
+    assert.equal(sync.version, 1);
+    assert.equal(applied.length, 1);
+    assert.match(String(warn.mock.calls[0].arguments[1]), /not the offset 2/);
+    assert.equal(server.sockets[0].closedByClient?.reason, "invalid patch");
+    waitOut(delays().at(-1));
+    assert.deepEqual(server.sinces, [null, "1"]);
+    sync.close();
+  });
+
   test("a patch before any state is a gap: reconnect for a snapshot", () => {
     const sync = client({ minDelay: 100 });
     server.last.open();

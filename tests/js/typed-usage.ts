@@ -5,6 +5,7 @@ import {
   applyPatch,
   asVersion,
   compareVersions,
+  type AppendOperation,
   type ConnectionState,
   type JsonPatchOperation,
   type SessionEvent,
@@ -71,7 +72,10 @@ const operations: JsonPatchOperation[] = [
   { op: "move", from: "/a", path: "/b" },
   { op: "copy", from: "/b", path: "/c" },
   { op: "remove", path: "/c" },
+  { op: "append", path: "/interactions/0/response", offset: 5, value: " world" },
 ];
+const streamed: AppendOperation = { op: "append", path: "/t", offset: 0, value: "a😀" };
+void streamed;
 const chat: Chat = applyPatch<Chat>({ title: "t", interactions: [] }, operations);
 const order: 1 | 0 | -1 | null = compareVersions(8, 7);
 const parsed: Version | null = asVersion(JSON.parse("7.0"));
@@ -87,6 +91,10 @@ new SessionSync<Chat>({ url: "/ws", onSession: (session: number) => void session
 applyPatch({}, [{ op: "rename", path: "/a" }]);
 // @ts-expect-error move needs "from"
 applyPatch({}, [{ op: "move", path: "/a" }]);
+// @ts-expect-error append needs an offset
+applyPatch({}, [{ op: "append", path: "/a", value: "b" }]);
+// @ts-expect-error an append's value is a string
+applyPatch({}, [{ op: "append", path: "/a", offset: 0, value: 1 }]);
 // @ts-expect-error version is read-only
 sync.version = 3;
 // @ts-expect-error a version is a number, never a string (protocol v3)
