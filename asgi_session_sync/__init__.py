@@ -22,4 +22,4 @@ __all__ = [
     "make_patch",
 ]
 
-__version__ = "0.1.0"
+__version__ = "0.1.0.dev0"

@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGES = (README, ROOT / "docs" / "index.md", ROOT / "docs" / "getting-started.md")
 
 REPOSITORY = "https://github.com/asgi-session-sync/asgi-session-sync"  # [project.urls] Source
-WHEEL = "dist/asgi_session_sync-0.1.0-py3-none-any.whl"
+WHEEL = "dist/asgi_session_sync-0.1.0.dev0-py3-none-any.whl"
 # The documented installs, exactly as the pages write them, and the extras each asks for.
 INSTALLS = {
     "github": f'pip install "asgi-session-sync[nats] @ git+{REPOSITORY}@main"',
