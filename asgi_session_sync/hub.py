@@ -39,6 +39,7 @@ RESYNC_RETRY_DELAYS: tuple[float, ...] = (0.25, 1.0, 4.0)
 """Seconds to wait before each retry of a failed resync: four attempts in about 5 s."""
 
 _HEARTBEAT_FRAME = Frame(HEARTBEAT, Kind.OTHER, size=len(HEARTBEAT))
+_DISCONNECTS = frozenset({"websocket.disconnect", "http.disconnect"})
 _HEARTBEAT_LOOKS = 4
 """How often per heartbeat period ``forward`` looks whether a frame was sent."""
 
@@ -464,6 +465,9 @@ class SessionStream:
 
     async def __anext__(self) -> str:
         """Return the next frame to send: a snapshot, a newer update or a chained patch."""
+        return (await self._next_frame()).text
+
+    async def _next_frame(self) -> Frame:
         while not self._ready:
             if self._resync_reason is not None:
                 await self._repair()
@@ -481,7 +485,7 @@ class SessionStream:
         frame = self._ready.popleft()
         self._ready_bytes -= frame.size
         self.hub.queued_bytes -= frame.size
-        return frame.text
+        return frame
 
     def _release(self, frame: Frame) -> None:
         """Make ``frame`` the next to send after those already due."""
@@ -644,17 +648,20 @@ class SessionStream:
     ) -> None:
         """Send every frame to ``socket`` until the client disconnects.
 
-        The loop every WebSocket handler needs: one task sends the frames, this one reads the
-        socket, since reading is how an app learns that the client left. Client messages go to
-        ``on_message`` (or are dropped). Returns on ``websocket.disconnect``, or when the
-        stream ends (the bridge closed, or a repair failed for good: the client then
-        reconnects). An exception from the socket's send (the client left mid-send: the
-        framework's disconnect error) propagates as it is.
+        The loop every WebSocket or event-stream handler needs: one task sends the frames, this
+        one reads ``receive``, since reading is how an app learns that the client left. Client
+        messages go to ``on_message`` (or are dropped). Returns on ``websocket.disconnect`` or
+        ``http.disconnect``, or when the stream ends (the bridge closed, or a repair failed for
+        good: the client then reconnects; an event stream's response is ended for it). An
+        exception from the socket's send (the client left mid-send: the framework's disconnect
+        error) propagates as it is.
 
         Args:
-            socket: The socket :meth:`asgi_session_sync.SessionSync.accept` returned.
-            receive: The raw ASGI receive of the socket: ``websocket.receive`` (Starlette,
-                FastAPI), ``socket.receive`` (Litestar).
+            socket: The socket :meth:`asgi_session_sync.SessionSync.accept` (or
+                :meth:`~asgi_session_sync.SessionSync.accept_sse`) returned.
+            receive: The raw ASGI receive of the connection: ``websocket.receive`` (Starlette,
+                FastAPI), ``socket.receive`` (Litestar), ``request.receive`` for an event
+                stream.
             on_message: Called with each ``websocket.receive`` message the client sends.
             heartbeat: Seconds of quiet after which a ``{"type": "heartbeat"}`` frame is sent
                 (within 1.25 times this), so the client receives something at least that often
@@ -669,6 +676,7 @@ class SessionStream:
         self.attach(socket)
         failure: Exception | None = None
         sent = 0  # frames sent, for the heartbeat task to tell quiet from busy
+        ended = False  # the stream ended (not the client)
 
         async with anyio.create_task_group() as tg:
 
@@ -683,9 +691,14 @@ class SessionStream:
             async def send_frames() -> None:
                 # The only task that sends, so frames and heartbeats never interleave and a
                 # frame costs no lock and no clock read.
-                nonlocal sent
-                async for text in self:
-                    await socket.send_text(text)
+                nonlocal sent, ended
+                while True:
+                    try:
+                        frame = await self._next_frame()
+                    except StopAsyncIteration:
+                        ended = True
+                        return
+                    await socket.send_frame(frame)
                     sent += 1
 
             async def send_heartbeats() -> None:
@@ -713,10 +726,13 @@ class SessionStream:
                 tg.start_soon(sending, send_heartbeats)
             while True:
                 message = await receive()
-                if message["type"] == "websocket.disconnect":
+                if message["type"] in _DISCONNECTS:
                     break
                 if on_message is not None and message["type"] == "websocket.receive":
                     await on_message(message)
             tg.cancel_scope.cancel()
         if failure is not None:
             raise failure
+        if ended and socket.transport == "sse":
+            # The client reconnects (EventSource does by itself) for a fresh snapshot.
+            await socket.end_stream()

@@ -10,6 +10,7 @@ from asgiref.compatibility import guarantee_single_callable
 
 from ._paths import NoSessionId, PathMatcher, clip_for_log
 from ._responder import ConnectionSettings, SnapshotResponder
+from ._sse_responder import SseResponder
 from ._types import AnyASGIApp, ASGIApp
 from .config import SyncOptions, check_options
 from .snapshot import SessionLoader
@@ -149,7 +150,8 @@ class SessionSyncMiddleware:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         """Serve one ASGI connection (typed loosely so every framework's app type accepts it)."""
-        if scope["type"] != "websocket":
+        kind = scope["type"]
+        if kind != "websocket" and (kind != "http" or scope.get("method") != "GET"):
             await self.app(scope, receive, send)
             return
         session_id = self._paths.match(scope)
@@ -172,6 +174,11 @@ class SessionSyncMiddleware:
                 clip_for_log(scope["path"]),
             )
             await self.app(scope, receive, send)
+            return
+        if kind == "http":
+            # An event stream, if the app's response says so: counted and loaded only then.
+            stream = SseResponder(self._connections, scope, send, session_id)
+            await self.app(scope, receive, stream.send_with_snapshot)
             return
         self.stats.incr("connections")
         responder = SnapshotResponder(self._connections, scope, send, session_id)

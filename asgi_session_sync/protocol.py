@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, ClassVar, Literal
@@ -57,6 +58,7 @@ from pydantic_core import from_json, to_jsonable_python
 __all__ = [
     "HEARTBEAT",
     "MAX_VERSION",
+    "SSE_HEARTBEAT",
     "AnswerStatus",
     "Append",
     "Frame",
@@ -70,6 +72,7 @@ __all__ = [
     "make_patch",
     "parse_frame",
     "patch_problem",
+    "sse_event",
     "utf16_length",
     "version_from_text",
 ]
@@ -110,7 +113,8 @@ def utf16_length(text: str) -> int:
     """
     if text.isascii():
         return len(text)
-    return len(text.encode("utf-16-le")) // 2
+    # surrogatepass: a lone surrogate (JSON can carry one, "\ud800") is one unit, as in JS.
+    return len(text.encode("utf-16-le", "surrogatepass")) // 2
 
 
 def as_version(value: object) -> Version | None:
@@ -539,6 +543,41 @@ def _read_operations(operations: list[Any]) -> tuple[tuple[Append, ...], tuple[s
             if isinstance(origin, str):
                 touched.append(origin)
     return tuple(appends), tuple(touched)
+
+
+# --------------------------------------------------------------------------------------------
+# Server-Sent Events
+# --------------------------------------------------------------------------------------------
+
+SSE_HEARTBEAT = b": heartbeat\n\n"
+"""A comment line of an event stream: keeps proxies from closing a quiet stream, and is no event
+to the browser's ``EventSource``."""
+
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
+def sse_event(frame: Frame) -> bytes:
+    """``frame`` as one Server-Sent Event (HTML Living Standard, "Server-sent events" 9.2.6).
+
+    ``event:`` the frame's type (a session event's ``type``; the default ``message`` for other
+    frames), ``id:`` its version when it has one, so the browser's ``EventSource`` sends it back
+    as ``Last-Event-ID`` when it reconnects, and ``data:`` its JSON, a line per line of it::
+
+        event: session_patch
+        id: 8
+        data: {"type":"session_patch","session_id":"a1","base_version":7,"version":8,...}
+
+    A heartbeat frame becomes the comment :data:`SSE_HEARTBEAT`.
+    """
+    if frame.text == HEARTBEAT:
+        return SSE_HEARTBEAT
+    lines = []
+    if frame.kind is not Kind.OTHER:
+        lines.append(f"event: {frame.kind.value}")
+    if frame.version is not None:
+        lines.append(f"id: {frame.version}")
+    lines.extend(f"data: {line}" for line in _LINE_BREAK.split(frame.text))
+    return ("\n".join(lines) + "\n\n").encode()
 
 
 _DIGITS = frozenset("0123456789")

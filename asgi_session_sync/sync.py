@@ -11,25 +11,33 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from ._fetcher import FAILED, FirstFrame, SnapshotFetcher
 from ._paths import clip_for_log, query_values
 from ._session_ids import SessionIdRules
 from ._types import Scope, Send
 from .config import SyncConfig, SyncOptions, check_options, default_flight_key
-from .protocol import Frame, Version, version_from_text
+from .protocol import Frame, Kind, Version, parse_frame, sse_event, version_from_text
 from .snapshot import SessionContext, SessionLoader
 from .stats import MetricHook, SessionSyncStats
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing.Unpack from Python 3.11
 
-__all__ = ["SessionSocket", "SessionSync", "SyncConfig", "default_flight_key"]
+__all__ = ["SSE_HEADERS", "SessionSocket", "SessionSync", "SyncConfig", "default_flight_key"]
 
 logger = logging.getLogger("asgi_session_sync")
 
 _FROM_SCOPE: Any = object()
+
+SSE_HEADERS: tuple[tuple[bytes, bytes], ...] = (
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    # nginx buffers responses by default, which would hold every event back.
+    (b"x-accel-buffering", b"no"),
+)
+"""The response headers of an event stream that :meth:`SessionSync.accept_sse` starts."""
 
 
 class SessionSync:
@@ -72,7 +80,25 @@ class SessionSync:
         self.session_ids = SessionIdRules(self.config.session_id_pattern)
 
     def since(self, scope: Scope, session_id: str) -> Version | None:
-        """The version a resuming client says it has (the ``since`` query parameter)."""
+        """The version a resuming client says it has.
+
+        An event stream's ``Last-Event-ID`` request header (what the browser's ``EventSource``
+        sends back when it reconnects), else the ``since`` query parameter. A value that is not
+        a version is ignored (logged at DEBUG, clipped).
+        """
+        if scope.get("type") == "http":
+            for name, value in scope.get("headers", ()):
+                if name.lower() == b"last-event-id":
+                    text = value.decode("latin-1")
+                    since = version_from_text(text)
+                    if since is not None:
+                        return since
+                    logger.debug(
+                        "ignored Last-Event-ID: not a version value=%r session_id=%s",
+                        clip_for_log(text),
+                        session_id,
+                    )
+                    break
         values = query_values(scope, self.config.since_param)
         if len(values) != 1:
             return None
@@ -96,6 +122,15 @@ class SessionSync:
             return SessionContext(session_id, scope, user, since)
         ctx = SessionContext(session_id, scope, scope.get("user"), since)
         return await self.fetcher.context(ctx)
+
+    def _check_id(self, session_id: object) -> None:
+        if isinstance(session_id, str):
+            problem = self.session_ids.problem(session_id)
+        else:
+            problem = f"not a str but {type(session_id).__name__}"
+        if problem is not None:
+            self.stats.incr("invalid_ids")
+            raise ValueError(f"invalid session id {clip_for_log(str(session_id))!r}: {problem}")
 
     async def accept(
         self,
@@ -139,13 +174,7 @@ class SessionSync:
             Exception: Whatever ``send`` raises when the client left during the load (in
                 Starlette, ``WebSocketDisconnect``), as from the app's own sends.
         """
-        if isinstance(session_id, str):
-            problem = self.session_ids.problem(session_id)
-        else:
-            problem = f"not a str but {type(session_id).__name__}"
-        if problem is not None:
-            self.stats.incr("invalid_ids")
-            raise ValueError(f"invalid session id {clip_for_log(str(session_id))!r}: {problem}")
+        self._check_id(session_id)
         self.stats.incr("connections")
         ctx = await self.context(scope, session_id, user)
         first = FAILED if ctx is None else await self.fetcher.first_frame(ctx)
@@ -160,6 +189,56 @@ class SessionSync:
             # (Starlette's WebSocketDisconnect), for the route to handle as it always does.
             await send({"type": "websocket.send", "text": first.data.decode()})
             self.stats.incr("snapshots_sent")
+        return socket
+
+    async def accept_sse(
+        self,
+        scope: Any,
+        send: Any,
+        session_id: str,
+        *,
+        user: Any = _FROM_SCOPE,
+        headers: Iterable[tuple[bytes, bytes]] = (),
+    ) -> SessionSocket:
+        """Start a Server-Sent Events response with the session's snapshot as its first event.
+
+        The event-stream counterpart of :meth:`accept`, for a raw ASGI HTTP route (or a
+        framework route that hands over ``send``): loads the snapshot, then sends
+        ``http.response.start`` (200, ``content-type: text/event-stream``, ``cache-control:
+        no-cache``, ``x-accel-buffering: no`` so nginx does not buffer it) and the snapshot as
+        the first event (``event: session_update``, ``id:`` its version, ``data:`` the same
+        JSON a WebSocket gets; see :func:`~asgi_session_sync.protocol.sse_event`). A client's
+        ``Last-Event-ID`` header (or ``?since=``) is its resume version. Hand the returned
+        socket to the bridge's ``forward``, which sends each live update as an event with its
+        version as ``id:`` and returns when the client disconnects (``http.disconnect``).
+
+        Args:
+            scope: The request's ASGI scope.
+            send: The raw ASGI send of the response.
+            session_id: The session, from the route; validated here.
+            user: The connecting user, when the app authenticated it.
+            headers: Extra response headers, as ``(name, value)`` bytes.
+
+        Raises:
+            ValueError: ``session_id`` is not a valid session id; nothing was sent.
+        """
+        self._check_id(session_id)
+        self.stats.incr("connections")
+        ctx = await self.context(scope, session_id, user)
+        first = FAILED if ctx is None else await self.fetcher.first_frame(ctx)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [*SSE_HEADERS, *headers],
+            }
+        )
+        socket = SessionSocket(self, scope, send, session_id, ctx, first, transport="sse")
+        if first.data is not None:
+            await socket.send_snapshot(first.data)
+        else:
+            # Headers alone may sit in a proxy's buffer: a comment opens the stream now.
+            await send({"type": "http.response.body", "body": b": open\n\n", "more_body": True})
         return socket
 
 
@@ -193,6 +272,7 @@ class SessionSocket:
         "owner",
         "scope",
         "session_id",
+        "transport",
         "version",
     )
 
@@ -204,8 +284,12 @@ class SessionSocket:
         session_id: str,
         ctx: SessionContext | None,
         first: FirstFrame,
+        *,
+        transport: Literal["websocket", "sse"] = "websocket",
     ) -> None:
         self._sync = sync
+        self.transport = transport
+        """``"websocket"``, or ``"sse"`` for an event stream (:meth:`SessionSync.accept_sse`)."""
         self._send = send
         self._ctx = ctx
         self.scope = scope
@@ -221,15 +305,39 @@ class SessionSocket:
         return None if self._ctx is None else self._ctx.user
 
     async def send_text(self, text: str) -> None:
-        """Send one text frame (``websocket.send``) through the app's send."""
-        await self._send({"type": "websocket.send", "text": text})
+        """Send one frame's JSON text: a ``websocket.send``, or on an event stream one event."""
+        if self.transport == "sse":
+            parsed = parse_frame(text)
+            frame = Frame(text, Kind.OTHER) if isinstance(parsed, str) else parsed
+            await self.send_frame(frame)
+        else:
+            await self._send({"type": "websocket.send", "text": text})
+
+    async def send_frame(self, frame: Frame) -> None:
+        """Send one parsed frame: its text on a WebSocket; on an event stream, an event
+        whose ``id:`` is its version (:func:`~asgi_session_sync.protocol.sse_event`)."""
+        if self.transport == "sse":
+            body = sse_event(frame)
+            await self._send({"type": "http.response.body", "body": body, "more_body": True})
+        else:
+            await self._send({"type": "websocket.send", "text": frame.text})
+
+    async def end_stream(self) -> None:
+        """End an event stream's response (the last ``http.response.body``); on a WebSocket,
+        nothing. A client already gone is not an error."""
+        if self.transport != "sse":
+            return
+        try:
+            await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+        except Exception as exc:  # the server's own type when the client left
+            logger.debug("event stream already closed session_id=%s: %r", self.session_id, exc)
 
     async def send_snapshot(self, data: bytes) -> bool:
         """Send the snapshot frame for the middleware, which never lets a server's error
         reach the app: ``False`` (logged, counted) if the server refused it."""
         fetcher = self._sync.fetcher
         try:
-            await self._send({"type": "websocket.send", "text": data.decode()})
+            await self.send_text(data.decode())
         except OSError:
             # The client left during the load; the app learns it from receive(), as usual.
             logger.debug("no snapshot: client gone before send session_id=%s", self.session_id)
