@@ -250,11 +250,29 @@ class RawWebSocket:
 
     async def receive_text(self) -> str:
         """Read one whole text frame (unfragmented, as the servers here send them)."""
+        return (await self.receive_frame()).decode()
+
+    async def receive_frame(self) -> bytes:
+        """Read one whole text frame's payload, as bytes, undecoded (the cheapest read).
+
+        A ping on the way is answered with its pong (uvicorn pings every 20 s, and closes a
+        connection that does not answer), a pong skipped. The buffer is trimmed as the stream
+        goes, so a stream of any length costs its frames.
+        """
+        while True:
+            first, payload = await self._next_frame()
+            if first == 0x81:
+                return payload
+            if first == 0x89:
+                self._send(0xA, payload)
+            elif first != 0x8A:
+                raise ConnectionError(f"expected a final text frame, got first byte {first:#x}")
+
+    async def _next_frame(self) -> tuple[int, bytes]:
+        """The next frame's first byte and its payload."""
         buffer = self._protocol
         await buffer.until(self._offset + 2)
         first, second = buffer.buffer[self._offset], buffer.buffer[self._offset + 1]
-        if first != 0x81:
-            raise ConnectionError(f"expected a final text frame, got first byte {first:#x}")
         length, start = second & 0x7F, self._offset + 2
         if length == 126:
             await buffer.until(start + 2)
@@ -264,7 +282,9 @@ class RawWebSocket:
             length, start = int.from_bytes(buffer.buffer[start : start + 8], "big"), start + 8
         await buffer.until(start + length)
         self._offset = start + length
-        return bytes(buffer.buffer[start : self._offset]).decode()
+        payload = bytes(buffer.buffer[start : self._offset])
+        self._trim()
+        return first, payload
 
     async def receive_exactly(self, size: int) -> bytes:
         """Wait for the next ``size`` bytes the server sends and return them."""
@@ -272,10 +292,13 @@ class RawWebSocket:
         await self._protocol.until(end)
         data = bytes(self._protocol.buffer[self._offset : end])
         self._offset = end
+        self._trim()
+        return data
+
+    def _trim(self) -> None:
         if self._offset > 1 << 22:  # keep the buffer small over a long stream
             del self._protocol.buffer[: self._offset]
             self._offset = 0
-        return data
 
     def send_text(self, text: str) -> None:
         """Send one masked text frame."""

@@ -378,7 +378,13 @@ def sessions_of(args: argparse.Namespace) -> dict[str, Snapshot]:
     text = FILLER if args.interaction_bytes is None else filler(args.interaction_bytes)
     sizes = dict.fromkeys(numbered_ids(args.sessions), args.interactions)
     sizes.update({session_id_for(size, 0): size for size in args.session_sizes})
-    return memory_sessions(sizes, text=text)
+    sessions = memory_sessions(sizes, text=text)
+    if args.answer:
+        from ._answers import with_answer  # the answer parts' session shape
+
+        for snapshot in sessions.values():
+            with_answer(snapshot)
+    return sessions
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -497,6 +503,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--session-sizes", type=int, nargs="*", default=[], help="and one n<size>-000 of each"
     )
     parser.add_argument("--interaction-bytes", type=int, help="filler per interaction content")
+    parser.add_argument(
+        "--answer",
+        action="store_true",
+        help="each session ends with an answer being streamed (see benchmarks._answers)",
+    )
     parser.add_argument("--db", help="a database URL (see benchmarks._sessions)")
     parser.add_argument("--schema", help="the tables' PostgreSQL schema")
     parser.add_argument("--loader", choices=("library", "hand"), default="library")
