@@ -16,9 +16,14 @@ Parts (see each module's docstring for the method):
 4. ``idle_memory``: server RSS per idle connection at 1,000 connections;
 5. ``mass_reconnect``: 2,000 clients at once, single-flight off vs on;
 6. ``token_cost``: bytes and server CPU per streamed token as the session grows, full-state
-   publishing vs patch publishing through the NATS bridge;
+   publishing vs patch publishing through the NATS bridge; and as the answer grows (50 to
+   10,000 tokens), AnswerStream's coalesced appends vs a commit and a replace of the whole
+   text per token;
 7. ``fanout``: server CPU per update delivered to each of 20 and 100 sockets of one session,
-   the NATS bridge vs a hand-written forwarder (a nats-py subscription per socket).
+   the NATS bridge vs a hand-written forwarder (a nats-py subscription per socket);
+8. ``answer_load``: 20 answers streaming at once at 50 tokens/s, 5 tabs each: delivered
+   tokens/s, latency, DB commits/s and server CPU per delivered token, the bridge vs the same
+   forwarder.
 
 The report goes to ``benchmarks/results/report.json`` (see :mod:`benchmarks._harness` for its
 schema). The exit status is 1 if any connection failed or any frame was not the expected one;
@@ -35,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from . import (
+    answer_load,
     fanout,
     first_frame,
     idle_memory,
@@ -56,6 +62,7 @@ PARTS: dict[str, Part[Any]] = {
         mass_reconnect.PART,
         token_cost.PART,
         fanout.PART,
+        answer_load.PART,
     )
 }
 
