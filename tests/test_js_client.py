@@ -1,12 +1,16 @@
-"""The browser client's node:test suites (tests/js/), run as part of the Python suite."""
+"""The browser client: its node:test suites (tests/js/), run as part of the Python suite, and
+the npm package (frontend/) that ships it."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
+import tarfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -56,3 +60,204 @@ def test_browser_client_passes_its_node_test_suites() -> None:
     assert passed is not None, result.stdout
     assert int(passed.group(1)) > 0, result.stdout
     assert re.search(r"^# fail 0$", result.stdout, re.MULTILINE), result.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# The npm package (frontend/): the served files, packed byte for byte.
+
+ROOT = JS_TESTS.parent.parent
+FRONTEND = ROOT / "frontend"
+STATIC = ROOT / "asgi_session_sync" / "static"
+TSC = JS_TESTS / "node_modules" / ".bin" / "tsc"
+# Seconds for `npm pack`, `node` and `tsc` runs (each takes about a second when healthy).
+TOOL_TIMEOUT = 120
+
+
+def tool_or_skip(name: str) -> str:
+    """The named program on PATH; else skip (fail under CI)."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must pack the browser client, but {name} is not on PATH")
+        pytest.skip(f"{name} is not on PATH: install Node.js 20.11+ with npm")
+    return path
+
+
+def tsc_or_skip() -> Path:
+    """tests/js's pinned TypeScript compiler; skip when not installed (fail under CI)."""
+    if not TSC.exists():
+        if os.environ.get("CI"):
+            pytest.fail("CI must type-check the package: run `npm ci --prefix tests/js` first")
+        pytest.skip("run `npm ci --prefix tests/js` to type-check the package")
+    return TSC
+
+
+def run(command: list[str], cwd: Path) -> str:
+    """Run a tool, bounded; its stdout. Fails the test with both outputs when it fails."""
+    try:
+        result = subprocess.run(
+            command,
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=TOOL_TIMEOUT,
+            env={**os.environ, "NO_COLOR": "1", "NODE_OPTIONS": ""},
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"{command[:2]} did not finish within {TOOL_TIMEOUT}s:\n{exc.stderr}")
+    assert result.returncode == 0, f"{command} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+class Packed:
+    """What `npm pack` made of frontend/: its report and the unpacked tarball."""
+
+    def __init__(self, report: dict[str, Any], root: Path) -> None:
+        self.report = report
+        self.root = root  # the tarball's "package/" directory
+        self.manifest: dict[str, Any] = json.loads((root / "package.json").read_text())
+
+    @property
+    def files(self) -> set[str]:
+        """The paths in the tarball, relative to its package directory."""
+        return {entry["path"] for entry in self.report["files"]}
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory: pytest.TempPathFactory) -> Packed:
+    """frontend/ packed by `npm pack` (which runs its prepack build) into a temporary directory,
+    and unpacked; skipped in an sdist, which does not carry frontend/."""
+    if not FRONTEND.is_dir():
+        pytest.skip("no frontend/ here (an sdist): the npm package is built from a clone")
+    node_or_skip()
+    npm = tool_or_skip("npm")
+    out = tmp_path_factory.mktemp("npm-pack")
+    # --silent keeps npm's own lines off stdout, so it holds the JSON report alone.
+    stdout = run([npm, "pack", "--json", "--silent", "--pack-destination", str(out)], FRONTEND)
+    [report] = json.loads(stdout)
+    with tarfile.open(out / report["filename"]) as archive:
+        archive.extractall(out / "unpacked", filter="data")
+    return Packed(report, out / "unpacked" / "package")
+
+
+def served_files() -> dict[str, bytes]:
+    """The files the wheel serves from static/, by name."""
+    return {path.name: path.read_bytes() for path in STATIC.iterdir() if path.is_file()}
+
+
+def test_npm_pack_ships_the_served_client_byte_for_byte(packed: Packed) -> None:
+    served = served_files()
+    assert {"session-sync.js", "session-sync.d.ts"} <= served.keys()
+    assert packed.files == {
+        "package.json",
+        "README.md",
+        "LICENSE",
+        *(f"dist/{name}" for name in served),
+    }
+    for name, content in served.items():
+        assert (packed.root / "dist" / name).read_bytes() == content, name
+    assert (packed.root / "LICENSE").read_bytes() == (ROOT / "LICENSE").read_bytes()
+
+
+def npm_version(python_version: str) -> str:
+    """The npm (SemVer) spelling of a PEP 440 version: 0.1.0.dev0 is 0.1.0-dev.0."""
+    release, _, dev = python_version.partition(".dev")
+    return f"{release}-dev.{dev}" if dev else release
+
+
+def test_package_json_is_an_es_module_with_types_and_no_runtime_dependencies(
+    packed: Packed,
+) -> None:
+    import asgi_session_sync
+
+    manifest = packed.manifest
+    assert manifest["name"] == "asgi-session-sync"
+    assert manifest["version"] == npm_version(asgi_session_sync.__version__)
+    assert manifest["type"] == "module"
+    assert manifest["license"] == "MIT"
+    assert "dependencies" not in manifest
+    assert "bundledDependencies" not in manifest
+    assert "private" not in manifest  # ready to publish
+    exports = manifest["exports"]
+    assert exports["."] == {
+        "types": "./dist/session-sync.d.ts",
+        "default": "./dist/session-sync.js",
+    }
+    targets = [manifest["main"], manifest["types"]]
+    for entry in exports.values():
+        targets.extend([entry] if isinstance(entry, str) else entry.values())
+    for target in targets:
+        assert target.startswith("./"), target
+        assert target[2:] in packed.files, target
+
+
+def test_the_installed_package_resolves_under_node_through_its_exports(
+    packed: Packed, tmp_path: Path
+) -> None:
+    node = node_or_skip()
+    app = tmp_path / "app"
+    shutil.copytree(packed.root, app / "node_modules" / "asgi-session-sync")
+    script = """
+        const client = await import("asgi-session-sync");
+        let deep = null;
+        try {
+            await import("asgi-session-sync/dist/session-sync.js");
+        } catch (error) {
+            deep = error.code;
+        }
+        console.log(JSON.stringify({
+            resolved: import.meta.resolve("asgi-session-sync"),
+            exports: Object.keys(client).sort(),
+            deep,
+        }));
+    """
+    found = json.loads(run([node, "--input-type=module", "--eval", script], app))
+    assert found["resolved"].endswith("/node_modules/asgi-session-sync/dist/session-sync.js")
+    assert {"SessionSync", "applyPatch", "asVersion", "compareVersions"} <= set(found["exports"])
+    # Only what `exports` names is public: no reaching into dist/.
+    assert found["deep"] == "ERR_PACKAGE_PATH_NOT_EXPORTED"
+
+
+CONSUMER = """
+import { SessionSync, applyPatch, type SessionPatch } from "asgi-session-sync";
+
+interface Chat {
+  title: string;
+}
+
+const sync = new SessionSync<Chat>({ url: "/ws/sessions/abc", onSession: (chat) => chat.title });
+const title: string | undefined = sync.session?.title;
+const next: Chat = applyPatch<Chat>({ title: "a" }, [{ op: "replace", path: "/title", value: 1 }]);
+const patch: SessionPatch["type"] = "session_patch";
+export { next, patch, title };
+"""
+
+
+@pytest.mark.parametrize("resolution", ["bundler", "node16"])
+def test_the_installed_package_types_resolve_for_typescript(
+    packed: Packed, tmp_path: Path, resolution: str
+) -> None:
+    # A TypeScript app that installed the tarball finds the declarations through `exports`'
+    # "types" condition, as bundlers and Node.js ("node16") resolve it.
+    tsc = tsc_or_skip()
+    node = node_or_skip()
+    app = tmp_path / "app"
+    shutil.copytree(packed.root, app / "node_modules" / "asgi-session-sync")
+    (app / "package.json").write_text(json.dumps({"type": "module", "private": True}))
+    (app / "index.ts").write_text(CONSUMER)
+    config = {
+        "compilerOptions": {
+            "target": "ES2022",
+            "module": "ESNext" if resolution == "bundler" else "Node16",
+            "moduleResolution": resolution,
+            "lib": ["ES2022", "DOM"],
+            "strict": True,
+            "noEmit": True,
+            "skipLibCheck": False,
+            "types": [],
+        },
+        "files": ["index.ts"],
+    }
+    (app / "tsconfig.json").write_text(json.dumps(config))
+    run([node, str(tsc), "-p", "."], app)
