@@ -15,7 +15,10 @@ from typing import Any
 
 import pytest
 
+from asgi_session_sync.protocol import AnswerStatus, SessionPatch
+from asgi_session_sync.streaming import Checkpoint
 from benchmarks import (
+    answer_load,
     fanout,
     first_frame,
     idle_memory,
@@ -24,6 +27,7 @@ from benchmarks import (
     snapshot_cost,
     token_cost,
 )
+from benchmarks._answers import CheckpointStore, Tab, answer_sessions, answered_session, token_ends
 from benchmarks._harness import Part, measure, run_alone
 from benchmarks._report import compare, machine_info
 
@@ -44,6 +48,10 @@ SMALLEST: list[tuple[Part[Any], dict[str, Any]]] = [
     (idle_memory.PART, {"connections": 10, "warmup": 2, "settle_seconds": 0.05}),
     (mass_reconnect.PART, {"clients": 10, "sessions": 5, "interactions": 3}),
     (fanout.PART, {"clients": (3,), "updates": 20, "warmup_updates": 2}),
+    (
+        answer_load.PART,
+        {"answers": 2, "tabs": 2, "tokens": 20, "warmup_tokens": 2, "token_rate": 400.0},
+    ),
 ]
 
 
@@ -64,18 +72,77 @@ def test_part_runs_without_failures_and_reports_every_variant(
 def test_token_cost_alone_compares_full_state_and_patches_in_the_report(tmp_path: Path) -> None:
     path = tmp_path / "token_cost.json"
     argv = ["--quick", "--json", str(path), "--sizes", "10", "1000", "--tokens", "2"]
-    argv += ["--warmup-tokens", "1"]
+    argv += ["--warmup-tokens", "1", "--lengths", "20", "200", "--token-rate", "2000"]
 
     assert run_alone(token_cost.PART, argv) == 0
 
     report = json.loads(path.read_text())
     assert report["failures"] == []
     assert report["parts"]["token_cost"]["config"]["sizes"] == [10, 1000]
-    by_size = report["parts"]["token_cost"]["summary"]["by_size"]
+    summary = report["parts"]["token_cost"]["summary"]
+    by_size = summary["by_size"]
     # One full-state frame of 1,000 interactions carries the whole session; a patch, one change.
     assert by_size["1000"]["full"]["bytes_per_token"]["median"] > 1_000_000
     assert by_size["1000"]["patch"]["bytes_per_token"]["median"] < 1_000
-    assert {t["figure"].split(":")[0] for t in report["targets"]} >= {"11. patches"}
+    # A replace carries the answer so far; an append, the tokens since the last delta.
+    by_length = summary["by_length"]
+    # 6.7 characters per token: the 200th replace carries 1,340 bytes of text.
+    assert by_length["200"]["replace"]["bytes_per_token"]["median"] > 500
+    assert by_length["200"]["append"]["bytes_per_token"]["median"] < 200
+    assert by_length["200"]["replace"]["db_writes"]["median"] == 200
+    figures = {t["figure"].split(":")[0] for t in report["targets"]}
+    assert figures >= {"11. patches", "18. append"}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_answer_checkpoints_commit_only_on_the_base_version_and_are_counted(
+    tmp_path: Path,
+) -> None:
+    store = CheckpointStore(tmp_path / "answers.sqlite3")
+    try:
+        await store.start("s1", 7)
+        first = Checkpoint("s1", "Hel", AnswerStatus.STREAMING, version=1007, base_version=7)
+        stale = Checkpoint("s1", "He", AnswerStatus.STREAMING, version=1008, base_version=7)
+
+        assert await store.save(first) == 1007
+        assert await store.save(stale) == 1007
+
+        assert await store.row("s1") == (1007, "Hel", "streaming")
+        assert store.commits["s1"] == 1
+    finally:
+        store.close()
+
+
+def test_answer_tab_checks_its_frames_and_times_each_token_it_carried() -> None:
+    snapshot = answer_sessions(1, 2)["s0000"]
+    head = json.dumps({"type": "session_update", "session_id": "s0000", "version": 7})
+    head = head[:-1] + f', "session": {json.dumps(snapshot.session)}}}'
+    tokens = [" lorem", " ipsum", " dolor"]
+
+    def frame(base: int, version: int, offset: int, value: str, done: bool = False) -> bytes:
+        patch: list[dict[str, Any]] = [
+            {"op": "append", "path": "/interactions/2/content", "offset": offset, "value": value}
+        ]
+        if done:
+            patch.append({"op": "replace", "path": "/interactions/2/status", "value": "complete"})
+        event = SessionPatch(session_id="s0000", base_version=base, version=version, patch=patch)
+        return event.to_json()
+
+    tab = Tab(ws=None, session_id="s0000", snapshot=head.encode())  # type: ignore[arg-type]
+    tab.frames = [frame(7, 1007, 0, " lorem ipsum"), frame(1007, 1008, 12, " dolor", done=True)]
+    tab.times = [10.0, 20.0]
+    expected = answered_session(snapshot, 2, tokens)
+
+    assert tab.problem(expected, 1008) is None
+    assert tab.problem(expected, 1009) is not None  # not the answer's last version
+    assert tab.latencies({("s0000", 1007): 9.0, ("s0000", 1008): 19.5}, token_ends(tokens)) == [
+        1.0,
+        1.0,
+        0.5,
+    ]
+    tab.frames.reverse()
+    assert tab.problem(expected, 1007) is not None  # does not chain from the snapshot
 
 
 def test_ratios_are_taken_within_each_round_before_summarising() -> None:
