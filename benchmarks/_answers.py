@@ -390,6 +390,7 @@ class Tab:
     snapshot: bytes
     frames: list[bytes] = field(default_factory=list)
     times: list[float] = field(default_factory=list)
+    kept_all: bool = True
     count: int = 0
     bytes: int = 0
     not_patches: int = 0
@@ -416,6 +417,7 @@ class Tab:
         ``arrived`` is called after each frame.
         """
         marker = f'"path":"{status_path(interactions)}"'.encode()
+        self.kept_all = keep_all
         while True:
             frame = await self.ws.receive_frame()
             now = time.perf_counter()
@@ -445,7 +447,7 @@ class Tab:
         state, at = head["session"], head["version"]
         for frame in self.frames:
             patch = json.loads(frame)
-            if len(self.frames) > 1 and patch["base_version"] != at:
+            if self.kept_all and patch["base_version"] != at:
                 return f"a patch from {patch['base_version']} after version {at}"
             try:
                 state = apply_patch(state, patch["patch"])

@@ -281,7 +281,6 @@ async def answer(
                         )
                     )
                 run: AnswerRun
-                shape = {"owner": ANSWER_OWNER, "interactions": ANSWER_INTERACTIONS}
                 if mode == "append":
                     run = await library_answer(
                         PublishTimes(env.bridge),
@@ -289,7 +288,8 @@ async def answer(
                         ANSWER_SESSION,
                         tokens=tokens,
                         rate=options.token_rate,
-                        **shape,  # type: ignore[arg-type]
+                        owner=ANSWER_OWNER,
+                        interactions=ANSWER_INTERACTIONS,
                     )
                 else:
                     run = await replaced_answer(
@@ -299,7 +299,8 @@ async def answer(
                         tokens=tokens,
                         rate=options.token_rate,
                         delivered=lambda k: arrivals.until(ANSWER_SESSION, k * len(tabs)),
-                        **shape,  # type: ignore[arg-type]
+                        owner=ANSWER_OWNER,
+                        interactions=ANSWER_INTERACTIONS,
                     )
             wall = time.perf_counter() - started
             cpu = await server.control.cpu() - cpu_before
