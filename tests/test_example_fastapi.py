@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
 import httpx
 import pytest
-from conftest import closed_before_any_frame, follow_a_prompt
+from conftest import closed_before_any_frame
 from fastapi import FastAPI
 from sqlalchemy import text
+from test_example_chat import answer_done, follow_session
 
 from asgi_session_sync import SessionSync
 from asgi_session_sync.nats import EmbeddedNats
@@ -23,9 +24,14 @@ pytestmark = pytest.mark.anyio
 
 TOKENS = 5
 FINAL_TEXT = "".join(simulated_tokens(TOKENS))
+# An answer long enough to act on while it streams: 4 s at 100 tokens a second.
+LONG = {"response_tokens": 400, "token_interval": 0.01}
+LONG_TEXT = "".join(simulated_tokens(400))
 ALICE = {"Authorization": "Bearer alice"}
 BOB = {"Authorization": "Bearer bob"}
 WAIT = 5.0
+# Bound on a whole test, its app's lifespan included.
+TEST_WAIT = 30.0
 
 
 @pytest.fixture
@@ -35,12 +41,13 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture
-def settings(tmp_path: Path, nats_server: EmbeddedNats) -> Settings:
+def settings(request: pytest.FixtureRequest, tmp_path: Path, nats_server: EmbeddedNats) -> Settings:
+    """The app's settings: short answers, unless a test asks for others (``indirect``)."""
+    streaming: dict[str, Any] = {"response_tokens": TOKENS, "token_interval": 0.05}
     return Settings(
         database_url=f"sqlite+aiosqlite:///{tmp_path / 'example.sqlite3'}",
         nats_url=nats_server.url,
-        response_tokens=TOKENS,
-        token_interval=0.05,
+        **{**streaming, **getattr(request, "param", {})},
     )
 
 
@@ -48,7 +55,7 @@ def settings(tmp_path: Path, nats_server: EmbeddedNats) -> Settings:
 async def app(settings: Settings) -> AsyncIterator[FastAPI]:
     """The API with its lifespan, and a response worker beside it, as two processes would run."""
     app = create_app(settings)
-    with anyio.fail_after(WAIT):
+    with anyio.fail_after(TEST_WAIT):
         async with app.router.lifespan_context(app), anyio.create_task_group() as worker:
             worker.start_soon(run_worker, settings.worker())
             yield app
@@ -91,7 +98,27 @@ async def test_created_session_is_the_first_frame_with_owner_and_version(
         }
 
 
-async def test_prompt_streams_tokens_as_patches_chained_version_by_version(
+def streaming_with_text(state: dict[str, Any]) -> bool:
+    """Whether the first interaction's answer is streaming, and has some text already."""
+    interactions = state["interactions"]
+    return bool(
+        interactions
+        and interactions[0]["status"] == "streaming"
+        and len(interactions[0]["response"]) > 100
+    )
+
+
+async def follow(
+    ws: WebSocketClient, event: dict[str, Any], until: Callable[[dict[str, Any]], bool]
+) -> tuple[dict[str, Any], int, list[dict[str, Any]]]:
+    """Follow ``ws`` from ``event`` (its first frame, a snapshot) until ``until``."""
+    assert event["type"] == "session_update"
+    return await follow_session(
+        lambda: receive_event(ws), event["session"], event["version"], until=until, within=WAIT
+    )
+
+
+async def test_prompt_streams_its_answer_as_appends_and_ends_done(
     app: FastAPI, client: httpx.AsyncClient
 ) -> None:
     session = await create_session(client)
@@ -103,28 +130,134 @@ async def test_prompt_streams_tokens_as_patches_chained_version_by_version(
         )
         assert response.status_code == 202, response.text
         assert response.json()["version"] == 2
-        state, patches = await follow_a_prompt(lambda: receive_event(ws), snapshot, within=WAIT)
+        assert response.json()["interactions"][0]["status"] == "pending"
+        state, version, frames = await follow(ws, snapshot, answer_done(0))
 
-    # One patch per token, each one version on from the last: the response so far, no more.
-    assert all(p["type"] == "session_patch" for p in patches)
-    assert all(p["owner"] == "alice" for p in patches)
-    assert [(p["base_version"], p["version"]) for p in patches] == [
-        (v, v + 1) for v in range(2, TOKENS + 2)
-    ]
-    responses = [p["patch"][0]["value"] for p in patches]
-    assert responses == ["".join(simulated_tokens(n)) for n in range(1, TOKENS + 1)]
+    assert all(frame["type"] == "session_patch" for frame in frames)
+    assert all(frame["owner"] == "alice" for frame in frames)
+    prompt, claim, *streamed, end = (frame["patch"] for frame in frames)
+    assert [(op["op"], op["path"]) for op in prompt] == [("add", "/interactions/-")]
+    assert claim == [{"op": "replace", "path": "/interactions/0/status", "value": "streaming"}]
+    assert (frames[1]["base_version"], frames[1]["version"]) == (2, 3)
+    # The answer's text comes as appends of its new words only, never the text so far.
+    appends = [op for ops in streamed for op in ops if op["op"] == "append"]
+    assert "".join(op["value"] for op in appends) == FINAL_TEXT
+    assert {op["path"] for op in appends} == {"/interactions/0/response"}
+    assert {"op": "replace", "path": "/interactions/0/status", "value": "complete"} in streamed[-1]
+    # Then, one commit later, done.
+    assert {"op": "replace", "path": "/interactions/0/done", "value": True} in end
 
     current = (await client.get(f"/api/sessions/{session['id']}", headers=ALICE)).json()
-    assert current == {**state, "version": TOKENS + 2}
+    assert current == {**state, "version": version}
     assert current["interactions"] == [
         {
             "position": 0,
             "prompt": "hello",
             "response": FINAL_TEXT,
+            "status": "complete",
             "done": True,
             "interrupted": None,
         }
     ]
+
+
+@pytest.mark.parametrize("settings", [LONG], indirect=True)
+async def test_a_socket_that_connects_mid_answer_ends_with_the_databases_text(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    session = await create_session(client)
+    path = f"/ws/sessions/{session['id']}?token=alice"
+    async with connect_websocket(app, path) as first:
+        snapshot = await receive_event(first)
+        await client.post(
+            f"/api/sessions/{session['id']}/prompts", json={"prompt": "hi"}, headers=ALICE
+        )
+        await follow(first, snapshot, streaming_with_text)
+    # The first page closed mid-answer: that never stops it.
+    async with connect_websocket(app, path) as second:
+        snapshot = await receive_event(second)
+        # From the database: mid-answer, up to a checkpoint behind the stream.
+        assert snapshot["session"]["interactions"][0]["status"] == "streaming"
+        assert LONG_TEXT.startswith(snapshot["session"]["interactions"][0]["response"])
+        state, version, _ = await follow(second, snapshot, answer_done(0))
+
+    current = (await client.get(f"/api/sessions/{session['id']}", headers=ALICE)).json()
+    assert current == {**state, "version": version}
+    assert current["interactions"][0]["response"] == LONG_TEXT
+    assert current["interactions"][0]["status"] == "complete"
+
+
+@pytest.mark.parametrize("settings", [LONG], indirect=True)
+async def test_stop_ends_the_answer_cancelled_and_the_worker_stops_generating(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    session = await create_session(client)
+    stop = f"/api/sessions/{session['id']}/interactions/0/stop"
+    async with connect_websocket(app, f"/ws/sessions/{session['id']}?token=alice") as ws:
+        snapshot = await receive_event(ws)
+        await client.post(
+            f"/api/sessions/{session['id']}/prompts", json={"prompt": "hi"}, headers=ALICE
+        )
+        state, version, _ = await follow(ws, snapshot, streaming_with_text)
+        assert (await client.post(stop, headers=BOB)).status_code == 404
+
+        response = await client.post(stop, headers=ALICE)
+
+        assert response.status_code == 202, response.text
+        assert response.json() == {"position": 0, "outcome": "stopping"}
+        state, version, _ = await follow_session(
+            lambda: receive_event(ws), state, version, until=answer_done(0), within=WAIT
+        )
+    stopped = state["interactions"][0]
+    assert (stopped["status"], stopped["done"], stopped["interrupted"]) == ("cancelled", True, None)
+    # The worker stopped generating: the text is what it had, short of the whole answer.
+    assert LONG_TEXT.startswith(stopped["response"])
+    assert len(stopped["response"]) < len(LONG_TEXT)
+    current = (await client.get(f"/api/sessions/{session['id']}", headers=ALICE)).json()
+    assert current == {**state, "version": version}
+    # It has ended: another stop is refused.
+    assert (await client.post(stop, headers=ALICE)).status_code == 409
+
+
+@pytest.mark.parametrize("settings", [LONG], indirect=True)
+async def test_stop_cancels_a_prompt_still_waiting_for_its_turn(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    session = await create_session(client)
+    prompts = f"/api/sessions/{session['id']}/prompts"
+    async with connect_websocket(app, f"/ws/sessions/{session['id']}?token=alice") as ws:
+        snapshot = await receive_event(ws)
+        await client.post(prompts, json={"prompt": "first"}, headers=ALICE)
+        await client.post(prompts, json={"prompt": "second"}, headers=ALICE)
+        # One answer per session at a time: the second waits while the first streams.
+        state, version, _ = await follow(ws, snapshot, streaming_with_text)
+        assert state["interactions"][1]["status"] == "pending"
+
+        second = await client.post(
+            f"/api/sessions/{session['id']}/interactions/1/stop", headers=ALICE
+        )
+
+        assert second.status_code == 200, second.text
+        assert second.json() == {"position": 1, "outcome": "cancelled"}
+        state, version, _ = await follow_session(
+            lambda: receive_event(ws), state, version, until=answer_done(1), within=WAIT
+        )
+        assert state["interactions"][1]["status"] == "cancelled"
+        assert state["interactions"][1]["response"] == ""
+        assert state["interactions"][0]["status"] == "streaming"
+        first = await client.post(
+            f"/api/sessions/{session['id']}/interactions/0/stop", headers=ALICE
+        )
+        assert first.status_code == 202, first.text
+        state, version, _ = await follow_session(
+            lambda: receive_event(ws), state, version, until=answer_done(0), within=WAIT
+        )
+    assert state["interactions"][0]["status"] == "cancelled"
+    missing = await client.post(f"/api/sessions/{session['id']}/interactions/2/stop", headers=ALICE)
+    assert missing.status_code == 404
+    assert (
+        await client.post(f"/api/sessions/{'0' * 32}/interactions/0/stop", headers=ALICE)
+    ).status_code == 404
 
 
 async def test_another_user_never_sees_the_session(app: FastAPI, client: httpx.AsyncClient) -> None:
@@ -141,6 +274,7 @@ async def test_another_user_never_sees_the_session(app: FastAPI, client: httpx.A
     assert await closed_before_any_frame(app, f"{socket}?token=bob&since=1") == 1008
     # Nobody at all: 401 on HTTP, refused before accepting on the WebSocket.
     assert (await client.get(path)).status_code == 401
+    assert (await client.post(f"{path}/interactions/0/stop")).status_code == 401
     with pytest.raises(WebSocketRejected) as rejected:
         async with connect_websocket(app, socket):
             pass
@@ -200,6 +334,10 @@ async def test_page_loads_the_shipped_client(client: httpx.AsyncClient) -> None:
 
 def test_settings_come_from_the_environment() -> None:
     assert Settings.from_env({}) == Settings()
+    # Realistic answers by default: 400 tokens at 50 a second.
+    assert (Settings().response_tokens, Settings().token_interval) == (400, 0.02)
+    worker = Settings(nats_url="nats://nats:4222").worker()
+    assert (worker.tokens, worker.token_interval) == (400, 0.02)
     settings = Settings.from_env(
         {
             "DATABASE_URL": "postgresql://app:secret@db:5432/chat",

@@ -127,6 +127,8 @@ def assert_refused(launched: Launch, variable: str) -> str:
         ("examples.fastapi_app", "DATABASE_URL", "postgresql+psycopg2://db/x", "asyncio driver"),
         ("examples.fastapi_app", "DATABASE_URL", "sqlite://", "in-memory"),
         ("examples.fastapi_app", "LEASE_SECONDS", "0", "> 0"),
+        ("examples.litestar_app", "RESPONSE_TOKENS", "0", "at least 1"),
+        ("examples.fastapi_app", "TOKEN_INTERVAL", "-0.01", ">= 0 seconds"),
         ("examples.fastapi_app", "HOST", "192.0.2.1", "not an address of this machine"),
     ],
 )

@@ -7,7 +7,7 @@ temporary SQLite file and a private nats-server, as ``python -m examples.litesta
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -15,10 +15,11 @@ from urllib.parse import quote
 import anyio
 import httpx
 import pytest
-from conftest import closed_before_any_frame, follow_a_prompt
+from conftest import closed_before_any_frame
 from litestar import Litestar
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
+from test_example_chat import answer_done, follow_session
 
 from asgi_session_sync.nats import EmbeddedNats
 from asgi_session_sync.testing import WebSocketClient, WebSocketRejected, connect_websocket
@@ -28,6 +29,9 @@ from examples.litestar_app import Settings, create_app
 pytestmark = pytest.mark.anyio
 
 TOKENS = 5
+# An answer long enough to act on while it streams: 4 s at 100 tokens a second.
+LONG = {"response_tokens": 400, "token_interval": 0.01}
+LONG_TEXT = "".join(simulated_tokens(400))
 WAIT = 5.0
 
 
@@ -38,13 +42,18 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture
-async def app(tmp_path: Path, nats_server: EmbeddedNats) -> AsyncIterator[Litestar]:
-    settings = Settings(
+def settings(request: pytest.FixtureRequest, tmp_path: Path, nats_server: EmbeddedNats) -> Settings:
+    """The app's settings: short answers, unless a test asks for others (``indirect``)."""
+    streaming: dict[str, Any] = {"response_tokens": TOKENS, "token_interval": 0.05}
+    return Settings(
         database_url=f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}",
         nats_url=nats_server.url,
-        response_tokens=TOKENS,
-        token_interval=0.05,
+        **{**streaming, **getattr(request, "param", {})},
     )
+
+
+@pytest.fixture
+async def app(settings: Settings) -> AsyncIterator[Litestar]:
     app = create_app(settings)
     # The API with its lifespan, and a response worker beside it, as two processes would run.
     async with app.lifespan(), anyio.create_task_group() as worker:
@@ -100,7 +109,27 @@ async def test_new_session_arrives_as_the_snapshot_with_its_owner_and_version(
         }
 
 
-async def test_prompt_streams_tokens_as_patches_chained_version_by_version(
+async def follow(
+    ws: WebSocketClient,
+    state: dict[str, Any],
+    version: int,
+    until: Callable[[dict[str, Any]], bool],
+) -> tuple[dict[str, Any], int, list[dict[str, Any]]]:
+    """Follow ``ws`` from ``state`` at ``version`` until ``until``."""
+    return await follow_session(lambda: next_event(ws), state, version, until=until, within=WAIT)
+
+
+def streaming_with_text(state: dict[str, Any]) -> bool:
+    """Whether the first interaction's answer is streaming, and has some text already."""
+    interactions = state["interactions"]
+    return bool(
+        interactions
+        and interactions[0]["status"] == "streaming"
+        and len(interactions[0]["response"]) > 100
+    )
+
+
+async def test_prompt_streams_its_answer_as_appends_and_ends_done(
     app: Litestar, http: httpx.AsyncClient
 ) -> None:
     session = await create_session(http)
@@ -112,23 +141,93 @@ async def test_prompt_streams_tokens_as_patches_chained_version_by_version(
         response = await call(http, "POST", prompts, "alice", {"prompt": "hi"})
         assert response.status_code == 202, response.text
         assert response.json()["interactions"] == [
-            {"position": 0, "prompt": "hi", "response": "", "done": False, "interrupted": None}
+            {
+                "position": 0,
+                "prompt": "hi",
+                "response": "",
+                "status": "pending",
+                "done": False,
+                "interrupted": None,
+            }
         ]
 
-        state, patches = await follow_a_prompt(lambda: next_event(ws), snapshot, within=WAIT)
+        state, version, frames = await follow(
+            ws, snapshot["session"], snapshot["version"], answer_done(0)
+        )
 
-    # One patch per token, each chained from the version before, touching the one response.
-    assert [p["type"] for p in patches] == ["session_patch"] * TOKENS
-    assert [(p["base_version"], p["version"]) for p in patches] == [
-        (v, v + 1) for v in range(2, TOKENS + 2)
-    ]
-    expected = simulated_tokens(TOKENS)
-    assert [p["patch"][0] for p in patches] == [
-        {"op": "replace", "path": "/interactions/0/response", "value": "".join(expected[:n])}
-        for n in range(1, TOKENS + 1)
-    ]
+    # The prompt, the claim, the answer's new words as appends, its status, then done.
+    assert [frame["type"] for frame in frames] == ["session_patch"] * len(frames)
+    operations = [op for frame in frames for op in frame["patch"]]
+    assert operations[0]["op"] == "add"
+    assert operations[1] == {
+        "op": "replace",
+        "path": "/interactions/0/status",
+        "value": "streaming",
+    }
+    appended = [op["value"] for op in operations if op["op"] == "append"]
+    assert "".join(appended) == "".join(simulated_tokens(TOKENS))
+    assert state["interactions"][0]["status"] == "complete"
     current = await call(http, "GET", f"/api/sessions/{session['id']}", "alice")
-    assert current.json() == {**state, "version": TOKENS + 2}
+    assert current.json() == {**state, "version": version}
+
+
+@pytest.mark.parametrize("settings", [LONG], indirect=True)
+async def test_a_socket_that_connects_mid_answer_ends_with_the_databases_text(
+    app: Litestar, http: httpx.AsyncClient
+) -> None:
+    session = await create_session(http)
+    path = f"/ws/sessions/{session['id']}?token=alice"
+    prompts = f"/api/sessions/{session['id']}/prompts"
+    async with connect_websocket(app, path) as first:
+        snapshot = await next_event(first)
+        await call(http, "POST", prompts, "alice", {"prompt": "hi"})
+        await follow(first, snapshot["session"], snapshot["version"], streaming_with_text)
+    # The first page closed mid-answer: that never stops it.
+    async with connect_websocket(app, path) as second:
+        snapshot = await next_event(second)
+        assert snapshot["type"] == "session_update"
+        assert snapshot["session"]["interactions"][0]["status"] == "streaming"
+        state, version, _ = await follow(
+            second, snapshot["session"], snapshot["version"], answer_done(0)
+        )
+    current = (await call(http, "GET", f"/api/sessions/{session['id']}", "alice")).json()
+    assert current == {**state, "version": version}
+    assert current["interactions"][0]["response"] == LONG_TEXT
+
+
+@pytest.mark.parametrize("settings", [LONG], indirect=True)
+async def test_stop_ends_the_answer_cancelled_on_every_socket(
+    app: Litestar, http: httpx.AsyncClient
+) -> None:
+    session = await create_session(http)
+    path = f"/ws/sessions/{session['id']}?token=alice"
+    stop = f"/api/sessions/{session['id']}/interactions/0/stop"
+    async with connect_websocket(app, path) as one, connect_websocket(app, path) as other:
+        first, second = await next_event(one), await next_event(other)
+        await call(http, "POST", f"/api/sessions/{session['id']}/prompts", "alice", {"prompt": "x"})
+        state, version, _ = await follow(
+            one, first["session"], first["version"], streaming_with_text
+        )
+        assert (await call(http, "POST", stop, "bob")).status_code == 404
+
+        response = await call(http, "POST", stop, "alice")
+
+        assert response.status_code == 202, response.text
+        assert response.json() == {"position": 0, "outcome": "stopping"}
+        state, version, _ = await follow(one, state, version, answer_done(0))
+        other_state, other_version, _ = await follow(
+            other, second["session"], second["version"], answer_done(0)
+        )
+    assert (other_state, other_version) == (state, version)
+    stopped = state["interactions"][0]
+    assert (stopped["status"], stopped["done"]) == ("cancelled", True)
+    assert LONG_TEXT.startswith(stopped["response"])
+    assert len(stopped["response"]) < len(LONG_TEXT)
+    current = await call(http, "GET", f"/api/sessions/{session['id']}", "alice")
+    assert current.json() == {**state, "version": version}
+    assert (await call(http, "POST", stop, "alice")).status_code == 409
+    missing = f"/api/sessions/{session['id']}/interactions/1/stop"
+    assert (await call(http, "POST", missing, "alice")).status_code == 404
 
 
 async def test_resuming_client_that_is_current_gets_updates_but_no_snapshot(
@@ -151,6 +250,7 @@ async def test_another_user_never_sees_the_session(app: Litestar, http: httpx.As
 
     assert (await call(http, "GET", base, "bob")).status_code == 404
     assert (await call(http, "POST", f"{base}/prompts", "bob", {"prompt": "x"})).status_code == 404
+    assert (await call(http, "POST", f"{base}/interactions/0/stop", "bob")).status_code == 404
     assert (await call(http, "GET", base, None)).status_code == 401
     # The loader refused bob's snapshot, so the socket closes before forwarding any update;
     # resuming with the current version does not skip the check (the version loader checks too).

@@ -100,7 +100,12 @@ class LiveChat:
             # Registered after the task group, so it runs first on exit: the group then only
             # waits for the cancelled sweeper.
             stack.callback(tasks.cancel_scope.cancel)
-            sweeper = LeaseSweeper(self.store, publisher, interval=self.settings.sweep_interval)
+            sweeper = LeaseSweeper(
+                self.store,
+                publisher,
+                interval=self.settings.sweep_interval,
+                claim_within=self.settings.lease_seconds,
+            )
             tasks.start_soon(sweeper.run, name="lease sweeper")
             self._bridge, self._publisher = bridge, publisher
             self._stack = stack.pop_all()

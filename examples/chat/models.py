@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import re
 import uuid
-from typing import TypedDict
+from typing import Literal, TypedDict, cast
 
 from sqlalchemy import Float, ForeignKey, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 __all__ = [
+    "FINAL_STATUSES",
     "Base",
     "ChatSession",
     "Interaction",
+    "InteractionStatus",
     "InteractionView",
     "SessionView",
     "is_session_id",
@@ -34,6 +36,15 @@ def new_session_id() -> str:
 def is_session_id(value: str) -> bool:
     """Whether ``value`` is a well-formed session id (whether or not such a session exists)."""
     return _SESSION_ID.fullmatch(value) is not None
+
+
+InteractionStatus = Literal["pending", "streaming", "complete", "cancelled", "interrupted"]
+"""Where an interaction's response is: ``pending`` until a worker claims it, then the
+:class:`~asgi_session_sync.protocol.AnswerStatus` values (``streaming``, then ``complete``,
+``cancelled`` or ``interrupted``)."""
+
+FINAL_STATUSES: frozenset[str] = frozenset({"complete", "cancelled", "interrupted"})
+"""The statuses a response never leaves."""
 
 
 class Base(DeclarativeBase):
@@ -60,9 +71,14 @@ class ChatSession(Base):
 class Interaction(Base):
     """One prompt and its response, which a worker streams under a lease.
 
-    Lifecycle: created pending (``worker`` unset, ``lease_expires_at`` the deadline for a
-    worker to claim it); claimed (``worker`` set, the lease renewed while tokens stream); then
-    final, ``done``: completed, or ``interrupted`` with the reason when its lease expired.
+    Lifecycle (``status``): created ``pending`` (``worker`` unset, ``lease_expires_at`` the
+    deadline for a worker to claim it, which does not run while another interaction of the
+    session streams); claimed, ``streaming`` (``worker`` set, the lease renewed by each
+    checkpoint); then final: ``complete``, ``cancelled`` (a user stopped it) or
+    ``interrupted`` (its worker stopped, or its lease expired: ``interrupted`` holds the
+    reason). ``done`` becomes true in the commit after the final status (the stream's last
+    checkpoint carries the text and the status only), or with it when the API or the lease
+    sweeper ends the interaction.
     """
 
     __tablename__ = "interactions"
@@ -75,6 +91,9 @@ class Interaction(Base):
     position: Mapped[int]
     prompt: Mapped[str] = mapped_column(Text)
     response: Mapped[str] = mapped_column(Text, default="")
+    status: Mapped[str] = mapped_column(
+        String(16), default="pending", server_default="pending", index=True
+    )
     done: Mapped[bool] = mapped_column(default=False)
     interrupted: Mapped[str | None] = mapped_column(String(200), default=None)
     worker: Mapped[str | None] = mapped_column(String(100), default=None)
@@ -86,13 +105,15 @@ class Interaction(Base):
 class InteractionView(TypedDict):
     """An interaction as clients see it.
 
-    ``done`` is true once the response is final; ``interrupted`` then says why it stopped
-    short (``None`` for a complete response).
+    ``status`` says where the response is (:data:`InteractionStatus`); ``done`` is true once
+    nothing will change it any more; ``interrupted`` then says why it stopped short (``None``
+    for a complete or a cancelled response).
     """
 
     position: int
     prompt: str
     response: str
+    status: InteractionStatus
     done: bool
     interrupted: str | None
 
@@ -119,6 +140,7 @@ def session_view(session: ChatSession) -> SessionView:
                 "position": item.position,
                 "prompt": item.prompt,
                 "response": item.response,
+                "status": cast(InteractionStatus, item.status),
                 "done": item.done,
                 "interrupted": item.interrupted,
             }

@@ -65,10 +65,13 @@ class ChatSettings:
             which no worker knows. A secret: never logged, and left out of ``repr``.
         host: Address the API binds.
         port: Port the API binds.
-        response_tokens: Tokens in each simulated response.
-        token_interval: Seconds between two tokens.
+        response_tokens: Tokens in each simulated response (400: a few paragraphs; any
+            length ends with a whole sentence).
+        token_interval: Seconds between two tokens (0.02: 50 tokens a second; 0: as fast as
+            the worker can).
         lease_seconds: Seconds a response's worker may go silent before the API marks the
-            response interrupted; also how long a prompt may wait for a worker.
+            response interrupted; also how long a prompt may wait for a worker once no other
+            answer of its session streams.
 
     Raises:
         ValueError: A value is out of range, or ``database_url`` is not a SQLite or
@@ -81,8 +84,8 @@ class ChatSettings:
     nats_password: str | None = field(default=None, repr=False)
     host: str = "127.0.0.1"
     port: int = 8000
-    response_tokens: int = 15
-    token_interval: float = 0.2
+    response_tokens: int = 400
+    token_interval: float = 0.02
     lease_seconds: float = 10.0
 
     def __post_init__(self) -> None:

@@ -16,20 +16,23 @@ from fastapi import (
 )
 from fastapi.responses import HTMLResponse
 from starlette.requests import HTTPConnection
+from starlette.responses import Response
 
 from asgi_session_sync import SessionSync
 from asgi_session_sync.nats import NatsBridge
 from examples.chat.live import HEARTBEAT
 from examples.chat.publishing import SessionPublisher
+from examples.chat.stopping import StopOutcome, stop_answer
 from examples.chat.store import ChatStore
 
 from .auth import CurrentUser, WebSocketUser
-from .schemas import NewPrompt, NewSession, SessionView
+from .schemas import NewPrompt, NewSession, SessionView, StopResult
 from .settings import Settings
 
 PAGE = FilePath(__file__).with_name("index.html").read_text(encoding="utf-8")
 
 SessionId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]
+Position = Annotated[int, Path(ge=0, le=2**31 - 1)]
 
 
 # The app's parts live on app.state: the store, the settings and the snapshot service from
@@ -106,6 +109,43 @@ async def add_prompt(
         raise HTTPException(status.HTTP_404_NOT_FOUND, "no such session")
     await publisher.publish_prompt(view)
     return SessionView.model_validate(view)
+
+
+@router.post(
+    "/api/sessions/{session_id}/interactions/{position}/stop",
+    status_code=status.HTTP_202_ACCEPTED,
+    responses={
+        200: {"description": "The prompt was still pending: it is cancelled now."},
+        404: {"description": "No such interaction in a session of the caller's."},
+        409: {"description": "The answer has ended already."},
+        503: {"description": "No worker answered: the lease sweeper will end the answer."},
+    },
+)
+async def stop(
+    session_id: SessionId,
+    position: Position,
+    user: CurrentUser,
+    store: Store,
+    bridge: Bridge,
+    publisher: Publisher,
+    response: Response,
+) -> StopResult:
+    """Stop an answer: 202 once its worker acknowledged (it ends ``cancelled`` on every
+    socket). Closing or reloading a page never stops an answer; only this does."""
+    outcome = await stop_answer(store, bridge, publisher, session_id, user, position)
+    if outcome is StopOutcome.STOPPING:
+        return StopResult(position=position, outcome="stopping")
+    if outcome is StopOutcome.CANCELLED:
+        response.status_code = status.HTTP_200_OK
+        return StopResult(position=position, outcome="cancelled")
+    if outcome is StopOutcome.ALREADY_FINAL:
+        raise HTTPException(status.HTTP_409_CONFLICT, "the answer has ended already")
+    if outcome is StopOutcome.NOT_FOUND:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "no such interaction")
+    raise HTTPException(
+        status.HTTP_503_SERVICE_UNAVAILABLE,
+        "no worker answered; if its worker is gone, the answer ends interrupted",
+    )
 
 
 @router.websocket("/ws/sessions/{session_id}")

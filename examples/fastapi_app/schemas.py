@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
+
+from examples.chat.models import InteractionStatus
 
 
 class InteractionView(BaseModel):
-    """One interaction as clients see it (:class:`examples.chat.models.InteractionView`)."""
+    """One interaction as clients see it (:class:`examples.chat.models.InteractionView`).
+
+    ``status``: ``pending`` (no worker has claimed the prompt yet), ``streaming``,
+    ``complete``, ``cancelled`` (stopped by the user) or ``interrupted`` (see
+    ``interrupted`` for why). ``done``: nothing changes it any more.
+    """
 
     position: int
     prompt: str
     response: str
+    status: InteractionStatus
     done: bool
     interrupted: str | None
 
@@ -39,3 +49,15 @@ class NewPrompt(BaseModel):
     """Body of ``POST /api/sessions/{session_id}/prompts``."""
 
     prompt: str = Field(min_length=1, max_length=4000)
+
+
+class StopResult(BaseModel):
+    """Answer of ``POST /api/sessions/{session_id}/interactions/{position}/stop``.
+
+    ``outcome``: ``stopping`` (202: the worker streaming it acknowledged, and ends it
+    ``cancelled`` on every socket) or ``cancelled`` (200: it was still pending, and is
+    cancelled now).
+    """
+
+    position: int
+    outcome: Literal["stopping", "cancelled"]

@@ -5,21 +5,34 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from litestar import Controller, Litestar, MediaType, Request, WebSocket, get, post, websocket
+from litestar import (
+    Controller,
+    Litestar,
+    MediaType,
+    Request,
+    Response,
+    WebSocket,
+    get,
+    post,
+    websocket,
+)
 from litestar.connection import ASGIConnection
 from litestar.di import NamedDependency, Provide
 from litestar.exceptions import (
     HTTPException,
     NotAuthorizedException,
     NotFoundException,
+    ServiceUnavailableException,
     WebSocketDisconnect,
 )
 from litestar.params import FromPath, JSONBody
 from litestar.static_files import create_static_files_router
 from litestar.status_codes import (
+    HTTP_200_OK,
     HTTP_202_ACCEPTED,
+    HTTP_409_CONFLICT,
     WS_1008_POLICY_VIOLATION,
     WS_1011_INTERNAL_ERROR,
 )
@@ -32,6 +45,7 @@ from asgi_session_sync.client import STATIC_DIR
 from asgi_session_sync.loaders.sqlalchemy import sqlalchemy_loader
 from examples.chat.live import HEARTBEAT, LiveChat
 from examples.chat.models import ChatSession, SessionView, is_session_id, session_view
+from examples.chat.stopping import StopOutcome, stop_answer
 from examples.chat.store import ChatStore
 
 from .settings import Settings
@@ -80,6 +94,18 @@ class NewPrompt(Struct):
     """Body of ``POST /api/sessions/{id}/prompts``."""
 
     prompt: Annotated[str, Meta(min_length=1, max_length=4000)]
+
+
+class StopResult(Struct):
+    """Answer of ``POST /api/sessions/{id}/interactions/{position}/stop``.
+
+    ``outcome``: ``stopping`` (202: the worker streaming it acknowledged, and ends it
+    ``cancelled`` on every socket) or ``cancelled`` (200: it was still pending, and is
+    cancelled now).
+    """
+
+    position: int
+    outcome: Literal["stopping", "cancelled"]
 
 
 class SessionController(Controller):
@@ -132,6 +158,32 @@ class SessionController(Controller):
             raise NotFoundException("no such session")
         await live.publisher.publish_prompt(session)
         return session
+
+    @post("/{session_id:str}/interactions/{position:int}/stop", status_code=HTTP_202_ACCEPTED)
+    async def stop(
+        self,
+        session_id: FromPath[str],
+        position: FromPath[int],
+        user: NamedDependency[str],
+        live: NamedDependency[LiveChat],
+    ) -> Response[StopResult]:
+        """Stop an answer: 202 once its worker acknowledged (it ends ``cancelled`` on every
+        socket); 200 when the prompt was still pending (cancelled now); 409 when it has ended
+        already; 404 unless the user owns it. Closing a page never stops an answer."""
+        outcome = await stop_answer(
+            live.store, live.bridge, live.publisher, session_id, user, position
+        )
+        if outcome is StopOutcome.STOPPING:
+            return Response(StopResult(position, "stopping"), status_code=HTTP_202_ACCEPTED)
+        if outcome is StopOutcome.CANCELLED:
+            return Response(StopResult(position, "cancelled"), status_code=HTTP_200_OK)
+        if outcome is StopOutcome.ALREADY_FINAL:
+            raise HTTPException("the answer has ended already", status_code=HTTP_409_CONFLICT)
+        if outcome is StopOutcome.NOT_FOUND:
+            raise NotFoundException("no such interaction")
+        raise ServiceUnavailableException(
+            "no worker answered; if its worker is gone, the answer ends interrupted"
+        )
 
 
 # The live WebSocket.
