@@ -7,8 +7,12 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import tarfile
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -261,3 +265,178 @@ def test_the_installed_package_types_resolve_for_typescript(
     }
     (app / "tsconfig.json").write_text(json.dumps(config))
     run([node, str(tsc), "-p", "."], app)
+
+
+# ---------------------------------------------------------------------------------------------
+# Under Node.js's built-in WebSocket, against the real API killed with SIGKILL and restarted.
+
+
+class FollowingClient:
+    """tests/js/follow-session.mjs in a Node.js process, its output lines read as they come."""
+
+    def __init__(self, node: str, url: str, options: dict[str, Any]) -> None:
+        builtin = subprocess.run(
+            [node, "--eval", "process.exit(typeof WebSocket === 'function' ? 0 : 1)"],
+            timeout=TOOL_TIMEOUT,
+            check=False,
+        )
+        # Node.js 20 has the WebSocket behind a flag; 22 and later by default.
+        flags = [] if builtin.returncode == 0 else ["--experimental-websocket"]
+        script = JS_TESTS / "follow-session.mjs"
+        self.process = subprocess.Popen(
+            [node, *flags, str(script), url, json.dumps(options)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "NO_COLOR": "1", "NODE_OPTIONS": ""},
+        )
+        self.records: list[dict[str, Any]] = []
+        self.changed = threading.Condition()
+        self.reader = threading.Thread(target=self._read, name="follow-session", daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            with self.changed:
+                self.records.append(json.loads(line))
+                self.changed.notify_all()
+
+    def states(self) -> list[dict[str, Any]]:
+        """The state records so far: ``{"state", "attempt", "delay"}``."""
+        with self.changed:
+            return [record for record in self.records if "state" in record]
+
+    def last(self, key: str) -> Any:
+        """The latest value of ``key`` in the records (``state``, ``version``, ``session``)."""
+        with self.changed:
+            return next((r[key] for r in reversed(self.records) if key in r), None)
+
+    def wait_for(self, what: str, check: Callable[[], bool], timeout: float) -> float:
+        """Wait up to ``timeout`` s until ``check()``; the seconds it took. Fails with the
+        client's output when it does not come."""
+        start = time.monotonic()
+        with self.changed:
+            if self.changed.wait_for(check, timeout):
+                return time.monotonic() - start
+            tail = self.records[-15:]
+        pytest.fail(f"the client did not get {what} within {timeout}s; it printed: {tail}")
+
+    def close(self) -> str:
+        """SIGTERM (the client closes), bounded; its stderr."""
+        self.process.terminate()
+        try:
+            _, stderr = self.process.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            _, stderr = self.process.communicate(timeout=10)
+        self.reader.join(timeout=10)
+        return stderr
+
+
+class BlackHole:
+    """A listener on 127.0.0.1:``port`` that accepts TCP connections and never answers, so a
+    WebSocket handshake sent to it neither opens nor closes (a black-holed network, a stuck
+    proxy). ``accepted`` counts the connections."""
+
+    def __init__(self, port: int) -> None:
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", port))
+        self.listener.listen(16)
+        self.listener.settimeout(0.1)  # so the accepting thread sees `closing` within 0.1 s
+        self.held: list[socket.socket] = []
+        self.accepted = threading.Condition()
+        self.closing = threading.Event()
+        self.thread = threading.Thread(target=self._accept, name="black-hole", daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while not self.closing.is_set():
+            try:
+                connection, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            with self.accepted:
+                self.held.append(connection)
+                self.accepted.notify_all()
+
+    def wait_connections(self, count: int, timeout: float) -> bool:
+        """Whether ``count`` connections came within ``timeout`` s."""
+        with self.accepted:
+            return self.accepted.wait_for(lambda: len(self.held) >= count, timeout)
+
+    def close(self) -> None:
+        self.closing.set()
+        self.thread.join(timeout=5)
+        self.listener.close()
+        for connection in self.held:
+            connection.close()
+
+
+@pytest.mark.e2e
+def test_under_node_websocket_the_client_outlives_kill_9_and_a_hanging_attempt(
+    tmp_path: Path,
+) -> None:
+    # Node.js's WebSocket fires error and never close on a refused connection, and an attempt
+    # to a listener that never answers stays CONNECTING: before the connect timeout, the client
+    # stayed "reconnecting" for good after the first. Here it must end live and current.
+    from e2e.answer_api import running_api
+
+    node = node_or_skip()
+    # Refused attempts are retried within the backoff (100 + 200 + 400 ms at most), well before
+    # the 3 s connect timeout: an error without a close is given up at once, not timed out.
+    options = {"connectTimeout": 3000, "minDelay": 100, "maxDelay": 1000, "jitter": 0.5}
+    with running_api(tmp_path) as api:
+        api.store.create("s1", "node")
+        client = FollowingClient(node, f"ws://127.0.0.1:{api.port}/ws/sessions/s1", options)
+        try:
+            client.wait_for("the snapshot", lambda: client.last("version") == 1, 15)
+            version = api.post_tokens("s1", 5)
+            client.wait_for("the live patches", lambda: client.last("version") == version, 15)
+
+            api.kill()
+            client.wait_for("the drop", lambda: client.last("state") == "reconnecting", 15)
+            before = len(client.states())
+            # Refused attempts: each errors without a close, and is retried.
+            client.wait_for(
+                "three retries of refused attempts",
+                lambda: sum(s["delay"] > 0 for s in client.states()[before:]) >= 3,
+                2.5,
+            )
+            hole = BlackHole(api.port)
+            try:
+                # An attempt that hangs is abandoned after connectTimeout and retried.
+                assert hole.wait_connections(2, 15), "the client never gave up a hanging attempt"
+            finally:
+                hole.close()
+            [(_, _, version)] = api.store.append("s1", [" (written while the API was down)"])
+
+            api.start()
+            restarted = time.monotonic()
+            stored = api.store.read("s1")
+            client.wait_for(
+                "the database's state after the restart",
+                lambda: (
+                    (client.last("version"), client.last("session")) == (stored[1], stored[0])
+                    and client.last("state") == "live"
+                ),
+                15,
+            )
+            caught_up = time.monotonic() - restarted
+            version = api.post_tokens("s1", 3, status="complete")
+            stored = api.store.read("s1")
+            client.wait_for(
+                "the live patches after the restart",
+                lambda: (client.last("version"), client.last("session")) == (version, stored[0]),
+                15,
+            )
+        finally:
+            stderr = client.close()
+    assert stored[0]["answer"] == {
+        "text": "token " * 5 + " (written while the API was down)" + "token " * 3,
+        "status": "complete",
+    }
+    assert "Error" not in stderr.replace("ExperimentalWarning", ""), stderr
+    print(f"node client: current {caught_up:.2f} s after the API was back")

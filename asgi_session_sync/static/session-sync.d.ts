@@ -128,6 +128,12 @@ export interface SessionSyncOptions<S = unknown> {
   /** A connection must stay open this long, in ms, before the backoff resets. Default 5000. */
   stableAfter?: number;
   /**
+   * An attempt that has not opened within this many ms is abandoned and retried with the
+   * backoff, as is one that errors before opening. 0: no limit. Default 8000: keep it above the
+   * server's load `timeout` (5 s by default), since the server opens once the snapshot is loaded.
+   */
+  connectTimeout?: number;
+  /**
    * The server's heartbeat interval, in ms (0: no heartbeat, the default). The client reconnects
    * when nothing has arrived for 2.5 times this.
    */
@@ -155,6 +161,7 @@ export type DefaultedOption =
   | "factor"
   | "jitter"
   | "stableAfter"
+  | "connectTimeout"
   | "heartbeatInterval"
   | "staleAfter"
   | "stopOnCodes";
@@ -163,8 +170,8 @@ export type DefaultedOption =
 export class SessionSync<S = unknown> {
   /**
    * @throws {TypeError} Without url or onSession, or with a sessionId that is not a string.
-   * @throws {RangeError} For a time that is not a number of ms >= 0, a factor below 1, or a
-   *   jitter outside 0..1.
+   * @throws {RangeError} For a time (a delay or a timeout) that is not a number of ms >= 0, a
+   *   factor below 1, or a jitter outside 0..1.
    */
   constructor(options: SessionSyncOptions<S>);
   /** The options, with defaults filled in. */

@@ -1,8 +1,9 @@
 // asgi-session-sync browser client: a dependency-free ES module, typed by session-sync.d.ts.
 //
 // Opens the session's WebSocket and keeps it healthy: reconnects with jittered exponential
-// backoff (reset only once a connection has stayed up), notices a silent half-open socket by its
-// missing heartbeats, reconnects at once when the network comes back. Passes the last version it
+// backoff (reset only once a connection has stayed up), gives up an attempt that neither opens
+// nor closes within a connect timeout (or that errors without closing), notices a silent
+// half-open socket by its missing heartbeats, reconnects at once when the network comes back. Passes the last version it
 // applied as `since` on reconnect. Takes the first `session_update` of each connection, and any
 // marked `"reset": true`, as the server's truth, then applies newer `session_update` and chained
 // `session_patch` events (RFC 6902 JSON Patch, and protocol v3's `append` of text to a string),
@@ -399,6 +400,7 @@ const DEFAULTS = {
   factor: 2,
   jitter: 0.5,
   stableAfter: 5000,
+  connectTimeout: 8000,
   heartbeatInterval: 0,
   staleAfter: 60000,
   stopOnCodes: [1008, 4401, 4403, 4404],
@@ -415,7 +417,15 @@ export class SessionSync {
       throw new TypeError("SessionSync needs options.url and options.onSession");
     }
     this.options = { ...DEFAULTS, ...options };
-    for (const name of ["minDelay", "maxDelay", "stableAfter", "heartbeatInterval", "staleAfter"]) {
+    const times = [
+      "minDelay",
+      "maxDelay",
+      "stableAfter",
+      "connectTimeout",
+      "heartbeatInterval",
+      "staleAfter",
+    ];
+    for (const name of times) {
       const value = this.options[name];
       if (typeof value !== "number" || !(value >= 0) || value === Infinity) {
         throw new RangeError(`SessionSync: ${name} must be a number of ms >= 0, got ${value}`);
@@ -450,6 +460,7 @@ export class SessionSync {
     this.openedAt = null; // Date.now() when the socket opened, null until then
     this.lastReceived = 0; // Date.now() of the last frame
     this.watchdog = null;
+    this.connectTimer = null; // gives up the current attempt if it has not opened in time
     this.hiddenAt = null;
     this.offlineAt = null; // Date.now() of the last "offline" event, until the next "online"
     this.onOffline = () => {
@@ -525,8 +536,18 @@ export class SessionSync {
     this.socket = socket;
     this.fresh = true;
     this.openedAt = null;
+    const { connectTimeout } = this.options;
+    if (connectTimeout > 0) {
+      // A black-holed network, or a server that accepts TCP and never answers the handshake,
+      // can leave an attempt CONNECTING for minutes, and some engines never fire close at all.
+      this.connectTimer = setTimeout(() => {
+        this.connectTimer = null;
+        this.restart(`not open after ${connectTimeout} ms`);
+      }, connectTimeout);
+    }
     socket.onopen = () => {
       if (this.socket !== socket) return;
+      this.clearConnectTimer();
       this.openedAt = this.lastReceived = Date.now();
       if (this.options.heartbeatInterval > 0) this.watch(this.staleLimit());
       this.setState("live", 0);
@@ -546,8 +567,19 @@ export class SessionSync {
       }
       this.scheduleReconnect();
     };
-    // An error is always followed by close, which reconnects.
-    socket.onerror = () => {};
+    socket.onerror = () => {
+      // An attempt that failed before opening is given up here: browsers follow the error with
+      // close, but Node.js's built-in WebSocket does not when the connection is refused, and its
+      // readyState stays CONNECTING. An open socket's error waits for its close, whose code
+      // says whether to reconnect.
+      if (this.socket === socket && this.openedAt === null) this.restart("connection failed");
+    };
+  }
+
+  /** @private */
+  clearConnectTimer() {
+    if (this.connectTimer !== null) clearTimeout(this.connectTimer);
+    this.connectTimer = null;
   }
 
   /**
@@ -559,6 +591,7 @@ export class SessionSync {
   forget() {
     if (this.watchdog !== null) clearTimeout(this.watchdog);
     this.watchdog = null;
+    this.clearConnectTimer();
     if (this.openedAt !== null && Date.now() - this.openedAt >= this.options.stableAfter) {
       this.attempt = 0;
     }

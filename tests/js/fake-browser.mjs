@@ -55,6 +55,11 @@ export class FakeWebSocket {
     this.onclose?.({ type: "close", code, reason: "" });
   }
 
+  /** The attempt fails with an error and no close, as Node.js's WebSocket does when refused. */
+  fail() {
+    this.onerror?.({ type: "error" });
+  }
+
   /** The client closes: like a browser, the close event comes later, if anyone still listens. */
   close(code, reason) {
     this.closedByClient = { code, reason };

@@ -117,6 +117,82 @@ describe("backoff", () => {
   });
 });
 
+describe("connect timeout", () => {
+  test("an attempt that neither opens nor closes is abandoned and retried with backoff", () => {
+    const sync = client({ connectTimeout: 1000, minDelay: 100 });
+    const first = server.last;
+    mock.timers.tick(999);
+    assert.equal(first.closedByClient, null);
+    mock.timers.tick(1);
+    assert.equal(first.closedByClient?.code, 1000);
+    assert.match(first.closedByClient?.reason, /not open after 1000 ms/);
+    waitOut(100);
+    mock.timers.tick(1000); // the second attempt hangs too: the delay grows
+    waitOut(200);
+    assert.equal(server.sockets.length, 3);
+    assert.deepEqual(delays(), [100, 200]);
+    server.last.open();
+    server.last.send(update(1));
+    mock.timers.tick(60_000); // an open socket is never timed out
+    assert.equal(server.sockets.length, 3);
+    assert.equal(sync.state, "live");
+    sync.close();
+  });
+
+  test("an attempt that errors without a close is abandoned and retried with backoff", () => {
+    const sync = client({ minDelay: 100 });
+    server.last.open();
+    server.last.send(update(4));
+    server.last.drop(1006);
+    waitOut(100);
+    const refused = server.last;
+    refused.fail(); // Node.js's WebSocket when the port is closed: no close, ever
+    assert.equal(refused.closedByClient?.code, 1000);
+    assert.deepEqual(delays(), [100, 200]);
+    waitOut(200);
+    server.last.open();
+    server.last.send(update(5));
+    assert.deepEqual(server.sinces, [null, "4", "4"]);
+    assert.deepEqual(versions(), [4, 5]);
+    assert.equal(sync.state, "live");
+    sync.close();
+  });
+
+  test("an error on an open socket waits for its close, whose code decides", () => {
+    const sync = client();
+    server.last.open();
+    server.last.fail();
+    assert.equal(server.last.closedByClient, null);
+    assert.equal(sync.state, "live");
+    server.last.onclose({ type: "close", code: 4403, reason: "" });
+    assert.equal(sync.state, "closed");
+    assert.equal(server.sockets.length, 1);
+  });
+
+  test("connectTimeout 0 waits for the attempt as long as it takes", () => {
+    const sync = client({ connectTimeout: 0 });
+    mock.timers.tick(3_600_000);
+    assert.equal(server.sockets.length, 1);
+    assert.equal(server.last.closedByClient, null);
+    sync.close();
+  });
+
+  test("the default connect timeout is 8 s", () => {
+    const sync = client();
+    mock.timers.tick(7999);
+    assert.equal(server.last.closedByClient, null);
+    mock.timers.tick(1);
+    assert.equal(server.sockets[0].closedByClient?.code, 1000);
+    sync.close();
+  });
+
+  test("a connectTimeout that is not a number of ms >= 0 is refused", () => {
+    for (const bad of [-1, Number.NaN, Infinity, "5s"]) {
+      assert.throws(() => client({ connectTimeout: bad }), RangeError);
+    }
+  });
+});
+
 describe("liveness", () => {
   test("a socket silent for 2.5 heartbeat intervals is dropped and resumed", () => {
     const sync = client({ heartbeatInterval: 1000, minDelay: 100 });
