@@ -54,6 +54,7 @@ class Cursor:
     """
 
     __slots__ = (
+        "_covered",
         "_held",
         "_known",
         "_verified",
@@ -79,6 +80,7 @@ class Cursor:
         self.max_held_bytes = max_held_bytes
         self.unrepaired = 0
         """Held frames dropped without being sent: the buffer overflowed or repair gave up."""
+        self._covered: tuple[Version, Version] | None = None
 
     def offer(self, frame: Frame) -> Verdict:
         """Judge a live ``frame``; an emitted frame moves the client's version."""
@@ -117,7 +119,8 @@ class Cursor:
         """
         self.version = snapshot.version
         self._known = True
-        return self._replay(snapshot)
+        self._covered = None
+        return self._replay(snapshot, verified=True)
 
     @property
     def gap(self) -> bool:
@@ -129,18 +132,24 @@ class Cursor:
         """Fill a gap with ``patch`` from the producer; return what to send, or ``None``.
 
         ``patch`` must chain from the client's version (its ``base_version``); it is then
-        sent, and the held frames judged again as after a snapshot: the producer answered for
-        the versions up to its own, so older frames are dropped as stale. ``None`` (nothing
-        changes) when it does not chain.
+        sent, and the held frames judged again. It stands for the producer's own deltas from
+        its ``covers_from`` to its version, so those are dropped when they arrive, as
+        duplicates. The state is live, not verified: the database never committed some of
+        those versions, and an older frame from another writer (a lease sweeper's, after the
+        producer died) still makes the client ask the database. ``None`` (nothing changes)
+        when it does not chain.
         """
         if patch.kind is not Kind.PATCH or patch.base_version != self.version:
             return None
+        assert patch.version is not None
         self.version = patch.version
-        return self._replay(patch)
+        start = patch.covers_from
+        self._covered = None if start is None else (start, patch.version)
+        return self._replay(patch, verified=False)
 
-    def _replay(self, truth: Frame) -> list[Frame]:
+    def _replay(self, truth: Frame, *, verified: bool) -> list[Frame]:
         """``truth`` is now the client's state: send it, then the held frames that chain."""
-        self._verified = True
+        self._verified = verified
         self.repairing = False
         emitted = [truth]
         held, self._held, self.held_bytes = self._held, deque(), 0
@@ -149,9 +158,10 @@ class Cursor:
             verdict = self.offer(frame)
             if verdict is Verdict.EMIT:
                 emitted.append(frame)
-            elif verdict is Verdict.VERIFY:
-                # Older than a frame replayed before it, and the truth was just read: the
-                # database (or the producer) has spoken, so it is only stale.
+            elif verdict is Verdict.VERIFY and verified:
+                # Older than a frame replayed before it, and the database was just read: it
+                # has spoken, so the frame is only stale. (After a producer's catch-up, the
+                # repair goes on: the database must say which is right.)
                 self.repairing = False
             elif verdict is Verdict.HOLD:
                 # The truth does not reach it: the loader is behind the publisher. It and the
@@ -179,6 +189,9 @@ class Cursor:
     def _stale(self, version: Version) -> Verdict:
         if self._verified or version == self.version:
             return Verdict.DROP
+        covered = self._covered
+        if covered is not None and covered[0] <= version <= covered[1]:
+            return Verdict.DROP  # a producer's delta its catch-up already carried
         self.repairing = True
         return Verdict.VERIFY
 

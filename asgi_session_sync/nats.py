@@ -575,13 +575,14 @@ class NatsBridge:
         text_path: str,
         *,
         catch_up: Callable[[Version], bytes | None],
-        stop: Callable[[], None],
+        stop: Callable[[], bool],
     ) -> AsyncIterator[None]:
         """Answer a streamed answer's catch-up and stop requests while the block runs.
 
         For :class:`~asgi_session_sync.streaming.AnswerStream`. ``catch_up(version)`` returns
         a ``session_patch`` frame from ``version`` or ``None`` (it does not know that
-        version); ``stop()`` is called for a stop request naming ``text_path``.
+        version); ``stop()`` is called for a stop request naming ``text_path``, and says
+        whether the answer stops (``False``: it is already ending).
 
         Raises:
             ValueError: ``session_id`` is invalid.
@@ -599,9 +600,9 @@ class NatsBridge:
         async def on_stop(msg: Msg) -> None:
             if msg.data.decode(errors="replace") != text_path:
                 return  # another answer's producer may be the one asked
-            stop()
+            reply = b"stopping" if stop() else b"ending"
             with suppress(NatsError, OSError):
-                await msg.respond(b"stopping")
+                await msg.respond(reply)
 
         subs = [
             await client.subscribe(f"{subject}.catchup", cb=on_catch_up),

@@ -223,13 +223,21 @@ class SessionPatch(_Event):
     base_version: Version
     version: Version
     patch: list[dict[str, Any]]
+    covers_from: Version | None = None
+    """On a producer's catch-up only: the first of its own versions the patch stands for (its
+    deltas from ``covers_from`` to ``version``), so the hub drops those as already covered."""
 
     @field_validator("base_version", mode="before")
     @classmethod
     def _base_version(cls, value: object) -> Version:
         return _check_version(value)
 
-    _optional: ClassVar[tuple[str, ...]] = ("version", "reset", "owner")
+    _optional: ClassVar[tuple[str, ...]] = ("version", "reset", "owner", "covers_from")
+
+    @field_validator("covers_from", mode="before")
+    @classmethod
+    def _covers_from(cls, value: object) -> Version | None:
+        return None if value is None else _check_version(value)
 
     @field_validator("version", mode="before")
     @classmethod
@@ -437,6 +445,7 @@ class Frame:
         size: Bytes of its UTF-8 JSON: what byte bounds on queues count.
         appends: A patch's ``append`` operations, in order.
         touched: The paths (and ``from`` pointers) of a patch's other operations.
+        covers_from: A producer's catch-up: the first of the versions it stands for.
     """
 
     text: str
@@ -449,6 +458,7 @@ class Frame:
     size: int = 0
     appends: tuple[Append, ...] = ()
     touched: tuple[str, ...] = ()
+    covers_from: Version | None = None
 
 
 def parse_frame(text: str, *, size: int | None = None) -> Frame | str:
@@ -513,6 +523,7 @@ def parse_frame(text: str, *, size: int | None = None) -> Frame | str:
         size,
         appends,
         touched,
+        as_version(event.get("covers_from")) if kind is Kind.PATCH else None,
     )
 
 

@@ -128,7 +128,7 @@ class AnswerTransport(Protocol):
         text_path: str,
         *,
         catch_up: Callable[[Version], bytes | None],
-        stop: Callable[[], None],
+        stop: Callable[[], bool],
     ) -> AbstractAsyncContextManager[None]:
         """Answer catch-up and stop requests for the answer while the block runs."""
         ...
@@ -230,6 +230,7 @@ class AnswerStream:
         self._stack: AsyncExitStack | None = None
         self.stopped = False
         """Whether a stop request ended the answer."""
+        self._ending = False
         self.checkpoints = 0
         """Checkpoints committed (the final one included)."""
         self.publishes = 0
@@ -290,6 +291,7 @@ class AnswerStream:
                 except BaseException as exc:  # re-raised below, outside the task group
                     failure = exc
                 finally:
+                    self._ending = True
                     tasks.cancel_scope.cancel()
             if failure is not None:
                 status = AnswerStatus.INTERRUPTED
@@ -303,11 +305,14 @@ class AnswerStream:
         if failure is not None:
             raise failure
 
-    def _stop(self) -> None:
+    def _stop(self) -> bool:
+        if self._ending:
+            return False  # too late: the answer is already ending as it will end
         if not self.stopped:
             logger.info("answer stopped on request session_id=%s", self.session_id)
         self.stopped = True
         self._body.cancel()
+        return True
 
     # Publishing and checkpoints (one task: deltas and commits never interleave).
 
@@ -484,6 +489,13 @@ class AnswerStream:
         point = self._line.get(version)
         if point is None or version == self.version:
             return None
+        # The line's versions are in order: the first after ``version`` is where this patch
+        # starts standing in for the deltas the socket lacks.
+        covers_from = None
+        for line_version in self._line:
+            if line_version > version:
+                covers_from = line_version
+                break
         operations: list[dict[str, Any]] = []
         if len(self._pieces) > point.pieces:
             value = "".join(self._pieces[point.pieces :])
@@ -500,4 +512,5 @@ class AnswerStream:
             base_version=version,
             version=self.version,
             patch=operations,
+            covers_from=covers_from,
         ).to_json()
