@@ -27,6 +27,7 @@ from asgi_session_sync.streaming import Checkpoint
 from examples.chat.leases import LeaseSweeper
 from examples.chat.models import Interaction, SessionView
 from examples.chat.publishing import SessionPublisher
+from examples.chat.stopping import StopOutcome, stop_answer
 from examples.chat.store import (
     NO_WORKER,
     WORKER_LOST,
@@ -461,6 +462,26 @@ async def test_a_claimed_prompt_is_not_cancelled_in_the_database(store: ChatStor
     await claimed(store)
     assert await store.cancel_pending(session_id, "alice", 0) is None
     assert (await current(store, session_id))["version"] == 3
+
+
+async def test_stop_answer_says_what_it_did(store: ChatStore, bridge: NatsBridge) -> None:
+    publisher = SessionPublisher(bridge)
+    session_id = await pending_prompt(store)
+    await store.add_prompt(session_id, "alice", "and then?", claim_within=10)
+
+    async def stop(position: int, user: str = "alice") -> StopOutcome:
+        with anyio.fail_after(WAIT):
+            return await stop_answer(store, bridge, publisher, session_id, user, position)
+
+    assert await stop(0, "bob") is StopOutcome.NOT_FOUND
+    assert await stop(2) is StopOutcome.NOT_FOUND
+    assert await stop(1) is StopOutcome.CANCELLED  # pending: cancelled in the database
+    assert await stop(1) is StopOutcome.ALREADY_FINAL
+    # Claimed, but no stream serves it (its worker is gone): nobody acknowledges.
+    claim = await claimed(store)
+    assert await stop(0) is StopOutcome.NO_PRODUCER
+    await store.finish(claim, AnswerStatus.COMPLETE, claim_within=10)
+    assert await stop(0) is StopOutcome.ALREADY_FINAL
 
 
 async def test_renewed_lease_is_not_swept(store: ChatStore) -> None:

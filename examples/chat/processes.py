@@ -35,7 +35,7 @@ import uvicorn
 
 from .preflight import check_database, check_ports
 from .settings import ChatSettings
-from .worker import run_worker
+from .worker import WorkerSettings, run_worker
 
 __all__ = ["CONFIGURATION_ERROR", "main", "serve"]
 
@@ -97,12 +97,26 @@ def main(
         serve_api(checked)
     elif process == "worker":
         with contextlib.suppress(KeyboardInterrupt):
-            anyio.run(run_worker, checked.worker())
+            anyio.run(_run_worker_until_signalled, checked.worker())
     else:
         with contextlib.suppress(KeyboardInterrupt):
             code = anyio.run(supervise, module, environment)
             if code:
                 sys.exit(code)
+
+
+async def _run_worker_until_signalled(settings: WorkerSettings) -> None:
+    """Run the worker until SIGINT or SIGTERM, then stop it as a cancellation.
+
+    So the answers it streams end at once, ``interrupted`` with the text they have (the
+    worker commits that as it is cancelled), rather than when their leases expire. The
+    launcher stops its children with SIGTERM.
+    """
+    async with anyio.create_task_group() as worker:
+        worker.start_soon(run_worker, settings)
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for _ in signals:
+                worker.cancel_scope.cancel()
 
 
 def _checked(settings: _Settings, process: str) -> _Settings:

@@ -33,6 +33,7 @@ from litestar.status_codes import (
     HTTP_200_OK,
     HTTP_202_ACCEPTED,
     HTTP_409_CONFLICT,
+    HTTP_500_INTERNAL_SERVER_ERROR,
     WS_1008_POLICY_VIOLATION,
     WS_1011_INTERNAL_ERROR,
 )
@@ -237,7 +238,8 @@ async def index() -> str:
 
 async def log_exception(exc: Exception, scope: Scope) -> None:
     """Log what became a 500, since the app leaves logging configuration to whoever runs it."""
-    if isinstance(exc, HTTPException) and exc.status_code < 500:
+    # An HTTPException is an answer the app chose (a 404, the stop endpoint's 503), not a crash.
+    if isinstance(exc, HTTPException) and exc.status_code != HTTP_500_INTERNAL_SERVER_ERROR:
         return
     # The path is the client's: clipped, and quoted so that a newline cannot forge a log line.
     logger.error("unhandled exception path=%r", scope["path"][:_LOG_CHARS], exc_info=exc)
