@@ -4,9 +4,12 @@ The FastAPI and the Litestar examples differ in their web framework only: the AP
 the WebSocket endpoint are theirs, everything below the HTTP layer is here, once.
 
 * :mod:`.models`: the tables, and the JSON shape clients see.
-* :mod:`.store`: every read and write, each one transaction that bumps the session's version.
-* :mod:`.worker`: the process that streams responses: it claims a prompt, commits each token,
-  publishes it, and keeps a lease on the interaction while it streams.
+* :mod:`.store`: every read and write, each one transaction that moves the session's version.
+* :mod:`.worker`: the process that streams responses: it claims a prompt, streams its answer
+  through an :class:`~asgi_session_sync.streaming.AnswerStream` (``append`` deltas, a few
+  checkpoints a second), and keeps a lease on the interaction while it streams.
+* :mod:`.stopping`: what the stop endpoints do: ask the answer's worker, or cancel a prompt
+  still pending.
 * :mod:`.leases`: the API's sweeper that marks an interaction whose lease expired as interrupted.
 * :mod:`.processes`: ``python -m examples.<app> [api|worker]``, and both at once.
 * :mod:`.preflight`: the checks each process runs on its settings before it starts.
