@@ -152,7 +152,12 @@ def served_files() -> dict[str, bytes]:
 
 def test_npm_pack_ships_the_served_client_byte_for_byte(packed: Packed) -> None:
     served = served_files()
-    assert {"session-sync.js", "session-sync.d.ts"} <= served.keys()
+    assert {
+        "session-sync.js",
+        "session-sync.d.ts",
+        "session-sync-react.js",
+        "session-sync-react.d.ts",
+    } <= served.keys()
     assert packed.files == {
         "package.json",
         "README.md",
@@ -182,11 +187,18 @@ def test_package_json_is_an_es_module_with_types_and_no_runtime_dependencies(
     assert manifest["license"] == "MIT"
     assert "dependencies" not in manifest
     assert "bundledDependencies" not in manifest
+    # React only for the hook's entry point: optional, so the core installs without it.
+    assert manifest["peerDependencies"] == {"react": ">=18"}
+    assert manifest["peerDependenciesMeta"] == {"react": {"optional": True}}
     assert "private" not in manifest  # ready to publish
     exports = manifest["exports"]
     assert exports["."] == {
         "types": "./dist/session-sync.d.ts",
         "default": "./dist/session-sync.js",
+    }
+    assert exports["./react"] == {
+        "types": "./dist/session-sync-react.d.ts",
+        "default": "./dist/session-sync-react.js",
     }
     targets = [manifest["main"], manifest["types"]]
     for entry in exports.values():
@@ -196,12 +208,28 @@ def test_package_json_is_an_es_module_with_types_and_no_runtime_dependencies(
         assert target[2:] in packed.files, target
 
 
+def install(packed: Packed, app: Path, *dependencies: str) -> None:
+    """Install the unpacked tarball into ``app``'s node_modules, with ``dependencies`` (linked
+    from tests/js/node_modules) beside it."""
+    modules = app / "node_modules"
+    shutil.copytree(packed.root, modules / "asgi-session-sync")
+    for name in dependencies:
+        source = JS_TESTS / "node_modules" / name
+        if not source.exists():
+            if os.environ.get("CI"):
+                pytest.fail(f"CI must run this test: run `npm ci --prefix tests/js` for {name}")
+            pytest.skip(f"run `npm ci --prefix tests/js` for {name}")
+        (modules / name).parent.mkdir(parents=True, exist_ok=True)
+        (modules / name).symlink_to(source, target_is_directory=True)
+
+
 def test_the_installed_package_resolves_under_node_through_its_exports(
     packed: Packed, tmp_path: Path
 ) -> None:
+    # Without React: the core entry point has no dependency at all.
     node = node_or_skip()
     app = tmp_path / "app"
-    shutil.copytree(packed.root, app / "node_modules" / "asgi-session-sync")
+    install(packed, app)
     script = """
         const client = await import("asgi-session-sync");
         let deep = null;
@@ -223,8 +251,39 @@ def test_the_installed_package_resolves_under_node_through_its_exports(
     assert found["deep"] == "ERR_PACKAGE_PATH_NOT_EXPORTED"
 
 
+SERVER_RENDER = """
+    import { createElement } from "react";
+    import { renderToString } from "react-dom/server";
+    import { useSessionSync } from "asgi-session-sync/react";
+
+    function Status() {
+        const { status, session, streaming } = useSessionSync("ws://127.0.0.1:9/ws/sessions/a");
+        return createElement("p", null, `${status} ${session} ${streaming}`);
+    }
+    console.log(JSON.stringify({
+        resolved: import.meta.resolve("asgi-session-sync/react"),
+        html: renderToString(createElement(Status)),
+    }));
+"""
+
+
+def test_the_react_entry_point_resolves_and_renders_on_the_server(
+    packed: Packed, tmp_path: Path
+) -> None:
+    # The hook with React as the app's own dependency; rendering on the server (Next.js and
+    # the like) runs no effect, so it opens nothing and touches no browser global.
+    node = node_or_skip()
+    app = tmp_path / "app"
+    install(packed, app, "react", "react-dom", "scheduler")
+    found = json.loads(run([node, "--input-type=module", "--eval", SERVER_RENDER], app))
+    assert found["resolved"].endswith("/asgi-session-sync/dist/session-sync-react.js")
+    assert found["html"] == "<p>connecting undefined false</p>"
+
+
 CONSUMER = """
+import { createElement } from "react";
 import { SessionSync, applyPatch, type SessionPatch } from "asgi-session-sync";
+import { useSessionSync, type SessionSyncView, type SessionStatus } from "asgi-session-sync/react";
 
 interface Chat {
   title: string;
@@ -234,6 +293,14 @@ const sync = new SessionSync<Chat>({ url: "/ws/sessions/abc", onSession: (chat) 
 const title: string | undefined = sync.session?.title;
 const next: Chat = applyPatch<Chat>({ title: "a" }, [{ op: "replace", path: "/title", value: 1 }]);
 const patch: SessionPatch["type"] = "session_patch";
+
+export function View() {
+  const view: SessionSyncView<Chat> = useSessionSync<Chat>("/ws/sessions/abc", {
+    isStreaming: (chat) => chat.title.endsWith("…"),
+  });
+  const status: SessionStatus = view.status;
+  return createElement("p", { onClick: view.reconnect }, `${status} ${view.session?.title}`);
+}
 export { next, patch, title };
 """
 
@@ -247,7 +314,7 @@ def test_the_installed_package_types_resolve_for_typescript(
     tsc = tsc_or_skip()
     node = node_or_skip()
     app = tmp_path / "app"
-    shutil.copytree(packed.root, app / "node_modules" / "asgi-session-sync")
+    install(packed, app, "react", "@types/react")
     (app / "package.json").write_text(json.dumps({"type": "module", "private": True}))
     (app / "index.ts").write_text(CONSUMER)
     config = {

@@ -87,6 +87,15 @@ export interface SessionEvent {
  */
 export type ConnectionState = "connecting" | "live" | "reconnecting" | "closed";
 
+/**
+ * The session's status, as a page shows it (the React hook reports the same names):
+ * "connecting": no state yet, connecting; "live": open, the state current;
+ * "syncing": the client found its state behind (a lost or invalid patch) and is resyncing;
+ * "stale": reconnecting after a drop, showing a state that may have fallen behind;
+ * "offline": the browser is offline and nothing arrives; "closed": stopped.
+ */
+export type SessionStatus = "connecting" | "live" | "syncing" | "stale" | "offline" | "closed";
+
 export interface StateDetail {
   /** Failed attempts since the last stable connection. */
   attempt: number;
@@ -109,6 +118,8 @@ export interface SessionSyncOptions<S = unknown> {
   onSession: (session: S, event: SessionUpdate<S> | SessionPatch) => void;
   /** Called when the connection state changes. */
   onState?: (state: ConnectionState, detail: StateDetail) => void;
+  /** Called when the session's status changes (the names the React hook reports). */
+  onStatus?: (status: SessionStatus, detail: StateDetail) => void;
   /** Called for every other event (including "session_synced"; never for heartbeats). */
   onEvent?: (event: SessionEvent) => void;
   /** Query parameter carrying the last applied version. Default "since". */
@@ -180,6 +191,8 @@ export class SessionSync<S = unknown> {
   >;
   /** The connection state. */
   readonly state: ConnectionState;
+  /** The session's status, as a page shows it. */
+  readonly status: SessionStatus;
   /** The version of the state last applied, or null. */
   readonly version: Version | null;
   /** The session followed (options.sessionId, or the one the last snapshot named), or null. */

@@ -7,7 +7,9 @@
 // applied as `since` on reconnect. Takes the first `session_update` of each connection, and any
 // marked `"reset": true`, as the server's truth, then applies newer `session_update` and chained
 // `session_patch` events (RFC 6902 JSON Patch, and protocol v3's `append` of text to a string),
-// never rolling back to an older state.
+// never rolling back to an older state. Reports the connection's state (onState) and the
+// session's status as a page shows it (onStatus: connecting, live, syncing, stale, offline,
+// closed; the React hook in session-sync-react.js reports the same).
 //
 //   import { SessionSync } from "/static/session-sync/session-sync.js";
 //   const sync = new SessionSync({
@@ -443,6 +445,12 @@ export class SessionSync {
     }
     /** Until start(), and after close(), "closed". */
     this.state = "closed";
+    /** The session's status, as a page shows it: see statusNow(). */
+    this.status = "closed";
+    /** The client dropped its connection because its state is behind (a gap, a bad patch). */
+    this.behind = false;
+    /** The wait before the scheduled attempt, in ms; 0 when none is scheduled. */
+    this.delay = 0;
     /** The version of the state last applied, or null. */
     this.version = null;
     /** The state last applied. */
@@ -465,6 +473,7 @@ export class SessionSync {
     this.offlineAt = null; // Date.now() of the last "offline" event, until the next "online"
     this.onOffline = () => {
       this.offlineAt = Date.now();
+      this.updateStatus();
     };
     this.onOnline = () => this.cameOnline();
     this.onVisibility = () => this.visibilityChanged();
@@ -477,6 +486,9 @@ export class SessionSync {
     if (typeof addEventListener === "function") {
       addEventListener("online", this.onOnline);
       addEventListener("offline", this.onOffline);
+    }
+    if (typeof navigator !== "undefined" && navigator.onLine === false) {
+      this.offlineAt = Date.now();
     }
     if (typeof document !== "undefined") {
       document.addEventListener("visibilitychange", this.onVisibility);
@@ -531,6 +543,7 @@ export class SessionSync {
   /** @private */
   connect() {
     const Impl = this.options.WebSocketImpl || WebSocket;
+    this.delay = 0;
     this.setState(this.attempt === 0 && this.version === null ? "connecting" : "reconnecting", 0);
     const socket = new Impl(this.currentUrl(), this.options.protocols);
     this.socket = socket;
@@ -555,7 +568,11 @@ export class SessionSync {
     socket.onmessage = (message) => {
       if (this.socket !== socket) return;
       this.lastReceived = Date.now();
+      // The server sends a connection's snapshot first, or nothing when it finds the client
+      // current: after the first frame, a client that resynced is no longer behind.
+      this.behind = false;
       if (typeof message.data === "string") this.receive(message.data);
+      else if (this.status !== "live") this.updateStatus();
     };
     socket.onclose = (event) => {
       if (this.socket !== socket) return;
@@ -612,9 +629,14 @@ export class SessionSync {
     }
   }
 
-  /** @private Drop the current socket and reconnect after the backoff delay. */
-  restart(reason) {
+  /**
+   * @private
+   * Drop the current socket and reconnect after the backoff delay; `behind` when the state
+   * shown is known to be behind the server's (status "syncing" until the resync arrives).
+   */
+  restart(reason, behind = false) {
     if (this.stopped) return;
+    if (behind) this.behind = true;
     this.cancelTimer();
     this.abandon(reason);
     this.scheduleReconnect();
@@ -632,6 +654,7 @@ export class SessionSync {
     const ceiling = Math.min(maxDelay, minDelay * Math.pow(factor, this.attempt));
     const delay = Math.round(ceiling * (1 - jitter * Math.random()));
     this.attempt += 1;
+    this.delay = delay;
     this.setState("reconnecting", delay);
     this.timer = setTimeout(() => {
       this.timer = null;
@@ -672,6 +695,7 @@ export class SessionSync {
     const missed = offlineSince !== null && this.lastReceived <= offlineSince;
     const silent = now - this.lastReceived >= this.staleLimit();
     if (!open || missed || silent) this.reconnect();
+    else this.updateStatus();
   }
 
   /**
@@ -699,6 +723,12 @@ export class SessionSync {
    * @param {string} text
    */
   receive(text) {
+    this.judge(text);
+    if (this.status !== "live") this.updateStatus();
+  }
+
+  /** @private Apply one frame's text: see receive(). */
+  judge(text) {
     let event;
     try {
       event = JSON.parse(text);
@@ -778,14 +808,14 @@ export class SessionSync {
     const current = this.version;
     if (current === null) {
       // A state without a version can never be patched; no state at all is a gap.
-      if (!this.known) this.restart(`patch gap: base_version ${base}, no state yet`);
+      if (!this.known) this.restart(`patch gap: base_version ${base}, no state yet`, true);
       return;
     }
     if (base !== current) {
       if (version <= current) return; // already applied or superseded
       // A patch was lost (base ahead), or this one overlaps the client's version: resync from a
       // fresh snapshot, resuming with `since`.
-      this.restart(`patch gap: base_version ${base}, have ${current}`);
+      this.restart(`patch gap: base_version ${base}, have ${current}`, true);
       return;
     }
     let session;
@@ -794,7 +824,7 @@ export class SessionSync {
     } catch (error) {
       // The state is untouched, but no longer the server's: resync.
       console.warn("session-sync: resyncing after an invalid patch:", error);
-      this.restart("invalid patch");
+      this.restart("invalid patch", true);
       return;
     }
     this.session = session;
@@ -827,6 +857,34 @@ export class SessionSync {
     this.state = state;
     if (changed && this.options.onState) {
       this.options.onState(state, { attempt: this.attempt, delay });
+    }
+    this.updateStatus();
+  }
+
+  /**
+   * The session's status, as a page shows it, from the connection's state and what the client
+   * holds (the table is in docs/guides/frontend.md):
+   * "closed" when stopped; "offline" while the browser says so and nothing arrived since;
+   * "connecting" until a first state is applied; "live" when the connection is open;
+   * "syncing" while the client resyncs a state it knows is behind (a gap, a bad patch);
+   * "stale" while it reconnects with a state that may have fallen behind.
+   * @returns {"connecting" | "live" | "syncing" | "stale" | "offline" | "closed"}
+   */
+  statusNow() {
+    if (this.state === "closed") return "closed";
+    if (this.offlineAt !== null && this.lastReceived <= this.offlineAt) return "offline";
+    if (!this.known) return "connecting";
+    if (this.behind) return "syncing";
+    return this.state === "live" ? "live" : "stale";
+  }
+
+  /** @private Report the status to onStatus when it changed. */
+  updateStatus() {
+    const status = this.statusNow();
+    if (status === this.status) return;
+    this.status = status;
+    if (this.options.onStatus) {
+      this.options.onStatus(status, { attempt: this.attempt, delay: this.delay });
     }
   }
 }

@@ -12,9 +12,10 @@ A session is ``{"title": ..., "answer": {"text": ..., "status": ...}}``; its ans
 
 - ``/ws/sessions/{session_id}``: a WebSocket, the snapshot then live updates.
 - ``GET /sse/sessions/{session_id}``: the same as Server-Sent Events.
-- ``POST /sessions/{session_id}/tokens?count=N&text=T&status=S``: appends ``T`` to the answer
-  ``N`` times in one transaction, one version each (and sets the status to ``S`` with the last
-  one, when given), then publishes the ``N`` patches back to back; answers ``{"version": v}``.
+- ``POST /sessions/{session_id}/tokens?count=N&text=T&status=S&interval_ms=I``: appends ``T``
+  to the answer ``N`` times in one transaction, one version each (and sets the status to ``S``
+  with the last one, when given), then publishes the ``N`` patches, back to back or ``I`` ms
+  apart (a model's pace); answers ``{"version": v}``.
 - ``/static/session-sync/``: the shipped client (``STATIC_DIR``); ``/pages/``: the files of
   ``PAGES_DIR``, when set (the tests' pages).
 
@@ -35,6 +36,7 @@ from contextlib import asynccontextmanager, closing, contextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
 import anyio.to_thread
 import httpx
 import uvicorn
@@ -180,13 +182,16 @@ def create_app(store: Store, nats_url: str, pages: Path | None, heartbeat: float
         count = int(request.query_params.get("count", "1"))
         text = request.query_params.get("text", "token ")
         status = request.query_params.get("status")
+        interval = float(request.query_params.get("interval_ms", "0")) / 1000
         try:
             patches = await anyio.to_thread.run_sync(
                 store.append, session_id, [text] * count, status
             )
         except KeyError:
             return JSONResponse({"error": "no such session"}, status_code=404)
-        for operations, base_version, version in patches:
+        for index, (operations, base_version, version) in enumerate(patches):
+            if interval and index:
+                await anyio.sleep(interval)  # the pace tokens come at, not a synchronisation
             await bridge.publish_patch(
                 session_id, operations, base_version=base_version, version=version
             )
@@ -269,10 +274,18 @@ class AnswerApi:
         self.nats.stop()
 
     def post_tokens(
-        self, session_id: str, count: int, text: str = "token ", status: str | None = None
+        self,
+        session_id: str,
+        count: int,
+        text: str = "token ",
+        status: str | None = None,
+        interval_ms: float = 0,
     ) -> int:
-        """Append ``text`` ``count`` times through the API; the session's version after."""
-        params: dict[str, str | int] = {"count": count, "text": text}
+        """Append ``text`` ``count`` times through the API, published ``interval_ms`` apart;
+        the session's version after."""
+        params: dict[str, str | int | float] = {"count": count, "text": text}
+        if interval_ms:
+            params["interval_ms"] = interval_ms
         if status is not None:
             params["status"] = status
         response = httpx.post(f"{self.url}/sessions/{session_id}/tokens", params=params, timeout=10)

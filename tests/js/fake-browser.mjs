@@ -68,22 +68,32 @@ export class FakeWebSocket {
   }
 }
 
-/** Installs `addEventListener` (for "online") and `document` on globalThis; uninstall() after. */
+/**
+ * Installs `addEventListener` (for "online"), `document` and `navigator` (its `onLine`) on
+ * globalThis; uninstall() after.
+ */
 export class FakePage {
   constructor() {
     this.window = new EventTarget();
     this.document = new EventTarget();
     this.document.visibilityState = "visible";
+    this.navigator = { onLine: true };
     this.saved = {};
   }
 
   install() {
-    for (const name of ["addEventListener", "removeEventListener", "document"]) {
+    for (const name of ["addEventListener", "removeEventListener", "document", "navigator"]) {
       this.saved[name] = Object.getOwnPropertyDescriptor(globalThis, name);
     }
     globalThis.addEventListener = this.window.addEventListener.bind(this.window);
     globalThis.removeEventListener = this.window.removeEventListener.bind(this.window);
     globalThis.document = this.document;
+    // Node.js 21 and later define navigator as a getter: define, do not assign.
+    Object.defineProperty(globalThis, "navigator", {
+      value: this.navigator,
+      configurable: true,
+      writable: true,
+    });
     return this;
   }
 
@@ -95,10 +105,12 @@ export class FakePage {
   }
 
   goOffline() {
+    this.navigator.onLine = false;
     this.window.dispatchEvent(new Event("offline"));
   }
 
   goOnline() {
+    this.navigator.onLine = true;
     this.window.dispatchEvent(new Event("online"));
   }
 

@@ -363,6 +363,129 @@ describe("liveness", () => {
   });
 });
 
+describe("status (the names the React hook reports)", () => {
+  const STATUSES = ["connecting", "live", "syncing", "stale", "offline", "closed"];
+
+  /** A started client that records each status it reports. */
+  function watched(options = {}) {
+    const statuses = [];
+    const sync = client({
+      minDelay: 100,
+      onStatus: (status, detail) => statuses.push([status, detail.delay]),
+      ...options,
+    });
+    return { sync, statuses, names: () => statuses.map(([status]) => status) };
+  }
+
+  test("connecting until the first state, live, stale while it reconnects, live again", () => {
+    const { sync, names, statuses } = watched();
+    assert.equal(sync.status, "connecting");
+    server.last.open();
+    assert.equal(sync.status, "connecting"); // open, but nothing to show yet
+    server.last.send(update(1));
+    assert.equal(sync.status, "live");
+    server.last.drop(1012);
+    assert.equal(sync.status, "stale");
+    assert.deepEqual(statuses.at(-1), ["stale", 100]); // with the wait before the retry
+    waitOut(100);
+    assert.equal(sync.status, "stale"); // the attempt is under way
+    server.last.open();
+    assert.equal(sync.status, "live"); // resumed: the server sends nothing when current
+    sync.close();
+    assert.deepEqual(names(), ["connecting", "live", "stale", "live", "closed"]);
+  });
+
+  test("a gap makes it syncing until the resync's first frame, then live", () => {
+    const { sync, names } = watched();
+    server.last.open();
+    server.last.send(update(1));
+    server.last.send(patch(5, 6, [])); // base ahead: a patch was lost
+    assert.equal(sync.status, "syncing");
+    waitOut(100);
+    server.last.open();
+    assert.equal(sync.status, "syncing"); // open, the snapshot still on its way
+    server.last.send(update(6));
+    assert.equal(sync.status, "live");
+    assert.deepEqual(names(), ["connecting", "live", "syncing", "live"]);
+    sync.close();
+  });
+
+  test("an invalid patch makes it syncing, and a drop meanwhile keeps it syncing", (t) => {
+    t.mock.method(console, "warn", () => {});
+    const { sync, names } = watched();
+    server.last.open();
+    server.last.send(update(1, { n: 1 }));
+    server.last.send(patch(1, 2, [{ op: "test", path: "/n", value: 2 }]));
+    assert.equal(sync.status, "syncing");
+    waitOut(100);
+    server.last.drop(1006); // the resync's attempt fails: still behind
+    assert.equal(sync.status, "syncing");
+    waitOut(200);
+    server.last.open();
+    server.last.send(update(2, { n: 2 }));
+    assert.equal(sync.status, "live");
+    assert.deepEqual(names(), ["connecting", "live", "syncing", "live"]);
+    sync.close();
+  });
+
+  test("offline while the browser says so and nothing arrives, live again after", () => {
+    const { sync, names } = watched();
+    server.last.open();
+    server.last.send(update(1));
+    page.goOffline();
+    assert.equal(sync.status, "offline");
+    mock.timers.tick(10);
+    server.last.send({ type: "heartbeat" }); // frames still arrive (a local server): not offline
+    assert.equal(sync.status, "live");
+    page.goOffline();
+    page.goOnline(); // nothing arrived since: reconnect at once
+    assert.equal(sync.status, "stale");
+    server.last.open();
+    assert.equal(sync.status, "live");
+    assert.deepEqual(names(), ["connecting", "live", "offline", "live", "offline", "stale", "live"]);
+    sync.close();
+  });
+
+  test("a page that starts offline is offline, and connecting once it comes online", () => {
+    page.navigator.onLine = false;
+    const { sync, names } = watched();
+    assert.equal(sync.status, "offline");
+    page.goOnline();
+    assert.equal(sync.status, "connecting");
+    assert.deepEqual(names(), ["offline", "connecting"]);
+    sync.close();
+  });
+
+  test("closed before start(), after close() and after a final refusal", () => {
+    const idle = new SessionSync({ url: "ws://example.test/ws", onSession: () => {} });
+    assert.equal(idle.status, "closed");
+    const { sync, names } = watched();
+    server.last.open();
+    server.last.send(update(1));
+    server.last.drop(4403);
+    assert.equal(sync.status, "closed");
+    assert.deepEqual(names(), ["connecting", "live", "closed"]);
+  });
+
+  test("every status reported is one of the six the hook reports", () => {
+    const { sync, statuses } = watched();
+    server.last.drop();
+    waitOut(100);
+    server.last.open();
+    server.last.send(update(1));
+    server.last.send(patch(3, 4, []));
+    page.goOffline();
+    waitOut(200);
+    page.goOnline();
+    sync.close();
+    assert.ok(statuses.length >= 4);
+    assert.deepEqual(
+      statuses.filter(([status]) => !STATUSES.includes(status)),
+      [],
+    );
+  });
+});
+
 describe("reconnect()", () => {
   test("drops the socket and connects again now, resuming", () => {
     const sync = client();

@@ -1,77 +1,52 @@
-// useSessionSync: a React hook around SessionSync. Copy it into your app (it is not shipped);
-// tests/js/tsconfig.json type-checks this file against session-sync.d.ts and @types/react.
-import { useEffect, useRef, useState } from "react";
+// A typed use of the shipped React hook, as an app that installed the package writes it;
+// tests/js/tsconfig.json maps "asgi-session-sync" to asgi_session_sync/static/ and checks this
+// file with `npx tsc --noEmit -p tests/js` (in CI). docs/guides/frontend.md shows the part
+// between the snippet markers.
+// --8<-- [start:component]
+import { createRoot } from "react-dom/client";
 
-import {
-  SessionSync,
-  type ConnectionState,
-  type SessionSyncOptions,
-  type Version,
-} from "./session-sync.js";
+import { useSessionSync, type SessionStatus } from "asgi-session-sync/react";
 
-type HookOptions<S> = Omit<SessionSyncOptions<S>, "url" | "onSession" | "onState">;
-
-export interface SessionSyncView<S> {
-  /** The state last applied; undefined until the first snapshot. */
-  session: S | undefined;
-  /** Its version, or null. */
-  version: Version | null;
-  /** The connection state. */
-  state: ConnectionState;
-  /** Drop the connection and connect again now. */
-  reconnect: () => void;
+interface Interaction {
+  id: string;
+  prompt: string;
+  response: string;
+  status: "pending" | "streaming" | "complete" | "cancelled" | "interrupted";
 }
 
-/**
- * Keeps `session` current for the session at `url` while the component is mounted. A new `url`
- * opens a new connection; `options` are read when the connection opens (keep `onEvent` stable,
- * or read what it needs from a ref).
- */
-export function useSessionSync<S>(url: string, options: HookOptions<S> = {}): SessionSyncView<S> {
-  const [view, setView] = useState<Omit<SessionSyncView<S>, "reconnect">>({
-    session: undefined,
-    version: null,
-    state: "connecting",
-  });
-  const sync = useRef<SessionSync<S> | null>(null);
-  const latestOptions = useRef(options);
-  latestOptions.current = options;
-
-  useEffect(() => {
-    const client = new SessionSync<S>({
-      ...latestOptions.current,
-      url,
-      // Each applied state is a new object that shares its unchanged parts with the previous
-      // one, so memoised children of unchanged parts skip re-rendering.
-      onSession: (session, event) =>
-        setView((view) => ({ ...view, session, version: event.version ?? null })),
-      onState: (state) => setView((view) => ({ ...view, state })),
-    }).start();
-    sync.current = client;
-    return () => {
-      client.close();
-      sync.current = null;
-    };
-  }, [url]);
-
-  return { ...view, reconnect: () => sync.current?.reconnect() };
-}
-
-// Use:
 interface Chat {
   title: string;
-  interactions: { id: string; prompt: string; response: string }[];
+  interactions: Interaction[];
 }
 
+const LABELS: Record<SessionStatus, string> = {
+  connecting: "Connecting…",
+  live: "Live",
+  syncing: "Catching up…",
+  stale: "Reconnecting…",
+  offline: "Offline",
+  closed: "Closed",
+};
+
 export function ChatView({ sessionId }: { sessionId: string }) {
-  const { session, state, reconnect } = useSessionSync<Chat>(`/ws/sessions/${sessionId}`, {
-    heartbeatInterval: 15_000, // the server sends a heartbeat every 15 s
-  });
-  if (session === undefined) return <p>Loading… ({state})</p>;
+  const { session, status, version, streaming, reconnect } = useSessionSync<Chat>(
+    `/ws/sessions/${sessionId}`,
+    {
+      heartbeatInterval: 15_000, // the server sends a heartbeat every 15 s
+      connectTimeout: 10_000,
+      isStreaming: (chat) => chat.interactions.some((i) => i.status === "streaming"),
+      onEvent: (event) => console.debug(event.type),
+    },
+  );
+  const badge = <span className={`status status-${status}`}>{LABELS[status]}</span>;
+  if (session === undefined) return <p>Loading… {badge}</p>;
   return (
     <article>
-      <h2>{session.title}</h2>
-      {state !== "live" && <button onClick={reconnect}>Reconnect now ({state})</button>}
+      <h2>
+        {session.title} {badge}
+      </h2>
+      {status !== "live" && <button onClick={reconnect}>Reconnect now</button>}
+      {streaming && <p className="typing">The assistant is answering…</p>}
       <ol>
         {session.interactions.map((interaction) => (
           <li key={interaction.id}>
@@ -80,6 +55,22 @@ export function ChatView({ sessionId }: { sessionId: string }) {
           </li>
         ))}
       </ol>
+      <footer>version {version ?? "none"}</footer>
     </article>
   );
 }
+
+const root = document.getElementById("root");
+if (root !== null) createRoot(root).render(<ChatView sessionId="abc" />);
+// --8<-- [end:component]
+
+// Without a session to follow yet: no connection, status "closed".
+export function Maybe({ sessionId }: { sessionId: string | null }) {
+  const { status } = useSessionSync<Chat>(sessionId && `/ws/sessions/${sessionId}`);
+  return <p>{status}</p>;
+}
+
+// @ts-expect-error: "reconnecting" is a connection state (onState), not a status.
+export const wrong: SessionStatus = "reconnecting";
+// @ts-expect-error: isStreaming takes the session's type.
+useSessionSync<Chat>("/ws", { isStreaming: (chat: { other: number }) => chat.other > 0 });
