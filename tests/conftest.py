@@ -69,23 +69,28 @@ async def follow_a_prompt(
     """Follow the examples' stream of one prompt from ``snapshot`` (a ``session_update``).
 
     The prompt comes first, as a patch from the snapshot's version appending its interaction
-    (whatever the session's size); then token patches until the response is done. Returns the
-    state they build, by RFC 6902 (``jsonpatch``), and the token patches. Bounded by ``within``
-    seconds.
+    (whatever the session's size); then the answer's patches (the claim, ``append`` deltas,
+    the end), each chained on the one before, until the response is done. Returns the state
+    they build (:func:`asgi_session_sync.protocol.apply_patch`: RFC 6902 and ``append``) and
+    the answer's patches. Bounded by ``within`` seconds.
     """
     import anyio
-    import jsonpatch
+
+    from asgi_session_sync.protocol import apply_patch
 
     prompt = await receive_event()
     assert prompt["type"] == "session_patch"
     assert (prompt["base_version"], prompt["version"]) == (1, 2)
     assert [(op["op"], op["path"]) for op in prompt["patch"]] == [("add", "/interactions/-")]
-    state, patches = jsonpatch.apply_patch(snapshot["session"], prompt["patch"]), []
+    state, patches = apply_patch(snapshot["session"], prompt["patch"]), []
+    version = prompt["version"]
     with anyio.fail_after(within):
         while not state["interactions"][-1]["done"]:
             patch = await receive_event()
+            assert patch["type"] == "session_patch", patch
+            assert patch["base_version"] == version, (patch, version)
             patches.append(patch)
-            state = jsonpatch.apply_patch(state, patch["patch"])
+            state, version = apply_patch(state, patch["patch"]), patch["version"]
     return state, patches
 
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 
+from asgi_session_sync.protocol import apply_patch, utf16_length
 from examples.chat.store import WORKER_LOST
 from examples.chat.worker import simulated_tokens
 
@@ -234,7 +235,7 @@ def finish_and_compare(page: Any, stack: ExampleStack, session_id: str) -> dict[
     return shown
 
 
-def test_response_streams_into_the_page_token_by_token_as_patches(
+def test_response_streams_into_the_page_as_appends_chained_to_the_database_text(
     running: ExampleStack, example: Example, page: Any, shots: Path
 ) -> None:
     frames: list[dict[str, Any]] = []
@@ -249,20 +250,38 @@ def test_response_streams_into_the_page_token_by_token_as_patches(
 
     final = "".join(simulated_tokens(TOKENS))
     shown = page.evaluate("window.responsesShown")
-    # Token by token: the page showed growing prefixes of the final text, most tokens apart.
+    # Streamed: the page showed growing prefixes of the final text, many steps apart.
     assert shown[-1] == final
     assert all(final.startswith(text) for text in shown)
     assert all(len(a) < len(b) for a, b in itertools.pairwise(shown))
-    assert len(shown) >= TOKENS // 2, shown
-    # The prompt and each token came as a small patch of the one interaction, chained version
-    # by version: the prompt appends it, each token replaces its response.
-    patches = [frame for frame in frames if frame.get("type") == "session_patch"]
-    assert len(patches) == TOKENS + 1, [frame.get("type") for frame in frames]
-    assert all(p["version"] == p["base_version"] + 1 for p in patches)
-    assert [op["path"] for op in patches[0]["patch"]] == ["/interactions/-"]
-    tokens = patches[1:]
-    assert all(op["path"].startswith("/interactions/0/") for p in tokens for op in p["patch"])
-    assert max(len(json.dumps(p)) for p in patches) < 1024
+    assert len(shown) >= TOKENS // 4, shown
+    # Every update after the snapshot came as a patch of the one interaction, each chained on
+    # the one before (the stream's versions skip ahead: the chain is what holds, not +1).
+    [snapshot, *updates] = [
+        f for f in frames if f.get("type") in ("session_update", "session_patch")
+    ]
+    assert snapshot["type"] == "session_update"
+    assert [f["type"] for f in updates] == ["session_patch"] * len(updates)
+    versions = [snapshot["version"], *(p["version"] for p in updates)]
+    assert [p["base_version"] for p in updates] == versions[:-1]
+    assert [(op["op"], op["path"]) for op in updates[0]["patch"]] == [("add", "/interactions/-")]
+    operations = [op for p in updates[1:] for op in p["patch"]]
+    assert all(op["path"].startswith("/interactions/0/") for op in operations)
+    # The text came as appends of the new words only, each at the length of the text before
+    # it (UTF-16 units), coalesced: no more deltas than tokens, each patch small.
+    appends = [op for op in operations if op["path"] == "/interactions/0/response"]
+    assert {op["op"] for op in appends} == {"append"}
+    assert 2 <= len(appends) <= TOKENS
+    offsets = list(itertools.accumulate((utf16_length(op["value"]) for op in appends), initial=0))
+    assert [op["offset"] for op in appends] == offsets[:-1]
+    assert "".join(op["value"] for op in appends) == final
+    assert max(len(json.dumps(p)) for p in updates) < 1024
+    state = snapshot["session"]
+    for update in updates:
+        state = apply_patch(state, update["patch"])
+    assert state["interactions"][0]["response"] == final
+    assert state["interactions"][0]["status"] == "complete"
+    assert state["interactions"][0]["done"]
 
 
 def test_api_killed_mid_stream_page_catches_up_then_streams_to_the_end(
