@@ -64,6 +64,9 @@ def test_browser_client_passes_its_node_test_suites() -> None:
     assert passed is not None, result.stdout
     assert int(passed.group(1)) > 0, result.stdout
     assert re.search(r"^# fail 0$", result.stdout, re.MULTILINE), result.stdout
+    # The suites' benchmark figures (pytest -s shows them).
+    for figure in re.findall(r"^\s*# (benchmark: .*)$", result.stdout, re.MULTILINE):
+        print(figure)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -552,7 +552,12 @@ def test_chromium_applies_5000_adds_to_a_50000_item_list_in_milliseconds(
             """() => {
                 const item = (i) => ({ id: i, text: `item ${i}`, done: false });
                 const document = { items: Array.from({ length: 50000 }, (_, i) => item(i)) };
-                const timings = {};
+                const timings = { structuredClone: [] };
+                for (let run = 0; run < 3; run++) {
+                    const start = performance.now();
+                    structuredClone(document);
+                    timings.structuredClone.push(performance.now() - start);
+                }
                 const paths = [["-", () => "/items/-"], ["index", (i) => `/items/${i}`]];
                 for (const [how, path] of paths) {
                     const patch = Array.from({ length: 5000 }, (_, i) => (
@@ -573,6 +578,10 @@ def test_chromium_applies_5000_adds_to_a_50000_item_list_in_milliseconds(
         )
     finally:
         page.close()
-    print(f"chromium, 5,000 adds to a 50,000-item list, three runs each (ms): {timings}")
+    floor = min(timings.pop("structuredClone"))
+    print(
+        f"chromium, 5,000 adds to a 50,000-item list, three runs each (ms): {timings};"
+        f" one structuredClone of the document (the floor): {floor:.1f} ms"
+    )
     for how, runs in timings.items():
         assert min(runs) < 500, (how, runs)
