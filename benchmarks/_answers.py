@@ -118,7 +118,7 @@ def status_path(interactions: int) -> str:
 def answer_tokens(count: int) -> list[str]:
     """An answer of ``count`` tokens: the words of :data:`FILLER`, each with a leading space.
 
-    5 to 12 characters each, 6.7 on average; ASCII, so a token's UTF-16 length is its bytes.
+    4 to 12 characters each, 7.1 on average; ASCII, so a token's UTF-16 length is its bytes.
     """
     words = FILLER.split()
     return [f" {words[i % len(words)]}" for i in range(count)]

@@ -70,7 +70,10 @@ INTERACTIONS = 20
 
 @dataclass(frozen=True)
 class AnswerLoadOptions:
-    """Answers at once, tabs per answer, their rate and length; both variants every round."""
+    """Answers at once, tabs per answer, their rate and length; both variants every round.
+
+    ``timeout`` is the seconds a load may take beyond its answers' length at their rate.
+    """
 
     QUICK: ClassVar[dict[str, Any]] = {"rounds": 1, "answers": 4, "tabs": 2, "tokens": 50}
 
@@ -80,7 +83,7 @@ class AnswerLoadOptions:
     token_rate: float = 50.0
     tokens: int = 500
     warmup_tokens: int = 10
-    timeout: float = 120.0
+    timeout: float = 60.0
 
 
 async def load(
@@ -93,7 +96,7 @@ async def load(
     tabs: list[Tab] = []
     versions: dict[str, int] = {}
     try:
-        with anyio.fail_after(options.timeout):
+        with anyio.fail_after(options.timeout + tokens / options.token_rate):
             for session_id in sessions:
                 for _ in range(options.tabs):
                     tabs.append(await Tab.open(server.process.port, session_id))

@@ -112,7 +112,13 @@ FRAME_BUDGET = 200  # append: bytes per token per client at the longest, at most
 
 @dataclass(frozen=True)
 class TokenCostOptions:
-    """Sessions, tokens and clients; every mode and size is measured once per round."""
+    """Sessions, tokens and clients, answer lengths and their rate; every mode, size and length
+    is measured once per round.
+
+    ``tokens`` is the stream of each size, ``lengths`` the answers' (at ``token_rate`` tokens
+    per second); ``timeout`` is the seconds a stream may take, beyond an answer's own length
+    at its rate.
+    """
 
     QUICK: ClassVar[dict[str, Any]] = {
         "rounds": 1,
@@ -130,7 +136,7 @@ class TokenCostOptions:
     warmup_tokens: int = 5
     lengths: tuple[int, ...] = (50, 1000, 10000)
     token_rate: float = 500.0
-    timeout: float = 120.0
+    timeout: float = 60.0
 
 
 def expected_session(options: TokenCostOptions, size: int) -> Any:
@@ -265,7 +271,7 @@ async def answer(
     tabs: list[Tab] = []
     arrivals = Forwarded()  # frames read by the tabs, for the replace mode's lock-step
     try:
-        with anyio.fail_after(options.timeout):
+        with anyio.fail_after(options.timeout + length / options.token_rate):
             for _ in range(options.clients):
                 tabs.append(await Tab.open(server.process.port, ANSWER_SESSION))
             cpu_before, nats_before = await server.control.cpu(), cpu_seconds(env.pid)

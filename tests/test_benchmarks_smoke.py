@@ -86,7 +86,7 @@ def test_token_cost_alone_compares_full_state_and_patches_in_the_report(tmp_path
     assert by_size["1000"]["patch"]["bytes_per_token"]["median"] < 1_000
     # A replace carries the answer so far; an append, the tokens since the last delta.
     by_length = summary["by_length"]
-    # 6.7 characters per token: the 200th replace carries 1,340 bytes of text.
+    # 7.1 characters per token: the 200th replace carries 1,425 bytes of text.
     assert by_length["200"]["replace"]["bytes_per_token"]["median"] > 500
     assert by_length["200"]["append"]["bytes_per_token"]["median"] < 200
     assert by_length["200"]["replace"]["db_writes"]["median"] == 200
