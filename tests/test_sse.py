@@ -959,3 +959,16 @@ async def test_an_app_that_sends_a_body_before_its_start_is_logged_and_fails_as_
     assert wrapped.protocol_errors == bare.protocol_errors != []
     assert type(wrapped.app_error) is type(bare.app_error) is RuntimeError
     assert "before http.response.start" in caplog.text
+
+
+async def test_a_text_plain_body_on_a_served_path_passes_untouched_and_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    loader = VersionedLoader()
+    with caplog.at_level(logging.DEBUG, logger="asgi_session_sync"):
+        client = await whole_response(wrap(text_app, loader), "/sse/sessions/s1")
+    assert bytes(client.body) == b"one\n\ntwo\n"
+    assert loader.calls == []
+    # Issue 22, point 5: a non-SSE body on an SSE path gets a defined outcome and a log line.
+    logged = [record.getMessage() for record in caplog.records]
+    assert any("session_id=s1" in line for line in logged), logged
