@@ -972,3 +972,24 @@ async def test_a_text_plain_body_on_a_served_path_passes_untouched_and_is_logged
     # Issue 22, point 5: a non-SSE body on an SSE path gets a defined outcome and a log line.
     logged = [record.getMessage() for record in caplog.records]
     assert any("session_id=s1" in line for line in logged), logged
+
+
+async def test_an_event_stream_whose_body_is_not_events_reaches_the_client_after_the_window() -> (
+    None
+):
+    # text/event-stream, but no blank line ever ends an event (NDJSON, plain lines): the fence
+    # has nothing to judge, and fence_max_seconds bounds how long it may hold the bytes.
+    async def ndjson(scope: Scope, receive: Receive, send: Send) -> None:
+        start = {"type": "http.response.start", "status": 200}
+        await send({**start, "headers": [(b"content-type", b"text/event-stream")]})
+        await send({"type": "http.response.body", "body": b'{"token": "a"}\n', "more_body": True})
+        await anyio.sleep(0.3)  # a deliberate timing: the next line comes after the window
+        await send({"type": "http.response.body", "body": b'{"token": "b"}\n', "more_body": True})
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    async with open_response(wrap(ndjson, fence_max_seconds=0.1), "/sse/sessions/s1") as client:
+        assert_snapshot_event(await client.next_event(), "s1")
+        with anyio.move_on_after(1.0):
+            await client.wait_for(lambda: client.body.endswith(b'{"token": "b"}\n'))
+    assert client.body.endswith(b'{"token": "a"}\n{"token": "b"}\n'), bytes(client.body)
