@@ -993,3 +993,35 @@ async def test_an_event_stream_whose_body_is_not_events_reaches_the_client_after
         with anyio.move_on_after(1.0):
             await client.wait_for(lambda: client.body.endswith(b'{"token": "b"}\n'))
     assert client.body.endswith(b'{"token": "a"}\n{"token": "b"}\n'), bytes(client.body)
+
+
+async def test_a_ping_sent_while_the_start_is_held_follows_the_start_and_the_snapshot() -> None:
+    # sse-starlette pings from a task of its own, every `ping` seconds from the response's
+    # start: with a ping shorter than the load, one is sent while the middleware holds the start.
+    loading, release = anyio.Event(), anyio.Event()
+
+    class SlowLoader(VersionedLoader):
+        async def __call__(self, ctx: SessionContext) -> Any:
+            loading.set()
+            await release.wait()
+            return await super().__call__(ctx)
+
+    async def events(request: Request) -> EventSourceResponse:
+        return EventSourceResponse(greeting_events(), ping=0.01)
+
+    app = Starlette(
+        routes=[Route("/sse/sessions/{session_id}", events)],
+        middleware=[Middleware(SessionSyncMiddleware, loader=SlowLoader(), paths=PATHS)],
+    )
+    async with open_response(app, "/sse/sessions/s1") as client:
+        with anyio.fail_after(WAIT):
+            await loading.wait()
+        with anyio.move_on_after(0.2):  # twenty ping periods while the start is held
+            await client.wait_for(lambda: bool(client.chunks or client.protocol_errors))
+        assert client.protocol_errors == [], "a ping went to the server before the start"
+        release.set()
+        snapshot, greeting = await client.events(2)
+        await client.wait_for(lambda: bool(client.parser.comments))  # the pings, after them
+    assert client.app_error is None, client.app_error
+    assert_snapshot_event(snapshot, "s1")
+    assert greeting.type == "greeting"
