@@ -19,7 +19,7 @@ import json
 import logging
 import re
 import zlib
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -41,8 +41,10 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from asgi_session_sync import SessionContext, SessionSyncMiddleware, Snapshot
+from asgi_session_sync import SessionContext, SessionSync, SessionSyncMiddleware, Snapshot
 from asgi_session_sync._types import ASGIApp, Message, Receive, Scope, Send
+from asgi_session_sync.hub import Hub
+from asgi_session_sync.stats import BridgeStats
 from asgi_session_sync.testing import ClientDisconnected, connect_websocket
 
 pytestmark = pytest.mark.anyio
@@ -888,6 +890,162 @@ async def test_gzip_inside_leaves_the_stream_untouched_with_no_load_and_a_warnin
     assert gzip.decompress(bytes(client.body)) == HELLO
     assert loader.calls == []
     assert "the event stream is compressed by the app" in caplog.text
+
+
+# --------------------------------------------------------------------------------------------
+# The same service: single-flight, the TTL cache, authenticate, counters; accept_sse
+# --------------------------------------------------------------------------------------------
+
+
+async def test_concurrent_streams_of_a_session_share_one_load_and_are_counted() -> None:
+    release = anyio.Event()
+    loading = anyio.Event()
+
+    class HeldLoader(VersionedLoader):
+        async def __call__(self, ctx: SessionContext) -> Any:
+            loading.set()
+            await release.wait()
+            return await super().__call__(ctx)
+
+    loader = HeldLoader()
+    app = wrap(raw_sse_app(), loader)
+    async with (
+        open_response(app, "/sse/sessions/s1") as first,
+        open_response(app, "/sse/sessions/s1") as second,
+    ):
+        with anyio.fail_after(WAIT):
+            await loading.wait()
+        release.set()
+        for client in (first, second):
+            assert_snapshot_event(await client.next_event(), "s1")
+    assert len(loader.calls) == 1
+    assert (app.stats.connections, app.stats.snapshots_sent, app.stats.coalesced) == (2, 2, 1)
+
+
+async def test_the_ttl_cache_serves_a_later_stream() -> None:
+    loader = VersionedLoader()
+    app = wrap(raw_sse_app(), loader, cache_ttl=60)
+    for _ in range(2):
+        async with open_response(app, "/sse/sessions/s1") as client:
+            assert_snapshot_event(await client.next_event(), "s1")
+    assert (len(loader.calls), app.stats.cache_hits) == (1, 1)
+
+
+async def test_authenticate_names_the_user_the_loader_sees() -> None:
+    async def authenticate(scope: Scope) -> str | None:
+        return dict(scope["headers"]).get(b"authorization", b"").decode() or None
+
+    loader = VersionedLoader()
+    app = wrap(raw_sse_app(), loader, authenticate=authenticate)
+    async with open_response(app, "/sse/sessions/s1", headers=[("authorization", "bob")]) as c:
+        assert_snapshot_event(await c.next_event(), "s1")
+    assert [ctx.user for ctx in loader.calls] == ["bob"]
+
+
+async def test_accept_sse_refuses_an_invalid_session_id_before_sending_anything() -> None:
+    sync = SessionSync(VersionedLoader())
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    with pytest.raises(ValueError, match="invalid session id"):
+        await sync.accept_sse(http_scope("/sse/a.b"), send, "a.b")
+    assert sent == []
+
+
+class MemoryBroker:
+    """The hub's backend in memory: one subscriber per session, publishing delivers at once."""
+
+    def __init__(self) -> None:
+        self.subscribers: dict[str, Callable[[bytes], None]] = {}
+
+    async def subscribe_subject(
+        self, session_id: str, deliver: Callable[[bytes], None]
+    ) -> Callable[[], Awaitable[None]]:
+        self.subscribers[session_id] = deliver
+
+        async def unsubscribe() -> None:
+            del self.subscribers[session_id]
+
+        return unsubscribe
+
+    async def catch_up(self, session_id: str, version: int) -> bytes | None:
+        return None
+
+
+def memory_hub() -> tuple[Hub, MemoryBroker]:
+    broker = MemoryBroker()
+    hub = Hub(
+        broker,
+        stats=BridgeStats(),
+        max_socket_bytes=1 << 20,
+        max_process_bytes=1 << 24,
+        max_concurrent_resyncs=4,
+    )
+    return hub, broker
+
+
+def bridged_app(sync: SessionSync, hub: Hub, **forward: Any) -> ASGIApp:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        session_id = scope["path"].rsplit("/", 1)[-1]
+        async with hub.subscribe(session_id) as updates:
+            stream = await sync.accept_sse(scope, send, session_id)
+            await updates.forward(stream, receive, **forward)
+
+    return app
+
+
+async def test_a_bridged_stream_sends_each_update_with_its_version_as_id() -> None:
+    hub, broker = memory_hub()
+    sync = SessionSync(VersionedLoader())
+    async with open_response(bridged_app(sync, hub), "/sse/bridged/s1") as client:
+        assert_snapshot_event(await client.next_event(), "s1")
+        assert client.header("content-type") == "text/event-stream; charset=utf-8"
+        assert client.header("cache-control") == "no-cache"
+        assert client.header("x-accel-buffering") == "no"
+        # A multi-line JSON text is one event of several data: lines.
+        text = json.dumps(
+            {"type": "session_update", "session_id": "s1", "version": 8, "session": {"a": 1}},
+            indent=1,
+        )
+        broker.subscribers["s1"](text.encode())
+        event = await client.next_event()
+    assert (event.type, event.id, event.json()["version"]) == ("session_update", "8", 8)
+    assert bytes(client.body).count(b"\ndata: ") > 2
+    assert hub.sessions == 0
+
+
+async def test_a_bridged_stream_that_ends_on_the_server_ends_the_response() -> None:
+    hub, _ = memory_hub()
+    sync = SessionSync(VersionedLoader())
+    async with open_response(bridged_app(sync, hub), "/sse/bridged/s1") as client:
+        assert_snapshot_event(await client.next_event(), "s1")
+        hub.end_all()  # what the bridge does when it closes
+        await client.wait_app_done()
+    assert client.complete, "the response was not ended: EventSource would not reconnect"
+    assert client.app_error is None
+
+
+async def test_a_resumed_bridged_stream_opens_with_a_comment() -> None:
+    hub, _ = memory_hub()
+    sync = SessionSync(VersionedLoader())
+    headers = [("last-event-id", str(VERSION))]
+    async with open_response(bridged_app(sync, hub), "/sse/bridged/s1", headers=headers) as c:
+        await c.wait_for(lambda: bool(c.parser.comments))
+    assert c.parser.comments == ["open"]
+    assert b"session_" not in c.body
+
+
+async def test_a_quiet_bridged_stream_gets_comment_heartbeats() -> None:
+    hub, _ = memory_hub()
+    sync = SessionSync(VersionedLoader())
+    app = bridged_app(sync, hub, heartbeat=0.05)
+    async with open_response(app, "/sse/bridged/s1") as client:
+        await client.next_event()
+        await client.wait_for(lambda: len(client.parser.comments) >= 2)
+    assert set(client.parser.comments) == {"heartbeat"}
+    assert hub.stats.heartbeats >= 2
 
 
 # --------------------------------------------------------------------------------------------
