@@ -104,8 +104,18 @@ export interface StateDetail {
 }
 
 export interface SessionSyncOptions<S = unknown> {
-  /** WebSocket URL; a path is resolved against the page, with ws: or wss: to match. */
+  /**
+   * The session's URL: its WebSocket, or its event stream with `transport: "sse"`. A path is
+   * resolved against the page, with ws: or wss: (http: or https: for "sse") to match.
+   */
   url: string | URL;
+  /**
+   * "websocket" (the default), or "sse": Server-Sent Events over `EventSource`, with the same
+   * options, callbacks and statuses. Over "sse", `heartbeatInterval` is not used (the server's
+   * heartbeats are comments, which EventSource never shows), nor are `stopOnCodes` and
+   * `protocols`.
+   */
+  transport?: "websocket" | "sse";
   /**
    * The session to follow: session events with another `session_id` are ignored. Default: the
    * session each connection's first snapshot names.
@@ -160,10 +170,15 @@ export interface SessionSyncOptions<S = unknown> {
   protocols?: string | string[];
   /** For tests; the global WebSocket by default. */
   WebSocketImpl?: new (url: string, protocols?: string | string[]) => WebSocket;
+  /** With `transport: "sse"`: send cookies to another origin's stream. Default false. */
+  withCredentials?: boolean;
+  /** For tests and polyfills; the global EventSource by default. */
+  EventSourceImpl?: new (url: string, init?: EventSourceInit) => EventSource;
 }
 
 /** The options that have a default. */
 export type DefaultedOption =
+  | "transport"
   | "sinceParam"
   | "updateType"
   | "patchType"
@@ -177,10 +192,11 @@ export type DefaultedOption =
   | "staleAfter"
   | "stopOnCodes";
 
-/** Keeps one session current over a self-healing WebSocket. */
+/** Keeps one session current over a self-healing WebSocket (or Server-Sent Events stream). */
 export class SessionSync<S = unknown> {
   /**
-   * @throws {TypeError} Without url or onSession, or with a sessionId that is not a string.
+   * @throws {TypeError} Without url or onSession, with a sessionId that is not a string, or a
+   *   transport that is neither "websocket" nor "sse".
    * @throws {RangeError} For a time (a delay or a timeout) that is not a number of ms >= 0, a
    *   factor below 1, or a jitter outside 0..1.
    */
@@ -199,8 +215,8 @@ export class SessionSync<S = unknown> {
   readonly sessionId: string | null;
   /** The state last applied (undefined before the first). */
   readonly session: S | undefined;
-  /** The current socket, or null between attempts. */
-  readonly socket: WebSocket | null;
+  /** The current socket (an EventSource with `transport: "sse"`), or null between attempts. */
+  readonly socket: WebSocket | EventSource | null;
   /** Open the connection; reconnects on its own until close(). */
   start(): this;
   /** Close for good: no more reconnects. */

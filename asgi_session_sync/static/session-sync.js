@@ -1,9 +1,10 @@
 // asgi-session-sync browser client: a dependency-free ES module, typed by session-sync.d.ts.
 //
-// Opens the session's WebSocket and keeps it healthy: reconnects with jittered exponential
-// backoff (reset only once a connection has stayed up), gives up an attempt that neither opens
-// nor closes within a connect timeout (or that errors without closing), notices a silent
-// half-open socket by its missing heartbeats, reconnects at once when the network comes back. Passes the last version it
+// Opens the session's WebSocket (or, with `transport: "sse"`, its Server-Sent Events stream)
+// and keeps it healthy: reconnects with jittered exponential backoff (reset only once a
+// connection has stayed up), gives up an attempt that neither opens nor closes within a connect
+// timeout (or that errors without closing), notices a silent half-open socket by its missing
+// heartbeats, reconnects at once when the network comes back. Passes the last version it
 // applied as `since` on reconnect. Takes the first `session_update` of each connection, and any
 // marked `"reset": true`, as the server's truth, then applies newer `session_update` and chained
 // `session_patch` events (RFC 6902 JSON Patch, and protocol v3's `append` of text to a string),
@@ -15,7 +16,7 @@
 //   const sync = new SessionSync({
 //     url: "/ws/sessions/abc",
 //     onSession: (session, event) => render(session),
-//     onState: (state) => (badge.textContent = state),
+//     onStatus: (status) => (badge.textContent = status),
 //   }).start();
 //
 // The options, events and the ordering rules: docs/guides/frontend.md. What a version is
@@ -394,6 +395,7 @@ export function applyPatch(document, operations) {
 // ---------------------------------------------------------------------------------------------
 
 const DEFAULTS = {
+  transport: "websocket",
   sinceParam: "since",
   updateType: "session_update",
   patchType: "session_patch",
@@ -411,7 +413,7 @@ const DEFAULTS = {
 // A heartbeat silence is 2.5 intervals: one lost or late heartbeat is not a dead socket.
 const MISSED_HEARTBEATS = 2.5;
 
-/** Keeps one session current over a self-healing WebSocket. */
+/** Keeps one session current over a self-healing WebSocket (or Server-Sent Events stream). */
 export class SessionSync {
   /** @param {object} options See SessionSyncOptions in session-sync.d.ts. */
   constructor(options) {
@@ -433,7 +435,10 @@ export class SessionSync {
         throw new RangeError(`SessionSync: ${name} must be a number of ms >= 0, got ${value}`);
       }
     }
-    const { factor, jitter, sessionId } = this.options;
+    const { factor, jitter, sessionId, transport } = this.options;
+    if (transport !== "websocket" && transport !== "sse") {
+      throw new TypeError(`SessionSync: transport must be "websocket" or "sse", got ${transport}`);
+    }
     if (sessionId !== undefined && typeof sessionId !== "string") {
       throw new TypeError(`SessionSync: sessionId must be a string, got ${sessionId}`);
     }
@@ -533,8 +538,9 @@ export class SessionSync {
   currentUrl() {
     const base = typeof location === "undefined" ? undefined : location.href;
     const url = new URL(this.options.url, base);
-    if (url.protocol === "http:") url.protocol = "ws:";
-    if (url.protocol === "https:") url.protocol = "wss:";
+    const secure = url.protocol === "https:" || url.protocol === "wss:";
+    if (this.options.transport === "sse") url.protocol = secure ? "https:" : "http:";
+    else url.protocol = secure ? "wss:" : "ws:";
     if (this.version === null) url.searchParams.delete(this.options.sinceParam);
     else url.searchParams.set(this.options.sinceParam, String(this.version));
     return url.toString();
@@ -542,13 +548,12 @@ export class SessionSync {
 
   /** @private */
   connect() {
-    const Impl = this.options.WebSocketImpl || WebSocket;
     this.delay = 0;
     this.setState(this.attempt === 0 && this.version === null ? "connecting" : "reconnecting", 0);
-    const socket = new Impl(this.currentUrl(), this.options.protocols);
-    this.socket = socket;
     this.fresh = true;
     this.openedAt = null;
+    const socket = this.options.transport === "sse" ? this.openStream() : this.openSocket();
+    this.socket = socket;
     const { connectTimeout } = this.options;
     if (connectTimeout > 0) {
       // A black-holed network, or a server that accepts TCP and never answers the handshake,
@@ -558,21 +563,15 @@ export class SessionSync {
         this.restart(`not open after ${connectTimeout} ms`);
       }, connectTimeout);
     }
-    socket.onopen = () => {
-      if (this.socket !== socket) return;
-      this.clearConnectTimer();
-      this.openedAt = this.lastReceived = Date.now();
-      if (this.options.heartbeatInterval > 0) this.watch(this.staleLimit());
-      this.setState("live", 0);
-    };
+  }
+
+  /** @private A WebSocket for the next attempt. */
+  openSocket() {
+    const Impl = this.options.WebSocketImpl || WebSocket;
+    const socket = new Impl(this.currentUrl(), this.options.protocols);
+    socket.onopen = () => this.opened(socket);
     socket.onmessage = (message) => {
-      if (this.socket !== socket) return;
-      this.lastReceived = Date.now();
-      // The server sends a connection's snapshot first, or nothing when it finds the client
-      // current: after the first frame, a client that resynced is no longer behind.
-      this.behind = false;
-      if (typeof message.data === "string") this.receive(message.data);
-      else if (this.status !== "live") this.updateStatus();
+      this.received(socket, typeof message.data === "string" ? message.data : null);
     };
     socket.onclose = (event) => {
       if (this.socket !== socket) return;
@@ -591,6 +590,54 @@ export class SessionSync {
       // says whether to reconnect.
       if (this.socket === socket && this.openedAt === null) this.restart("connection failed");
     };
+    return socket;
+  }
+
+  /** @private An EventSource (Server-Sent Events) for the next attempt. */
+  openStream() {
+    const Impl = this.options.EventSourceImpl || EventSource;
+    const { withCredentials = false, updateType, patchType } = this.options;
+    const source = new Impl(this.currentUrl(), { withCredentials });
+    source.onopen = () => this.opened(source);
+    // The server names session events (`event: session_update`...), and sends the app's own
+    // events unnamed ("message"); each event's data is the JSON a WebSocket frame carries.
+    const onEvent = (message) => this.received(source, message.data);
+    const names = ["message", "session_update", "session_patch", "session_synced"];
+    for (const name of new Set([...names, updateType, patchType])) {
+      source.addEventListener(name, onEvent);
+    }
+    source.onerror = () => {
+      // The stream failed or ended. EventSource would retry by itself, after a fixed delay, with
+      // the last event id it saw, and never after an HTTP error; the client retries itself, as
+      // for a WebSocket: a new EventSource after the backoff, with `since` = the version it
+      // applied (a new EventSource sends no Last-Event-ID), under the connect timeout.
+      if (this.socket === source) {
+        this.restart(this.openedAt === null ? "connection failed" : "stream failed");
+      }
+    };
+    return source;
+  }
+
+  /** @private The attempt opened. */
+  opened(socket) {
+    if (this.socket !== socket) return;
+    this.clearConnectTimer();
+    this.openedAt = this.lastReceived = Date.now();
+    if (this.options.heartbeatInterval > 0 && this.options.transport !== "sse") {
+      this.watch(this.staleLimit());
+    }
+    this.setState("live", 0);
+  }
+
+  /** @private A frame (or event) arrived: its text, or null for a binary frame. */
+  received(socket, text) {
+    if (this.socket !== socket) return;
+    this.lastReceived = Date.now();
+    // The server sends a connection's snapshot first, or nothing when it finds the client
+    // current: after the first frame, a client that resynced is no longer behind.
+    this.behind = false;
+    if (typeof text === "string") this.receive(text);
+    else if (this.status !== "live") this.updateStatus();
   }
 
   /** @private */
@@ -664,7 +711,10 @@ export class SessionSync {
 
   /** @private How long a silent open socket may stay silent before it counts as stale, in ms. */
   staleLimit() {
-    const { heartbeatInterval, staleAfter } = this.options;
+    const { heartbeatInterval, staleAfter, transport } = this.options;
+    // An event stream's heartbeats are comments, which EventSource never shows: silence on it
+    // proves nothing, so only staleAfter applies there.
+    if (transport === "sse") return staleAfter;
     return heartbeatInterval > 0 ? MISSED_HEARTBEATS * heartbeatInterval : staleAfter;
   }
 

@@ -1,5 +1,6 @@
 """The React hook (static/session-sync-react.js) in a real Chromium, following a session of a
-real API (tests/e2e/answer_api.py) that is killed with SIGKILL and restarted.
+real API (tests/e2e/answer_api.py) that is killed with SIGKILL and restarted, over a WebSocket
+and over Server-Sent Events.
 
 No bundler: React's own CommonJS builds, installed in tests/js/node_modules, are wrapped as ES
 modules and named in an import map, as a Vite-free page maps the ESM builds a CDN serves; the
@@ -55,8 +56,12 @@ requestAnimationFrame(count);
 window.commits = [];
 window.statuses = []; // every status, as onStatus reports it (not batched)
 
+const transport = new URLSearchParams(location.search).get("transport");
+const url = transport === "sse" ? "/sse/sessions/s1" : "/ws/sessions/s1";
+
 function Answer() {
-  const view = useSessionSync("/ws/sessions/s1", {
+  const view = useSessionSync(url, {
+    transport,
     minDelay: 100,
     maxDelay: 1000,
     connectTimeout: 3000,
@@ -170,14 +175,15 @@ STREAMED = 200  # deltas published 2 ms apart, about 8 per animation frame
 BURST = 200  # deltas published back to back
 
 
+@pytest.mark.parametrize("transport", ["websocket", "sse"])
 def test_react_page_follows_a_session_through_kill_9_rendering_once_per_frame(
-    browser: Any, api: AnswerApi
+    browser: Any, api: AnswerApi, transport: str
 ) -> None:
     page = browser.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
     try:
-        page.goto(f"{api.url}/pages/react.html")
+        page.goto(f"{api.url}/pages/react.html?transport={transport}")
         wait_view(page, "view.status === 'live' && view.version === 1 && view.streaming")
 
         # Deltas faster than the screen refreshes, as a model streams tokens: at most one
@@ -206,8 +212,9 @@ def test_react_page_follows_a_session_through_kill_9_rendering_once_per_frame(
         wait_view(page, "view.status === 'live' && view.version === arg", version)
         assert page.text_content("#text") == text
 
-        # Live deltas after the restart; the answer completes, so nothing streams.
-        version = api.post_tokens("s1", 3, status="complete")
+        # Live deltas after the restart, whose offsets count UTF-16 code units ("👍🏽" is 4);
+        # the answer completes, so nothing streams.
+        version = api.post_tokens("s1", 3, text="👍🏽 ", status="complete")
         wait_view(page, "view.version === arg && !view.streaming", version)
         text, _ = stored(api)
         assert page.text_content("#text") == text
@@ -224,7 +231,7 @@ def test_react_page_follows_a_session_through_kill_9_rendering_once_per_frame(
 
     assert errors == []
     down = " (written while the API was down)"
-    assert text == "token " * (STREAMED + BURST) + down + "token " * 3
+    assert text == "token " * (STREAMED + BURST) + down + "👍🏽 " * 3
     assert statuses == ["connecting", "live", "stale", "live", "stale", "live"]
     assert reconnected == ["stale", "live"]
     assert {commit["status"] for commit in commits} == {"connecting", "live", "stale"}
@@ -239,6 +246,6 @@ def test_react_page_follows_a_session_through_kill_9_rendering_once_per_frame(
     assert len(frames) == len(set(frames)), f"two renders after one frame: {burst}"
     assert 1 <= len(burst) <= BURST // 10, f"{len(burst)} renders for a burst of {BURST} deltas"
     print(
-        f"react hook: {STREAMED} deltas 2 ms apart, {len(streamed)} renders over {spanned}"
-        f" animation frames; {BURST} deltas at once, {len(burst)} renders"
+        f"react hook over {transport}: {STREAMED} deltas 2 ms apart, {len(streamed)} renders"
+        f" over {spanned} animation frames; {BURST} deltas at once, {len(burst)} renders"
     )

@@ -1,15 +1,25 @@
 // A fake WebSocket and the page events (online, visibilitychange) the client listens to, for
 // driving session-sync.js under node:test with mocked timers. Not a test file itself.
 
-/** Every socket the client opened, in order; the test plays the server on each. */
+/**
+ * Every socket (or event stream) the client opened, in order; the test plays the server on
+ * each. Give the client `WebSocketImpl: server.WebSocket` or `EventSourceImpl:
+ * server.EventSource`.
+ */
 export class FakeServer {
   constructor() {
-    /** @type {FakeWebSocket[]} */
+    /** @type {(FakeWebSocket | FakeEventSource)[]} */
     this.sockets = [];
     const server = this;
     this.WebSocket = class extends FakeWebSocket {
       constructor(url, protocols) {
         super(url, protocols);
+        server.sockets.push(this);
+      }
+    };
+    this.EventSource = class extends FakeEventSource {
+      constructor(url, init) {
+        super(url, init);
         server.sockets.push(this);
       }
     };
@@ -65,6 +75,55 @@ export class FakeWebSocket {
     this.closedByClient = { code, reason };
     this.readyState = 3;
     queueMicrotask(() => this.onclose?.({ type: "close", code, reason }));
+  }
+}
+
+/**
+ * A fake EventSource: named events go to the listeners of their name, unnamed ones to "message"
+ * (and onmessage), as a browser dispatches them; comments (heartbeats) never reach the page.
+ */
+export class FakeEventSource extends EventTarget {
+  constructor(url, init = {}) {
+    super();
+    this.url = url;
+    this.withCredentials = init.withCredentials === true;
+    this.readyState = 0; // CONNECTING
+    /** Set when the client closed this stream. */
+    this.closedByClient = null;
+    this.onopen = this.onmessage = this.onerror = null;
+  }
+
+  /** The server answered 200 with text/event-stream. */
+  open() {
+    this.readyState = 1;
+    this.onopen?.({ type: "open" });
+  }
+
+  /**
+   * The server sends one event: an object as JSON data, named by its session event type (as
+   * the server's sse_event does) unless `name` says otherwise (null: unnamed, "message").
+   */
+  send(frame, name = undefined) {
+    const data = typeof frame === "string" ? frame : JSON.stringify(frame);
+    const session = ["session_update", "session_patch", "session_synced"];
+    const type = name !== undefined ? name : session.includes(frame?.type) ? frame.type : null;
+    const event = new MessageEvent(type ?? "message", { data });
+    if (type === null) this.onmessage?.(event);
+    this.dispatchEvent(event);
+  }
+
+  /**
+   * The stream failed: `readyState` CONNECTING when the browser would retry by itself (the
+   * connection dropped, the response ended), CLOSED when it gave up (an HTTP error status).
+   */
+  fail(readyState = 0) {
+    this.readyState = readyState;
+    this.onerror?.({ type: "error" });
+  }
+
+  close() {
+    this.closedByClient = true;
+    this.readyState = 2;
   }
 }
 
