@@ -4,6 +4,9 @@ Event streams, every one behind :class:`SessionSyncMiddleware` unless said other
 
 - ``GET /sse/sessions/{session_id}``: sse-starlette's ``EventSourceResponse`` in a Starlette
   app: a ``greeting`` event, then quiet (sse-starlette reads ``receive`` for the disconnect).
+  The same greeting from sse-starlette in FastAPI on ``/sse/fastapi/{session_id}``, Litestar's
+  ``ServerSentEvent`` on ``/sse/litestar/{session_id}`` and Quart's streaming response on
+  ``/sse/quart/{session_id}``.
 - ``GET /sse/raw/{session_id}``: a raw ASGI app. ``?mode=events`` (the default) streams a
   greeting, then one ``session_update`` event per ``?versions=`` (comma-separated), each in a
   body message of its own, then waits for the client to leave. ``?mode=text`` streams a
@@ -31,6 +34,10 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import anyio
+from fastapi import FastAPI
+from litestar import Litestar, get
+from litestar.response import ServerSentEvent
+from quart import Quart, make_response
 from sse_starlette import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -87,6 +94,42 @@ async def greetings() -> Any:
 
 async def sse_starlette_stream(request: Request) -> EventSourceResponse:
     return EventSourceResponse(greetings())
+
+
+fastapi = FastAPI()
+
+
+@fastapi.get("/sse/fastapi/{session_id}")
+async def fastapi_stream(session_id: str) -> EventSourceResponse:
+    return EventSourceResponse(greetings())
+
+
+# No session_id argument: declaring one without FromPath is deprecated in Litestar 2.25.
+@get("/sse/litestar/{session_id:str}")
+async def litestar_stream() -> ServerSentEvent:
+    return ServerSentEvent(greetings())
+
+
+litestar = Litestar(route_handlers=[litestar_stream], logging_config=None)
+quart = Quart(__name__)
+
+
+@quart.get("/sse/quart/<session_id>")
+async def quart_stream(session_id: str) -> Any:
+    async def body() -> Any:
+        yield GREETING
+        await anyio.sleep_forever()
+
+    response = await make_response(body(), 200, {"Content-Type": "text/event-stream"})
+    response.timeout = None  # type: ignore[union-attr]  # an event stream never ends
+    return response
+
+
+FRAMEWORKS: dict[str, Any] = {
+    "/sse/fastapi/": fastapi,
+    "/sse/litestar/": litestar,
+    "/sse/quart/": quart,
+}
 
 
 # Raw ASGI
@@ -185,6 +228,8 @@ async def route(scope: Scope, receive: Receive, send: Send) -> None:
         await raw_stream(scope, receive, send)
     elif path.startswith("/sse/bridged/"):
         await bridged_stream(scope, receive, send)
+    elif path.startswith(tuple(FRAMEWORKS)):
+        await FRAMEWORKS[path[: path.index("/", 5) + 1]](scope, receive, send)
     else:
         await api(scope, receive, send)
 
@@ -225,7 +270,12 @@ class OpenStreams:
 
 streams = OpenStreams(
     SessionSyncMiddleware(
-        route, sync=sync, paths=["/sse/sessions/{session_id}", "/sse/raw/{session_id}"]
+        route,
+        sync=sync,
+        paths=[
+            f"/sse/{name}/{{session_id}}"
+            for name in ("sessions", "raw", "fastapi", "litestar", "quart")
+        ],
     )
 )
 
