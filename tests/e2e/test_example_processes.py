@@ -4,6 +4,9 @@ Each process is SIGKILLed mid-stream, as a crash or a deploy would end it, while
 stays open: the API (and its private nats-server with it), the worker, or the broker alone.
 The page must catch up without a reload, the response must stream to its end (or show as
 interrupted once the dead worker's lease expires), and no nats-server may outlive its API.
+Issue 18's answers are 1,000 tokens long: the page's text after an API crash is the
+database's, character for character (read through the app's API), a dead worker's answer
+ends interrupted, and Stop ends it cancelled in two tabs while the worker stops generating.
 
 Screenshots of every state go to ``test-output/<test>/`` at the repository root (ignored by
 git); each path is printed.
@@ -22,7 +25,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +54,8 @@ LEASE = 2.0  # seconds: the workers' lease in these tests
 WAIT_MS = 10_000  # bound on every other wait in the page
 TOKENS = 40
 TOKEN_INTERVAL = 0.15  # 40 tokens: a 6 s stream, long enough to restart the API inside it
+ANSWER_TOKENS = 1000  # issue 18's long answer
+ANSWER_INTERVAL = 0.008  # s: 125 tokens a second, an 8 s answer (coalesced into 50 ms deltas)
 OUTPUT = ROOT / "test-output"
 
 
@@ -90,9 +95,12 @@ PAGE_STATE = """() => {
     version: Number(document.querySelector("#version").textContent) || 0,
     response: item?.querySelector("[data-testid=response]").textContent ?? null,
     done: item?.dataset.done === "true",
+    status: item?.dataset.status ?? null,
     interrupted: item?.querySelector("[data-testid=interrupted]")?.textContent ?? null,
   };
 }"""
+
+STOP = "[data-testid=interaction][data-position='0'] button[data-testid=stop]"
 
 
 @pytest.fixture(params=EXAMPLES)
@@ -133,10 +141,9 @@ def make_stack(
     return ExampleStack(example.module, tmp_path, settings, nats_url)
 
 
-@pytest.fixture
-def running(example: Example, tmp_path: Path) -> Iterator[ExampleStack]:
-    """The example with its private nats-server (in the API process)."""
-    stack = make_stack(example, tmp_path)
+@contextmanager
+def started(stack: ExampleStack) -> Iterator[ExampleStack]:
+    """``stack`` running; stopped after, and its output free of tracebacks."""
     stack.start()
     try:
         yield stack
@@ -144,6 +151,21 @@ def running(example: Example, tmp_path: Path) -> Iterator[ExampleStack]:
         stack.stop()
     output = stack.output()
     assert "Traceback" not in output, output
+
+
+@pytest.fixture
+def running(example: Example, tmp_path: Path) -> Iterator[ExampleStack]:
+    """The example with its private nats-server (in the API process)."""
+    with started(make_stack(example, tmp_path)) as stack:
+        yield stack
+
+
+@pytest.fixture
+def answering(example: Example, tmp_path: Path) -> Iterator[ExampleStack]:
+    """The example answering 1,000 tokens at 125 a second, with its private nats-server."""
+    env = {"RESPONSE_TOKENS": str(ANSWER_TOKENS), "TOKEN_INTERVAL": str(ANSWER_INTERVAL)}
+    with started(make_stack(example, tmp_path, **env)) as stack:
+        yield stack
 
 
 def screenshot(page: Any, directory: Path, name: str) -> Path:
@@ -220,15 +242,38 @@ def wait_current(page: Any, version: int, *, since: float, logs: str) -> float:
     return time.monotonic() - since
 
 
-def finish_and_compare(page: Any, stack: ExampleStack, session_id: str) -> dict[str, Any]:
-    """Wait for the response's end on the page; check it equals the database's."""
-    page.wait_for_function(f"({PAGE_STATE})().done", timeout=TOKENS * TOKEN_INTERVAL * 1000 * 2)
-    shown = page.evaluate(PAGE_STATE)
-    stored = in_database(stack.db, session_id)
+def through_api(stack: ExampleStack, session_id: str) -> dict[str, Any]:
+    """The session's first interaction as the app's HTTP API returns it, with its version."""
+    import httpx
+
+    response = httpx.get(
+        f"{stack.api.url}/api/sessions/{session_id}",
+        headers={"Authorization": "Bearer alice"},
+        timeout=5,
+    )
+    response.raise_for_status()
+    session = response.json()
+    return {**session["interactions"][0], "version": session["version"]}
+
+
+def finish_and_compare(
+    page: Any,
+    stack: ExampleStack,
+    session_id: str,
+    tokens: int = TOKENS,
+    interval: float = TOKEN_INTERVAL,
+) -> dict[str, Any]:
+    """Wait for the response's end on the page; check it equals the database's, as the API
+    returns it, character for character."""
+    page.wait_for_function(f"({PAGE_STATE})().done", timeout=tokens * interval * 1000 * 2 + 5000)
+    shown: dict[str, Any] = page.evaluate(PAGE_STATE)
+    stored = through_api(stack, session_id)
     assert stored["done"], stored
+    assert stored["status"] == "complete", stored
     assert stored["interrupted"] is None, stored
-    assert stored["response"] == "".join(simulated_tokens(TOKENS))
+    assert stored["response"] == "".join(simulated_tokens(tokens))
     assert shown["response"] == stored["response"]
+    assert shown["status"] == "complete"
     assert shown["version"] == stored["version"]
     assert shown["interrupted"] is None
     assert page.evaluate("window.loadMarker") == "first load", "the page was reloaded"
@@ -284,38 +329,46 @@ def test_response_streams_into_the_page_as_appends_chained_to_the_database_text(
     assert state["interactions"][0]["done"]
 
 
-def test_api_killed_mid_stream_page_catches_up_then_streams_to_the_end(
-    running: ExampleStack, example: Example, page: Any, shots: Path
-) -> None:
-    session_id = start_streaming(page, example, running.api.url)
-    screenshot(page, shots, "1-streaming")
-    [nats_server] = children_named(running.api.pid, "nats-server")
+def shown_length(page: Any) -> int:
+    """Characters of the first response on the page."""
+    return len(page.evaluate(PAGE_STATE)["response"] or "")
 
-    running.api.kill()
+
+def test_api_killed_mid_answer_page_resumes_and_ends_equal_to_the_database(
+    answering: ExampleStack, example: Example, page: Any, shots: Path
+) -> None:
+    session_id = start_streaming(page, example, answering.api.url)
+    screenshot(page, shots, "1-streaming")
+    [nats_server] = children_named(answering.api.pid, "nats-server")
+
+    answering.api.kill()
     # The API's private broker dies with it, even on SIGKILL: none is left behind.
     assert wait_until_gone({nats_server}, 2.0) == set(), "nats-server outlived its API"
     page.wait_for_function("document.querySelector('#state').textContent === 'reconnecting'")
     screenshot(page, shots, "2-api-down")
-    assert not in_database(running.db, session_id)["done"], "the stream ended before the kill"
+    assert not in_database(answering.db, session_id)["done"], "the answer ended before the kill"
 
-    returned = running.api.start()
-    version = in_database(running.db, session_id)["version"]
-    took = wait_current(page, version, since=returned, logs=running.output())
+    returned = answering.api.start()
+    version = in_database(answering.db, session_id)["version"]
+    took = wait_current(page, version, since=returned, logs=answering.output())
     screenshot(page, shots, "3-api-back")
     print(f"{example.module}: current {took:.2f}s after the API accepted connections again")
-    # The worker never stopped: the stream goes on over the new socket, to its end.
+    # The worker never stopped: the answer streams on over the new socket, to its end.
+    back = shown_length(page)
     assert not page.evaluate(PAGE_STATE)["done"], "no streaming left to see after the restart"
-    finish_and_compare(page, running, session_id)
+    page.wait_for_function(f"({PAGE_STATE})().response.length > {back}")
+    shown = finish_and_compare(page, answering, session_id, ANSWER_TOKENS, ANSWER_INTERVAL)
     screenshot(page, shots, "4-finished")
+    assert len(shown["response"]) > back
 
 
-def test_worker_killed_mid_stream_page_shows_the_response_interrupted(
-    running: ExampleStack, example: Example, page: Any, shots: Path
+def test_worker_killed_mid_answer_page_shows_it_interrupted_at_lease_expiry(
+    answering: ExampleStack, example: Example, page: Any, shots: Path
 ) -> None:
-    session_id = start_streaming(page, example, running.api.url)
+    session_id = start_streaming(page, example, answering.api.url)
     screenshot(page, shots, "1-streaming")
 
-    running.worker.kill()
+    answering.worker.kill()
     killed = time.monotonic()
     page.wait_for_function(
         f"({PAGE_STATE})().interrupted !== null", timeout=(LEASE + 1) * 1000 + 500
@@ -325,12 +378,16 @@ def test_worker_killed_mid_stream_page_shows_the_response_interrupted(
     assert took <= LEASE + 1, f"interrupted shown {took:.2f}s after the kill"
 
     shown = page.evaluate(PAGE_STATE)
-    stored = in_database(running.db, session_id)
+    stored = through_api(answering, session_id)
     assert stored["done"]
+    assert stored["status"] == "interrupted"
     assert stored["interrupted"] == WORKER_LOST
+    assert shown["status"] == "interrupted"
     assert shown["interrupted"] == f"Interrupted: {WORKER_LOST}"
     assert shown["done"], "the typing cursor is still shown"
+    # The text of the dead worker's last checkpoint, on the page as in the database.
     assert shown["response"] == stored["response"]
+    assert "".join(simulated_tokens(ANSWER_TOKENS)).startswith(stored["response"])
     assert shown["version"] == stored["version"]
     # No cursor: the response's ::after content is gone.
     cursor = page.evaluate(
@@ -338,7 +395,63 @@ def test_worker_killed_mid_stream_page_shows_the_response_interrupted(
     )
     assert cursor in ("none", "normal", '""'), cursor
     print(f"{example.module}: interrupted shown {took:.2f}s after the worker's SIGKILL")
-    running.worker.start()  # so that the fixture stops a worker, as it started one
+    answering.worker.start()  # so that the fixture stops a worker, as it started one
+
+
+def test_stop_ends_the_answer_cancelled_in_two_tabs_and_the_worker_stops_generating(
+    answering: ExampleStack, example: Example, page: Any, shots: Path
+) -> None:
+    session_id = start_streaming(page, example, answering.api.url)
+    other = page.context.new_page()
+    other.set_default_timeout(WAIT_MS)
+    other.goto(f"{answering.api.url}/?token=alice&session={session_id}")
+    # The second tab joins mid-answer, and follows it.
+    joined = shown_length(page)
+    other.wait_for_function(f"({PAGE_STATE})().response?.length > {joined}")
+    assert other.locator(STOP).is_visible()
+    screenshot(other, shots, "1-second-tab-streaming")
+
+    page.click(STOP)
+    for tab in (page, other):
+        tab.wait_for_function(f"(({PAGE_STATE})()).status === 'cancelled'")
+        tab.wait_for_function(f"({PAGE_STATE})().done")
+    screenshot(page, shots, "2-stopped")
+    screenshot(other, shots, "3-stopped-second-tab")
+
+    # The worker stopped generating: its log says so, with the tokens it made.
+    ended = re.compile(
+        rf"answer ended session_id={session_id} position=0 status=cancelled "
+        rf"tokens=(\d+)/{ANSWER_TOKENS}"
+    )
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while (match := ended.search(answering.worker.output())) is None:
+        assert time.monotonic() < deadline, answering.output()
+        time.sleep(0.05)  # another process's log: no event to await
+    generated = int(match[1])
+    assert 0 < generated < ANSWER_TOKENS
+
+    final = "".join(simulated_tokens(ANSWER_TOKENS))
+    stored = through_api(answering, session_id)
+    assert stored["status"] == "cancelled"
+    assert stored["done"]
+    assert stored["interrupted"] is None
+    assert final.startswith(stored["response"])
+    assert len(stored["response"]) < len(final)
+    # Both tabs show the text the worker saved, and neither shows a Stop button any more.
+    for tab in (page, other):
+        shown = tab.evaluate(PAGE_STATE)
+        assert shown["response"] == stored["response"]
+        assert shown["version"] == stored["version"]
+        assert not tab.locator(STOP).is_visible()
+    # And it stays so: a second of watching (a dozen token intervals, four checkpoint
+    # intervals) changes nothing, in the database or on either page.
+    watch_until = time.monotonic() + 1.0
+    while time.monotonic() < watch_until:
+        assert through_api(answering, session_id) == stored
+        time.sleep(0.1)  # observing that nothing happens: there is no event to await
+    for tab in (page, other):
+        assert tab.evaluate(PAGE_STATE)["response"] == stored["response"]
+    other.close()
 
 
 def test_nats_killed_alone_page_catches_up_then_streams_to_the_end(
@@ -422,6 +535,7 @@ def test_one_command_runs_both_restarts_a_killed_api_and_sigterm_stops_all(
             while len(started()["api"]) < 2:
                 assert time.monotonic() < deadline, launcher.output()[-3000:]
                 time.sleep(0.05)  # another process's log: no event to await
+            assert stack.api.port is not None
             wait_for_port(stack.api.port, 20)
             answer_a_prompt(client)  # the same worker, reconnected to the new API's broker
         restarted = started()["api"][1]
