@@ -13,6 +13,7 @@ import copy
 import itertools
 import json
 import logging
+import math
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
@@ -242,7 +243,7 @@ class Recording:
         text_path: str,
         *,
         catch_up: Callable[[Version], bytes | None],
-        stop: Callable[[], None],
+        stop: Callable[[], bool],
     ) -> AbstractAsyncContextManager[None]:
         def answer(version: Version) -> bytes | None:
             return None if self.dead else catch_up(version)
@@ -562,16 +563,16 @@ async def test_a_stop_naming_another_answer_is_not_acknowledged(rig: Rig, llm: T
     assert rig.db.status == "complete"
 
 
-async def test_a_stop_acknowledged_during_the_final_commit_ends_the_answer_cancelled(
+async def test_a_stop_during_the_final_commit_is_refused_and_the_answer_ends_complete(
     rig: Rig,
     llm: Tokens,
 ) -> None:
     # stop_answer's True promises: "the producer stops, ends the answer as cancelled and
-    # publishes that to every socket". The producer still answers stop requests while it
-    # commits its final checkpoint.
+    # publishes that to every socket". Once the block has ended, the answer ends as it was
+    # going to: the producer, still serving while it commits, says so (False).
     answer = answer_for(rig.producer, rig.db)
     rig.db.hold = anyio.Event()
-    async with anyio.create_task_group() as tg:
+    async with connected(rig.api, rig.db) as client, anyio.create_task_group() as tg:
         tg.start_soon(llm.produce, answer)
         await llm.give(answer, "All", " done")
         llm.send.close()  # the LLM finished: the block ends, the final checkpoint starts
@@ -579,9 +580,9 @@ async def test_a_stop_acknowledged_during_the_final_commit_ends_the_answer_cance
             await rig.db.holding.wait()
         acknowledged = await rig.api.stop_answer(SID, TEXT)
         rig.db.hold.set()
-    assert (acknowledged, rig.db.status) in ((True, "cancelled"), (False, "complete")), (
-        f"stop_answer returned {acknowledged}, and the answer ended {rig.db.status}"
-    )
+        await until(lambda: client.status == "complete")
+    assert (acknowledged, rig.db.status, answer.stopped) == (False, "complete", False)
+    assert rig.db.text == client.text == "All done"
 
 
 async def test_a_body_raising_ends_the_answer_interrupted_and_the_error_propagates_as_itself(
@@ -823,3 +824,166 @@ async def test_an_answer_larger_than_max_payload_streams_in_small_deltas(rig: Ri
     await heard_all(rig)
     assert max(len(data) for data in rig.wire) < len(chunk) + OVERHEAD + 100
     assert sum(len(data) for data in rig.wire) > max_payload
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints that fail or find the session moved, and answers that do not start empty
+# --------------------------------------------------------------------------------------------
+
+
+async def test_without_a_status_path_the_final_status_is_still_committed(rig: Rig) -> None:
+    # The app keeps the status in its own column (the guide's save writes checkpoint.status):
+    # "In every case the final text and status are committed through checkpoint first".
+    answer = AnswerStream(
+        rig.producer,
+        SID,
+        text_path=TEXT,
+        version=rig.db.version,
+        checkpoint=rig.db.save,
+        publish_interval=0.01,
+        checkpoint_interval=0.05,
+    )
+    async with answer:
+        answer.append("Hi")
+        # Everything appended is saved; then the LLM ends.
+        await until(lambda: bool(rig.db.commits) and rig.db.commits[-1].checkpoint.text == "Hi")
+    last = rig.db.commits[-1].checkpoint
+    assert (last.text, last.status) == ("Hi", AnswerStatus.COMPLETE), rig.db.commits
+
+
+async def test_a_failing_checkpoint_is_retried_and_the_answer_still_completes(
+    rig: Rig, llm: Tokens, caplog: pytest.LogCaptureFixture
+) -> None:
+    answer = answer_for(rig.producer, rig.db, publish_interval=0.01, checkpoint_interval=0.05)
+    async with connected(rig.api, rig.db) as client, anyio.create_task_group() as tg:
+        rig.db.broken = True  # the database is down for a while
+        tg.start_soon(llm.produce, answer)
+        await llm.give(answer, "Still")
+        await until(lambda: "answer checkpoint failed" in caplog.text)
+        await llm.give(answer, " streaming")
+        await until(lambda: client.text == "Still streaming")  # the deltas go on meanwhile
+        rig.db.broken = False
+        await until(lambda: len(rig.db.commits) >= 1)
+        llm.send.close()
+        await until(lambda: client.status == "complete")
+    assert (rig.db.text, rig.db.status) == ("Still streaming", "complete")
+    assert client.state == rig.db.state
+
+
+async def test_another_writers_commit_just_before_the_end_is_rebased_by_the_final_checkpoint(
+    rig: Rig, llm: Tokens
+) -> None:
+    answer = answer_for(rig.producer, rig.db, publish_interval=0.01, checkpoint_interval=30)
+    async with connected(rig.api, rig.db) as client, anyio.create_task_group() as tg:
+        tg.start_soon(llm.produce, answer)
+        await llm.give(answer, "Last", " words")
+        base, version = rig.db.write(lambda state: state.update(title="renamed"))
+        await rig.api.publish_patch(
+            SID,
+            [{"op": "replace", "path": "/title", "value": "renamed"}],
+            base_version=base,
+            version=version,
+        )
+        llm.send.close()  # no periodic checkpoint came between: the final one finds the move
+        await until(lambda: client.state == rig.db.state and client.status == "complete")
+    assert rig.db.moved == 1
+    assert (rig.db.state["title"], rig.db.text, rig.db.status) == (
+        "renamed",
+        "Last words",
+        "complete",
+    )
+    assert rig.db.version > version
+
+
+async def test_an_answer_that_does_not_start_empty_appends_at_its_utf16_length(
+    rig: Rig, llm: Tokens
+) -> None:
+    rig.db = Sessions(text="Before 😀")
+    answer = answer_for(rig.producer, rig.db, publish_interval=0.01, text="Before 😀")
+    async with connected(rig.api, rig.db) as client, anyio.create_task_group() as tg:
+        tg.start_soon(llm.produce, answer)
+        await llm.give(answer, ", after")
+        llm.send.close()
+        await until(lambda: client.status == "complete")
+    first = rig.producer.published[0].patch[0]
+    assert (first["offset"], first["value"]) == (9, ", after")
+    assert client.text == rig.db.text == "Before 😀, after"
+
+
+# --------------------------------------------------------------------------------------------
+# The producer's catch-up, asked directly
+# --------------------------------------------------------------------------------------------
+
+
+async def test_the_producer_answers_a_catch_up_from_a_version_it_knows_and_only_then(
+    rig: Rig, llm: Tokens, nats_server: EmbeddedNats
+) -> None:
+    answer = answer_for(rig.producer, rig.db, publish_interval=0.01, checkpoint_interval=30)
+    start = rig.db.version
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(llm.produce, answer)
+        await llm.give(answer, "Hel")
+        await llm.give(answer, "lo 😀")
+        data = await rig.api.catch_up(SID, start)
+        assert data is not None
+        patch = json.loads(data)
+        assert (patch["type"], patch["base_version"], patch["version"]) == (
+            "session_patch",
+            start,
+            answer.version,
+        )
+        assert patch["patch"] == [{"op": "append", "path": TEXT, "offset": 0, "value": "Hello 😀"}]
+        after_first = rig.producer.published[0].version
+        data = await rig.api.catch_up(SID, after_first)
+        assert data is not None
+        assert json.loads(data)["patch"] == [
+            {"op": "append", "path": TEXT, "offset": 3, "value": "lo 😀"}
+        ]
+        assert await rig.api.catch_up(SID, answer.version) is None  # nothing to add
+        assert await rig.api.catch_up(SID, start + 1) is None  # never one of its versions
+        raw = await nats.connect(nats_server.url)
+        try:
+            reply = await raw.request(f"{SUBJECT}.catchup", b"not a version", timeout=WAIT)
+        finally:
+            await raw.close()
+        assert reply.data == b""
+        llm.send.close()
+    # Once the server has the producer's unsubscription, no one answers: None at once, not
+    # after the request's timeout.
+    await rig.producer.bridge.client.flush()
+    with anyio.fail_after(0.9):
+        assert await rig.api.catch_up(SID, start) is None
+
+
+async def test_answer_stream_refuses_a_bad_configuration_naming_the_fix(rig: Rig) -> None:
+    def make(**options: Any) -> AnswerStream:
+        arguments: dict[str, Any] = {
+            "text_path": TEXT,
+            "version": 1,
+            "checkpoint": rig.db.save,
+        }
+        arguments.update(options)
+        return AnswerStream(rig.producer, SID, **arguments)
+
+    for path in ("answer", 3):
+        with pytest.raises(ValueError, match="text_path must be a JSON Pointer"):
+            make(text_path=path)
+    with pytest.raises(ValueError, match="status_path must be a JSON Pointer"):
+        make(status_path="status")
+    for version in (-1, True, 2**53, 1.5, "1"):
+        with pytest.raises(ValueError, match="version must be a whole number"):
+            make(version=version)
+    for seconds in (0, -1, math.inf, math.nan, "1"):
+        with pytest.raises(ValueError, match="publish_interval must be a positive number"):
+            make(publish_interval=seconds)
+        with pytest.raises(ValueError, match="checkpoint_interval must be a positive number"):
+            make(checkpoint_interval=seconds)
+    with pytest.raises(TypeError, match="checkpoint must be an async function"):
+        make(checkpoint=None)
+    answer = make()
+    with pytest.raises(TypeError, match="append takes a str: got int"):
+        answer.append(5)  # type: ignore[arg-type]
+    async with answer:
+        with pytest.raises(RuntimeError, match="entered once"):
+            async with answer:
+                pass
