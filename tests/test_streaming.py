@@ -987,3 +987,28 @@ async def test_answer_stream_refuses_a_bad_configuration_naming_the_fix(rig: Rig
         with pytest.raises(RuntimeError, match="entered once"):
             async with answer:
                 pass
+
+
+async def test_a_burst_of_text_larger_than_max_payload_still_reaches_the_sockets(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Appends made within one publish_interval go out as one delta: a producer that appends
+    # a large piece at once (a cached answer replayed, a tool's output) makes a delta larger
+    # than the server's max_payload, which NATS refuses. The sockets must still end on the
+    # database's text and status.
+    burst = "y" * (rig.api.client.max_payload + 1000)
+    answer = answer_for(rig.producer, rig.db, publish_interval=0.01, checkpoint_interval=0.05)
+    async with connected(rig.api, rig.db) as client:
+        async with answer:
+            answer.append("Here it is: ")
+            await until(lambda: client.text == "Here it is: ")
+            answer.append(burst)
+        assert (rig.db.status, rig.db.text) == ("complete", "Here it is: " + burst)
+        with anyio.move_on_after(5):
+            await until(lambda: client.status == "complete")
+        assert (client.status, len(client.text)) == ("complete", len(rig.db.text)), (
+            "the socket is stuck; logged: "
+            + "; ".join(
+                r.getMessage()[:100] for r in caplog.records if r.levelno >= logging.WARNING
+            )
+        )
