@@ -76,6 +76,11 @@ _FINISH_TIMEOUT = 10.0
 """Seconds the final checkpoint and publish may take once the block has ended."""
 _REBASE_ATTEMPTS = 3
 """Compare-and-set attempts in one checkpoint before it waits for the next interval."""
+_MAX_DELTA_CHARS = 64 * 1024
+"""Characters of text in one delta, at most (at most 256 KiB of UTF-8): a larger burst of
+appends goes out as several deltas, each under NATS's default ``max_payload`` of 1 MiB."""
+_MAX_CATCH_UP_CHARS = 200 * 1024
+"""Characters of text a catch-up carries, at most; a socket further behind loads a snapshot."""
 _KEPT_VERSIONS = 512
 """Versions of the current line a stream can answer catch-ups from, at most."""
 
@@ -348,11 +353,17 @@ class AnswerStream:
         return self.version + (VERSION_SKIP if self.version == self._committed else 1)
 
     def _take_pending(self) -> list[dict[str, Any]]:
-        """Move the pending appends into the text; return the operation that appends them."""
+        """Move the pending appends into the text, up to :data:`_MAX_DELTA_CHARS` of them;
+        return the operation that appends them."""
         if not self._pending:
             return []
         piece = "".join(self._pending)
         self._pending.clear()
+        if len(piece) > _MAX_DELTA_CHARS:
+            # A burst (a cached answer replayed, a tool's output) goes out over several deltas,
+            # each well under the broker's largest message (NATS: 1 MiB by default).
+            piece, rest = piece[:_MAX_DELTA_CHARS], piece[_MAX_DELTA_CHARS:]
+            self._pending.append(rest)
         operation = {"op": "append", "path": self.text_path, "offset": self._units, "value": piece}
         self._pieces.append(piece)
         self._units += utf16_length(piece)
@@ -365,10 +376,11 @@ class AnswerStream:
         return [{"op": "replace", "path": self.status_path, "value": status.value}]
 
     async def _publish_pending(self) -> None:
-        base, version = self.version, self._next_version()
-        operations = self._take_pending()
-        self._advance(version)
-        await self._publish(operations, base, version)
+        while self._pending:
+            base, version = self.version, self._next_version()
+            operations = self._take_pending()
+            self._advance(version)
+            await self._publish(operations, base, version)
 
     def _advance(self, version: Version) -> None:
         self.version = version
@@ -399,9 +411,16 @@ class AnswerStream:
 
     async def _finish(self, status: AnswerStatus) -> None:
         # The last appends and the status, committed at a new version before they are published:
-        # a socket that loads a snapshot after the final patch finds the final text.
+        # a socket that loads a snapshot after the final patch finds the final text. A burst
+        # too large for one delta goes out first, as ordinary deltas.
+        while sum(map(len, self._pending)) > _MAX_DELTA_CHARS:
+            base, version = self.version, self._next_version()
+            operations = self._take_pending()
+            self._advance(version)
+            await self._publish(operations, base, version)
         operations = self._take_pending() + self._status_operation(status)
-        if not operations and self.version == self._committed:
+        saved = self._committed_point.status
+        if not operations and self.version == self._committed and status is saved:
             return
         base, version = self.version, self._next_version()
         self._advance(version)
@@ -499,6 +518,8 @@ class AnswerStream:
         operations: list[dict[str, Any]] = []
         if len(self._pieces) > point.pieces:
             value = "".join(self._pieces[point.pieces :])
+            if len(value) > _MAX_CATCH_UP_CHARS:
+                return None  # too large for one message: the socket loads a snapshot instead
             operations.append(
                 {"op": "append", "path": self.text_path, "offset": point.units, "value": value}
             )
