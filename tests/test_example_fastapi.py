@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,8 @@ from test_example_chat import answer_done, follow_session
 from asgi_session_sync import SessionSync
 from asgi_session_sync.nats import EmbeddedNats
 from asgi_session_sync.testing import WebSocketClient, WebSocketRejected, connect_websocket
-from examples.chat.worker import run_worker, simulated_tokens
+from examples.chat.page import page_html
+from examples.chat.worker import PUBLISH_INTERVAL, run_worker, simulated_tokens
 from examples.fastapi_app import Settings, create_app
 
 pytestmark = pytest.mark.anyio
@@ -320,16 +322,38 @@ async def test_invalid_session_ids_are_refused(app: FastAPI, client: httpx.Async
             pass
 
 
-async def test_page_loads_the_shipped_client(client: httpx.AsyncClient) -> None:
+async def test_page_is_the_shared_one_with_its_files_and_the_client(
+    client: httpx.AsyncClient,
+) -> None:
     page = await client.get("/")
     assert page.status_code == 200
     assert page.headers["content-type"].startswith("text/html")
-    assert 'import { SessionSync } from "/static/session-sync/session-sync.js";' in page.text
-    assert 'id="state"' in page.text
-    script = await client.get("/static/session-sync/session-sync.js")
-    assert script.status_code == 200
-    assert script.headers["content-type"].startswith("text/javascript")
-    assert "export class SessionSync" in script.text
+    assert page.text == page_html("FastAPI")
+    assert "<title>Live chat · asgi-session-sync FastAPI example</title>" in page.text
+    # The page's files and the shipped client, at the paths both examples serve them.
+    for path, content_type, needle in [
+        ("/static/chat/chat.css", "text/css", ".pill"),
+        ("/static/chat/chat.js", "text/javascript", "/static/session-sync/session-sync.js"),
+        ("/static/session-sync/session-sync.js", "text/javascript", "export class SessionSync"),
+    ]:
+        response = await client.get(path)
+        assert response.status_code == 200, path
+        assert response.headers["content-type"].startswith(content_type), path
+        assert needle in response.text, path
+
+
+async def test_demo_names_the_api_and_the_running_worker(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/api/demo")).status_code == 401
+    # The worker runs in this process here: once it is up, it answers the roll call.
+    with anyio.fail_after(WAIT):
+        while not (demo := (await client.get("/api/demo", headers=ALICE)).json())["workers"]:
+            pass  # each look waits for the roll call's answers
+    assert demo["api_pid"] == os.getpid()
+    assert [worker["pid"] for worker in demo["workers"]] == [os.getpid()]
+    assert (demo["framework"], demo["module"]) == ("FastAPI", "examples.fastapi_app")
+    assert demo["response_tokens"] == TOKENS
+    assert (demo["token_interval"], demo["publish_interval"]) == (0.05, PUBLISH_INTERVAL)
+    assert demo["lease_seconds"] == Settings().lease_seconds
 
 
 def test_settings_come_from_the_environment() -> None:

@@ -7,6 +7,7 @@ temporary SQLite file and a private nats-server, as ``python -m examples.litesta
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,8 @@ from test_example_chat import answer_done, follow_session
 
 from asgi_session_sync.nats import EmbeddedNats
 from asgi_session_sync.testing import WebSocketClient, WebSocketRejected, connect_websocket
-from examples.chat.worker import run_worker, simulated_tokens
+from examples.chat.page import page_html
+from examples.chat.worker import PUBLISH_INTERVAL, run_worker, simulated_tokens
 from examples.litestar_app import Settings, create_app
 
 pytestmark = pytest.mark.anyio
@@ -298,14 +300,38 @@ async def test_unknown_and_invalid_session_ids_are_refused(
         assert rejected.value.code == 1008
 
 
-async def test_page_and_browser_client_are_served(http: httpx.AsyncClient) -> None:
+async def test_page_is_the_shared_one_with_its_files_and_the_client(
+    http: httpx.AsyncClient,
+) -> None:
     page = await call(http, "GET", "/", None)
     assert page.status_code == 200
     assert page.headers["content-type"].startswith("text/html")
-    assert 'import { SessionSync } from "/static/session-sync.js"' in page.text
-    script = await call(http, "GET", "/static/session-sync.js", None)
-    assert script.status_code == 200
-    assert "export class SessionSync" in script.text
+    assert page.text == page_html("Litestar")
+    assert "<title>Live chat · asgi-session-sync Litestar example</title>" in page.text
+    # The same page as the FastAPI example's, but for the framework's name.
+    assert page.text == page_html("FastAPI").replace("FastAPI", "Litestar")
+    for path, content_type, needle in [
+        ("/static/chat/chat.css", "text/css", ".pill"),
+        ("/static/chat/chat.js", "text/javascript", "/static/session-sync/session-sync.js"),
+        ("/static/session-sync/session-sync.js", "text/javascript", "export class SessionSync"),
+    ]:
+        response = await call(http, "GET", path, None)
+        assert response.status_code == 200, path
+        assert response.headers["content-type"].startswith(content_type), path
+        assert needle in response.text, path
+
+
+async def test_demo_names_the_api_and_the_running_worker(http: httpx.AsyncClient) -> None:
+    assert (await call(http, "GET", "/api/demo", None)).status_code == 401
+    # The worker runs in this process here: once it is up, it answers the roll call.
+    with anyio.fail_after(WAIT):
+        while not (demo := (await call(http, "GET", "/api/demo", "alice")).json())["workers"]:
+            pass  # each look waits for the roll call's answers
+    assert demo["api_pid"] == os.getpid()
+    assert [worker["pid"] for worker in demo["workers"]] == [os.getpid()]
+    assert (demo["framework"], demo["module"]) == ("Litestar", "examples.litestar_app")
+    assert demo["response_tokens"] == TOKENS
+    assert (demo["token_interval"], demo["publish_interval"]) == (0.05, PUBLISH_INTERVAL)
 
 
 async def test_bad_bodies_get_400(app: Litestar, http: httpx.AsyncClient) -> None:

@@ -34,9 +34,11 @@ from asgi_session_sync.protocol import AnswerStatus
 from asgi_session_sync.streaming import AnswerStream, Checkpoint
 
 from .publishing import SessionPublisher
+from .roll_call import answering_roll_calls
 from .store import ChatStore, Claim, ClaimLost
 
 __all__ = [
+    "PUBLISH_INTERVAL",
     "AnswerOutcome",
     "ResponseWorker",
     "WorkerSettings",
@@ -90,6 +92,10 @@ _SENTENCES = [
 # Seconds between two attempts to reach NATS, at startup and after losing it: the API's
 # embedded broker comes back in well under a second after a restart.
 NATS_RECONNECT_WAIT = 0.25
+PUBLISH_INTERVAL = 0.05
+"""Seconds between two publishes of an answer's stream, at least (its deltas coalesce the
+tokens of each interval): the stream's default, named so that the page knows it."""
+
 # Seconds the commit that ends an answer (and its publish) may take once the stream is over.
 _FINISH_TIMEOUT = 10.0
 
@@ -273,6 +279,7 @@ class ResponseWorker:
                         version=claim.version,
                         checkpoint=save,
                         owner=claim.owner,
+                        publish_interval=PUBLISH_INTERVAL,
                     ) as answer,
                     aclosing(self.generate()) as generated,
                 ):
@@ -348,8 +355,11 @@ async def run_worker(settings: WorkerSettings) -> None:
         AsyncExitStack() as stack,
     ):
         bridge = await _enter_bridge(stack, settings.nats_url)
+        worker = ResponseWorker(store, bridge, settings)
+        # The page's "Try it" panel shows this worker's pid, from its answer to a roll call.
+        await stack.enter_async_context(answering_roll_calls(bridge, worker.name))
         logger.info("worker ready nats=%s", without_credentials(settings.nats_url))
-        await ResponseWorker(store, bridge, settings).run()
+        await worker.run()
 
 
 async def _enter_bridge(stack: AsyncExitStack, url: str) -> NatsBridge:

@@ -14,6 +14,7 @@ from asgi_session_sync.client import STATIC_DIR
 from asgi_session_sync.loaders.sqlalchemy import sqlalchemy_loader
 from examples.chat.live import LiveChat
 from examples.chat.models import ChatSession, session_view
+from examples.chat.page import CLIENT_STATIC_PATH, PAGE_STATIC_DIR, PAGE_STATIC_PATH
 from examples.chat.store import ChatStore
 
 from .routes import router
@@ -54,5 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # loader checks the owner against that same user.
     app.state.sync = SessionSync(loader, version_loader=loader.version_loader)
     app.include_router(router)
-    app.mount("/static/session-sync", StaticFiles(directory=STATIC_DIR))
+    # The page (routes.py) is the one both examples serve, with its files at the same paths.
+    app.mount(CLIENT_STATIC_PATH, StaticFiles(directory=STATIC_DIR))
+    app.mount(PAGE_STATIC_PATH, StaticFiles(directory=PAGE_STATIC_DIR))
     return app

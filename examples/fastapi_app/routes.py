@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path as FilePath
 from typing import Annotated
 
 from fastapi import (
@@ -20,16 +19,16 @@ from starlette.responses import Response
 
 from asgi_session_sync import SessionSync
 from asgi_session_sync.nats import NatsBridge
+from examples.chat.demo import demo_view
 from examples.chat.live import HEARTBEAT
+from examples.chat.page import page_html
 from examples.chat.publishing import SessionPublisher
 from examples.chat.stopping import StopOutcome, stop_answer
 from examples.chat.store import ChatStore
 
 from .auth import CurrentUser, WebSocketUser
-from .schemas import NewPrompt, NewSession, SessionView, StopResult
+from .schemas import DemoInfo, NewPrompt, NewSession, SessionView, StopResult
 from .settings import Settings
-
-PAGE = FilePath(__file__).with_name("index.html").read_text(encoding="utf-8")
 
 SessionId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]
 Position = Annotated[int, Path(ge=0, le=2**31 - 1)]
@@ -73,8 +72,16 @@ router = APIRouter()
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
 async def page() -> str:
-    """The live page: open it as ``/?token=alice``."""
-    return PAGE
+    """The live page, the same in both examples: open it as ``/?token=alice``."""
+    return page_html("FastAPI")
+
+
+@router.get("/api/demo")
+async def demo(_user: CurrentUser, bridge: Bridge, settings: AppSettings) -> DemoInfo:
+    """What the page's "Try it" panel shows: this API's pid, the running workers' pids (a
+    roll call over NATS), and the timings the page needs."""
+    view = await demo_view(settings, bridge, framework="FastAPI", module="examples.fastapi_app")
+    return DemoInfo.model_validate(view)
 
 
 @router.post("/api/sessions", status_code=status.HTTP_201_CREATED)

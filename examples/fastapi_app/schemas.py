@@ -61,3 +61,29 @@ class StopResult(BaseModel):
 
     position: int
     outcome: Literal["stopping", "cancelled"]
+
+
+class WorkerInfo(BaseModel):
+    """A worker that answered the roll call (:class:`examples.chat.roll_call.WorkerView`)."""
+
+    pid: int
+    name: str
+
+
+class DemoInfo(BaseModel):
+    """Answer of ``GET /api/demo``: what the page's "Try it" panel shows
+    (:class:`examples.chat.demo.DemoView`).
+
+    ``api_pid``: the API process that answered; ``workers``: those that answered a roll call
+    just now. The intervals (seconds) tell the page when an answer has stalled, and when a
+    dead worker's lease runs out.
+    """
+
+    framework: str
+    module: str
+    api_pid: int
+    workers: list[WorkerInfo]
+    response_tokens: int
+    token_interval: float
+    publish_interval: float
+    lease_seconds: float

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import re
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from litestar import (
@@ -44,8 +43,10 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from asgi_session_sync import SessionSync
 from asgi_session_sync.client import STATIC_DIR
 from asgi_session_sync.loaders.sqlalchemy import sqlalchemy_loader
+from examples.chat.demo import DemoView, demo_view
 from examples.chat.live import HEARTBEAT, LiveChat
 from examples.chat.models import ChatSession, SessionView, is_session_id, session_view
+from examples.chat.page import CLIENT_STATIC_PATH, PAGE_STATIC_DIR, PAGE_STATIC_PATH, page_html
 from examples.chat.stopping import StopOutcome, stop_answer
 from examples.chat.store import ChatStore
 
@@ -54,8 +55,6 @@ from .settings import Settings
 __all__ = ["create_app", "token_user"]
 
 logger = logging.getLogger("examples.litestar_app")
-
-PAGE = Path(__file__).with_name("page.html").read_text(encoding="utf-8")
 
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # Characters of a client-supplied value (a path) that a log line keeps.
@@ -232,8 +231,17 @@ async def session_socket(
 
 @get("/", media_type=MediaType.HTML, include_in_schema=False)
 async def index() -> str:
-    """The page: open ``/?token=alice``."""
-    return PAGE
+    """The live page, the same in both examples: open ``/?token=alice``."""
+    return page_html("Litestar")
+
+
+@get("/api/demo")
+async def demo(user: NamedDependency[str], live: NamedDependency[LiveChat]) -> DemoView:
+    """What the page's "Try it" panel shows: this API's pid, the running workers' pids (a
+    roll call over NATS), and the timings the page needs."""
+    return await demo_view(
+        live.settings, live.bridge, framework="Litestar", module="examples.litestar_app"
+    )
 
 
 async def log_exception(exc: Exception, scope: Scope) -> None:
@@ -269,9 +277,12 @@ def create_app(settings: Settings) -> Litestar:
     return Litestar(
         route_handlers=[
             index,
+            demo,
             SessionController,
             session_socket,
-            create_static_files_router(path="/static", directories=[STATIC_DIR]),
+            # The page is the one both examples serve, with its files at the same paths.
+            create_static_files_router(path=CLIENT_STATIC_PATH, directories=[STATIC_DIR]),
+            create_static_files_router(path=PAGE_STATIC_PATH, directories=[PAGE_STATIC_DIR]),
         ],
         dependencies={
             "store": Provide(lambda: store, sync_to_thread=False),

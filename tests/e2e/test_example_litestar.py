@@ -97,9 +97,9 @@ def test_another_user_never_sees_the_session(
         # Bob's page asked the API first, got a 404, and never opened a socket to retry.
         bob.wait_for_function("document.querySelector('#error').textContent !== ''")
         assert bob.text_content("#error") == f"No session {session_id} for bob."
-        assert bob.evaluate("window.stateHistory") == []
+        assert bob.evaluate("window.stateLog") == []
         assert bob.locator("[data-testid=interaction]").count() == 0
-        assert bob.text_content("#version") == "-"
+        assert bob.text_content("#version") == "\N{EN DASH}"
         assert "secret" not in bob.content()
 
         # Asked directly: the WebSocket closes without a frame, the API answers 404.
@@ -135,6 +135,6 @@ def test_a_refused_token_opens_no_socket_to_retry(browser: Any, stack: ExampleSt
     try:
         page.wait_for_function("document.querySelector('#error').textContent !== ''")
         assert page.text_content("#error").startswith("Cannot open s1:")
-        assert page.evaluate("window.stateHistory") == []
+        assert page.evaluate("window.stateLog") == []
     finally:
         page.close()

@@ -56,6 +56,9 @@ TOKENS = 40
 TOKEN_INTERVAL = 0.15  # 40 tokens: a 6 s stream, long enough to restart the API inside it
 ANSWER_TOKENS = 1000  # issue 18's long answer
 ANSWER_INTERVAL = 0.008  # s: 125 tokens a second, an 8 s answer (coalesced into 50 ms deltas)
+# s: long enough that the page says a dead worker's answer has stalled (after 3 publish
+# intervals + 1 s) well before the sweeper marks it interrupted.
+ANSWER_LEASE = 3.0
 OUTPUT = ROOT / "test-output"
 
 
@@ -163,7 +166,11 @@ def running(example: Example, tmp_path: Path) -> Iterator[ExampleStack]:
 @pytest.fixture
 def answering(example: Example, tmp_path: Path) -> Iterator[ExampleStack]:
     """The example answering 1,000 tokens at 125 a second, with its private nats-server."""
-    env = {"RESPONSE_TOKENS": str(ANSWER_TOKENS), "TOKEN_INTERVAL": str(ANSWER_INTERVAL)}
+    env = {
+        "RESPONSE_TOKENS": str(ANSWER_TOKENS),
+        "TOKEN_INTERVAL": str(ANSWER_INTERVAL),
+        "LEASE_SECONDS": str(ANSWER_LEASE),
+    }
     with started(make_stack(example, tmp_path, **env)) as stack:
         yield stack
 
@@ -370,12 +377,23 @@ def test_worker_killed_mid_answer_page_shows_it_interrupted_at_lease_expiry(
 
     answering.worker.kill()
     killed = time.monotonic()
+    # No delta comes any more, on a live socket: the page says the answer has stalled (not
+    # live with a blinking cursor) while the lease runs out.
+    page.wait_for_selector("[data-testid=interaction][data-stalled=true]")
+    stalled = time.monotonic() - killed
+    assert page.evaluate(PAGE_STATE)["interrupted"] is None, "interrupted before stalled"
+    assert page.text_content("[data-testid=status]") == "stalled"
+    assert "waiting for the worker's lease to run out" in (
+        page.text_content("[data-testid=stalled]") or ""
+    )
+    screenshot(page, shots, "2-stalled")
     page.wait_for_function(
-        f"({PAGE_STATE})().interrupted !== null", timeout=(LEASE + 1) * 1000 + 500
+        f"({PAGE_STATE})().interrupted !== null", timeout=(ANSWER_LEASE + 1) * 1000 + 500
     )
     took = time.monotonic() - killed
-    screenshot(page, shots, "2-interrupted")
-    assert took <= LEASE + 1, f"interrupted shown {took:.2f}s after the kill"
+    screenshot(page, shots, "3-interrupted")
+    assert took <= ANSWER_LEASE + 1, f"interrupted shown {took:.2f}s after the kill"
+    assert page.locator("[data-testid=stalled]").is_hidden()
 
     shown = page.evaluate(PAGE_STATE)
     stored = through_api(answering, session_id)
@@ -394,7 +412,10 @@ def test_worker_killed_mid_answer_page_shows_it_interrupted_at_lease_expiry(
         "getComputedStyle(document.querySelector('[data-testid=response]'), '::after').content"
     )
     assert cursor in ("none", "normal", '""'), cursor
-    print(f"{example.module}: interrupted shown {took:.2f}s after the worker's SIGKILL")
+    print(
+        f"{example.module}: stalled shown {stalled:.2f}s and interrupted {took:.2f}s after "
+        "the worker's SIGKILL"
+    )
     answering.worker.start()  # so that the fixture stops a worker, as it started one
 
 
@@ -482,7 +503,7 @@ def test_nats_killed_alone_page_catches_up_then_streams_to_the_end(
         finish_and_compare(page, stack, session_id)
         screenshot(page, shots, "3-finished")
         # The socket stayed open: the bridge's resync brought the state over it.
-        history = page.evaluate("window.stateLog ?? window.stateHistory")
+        history = page.evaluate("window.stateLog")
         assert history == ["connecting", "live"], history
     finally:
         stack.stop()
