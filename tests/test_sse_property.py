@@ -8,7 +8,8 @@ and end on the database's last state, once applied by the browser client's rules
 ``applySynced``). Two paths:
 
 - **the middleware's**: an app that subscribes, starts its event stream and streams what is
-  published as events (in chunks cut anywhere, with any line break), fenced by the middleware;
+  published as events (in chunks cut anywhere, with any line break), fenced by the middleware,
+  which also repairs an app that subscribes only after its start (and misses a patch);
 - **the bridge's**: ``SessionSync.accept_sse`` and ``SessionStream.forward`` behind a hub whose
   broker is in memory (the hub's ``Backend`` protocol is all it needs) and loses publishes.
 """
@@ -129,10 +130,18 @@ async def yield_n(n: int) -> None:
         await checkpoint()
 
 
-async def writer(world: World, pauses: dict[str, Any]) -> None:
-    for pause, full, lost in pauses["writes"]:
+async def writer(
+    world: World, pauses: dict[str, Any], last_after: anyio.Event | None = None
+) -> None:
+    """Make the writes of ``pauses``; the last one only once ``last_after`` is set, if given."""
+    *writes, last = pauses["writes"]
+    for pause, full, lost in writes:
         await yield_n(pause)
         world.write(full=full, lost=lost)
+    if last_after is not None:
+        await last_after.wait()
+    await yield_n(last[0])
+    world.write(full=last[1], lost=last[2])
 
 
 async def read_until(client: ResponseClient, browser: BrowserClient, target: int) -> None:
@@ -183,15 +192,27 @@ def world_loader(world: World, pauses: dict[str, Any]) -> Any:
 async def middleware_scenario(world: World, pauses: dict[str, Any]) -> BrowserClient:
     sep = pauses["sep"]
     inboxes: list[MemoryObjectSendStream[str]] = []
+    # A late subscriber misses whatever is published before it subscribes, and nothing could
+    # ever tell it so: the last write waits for it.
+    subscribed = anyio.Event()
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        # Subscribe before starting the response, so nothing published from here on is missed.
         inbox_send, inbox = anyio.create_memory_object_stream[str](math.inf)
-        world.subscribers.append(inbox_send.send_nowait)
         inboxes.append(inbox_send)
-        await yield_n(pauses["after_subscribe"])
         start = {"type": "http.response.start", "status": 200}
-        await send({**start, "headers": [(b"content-type", b"text/event-stream")]})
+        start["headers"] = [(b"content-type", b"text/event-stream")]
+        if pauses["subscribe_late"]:
+            # The wrong order: what is published during the load is missed, and the first
+            # patch after it may not chain. The fence repairs the client with a snapshot.
+            await send(start)
+            await yield_n(pauses["after_subscribe"])
+            world.subscribers.append(inbox_send.send_nowait)
+            subscribed.set()
+        else:
+            # Subscribe before starting the response: nothing published from here is missed.
+            world.subscribers.append(inbox_send.send_nowait)
+            await yield_n(pauses["after_subscribe"])
+            await send(start)
         with inbox_send, inbox:
             async for text in inbox:
                 data = json.loads(text)
@@ -209,7 +230,7 @@ async def middleware_scenario(world: World, pauses: dict[str, Any]) -> BrowserCl
     browser = BrowserClient()
     target = FIRST_VERSION + len(pauses["writes"])
     async with anyio.create_task_group() as tg:
-        tg.start_soon(writer, world, pauses)
+        tg.start_soon(writer, world, pauses, subscribed if pauses["subscribe_late"] else None)
         await yield_n(pauses["connect_after"])
         async with open_response(middleware, f"/sse/{SESSION_ID}") as client:
             await read_until(client, browser, target)
@@ -220,6 +241,7 @@ async def middleware_scenario(world: World, pauses: dict[str, Any]) -> BrowserCl
 
 middleware_pauses = common(
     writes=writes,
+    subscribe_late=st.booleans(),
     sep=st.sampled_from(["\n", "\r\n", "\r"]),
     cut=st.integers(0, 300),
 )
