@@ -9,7 +9,8 @@ Event streams, every one behind :class:`SessionSyncMiddleware` unless said other
   ``/sse/quart/{session_id}``.
 - ``GET /sse/raw/{session_id}``: a raw ASGI app. ``?mode=events`` (the default) streams a
   greeting, then one ``session_update`` event per ``?versions=`` (comma-separated), each in a
-  body message of its own, then waits for the client to leave. ``?mode=text`` streams a
+  body message of its own, then waits for the client to leave (``?mode=quiet``: sends nothing
+  after its start, and waits). ``?mode=text`` streams a
   ``text/plain`` body and ends it; ``?mode=body-first`` sends a body before its start.
 - ``GET /sse/bare/{session_id}``: the same raw app without the middleware, to compare with.
 - ``GET /sse/bridged/{session_id}``: the documented bridged stream,
@@ -158,7 +159,8 @@ async def raw_stream(scope: Scope, receive: Receive, send: Send) -> None:
         return
     headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
-    await send({"type": "http.response.body", "body": GREETING, "more_body": True})
+    if mode != "quiet":
+        await send({"type": "http.response.body", "body": GREETING, "more_body": True})
     for version in filter(None, query(scope, "versions").split(",")):
         chunk = update_event(session_id, int(version))
         await send({"type": "http.response.body", "body": chunk, "more_body": True})

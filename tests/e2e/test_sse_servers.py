@@ -230,10 +230,13 @@ async def test_stale_app_events_are_fenced_and_last_event_id_resumes(server: Run
     headers = {"last-event-id": "1"}
     async with event_stream(server, f"/sse/raw/{session_id}", headers=headers) as stream:
         assert (await stream.next_event()).type == "greeting", "resumed: no snapshot"
+    # An app that sends nothing after its start: the snapshot is not held back for more.
+    async with event_stream(server, f"/sse/raw/{session_id}", mode="quiet") as stream:
+        assert_snapshot(await stream.next_event(), session_id, 1)
     hostile = {"last-event-id": "9" * 4000 + "not-a-version"}
     async with event_stream(server, f"/sse/raw/{session_id}", headers=hostile) as stream:
         assert_snapshot(await stream.next_event(), session_id, 1)
-    assert await server_loads(server, session_id) == 3
+    assert await server_loads(server, session_id) == 4
 
 
 async def test_other_responses_pass_as_without_the_middleware(server: RunningServer) -> None:
