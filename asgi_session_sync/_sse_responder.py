@@ -14,13 +14,16 @@ import enum
 import logging
 import re
 import time
+from collections import deque
+
+import anyio
 
 from ._fetcher import FAILED
 from ._paths import clip_for_log
 from ._responder import ConnectionSettings
 from ._types import Message, Scope, Send
 from .cursor import Cursor, Verdict
-from .protocol import Frame, Kind, parse_frame, sse_event, version_from_text
+from .protocol import Frame, Kind, parse_frame, sse_event
 from .sync import _FROM_SCOPE, SessionSocket
 
 __all__ = ["SseResponder", "StreamPhase"]
@@ -40,10 +43,18 @@ class StreamPhase(enum.Enum):
 
     AWAITING_START = "awaiting start"
     """The app has not started its response: ``http.response.start`` decides."""
+    LOADING = "loading"
+    """An event stream's start is held while the snapshot loads; other sends wait their turn."""
     FENCING = "fencing"
     """Started with a versioned snapshot: the app's events are judged by the cursor."""
     SETTLED = "settled"
     """Everything passes to the server's ``send`` unchanged."""
+
+
+def _may_be_session_event(partial: bytes) -> bool:
+    """Whether the start of an event could make it one the fence judges: it names a session
+    event (or escapes, which could spell one), or it ends mid-line, so it cannot tell yet."""
+    return b'"session_' in partial or b"\\u" in partial or not partial.endswith((b"\n", b"\r"))
 
 
 def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
@@ -60,10 +71,13 @@ class SseResponder:
         "_cursor",
         "_deadline",
         "_events_left",
+        "_passing",
         "_pending",
+        "_queue",
         "_send",
         "_settings",
         "_socket",
+        "_warned_id",
         "phase",
         "scope",
         "session_id",
@@ -80,8 +94,11 @@ class SseResponder:
         self._socket: SessionSocket | None = None
         self._cursor: Cursor | None = None
         self._pending = b""
+        self._passing = False  # the start of the event being sent was passed unjudged
+        self._warned_id = False
         self._events_left = 0
         self._deadline = 0.0
+        self._queue: deque[anyio.Event] | None = None  # sends waiting while the start is held
 
     async def send_with_snapshot(self, message: Message) -> None:
         """The app's ``send``: the start and the snapshot together, then fenced events."""
@@ -90,8 +107,17 @@ class SseResponder:
             await self._send(message)
         elif phase is StreamPhase.FENCING:
             await self._send_fenced(message)
+        elif phase is StreamPhase.LOADING:
+            await self._send_in_turn(message)
         elif message["type"] == "http.response.start":
-            await self._start(message)
+            self.phase = StreamPhase.LOADING
+            try:
+                await self._start(message)
+            finally:
+                # Also when the load or the start raised or was cancelled: queued sends go on.
+                if self.phase is StreamPhase.LOADING:
+                    self.phase = StreamPhase.SETTLED
+                self._next_turn()
         else:
             # A body before the start breaks the ASGI spec: the server says so, not us.
             logger.warning(
@@ -102,10 +128,40 @@ class SseResponder:
             self.phase = StreamPhase.SETTLED
             await self._send(message)
 
+    async def _send_in_turn(self, message: Message) -> None:
+        """Send ``message`` once the start and the snapshot are out and every send queued
+        before it has gone (sse-starlette's pings run in a task of their own)."""
+        turn = anyio.Event()
+        if self._queue is None:
+            self._queue = deque()
+        self._queue.append(turn)
+        try:
+            await turn.wait()
+        except BaseException:
+            if turn.is_set():
+                self._next_turn()  # cancelled as its turn came: hand the turn on
+            else:
+                self._queue.remove(turn)
+            raise
+        try:
+            await self.send_with_snapshot(message)
+        finally:
+            self._next_turn()
+
+    def _next_turn(self) -> None:
+        if self._queue:
+            self._queue.popleft().set()
+
     async def _start(self, start: Message) -> None:
         headers = list(start.get("headers", ()))
         content_type = (_header(headers, b"content-type") or b"").split(b";")[0].strip().lower()
         if start.get("status") != 200 or content_type != b"text/event-stream":
+            logger.debug(
+                "no snapshot: not an event stream status=%s content_type=%r session_id=%s",
+                start.get("status"),
+                content_type.decode("latin-1")[:64],
+                clip_for_log(self.session_id),
+            )
             self.phase = StreamPhase.SETTLED  # not an event stream: no load, untouched
             await self._send(start)
             return
@@ -154,12 +210,15 @@ class SseResponder:
         data = self._pending + bytes(message.get("body", b""))
         self._pending = b""
         more = message.get("more_body", False)
+        if time.monotonic() >= self._deadline:
+            self._settle()  # the window is over: whatever was held goes out now
         start = 0
         passed = bytearray()
         for end in _EVENT_END.finditer(data):
             block = data[start : end.end()]
             start = end.end()
-            if self._cursor is None:
+            if self._cursor is None or self._passing:
+                self._passing = False  # the rest of an event whose start went out unjudged
                 passed += block
                 continue
             verdict = self._judge(block)
@@ -173,12 +232,16 @@ class SseResponder:
         if self._cursor is None or not more or len(rest) > _MAX_PENDING:
             passed += rest  # settled, the body ends, or an event too large to judge
             self._settle()
+        elif rest and (self._passing or not _may_be_session_event(rest)):
+            # Not an event the fence could drop (a body without blank lines, text): sent at
+            # once, and the rest of it when it comes, rather than held until it ends.
+            passed += rest
+            self._passing = True
         else:
             self._pending = rest
         if passed or not more:
-            await self._send(
-                {"type": "http.response.body", "body": bytes(passed), "more_body": more}
-            )
+            body = bytes(passed)
+            await self._send({"type": "http.response.body", "body": body, "more_body": more})
 
     def _judge(self, block: bytes) -> Verdict | None:
         """The cursor's verdict on one event, or ``None`` when it is not the fence's to judge."""
@@ -216,11 +279,18 @@ class SseResponder:
                 if parsed.session_id not in (None, self.session_id):
                     return None  # another session's event: not this snapshot's to judge
                 return parsed
-        # An event the app versions with its id alone: judged as a full state at that version.
-        version = None if event_id is None else version_from_text(event_id.decode("latin-1"))
-        if version is None:
-            return None
-        return Frame("", Kind.UPDATE, self.session_id, version=version)
+        if event_id and not self._warned_id:
+            # The browser sends the last id back as Last-Event-ID, read as the session's
+            # version: an app's own numbering would be taken for one.
+            self._warned_id = True
+            logger.warning(
+                "an event with its own id on a served event stream: its id comes back as "
+                "Last-Event-ID and is read as the session's version; leave ids to session "
+                "events session_id=%s id=%r",
+                clip_for_log(self.session_id),
+                event_id[:32].decode("latin-1"),
+            )
+        return None
 
     async def _repair(self) -> bytes:
         """The app sent an event the client cannot apply: a fresh snapshot goes first."""

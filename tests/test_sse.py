@@ -713,11 +713,22 @@ async def test_an_event_split_across_body_messages_is_judged_whole() -> None:
     assert app.stats.fenced_frames == 1
 
 
-async def test_events_versioned_by_their_id_alone_are_fenced() -> None:
+async def test_events_with_their_own_ids_pass_unfenced_and_the_app_is_warned_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # An app's own event numbering (sse-starlette's {"id": i, "data": token}) is not a session
+    # version: fencing by it would drop the app's tokens. The ids still come back as
+    # Last-Event-ID, which is read as a version: the app is told, once per stream.
     chunks = [id_only_event(str(VERSION), "old"), id_only_event(str(VERSION + 1), "new")]
+    caplog.set_level(logging.WARNING, "asgi_session_sync")
     async with open_response(wrap(raw_sse_app(chunks)), "/sse/sessions/s1") as client:
-        events = await client.events(2)
-    assert [(event.data, event.id) for event in events[1:]] == [("new", str(VERSION + 1))]
+        events = await client.events(3)
+    assert [(event.data, event.id) for event in events[1:]] == [
+        ("old", str(VERSION)),
+        ("new", str(VERSION + 1)),
+    ]
+    warnings = [r.getMessage() for r in caplog.records if "Last-Event-ID" in r.getMessage()]
+    assert len(warnings) == 1, warnings
 
 
 async def test_a_patch_that_chains_from_the_snapshot_passes_and_a_stale_one_is_dropped() -> None:
