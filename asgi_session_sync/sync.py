@@ -221,6 +221,9 @@ class SessionSync:
 
         Raises:
             ValueError: ``session_id`` is not a valid session id; nothing was sent.
+            Exception: Whatever ``send`` raises when the client left during the load (a
+                server that follows ASGI 2.4 raises ``OSError``; Starlette's
+                ``ClientDisconnect``), as from the app's own sends.
         """
         self._check_id(session_id)
         self.stats.incr("connections")
