@@ -20,6 +20,7 @@ import pytest
 from sqlalchemy import event, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from test_sse import ResponseClient
 
 from asgi_session_sync.nats import EmbeddedNats, NatsBridge
 from asgi_session_sync.protocol import AnswerStatus, apply_patch
@@ -213,6 +214,18 @@ async def follow_session(
                 assert frame["base_version"] == version, (version, frame)
                 state, version = apply_patch(state, frame["patch"]), frame["version"]
     return state, version, frames
+
+
+async def next_stream_event(client: ResponseClient) -> dict[str, Any]:
+    """The next event of an example's event stream (``/sse/sessions/{id}``), as a frame.
+
+    Checks what a resuming ``EventSource`` relies on: a session event is named for its type
+    and carries its version as ``id:``. Shared by the examples' tests.
+    """
+    event = await client.next_event()
+    frame: dict[str, Any] = event.json()
+    assert (event.type, event.id) == (frame["type"], str(frame["version"])), event
+    return frame
 
 
 def answer_done(position: int) -> Callable[[dict[str, Any]], bool]:

@@ -13,7 +13,8 @@ import pytest
 from conftest import closed_before_any_frame
 from fastapi import FastAPI
 from sqlalchemy import text
-from test_example_chat import answer_done, follow_session
+from test_example_chat import answer_done, follow_session, next_stream_event
+from test_sse import open_response
 
 from asgi_session_sync import SessionSync
 from asgi_session_sync.nats import EmbeddedNats
@@ -313,6 +314,109 @@ async def test_current_client_resuming_gets_no_snapshot_only_new_updates(
         )
         # The version loader found the client current: the first frame is the next update.
         assert (await receive_event(ws))["version"] == 2
+
+
+async def test_event_stream_sends_the_snapshot_first_then_the_answer_with_versions_as_ids(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    session = await create_session(client)
+    async with open_response(app, f"/sse/sessions/{session['id']}", query="token=alice") as sse:
+        await sse.started()
+        assert sse.status == 200
+        assert sse.header("content-type") == "text/event-stream; charset=utf-8"
+        assert sse.header("cache-control") == "no-cache"
+        snapshot = await next_stream_event(sse)
+        assert snapshot == {
+            "type": "session_update",
+            "session_id": session["id"],
+            "owner": "alice",
+            "session": session,
+            "version": 1,
+        }
+        await client.post(
+            f"/api/sessions/{session['id']}/prompts", json={"prompt": "hello"}, headers=ALICE
+        )
+        state, version, frames = await follow_session(
+            lambda: next_stream_event(sse), session, 1, until=answer_done(0), within=WAIT
+        )
+    # The same patches a WebSocket gets: the prompt, the claim, appends of the new words.
+    assert [frame["type"] for frame in frames] == ["session_patch"] * len(frames)
+    appends = [op for frame in frames for op in frame["patch"] if op["op"] == "append"]
+    assert "".join(op["value"] for op in appends) == FINAL_TEXT
+    current = (await client.get(f"/api/sessions/{session['id']}", headers=ALICE)).json()
+    assert current == {**state, "version": version}
+    assert current["interactions"][0]["status"] == "complete"
+
+
+async def test_event_stream_resuming_with_since_gets_only_what_is_newer(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    # What the page's client does after a failure: a new EventSource with ?since=<version>.
+    session = await create_session(client)
+    path = f"/sse/sessions/{session['id']}"
+    async with open_response(app, path, query="token=alice&since=1") as sse:
+        await sse.started()
+        await client.post(
+            f"/api/sessions/{session['id']}/prompts", json={"prompt": "hi"}, headers=ALICE
+        )
+        # The version loader found the client current: the first event is the next update.
+        first = await next_stream_event(sse)
+        assert (first["type"], first["base_version"], first["version"]) == ("session_patch", 1, 2)
+    assert sse.parser.comments[0] == "open"  # the stream opened with a comment, not a snapshot
+
+
+async def test_event_stream_of_another_user_is_refused_without_a_stream(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    session = await create_session(client)
+    await client.post(
+        f"/api/sessions/{session['id']}/prompts", json={"prompt": "secret"}, headers=ALICE
+    )
+    path = f"/sse/sessions/{session['id']}"
+    for query, status in [
+        ("token=bob", 404),
+        ("token=bob&since=1", 404),
+        ("", 401),
+        ("token=bad!token", 401),
+    ]:
+        async with open_response(app, path, query=query) as sse:
+            body = await sse.read_to_end()
+        assert sse.status == status, query
+        assert sse.header("content-type") == "application/json", query
+        assert b"secret" not in body
+    async with open_response(app, f"/sse/sessions/{'0' * 32}", query="token=alice") as sse:
+        await sse.read_to_end()
+    assert sse.status == 404
+    async with open_response(app, "/sse/sessions/not-a-session", query="token=alice") as sse:
+        await sse.read_to_end()
+    assert sse.status == 422
+    sync: SessionSync = app.state.sync
+    assert sync.stats.connections == 0
+    assert app.state.bridge.stats.updates_forwarded == 0
+
+
+async def test_event_stream_of_a_failed_load_ends_so_the_page_retries(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    session = await create_session(client)
+    async with app.state.store.engine.begin() as connection:
+        await connection.execute(text("DROP TABLE interactions"))  # the database is broken
+    async with open_response(app, f"/sse/sessions/{session['id']}", query="token=alice") as sse:
+        body = await sse.read_to_end()
+    # Started (its status cannot change now), no event, and ended: EventSource reports an
+    # error, and the page's client opens it again after its backoff.
+    assert sse.status == 200
+    assert sse.complete
+    assert body == b": open\n\n"
+    sync: SessionSync = app.state.sync
+    assert sync.stats.errors == 1
+
+
+async def test_openapi_documents_the_event_stream(client: httpx.AsyncClient) -> None:
+    schema = (await client.get("/openapi.json")).json()
+    responses = schema["paths"]["/sse/sessions/{session_id}"]["get"]["responses"]
+    assert set(responses) == {"200", "401", "404", "422"}
+    assert list(responses["200"]["content"]) == ["text/event-stream"]
 
 
 async def test_invalid_session_ids_are_refused(app: FastAPI, client: httpx.AsyncClient) -> None:

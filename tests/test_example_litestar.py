@@ -20,7 +20,8 @@ from conftest import closed_before_any_frame
 from litestar import Litestar
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
-from test_example_chat import answer_done, follow_session
+from test_example_chat import answer_done, follow_session, next_stream_event
+from test_sse import open_response
 
 from asgi_session_sync.nats import EmbeddedNats
 from asgi_session_sync.testing import WebSocketClient, WebSocketRejected, connect_websocket
@@ -298,6 +299,95 @@ async def test_unknown_and_invalid_session_ids_are_refused(
             async with connect_websocket(app, f"/ws/sessions/{session_id}?token=alice"):
                 pass
         assert rejected.value.code == 1008
+
+
+async def test_event_stream_sends_the_snapshot_first_then_the_answer_with_versions_as_ids(
+    app: Litestar, http: httpx.AsyncClient
+) -> None:
+    session = await create_session(http)
+    async with open_response(app, f"/sse/sessions/{session['id']}", query="token=alice") as sse:
+        await sse.started()
+        assert sse.status == 200
+        assert sse.header("content-type") == "text/event-stream; charset=utf-8"
+        assert sse.header("x-accel-buffering") == "no"
+        snapshot = await next_stream_event(sse)
+        assert snapshot == {
+            "type": "session_update",
+            "session_id": session["id"],
+            "owner": "alice",
+            "session": session,
+            "version": 1,
+        }
+        prompts = f"/api/sessions/{session['id']}/prompts"
+        assert (await call(http, "POST", prompts, "alice", {"prompt": "hi"})).status_code == 202
+        state, version, frames = await follow_session(
+            lambda: next_stream_event(sse), session, 1, until=answer_done(0), within=WAIT
+        )
+    # The same patches a WebSocket gets: the prompt, the claim, appends of the new words.
+    assert [frame["type"] for frame in frames] == ["session_patch"] * len(frames)
+    appends = [op for frame in frames for op in frame["patch"] if op["op"] == "append"]
+    assert "".join(op["value"] for op in appends) == "".join(simulated_tokens(TOKENS))
+    current = (await call(http, "GET", f"/api/sessions/{session['id']}", "alice")).json()
+    assert current == {**state, "version": version}
+    assert current["interactions"][0]["status"] == "complete"
+
+
+async def test_event_stream_resuming_with_last_event_id_gets_only_what_is_newer(
+    app: Litestar, http: httpx.AsyncClient
+) -> None:
+    session = await create_session(http)
+    path = f"/sse/sessions/{session['id']}"
+    async with open_response(
+        app, path, query="token=alice", headers=[("last-event-id", "1")]
+    ) as sse:
+        await sse.started()
+        prompts = f"/api/sessions/{session['id']}/prompts"
+        assert (await call(http, "POST", prompts, "alice", {"prompt": "hi"})).status_code == 202
+        # The version loader found the client current: the first event is the next update.
+        first = await next_stream_event(sse)
+        assert (first["type"], first["base_version"], first["version"]) == ("session_patch", 1, 2)
+
+
+async def test_event_stream_of_another_user_is_refused_without_a_stream(
+    app: Litestar, http: httpx.AsyncClient
+) -> None:
+    session = await create_session(http)
+    prompts = f"/api/sessions/{session['id']}/prompts"
+    assert (await call(http, "POST", prompts, "alice", {"prompt": "secret"})).status_code == 202
+    cases = [
+        (session["id"], "token=bob", 404),
+        (session["id"], "token=bob&since=1", 404),
+        (session["id"], "", 401),
+        (session["id"], "token=not%20a%20token", 401),
+        ("0" * 32, "token=alice", 404),
+        ("a.b", "token=alice", 404),
+        ("x" * 300, "token=alice", 404),
+    ]
+    for session_id, query, status in cases:
+        async with open_response(app, f"/sse/sessions/{session_id}", query=query) as sse:
+            body = await sse.read_to_end()
+        assert sse.status == status, (session_id, query)
+        assert sse.header("content-type") == "application/json", (session_id, query)
+        assert b"secret" not in body
+
+
+async def test_event_stream_of_a_failed_load_ends_so_the_page_retries(
+    app: Litestar, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    session = await create_session(http)
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}")
+    try:
+        async with engine.begin() as connection:
+            await connection.execute(text("DROP TABLE interactions"))  # the database is broken
+    finally:
+        await engine.dispose()
+    async with open_response(app, f"/sse/sessions/{session['id']}", query="token=alice") as sse:
+        body = await sse.read_to_end()
+    # Started (its status cannot change now), no event, and ended: EventSource reports an
+    # error, and the page's client opens it again after its backoff.
+    assert sse.status == 200
+    assert sse.complete
+    assert body == b": open\n\n"
 
 
 async def test_page_is_the_shared_one_with_its_files_and_the_client(

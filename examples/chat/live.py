@@ -25,7 +25,8 @@ logger = logging.getLogger("examples.chat")
 NATS_RECONNECT_WAIT = 0.25
 
 HEARTBEAT = 15.0
-"""Seconds of quiet after which a WebSocket gets a heartbeat frame; the pages expect one."""
+"""Seconds of quiet after which a WebSocket gets a heartbeat frame (the page expects one), and an
+event stream a comment (it keeps proxies from closing the stream: nginx's default is 60 s)."""
 
 
 class LiveChat:

@@ -1,4 +1,4 @@
-"""The HTTP API, the live WebSocket and the page."""
+"""The HTTP API, the live WebSocket, the live event stream (Server-Sent Events) and the page."""
 
 from __future__ import annotations
 
@@ -16,10 +16,12 @@ from fastapi import (
 from fastapi.responses import HTMLResponse
 from starlette.requests import HTTPConnection
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from asgi_session_sync import SessionSync
 from asgi_session_sync.nats import NatsBridge
 from examples.chat.demo import demo_view
+from examples.chat.events import SessionEvents
 from examples.chat.live import HEARTBEAT
 from examples.chat.page import page_html
 from examples.chat.publishing import SessionPublisher
@@ -68,6 +70,21 @@ Publisher = Annotated[SessionPublisher, Depends(get_publisher)]
 AppSettings = Annotated[Settings, Depends(get_settings)]
 
 router = APIRouter()
+
+
+class EventStream(Response):
+    """A session's event stream (:class:`~examples.chat.events.SessionEvents`) as the response
+    a FastAPI route returns: called with the request's raw ``send``, it starts the response
+    itself, when the snapshot is ready."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, events: SessionEvents) -> None:
+        super().__init__()
+        self.events = events
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.events(scope, receive, send)
 
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -184,3 +201,30 @@ async def session_socket(
             await updates.forward(socket, websocket.receive, heartbeat=HEARTBEAT)
         except WebSocketDisconnect:
             return  # the client left while an update was being sent
+
+
+@router.get(
+    "/sse/sessions/{session_id}",
+    response_class=EventStream,
+    # For the OpenAPI docs, which otherwise read it from the response class's constructor.
+    status_code=status.HTTP_200_OK,
+    responses={
+        200: {"description": "The snapshot as the first event, then every update."},
+        401: {"description": "No token: pass ?token=<name> (EventSource sends no headers)."},
+        404: {"description": "No such session of the caller's."},
+    },
+)
+async def session_events(
+    session_id: SessionId,
+    user: CurrentUser,
+    store: Store,
+    sync: Sync,
+    bridge: Bridge,
+) -> EventStream:
+    """The session live over Server-Sent Events: its snapshot first, then every update, each
+    with its version as ``id:``. The page's ``?transport=sse`` follows it."""
+    # Refused here, with a status and no stream: once the stream has started its status is
+    # 200 for good. The loader checks the owner again, against the same user.
+    if not await store.is_owner(session_id, user):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "no such session")
+    return EventStream(SessionEvents(sync, bridge, session_id, user))

@@ -1,4 +1,5 @@
-"""The Litestar app: a JSON API, a live WebSocket per session, and the page that uses both."""
+"""The Litestar app: a JSON API, each session live over a WebSocket or Server-Sent Events, and
+the page that uses them."""
 
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ from asgi_session_sync import SessionSync
 from asgi_session_sync.client import STATIC_DIR
 from asgi_session_sync.loaders.sqlalchemy import sqlalchemy_loader
 from examples.chat.demo import DemoView, demo_view
+from examples.chat.events import SessionEvents
 from examples.chat.live import HEARTBEAT, LiveChat
 from examples.chat.models import ChatSession, SessionView, is_session_id, session_view
 from examples.chat.page import CLIENT_STATIC_PATH, PAGE_STATIC_DIR, PAGE_STATIC_PATH, page_html
@@ -226,6 +228,32 @@ async def session_socket(
             return  # the client left while an update was being sent
 
 
+# The live event stream (Server-Sent Events).
+
+
+# No media_type="text/event-stream" here: Litestar would give the 401 and 404 answers' JSON
+# that content type too. The stream sets its own headers.
+@get("/sse/sessions/{session_id:str}")
+async def session_events(
+    session_id: FromPath[str],
+    user: NamedDependency[str],
+    sync: NamedDependency[SessionSync],
+    live: NamedDependency[LiveChat],
+) -> SessionEvents:
+    """The session live over Server-Sent Events: its snapshot first, then every update, each
+    with its version as ``id:``. ``EventSource`` sends no headers: pass ``?token=<user>``.
+
+    Litestar calls the returned ASGI app with the request's raw ``send``: it starts the
+    response itself, when the snapshot is ready.
+    """
+    # Refused here, with a status and no stream (401 from the user dependency, else 404):
+    # once the stream has started its status is 200 for good. The loader checks the owner
+    # again, against the same user. A malformed id never reaches the database.
+    if not await live.store.is_owner(session_id, user):
+        raise NotFoundException("no such session")
+    return SessionEvents(sync, live.bridge, session_id, user)
+
+
 # The page, and the browser client it imports.
 
 
@@ -280,6 +308,7 @@ def create_app(settings: Settings) -> Litestar:
             demo,
             SessionController,
             session_socket,
+            session_events,
             # The page is the one both examples serve, with its files at the same paths.
             create_static_files_router(path=CLIENT_STATIC_PATH, directories=[STATIC_DIR]),
             create_static_files_router(path=PAGE_STATIC_PATH, directories=[PAGE_STATIC_DIR]),

@@ -7,6 +7,8 @@ interrupted once the dead worker's lease expires), and no nats-server may outliv
 Issue 18's answers are 1,000 tokens long: the page's text after an API crash is the
 database's, character for character (read through the app's API), a dead worker's answer
 ends interrupted, and Stop ends it cancelled in two tabs while the worker stops generating.
+Each example's page over Server-Sent Events (``?transport=sse``, issue 22) survives the API's
+SIGKILL the same way, and its ``/sse/sessions/{id}`` route streams over a real HTTP client.
 
 Screenshots of every state go to ``test-output/<test>/`` at the repository root (ignored by
 git); each path is printed.
@@ -29,8 +31,11 @@ from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
+import httpx
 import pytest
+from test_sse import Event, EventParser
 
 from asgi_session_sync.protocol import apply_patch, utf16_length
 from examples.chat.store import WORKER_LOST
@@ -104,6 +109,7 @@ PAGE_STATE = """() => {
 }"""
 
 STOP = "[data-testid=interaction][data-position='0'] button[data-testid=stop]"
+ALICE = {"Authorization": "Bearer alice"}
 
 
 @pytest.fixture(params=EXAMPLES)
@@ -182,9 +188,10 @@ def screenshot(page: Any, directory: Path, name: str) -> Path:
     return path
 
 
-def start_streaming(page: Any, example: Example, url: str) -> str:
-    """Open the page, create a session, send a prompt, wait for a few tokens; the session id."""
-    page.goto(f"{url}/?token=alice")
+def start_streaming(page: Any, example: Example, url: str, query: str = "token=alice") -> str:
+    """Open the page (with ``query``), create a session, send a prompt, wait for a few tokens;
+    the session id."""
+    page.goto(f"{url}/?{query}")
     # A reload would lose this: the checks below prove the page recovered by itself.
     page.evaluate("window.loadMarker = 'first load'")
     page.fill(example.title_input, "Crash test")
@@ -367,6 +374,96 @@ def test_api_killed_mid_answer_page_resumes_and_ends_equal_to_the_database(
     shown = finish_and_compare(page, answering, session_id, ANSWER_TOKENS, ANSWER_INTERVAL)
     screenshot(page, shots, "4-finished")
     assert len(shown["response"]) > back
+
+
+def test_sse_page_api_killed_mid_answer_reopens_its_stream_and_ends_equal_to_the_database(
+    answering: ExampleStack, example: Example, page: Any, shots: Path
+) -> None:
+    sockets: list[str] = []
+    page.on("websocket", lambda socket: sockets.append(socket.url))
+    streams: list[str] = []
+    page.on(
+        "request",
+        lambda request: streams.append(request.url) if "/sse/sessions/" in request.url else None,
+    )
+    session_id = start_streaming(page, example, answering.api.url, "token=alice&transport=sse")
+    # The header says which transport the page follows the session over.
+    assert page.get_attribute("#transport", "data-transport") == "sse"
+    assert page.text_content("#transport a[aria-current]") == "SSE"
+    assert page.evaluate("window.sessionSync.socket instanceof EventSource")
+    screenshot(page, shots, "1-streaming")
+    opened = len(streams)
+
+    answering.api.kill()
+    page.wait_for_function("document.querySelector('#state').textContent === 'reconnecting'")
+    screenshot(page, shots, "2-api-down")
+    assert not in_database(answering.db, session_id)["done"], "the answer ended before the kill"
+    had = page.evaluate(PAGE_STATE)["version"]
+
+    returned = answering.api.start()
+    version = in_database(answering.db, session_id)["version"]
+    took = wait_current(page, version, since=returned, logs=answering.output())
+    screenshot(page, shots, "3-api-back")
+    print(f"{example.module} over SSE: current {took:.2f}s after the API's return")
+    # The worker never stopped: the answer streams on over the new stream, to its end.
+    back = shown_length(page)
+    assert not page.evaluate(PAGE_STATE)["done"], "no streaming left to see after the restart"
+    page.wait_for_function(f"({PAGE_STATE})().response.length > {back}")
+    shown = finish_and_compare(page, answering, session_id, ANSWER_TOKENS, ANSWER_INTERVAL)
+    screenshot(page, shots, "4-finished")
+    assert len(shown["response"]) > back
+    # Over event streams only: each one the client reopened resumed from the version it had.
+    assert sockets == []
+    reopened = [parse_qs(urlsplit(url).query) for url in streams[opened:]]
+    assert reopened, streams
+    assert all(query["token"] == ["alice"] for query in reopened), streams
+    assert all(int(query["since"][0]) >= had for query in reopened), streams
+
+
+def stream_events(response: httpx.Response) -> Iterator[Event]:
+    """The events of an event-stream response, as its chunks arrive."""
+    parser = EventParser()
+    for chunk in response.iter_bytes():
+        yield from parser.feed(chunk)
+
+
+def test_sse_route_streams_the_snapshot_then_the_answer_with_versions_as_ids(
+    example: Example, tmp_path: Path
+) -> None:
+    stack = make_stack(example, tmp_path, RESPONSE_TOKENS="40", TOKEN_INTERVAL="0.01")
+    with started(stack), httpx.Client(base_url=stack.api.url, timeout=5) as client:
+        session = client.post("/api/sessions", json={"title": "t"}, headers=ALICE).json()
+        path = f"/sse/sessions/{session['id']}"
+        # Another user's session: a status, and no stream.
+        refused = client.get(path, params={"token": "bob"})
+        assert refused.status_code == 404
+        assert refused.headers["content-type"] == "application/json"
+        with client.stream("GET", path, params={"token": "alice"}) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"] == "text/event-stream; charset=utf-8"
+            assert response.headers["x-accel-buffering"] == "no"
+            events = stream_events(response)
+            snapshot = next(events)
+            assert (snapshot.type, snapshot.id) == ("session_update", "1")
+            assert snapshot.json()["session"] == session
+            prompt = client.post(
+                f"{path.replace('/sse/', '/api/')}/prompts", json={"prompt": "hi"}, headers=ALICE
+            )
+            assert prompt.status_code == 202
+            # Every update an event named for its type, with its version as id:, chained.
+            state, version = session, 1
+            deadline = time.monotonic() + WAIT_MS / 1000
+            while not (state["interactions"] and state["interactions"][0]["done"]):
+                assert time.monotonic() < deadline, stack.output()
+                event = next(events)
+                frame = event.json()
+                assert (event.type, event.id) == ("session_patch", str(frame["version"]))
+                assert frame["base_version"] == version
+                state, version = apply_patch(state, frame["patch"]), frame["version"]
+        stored = client.get(f"/api/sessions/{session['id']}", headers=ALICE).json()
+    assert stored == {**state, "version": version}
+    assert stored["interactions"][0]["response"] == "".join(simulated_tokens(40))
+    assert stored["interactions"][0]["status"] == "complete"
 
 
 def test_worker_killed_mid_answer_page_shows_it_interrupted_at_lease_expiry(

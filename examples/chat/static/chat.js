@@ -1,5 +1,6 @@
-// The page both examples serve: one session live over a WebSocket, through the shipped
-// browser client, with the "Try it" panel that names the processes to kill.
+// The page both examples serve: one session live over a WebSocket, or over Server-Sent Events
+// with ?transport=sse, through the shipped browser client, with the "Try it" panel that names
+// the processes to kill.
 import { SessionSync } from "/static/session-sync/session-sync.js";
 
 const $ = (selector) => document.querySelector(selector);
@@ -8,6 +9,9 @@ const token = params.get("token") || "";
 /** @type {SessionSync | null} */
 let sync = null;
 let sessionId = params.get("session");
+// How the page follows the session: the same client, options and statuses over either.
+const transport = params.get("transport") === "sse" ? "sse" : "websocket";
+const TRANSPORT_TEXT = { websocket: "WebSocket", sse: "event stream (Server-Sent Events)" };
 let connection = "idle";
 
 // For tests and the curious: every connection state in order, how many session states
@@ -96,6 +100,20 @@ function failed(error, { now, back }) {
 }
 
 // ---- Connection state.
+
+// The header's two links: this page's transport marked, the other one the same page over it
+// (the token and the session kept).
+function showTransport() {
+  for (const link of document.querySelectorAll("#transport a")) {
+    const url = new URL(location.href);
+    url.searchParams.set("transport", link.dataset.transport);
+    link.href = url.toString();
+    if (link.dataset.transport === transport) link.setAttribute("aria-current", "true");
+    else link.removeAttribute("aria-current");
+  }
+  $("#transport").dataset.transport = transport;
+  $("#state").title = `The page's ${TRANSPORT_TEXT[transport]}`;
+}
 
 function showState(state) {
   connection = state;
@@ -296,12 +314,18 @@ function watch(id) {
   const url = new URL(location.href);
   url.searchParams.set("session", id);
   history.replaceState(null, "", url);
+  showTransport();
+  // EventSource cannot send an Authorization header, nor can a WebSocket: both routes take
+  // the token from the query string.
+  const path = transport === "sse" ? "sse" : "ws";
   sync = new SessionSync({
-    url: `/ws/sessions/${encodeURIComponent(id)}?token=${encodeURIComponent(token)}`,
+    url: `/${path}/sessions/${encodeURIComponent(id)}?token=${encodeURIComponent(token)}`,
+    transport,
     minDelay: 200,
     maxDelay: 1000,
     // The API sends a heartbeat after 15 s of quiet: a socket silent for 37.5 s is dead (a
-    // laptop that slept, a network that changed) and is replaced.
+    // laptop that slept, a network that changed) and is replaced. On an event stream the
+    // heartbeats are comments, which EventSource never shows, so the client ignores this.
     heartbeatInterval: 15_000,
     onSession,
     onState: showState,
@@ -398,6 +422,7 @@ async function refreshDemo() {
 // ---- Start.
 
 $("#user").textContent = token || "nobody";
+showTransport();
 if (!token) {
   showError("Open this page with a token naming you, such as ?token=alice.");
   for (const control of document.querySelectorAll("input, button")) control.disabled = true;
