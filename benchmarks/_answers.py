@@ -278,7 +278,7 @@ class PublishTimes:
         text_path: str,
         *,
         catch_up: Callable[[Version], bytes | None],
-        stop: Callable[[], None],
+        stop: Callable[[], bool],
     ) -> AbstractAsyncContextManager[None]:
         """The bridge's own."""
         return self.bridge.serve_answer(session_id, text_path, catch_up=catch_up, stop=stop)

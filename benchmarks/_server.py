@@ -12,6 +12,9 @@ it, reads that line, and always stops it (SIGTERM, then SIGKILL after 10 s).
   sync=SessionSync(loader), paths=["/ws/sessions/{session_id}"])``, every other option at its
   default unless given (``--single-flight``, ``--max-concurrent-loads``).
 
+With ``--answer``, every in-memory session ends with an answer being streamed (an empty
+``content`` and a ``status``, see :mod:`benchmarks._answers`), for a producer outside the server.
+
 The store is in memory (a dict lookup, see :mod:`benchmarks._sessions`) unless ``--db`` names
 a database (:mod:`benchmarks._database`, imported only then): then ``bare`` loads by hand
 with SQLAlchemy Core and ``wrapped`` uses the loader ``--loader`` names (the library's
