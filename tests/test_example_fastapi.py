@@ -19,6 +19,7 @@ from test_sse import open_response
 from asgi_session_sync import SessionSync
 from asgi_session_sync.nats import EmbeddedNats
 from asgi_session_sync.testing import WebSocketClient, WebSocketRejected, connect_websocket
+from examples.chat.events import SessionEvents
 from examples.chat.page import page_html
 from examples.chat.worker import PUBLISH_INTERVAL, run_worker, simulated_tokens
 from examples.fastapi_app import Settings, create_app
@@ -363,6 +364,19 @@ async def test_event_stream_resuming_with_since_gets_only_what_is_newer(
         first = await next_stream_event(sse)
         assert (first["type"], first["base_version"], first["version"]) == ("session_patch", 1, 2)
     assert sse.parser.comments[0] == "open"  # the stream opened with a comment, not a snapshot
+
+
+async def test_a_quiet_event_stream_gets_comment_heartbeats(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    # The route's app with a short heartbeat: a comment after each period of quiet, which
+    # EventSource never shows, and which keeps a proxy from closing the stream.
+    session = await create_session(client)
+    events = SessionEvents(app.state.sync, app.state.bridge, session["id"], "alice", heartbeat=0.05)
+    async with open_response(events, f"/sse/sessions/{session['id']}") as sse:
+        assert (await next_stream_event(sse))["version"] == 1
+        await sse.wait_for(lambda: sse.parser.comments.count("heartbeat") >= 2)
+        assert sse.body.endswith(b": heartbeat\n\n")
 
 
 async def test_event_stream_of_another_user_is_refused_without_a_stream(

@@ -391,6 +391,12 @@ def test_sse_page_api_killed_mid_answer_reopens_its_stream_and_ends_equal_to_the
     assert page.get_attribute("#transport", "data-transport") == "sse"
     assert page.text_content("#transport a[aria-current]") == "SSE"
     assert page.evaluate("window.sessionSync.socket instanceof EventSource")
+    other = urlsplit(page.get_attribute("#transport a[data-transport=websocket]", "href"))
+    assert parse_qs(other.query) == {
+        "token": ["alice"],
+        "transport": ["websocket"],
+        "session": [session_id],
+    }
     screenshot(page, shots, "1-streaming")
     opened = len(streams)
 
