@@ -673,6 +673,8 @@ class SessionStream:
         """
         if heartbeat is not None and not heartbeat > 0:
             raise ValueError(f"heartbeat must be positive seconds or None: got {heartbeat!r}")
+        if socket.transport == "sse" and socket.refused:
+            return  # answered with its refused status: there is no stream to feed
         self.attach(socket)
         failure: Exception | None = None
         sent = 0  # frames sent, for the heartbeat task to tell quiet from busy

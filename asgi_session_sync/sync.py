@@ -199,6 +199,7 @@ class SessionSync:
         *,
         user: Any = _FROM_SCOPE,
         headers: Iterable[tuple[bytes, bytes]] = (),
+        refused_status: int | None = 404,
     ) -> SessionSocket:
         """Start a Server-Sent Events response with the session's snapshot as its first event.
 
@@ -212,12 +213,21 @@ class SessionSync:
         socket to the bridge's ``forward``, which sends each live update as an event with its
         version as ``id:`` and returns when the client disconnects (``http.disconnect``).
 
+        A stream's status cannot change once it has started, so the load comes first: when
+        the loader says there is no such session for this user (it returned ``None``), the
+        response is ``refused_status`` with no stream, and the socket's
+        :attr:`~SessionSocket.refused` is true (``forward`` then returns at once). When the
+        load failed, the stream starts with a comment and no snapshot (``failed``): end it,
+        and the client retries.
+
         Args:
             scope: The request's ASGI scope.
             send: The raw ASGI send of the response.
             session_id: The session, from the route; validated here.
             user: The connecting user, when the app authenticated it.
             headers: Extra response headers, as ``(name, value)`` bytes.
+            refused_status: The HTTP status answered to a refused session (404, so another
+                user's session looks like a missing one); ``None`` starts the stream anyway.
 
         Raises:
             ValueError: ``session_id`` is not a valid session id; nothing was sent.
@@ -229,6 +239,17 @@ class SessionSync:
         self.stats.incr("connections")
         ctx = await self.context(scope, session_id, user)
         first = FAILED if ctx is None else await self.fetcher.first_frame(ctx)
+        socket = SessionSocket(self, scope, send, session_id, ctx, first, transport="sse")
+        if refused_status is not None and socket.refused:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": refused_status,
+                    "headers": [(b"content-type", b"text/plain; charset=utf-8")],
+                }
+            )
+            await send({"type": "http.response.body", "body": b"no such session\n"})
+            return socket
         await send(
             {
                 "type": "http.response.start",
@@ -236,7 +257,6 @@ class SessionSync:
                 "headers": [*SSE_HEADERS, *headers],
             }
         )
-        socket = SessionSocket(self, scope, send, session_id, ctx, first, transport="sse")
         if first.data is not None:
             await socket.send_snapshot(first.data)
         else:
@@ -301,6 +321,13 @@ class SessionSocket:
         self.owner = first.owner
         self.known = first.known
         self.failed = first.failed
+
+    @property
+    def refused(self) -> bool:
+        """Whether the loader said there is no such session for this user: nothing was sent,
+        and nothing failed. A route closes the socket (WebSocket code 1008);
+        :meth:`SessionSync.accept_sse` has answered with its ``refused_status`` already."""
+        return not self.known and not self.failed and self.version is None
 
     @property
     def user(self) -> Any:

@@ -1194,3 +1194,18 @@ async def test_a_ping_sent_while_the_start_is_held_follows_the_start_and_the_sna
     assert client.app_error is None, client.app_error
     assert_snapshot_event(snapshot, "s1")
     assert greeting.type == "greeting"
+
+
+async def test_a_bridged_stream_of_a_refused_session_is_answered_404_with_no_stream() -> None:
+    # A stream's status cannot change once started: the load comes first, and a session that
+    # is not this user's (the loader's None) gets a status, not an empty 200 stream.
+    async def not_yours(ctx: SessionContext) -> None:
+        return None
+
+    hub, _ = memory_hub()
+    client = await whole_response(bridged_app(SessionSync(not_yours), hub), "/sse/bridged/s1")
+    assert client.status == 404
+    assert client.header("content-type") == "text/plain; charset=utf-8"
+    assert client.complete
+    assert b"event:" not in client.body
+    assert hub.sessions == 0
