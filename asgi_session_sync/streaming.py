@@ -75,6 +75,8 @@ the first delta after a commit at version ``v`` is ``v + 1000``."""
 _FINISH_TIMEOUT = 10.0
 """Seconds the final checkpoint and publish may take once the block has ended."""
 _REBASE_ATTEMPTS = 3
+_FINAL_RETRY_DELAYS = (0.25, 1.0, 2.0, 0.0)
+"""Seconds before each retry of a failed final checkpoint (the last entry ends the list)."""
 """Compare-and-set attempts in one checkpoint before it waits for the next interval."""
 _MAX_DELTA_CHARS = 64 * 1024
 """Characters of text in one delta, at most (at most 256 KiB of UTF-8): a larger burst of
@@ -369,12 +371,6 @@ class AnswerStream:
         self._units += utf16_length(piece)
         return [operation]
 
-    def _status_operation(self, status: AnswerStatus) -> list[dict[str, Any]]:
-        if self.status_path is None or status is self.status:
-            return []
-        self.status = status
-        return [{"op": "replace", "path": self.status_path, "value": status.value}]
-
     async def _publish_pending(self) -> None:
         while self._pending:
             base, version = self.version, self._next_version()
@@ -414,19 +410,36 @@ class AnswerStream:
         # a socket that loads a snapshot after the final patch finds the final text. A burst
         # too large for one delta goes out first, as ordinary deltas.
         while sum(map(len, self._pending)) > _MAX_DELTA_CHARS:
-            base, version = self.version, self._next_version()
-            operations = self._take_pending()
-            self._advance(version)
-            await self._publish(operations, base, version)
-        operations = self._take_pending() + self._status_operation(status)
+            await self._publish_pending()
+        operations = self._take_pending()
+        if self.status_path is not None and status is not self.status:
+            operations.append({"op": "replace", "path": self.status_path, "value": status.value})
         saved = self._committed_point.status
         if not operations and self.version == self._committed and status is saved:
             return
         base, version = self.version, self._next_version()
-        self._advance(version)
-        outcome = await self._commit(version, status)
+        # Retried when the answer completed or was stopped: without this commit, the sockets
+        # stay on "streaming" until the app's lease marks the answer interrupted, which would
+        # be wrong. (Interrupted is what the lease says anyway.) Bounded by _FINISH_TIMEOUT.
+        retries = (0.0,) if status is AnswerStatus.INTERRUPTED else _FINAL_RETRY_DELAYS
+        for delay in retries:
+            outcome = await self._commit(version, status)
+            if outcome != "failed":
+                break
+            await anyio.sleep(delay)
         if outcome == "committed":
+            self.status = status
+            self._advance(version)
             await self._publish(operations, base, version)
+        elif outcome == "rebased":
+            self.status = status  # published with the rebase's patch
+        else:
+            logger.error(
+                "the answer's final checkpoint failed: its sockets stay on the last published "
+                "text until the app marks it (a lease) session_id=%s status=%s",
+                self.session_id,
+                status.value,
+            )
         logger.info(
             "answer ended session_id=%s status=%s checkpoint=%s units=%d checkpoints=%d "
             "publishes=%d",
@@ -505,8 +518,8 @@ class AnswerStream:
     # Serving a socket that is behind (called from the broker's task, between our awaits).
 
     def _catch_up(self, version: Version) -> bytes | None:
-        point = self._line.get(version)
-        if point is None or version == self.version:
+        point, current = self._line.get(version), self._line.get(self.version)
+        if point is None or current is None or version == self.version:
             return None
         # The line's versions are in order: the first after ``version`` is where this patch
         # starts standing in for the deltas the socket lacks.
@@ -516,16 +529,17 @@ class AnswerStream:
                 covers_from = line_version
                 break
         operations: list[dict[str, Any]] = []
-        if len(self._pieces) > point.pieces:
-            value = "".join(self._pieces[point.pieces :])
+        # Up to the published version only: the final appends wait for their commit.
+        if current.pieces > point.pieces:
+            value = "".join(self._pieces[point.pieces : current.pieces])
             if len(value) > _MAX_CATCH_UP_CHARS:
                 return None  # too large for one message: the socket loads a snapshot instead
             operations.append(
                 {"op": "append", "path": self.text_path, "offset": point.units, "value": value}
             )
-        if self.status_path is not None and self.status is not point.status:
+        if self.status_path is not None and current.status is not point.status:
             operations.append(
-                {"op": "replace", "path": self.status_path, "value": self.status.value}
+                {"op": "replace", "path": self.status_path, "value": current.status.value}
             )
         return SessionPatch(
             session_id=self.session_id,

@@ -1012,3 +1012,44 @@ async def test_a_burst_of_text_larger_than_max_payload_still_reaches_the_sockets
                 r.getMessage()[:100] for r in caplog.records if r.levelno >= logging.WARNING
             )
         )
+
+
+async def test_a_final_checkpoint_that_fails_once_is_retried_then_published(
+    rig: Rig, llm: Tokens, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Without the final commit the sockets would stay on "streaming" until a lease marked the
+    # answer interrupted, which it was not.
+    answer = answer_for(rig.producer, rig.db, publish_interval=0.01, checkpoint_interval=30)
+    async with connected(rig.api, rig.db) as client, anyio.create_task_group() as tg:
+        rig.db.hold = anyio.Event()
+        tg.start_soon(llm.produce, answer)
+        await llm.give(answer, "Almost", " done")
+        llm.send.close()
+        await rig.db.holding.wait()  # the final checkpoint is on its way: the database drops
+        rig.db.broken = True
+        rig.db.hold.set()
+        rig.db.hold = None
+        await until(lambda: "answer checkpoint failed" in caplog.text)
+        assert answer.status is AnswerStatus.STREAMING
+        assert rig.db.commits == []
+        rig.db.broken = False  # back before the retry
+        await until(lambda: client.status == "complete")
+    assert (rig.db.text, rig.db.status) == ("Almost done", "complete")
+    assert answer.status is AnswerStatus.COMPLETE
+    assert client.state == rig.db.state
+
+
+async def test_a_final_checkpoint_that_keeps_failing_leaves_the_status_as_published(
+    rig: Rig, llm: Tokens, caplog: pytest.LogCaptureFixture
+) -> None:
+    answer = answer_for(rig.producer, rig.db, publish_interval=0.01, checkpoint_interval=30)
+    rig.db.broken = True
+    async with connected(rig.api, rig.db) as client, anyio.create_task_group() as tg:
+        tg.start_soon(llm.produce, answer)
+        await llm.give(answer, "Lost")
+        await until(lambda: client.text == "Lost")
+        llm.send.close()
+        await until(lambda: "final checkpoint failed" in caplog.text)
+    # Nothing claims an ending the database does not have: the app's lease will say it.
+    assert answer.status is AnswerStatus.STREAMING
+    assert client.status == "streaming"
