@@ -476,7 +476,8 @@ class SessionStream:
                 frame = self._queue.popleft()
                 self._queued_bytes -= frame.size
                 self.hub.queued_bytes -= frame.size
-                self._judge(frame)
+                if self._judge(frame):
+                    return frame  # nothing else is due before it: sent as it is judged
                 continue
             if self._ended:
                 raise StopAsyncIteration
@@ -493,14 +494,15 @@ class SessionStream:
         self._ready_bytes += frame.size
         self.hub.queued_bytes += frame.size
 
-    def _judge(self, frame: Frame) -> None:
+    def _judge(self, frame: Frame) -> bool:
+        """Judge a queued frame with the cursor; whether it is to be sent now."""
         verdict = self.cursor.offer(frame)
         if verdict is Verdict.EMIT:
-            self._release(frame)
             self.stats.incr(
                 "patches_forwarded" if frame.kind is Kind.PATCH else "updates_forwarded"
             )
-        elif verdict is Verdict.DROP:
+            return True
+        if verdict is Verdict.DROP:
             self.stats.incr("stale_dropped")
         elif verdict is Verdict.VERIFY:
             self.stats.incr("stale_dropped")
@@ -512,6 +514,7 @@ class SessionStream:
                     f"a patch that does not chain base_version={frame.base_version} "
                     f"socket_version={self.cursor.version}"
                 )
+        return False
 
     async def _repair(self) -> None:
         """Load snapshots until one makes the socket current, or end the stream.
