@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from ._flights import SingleFlight
 from ._paths import clip_for_log
 from .config import SyncConfig
-from .protocol import Frame, Kind, SessionSynced, SessionUpdate, Version, as_version
+from .protocol import Frame, Kind, SessionSynced, Version, as_version, session_update_json
 from .snapshot import SessionContext, Snapshot
 from .stats import SessionSyncStats
 
@@ -212,10 +212,7 @@ class SnapshotFetcher:
             )
             return FAILED
         try:
-            event = SessionUpdate(
-                session_id=ctx.session_id, owner=owner, session=session, version=version
-            )
-            data = event.to_json()
+            data = session_update_json(ctx.session_id, session, owner=owner, version=version)
         except Exception as exc:
             self._fail(ctx, exc, "no snapshot: cannot serialise the session")
             return FAILED
@@ -228,7 +225,7 @@ class SnapshotFetcher:
                 ctx.session_id,
             )
             return FAILED
-        return FirstFrame(data, event.version, owner, known=True)
+        return FirstFrame(data, as_version(version), owner, known=True)
 
     def _resumed(self, ctx: SessionContext) -> FirstFrame:
         self.stats.incr("skipped_by_resume")

@@ -39,7 +39,7 @@ class Phase(enum.Enum):
 
 
 _SETTLED = Phase.SETTLED
-_NO_LOCK = anyio.Lock()  # never taken: the fence is off until armed with a lock of its own
+_NO_LOCK = anyio.Lock()  # never taken: replaced by a lock of the connection's own when it fences
 _REJECTIONS = frozenset({"websocket.close", "websocket.http.response.start"})
 
 
@@ -166,7 +166,6 @@ class SnapshotResponder:
         if socket.version is None or settings.fence_max_frames == 0:
             return
         self._cursor = Cursor(socket.version, known=True, max_held_bytes=settings.max_held_bytes)
-        self._fence_lock = anyio.Lock()
         self._frames_left = settings.fence_max_frames
         # The monotonic clock, not the event loop's: the same instant on every backend, and
         # no backend lookup per connection.
@@ -178,7 +177,10 @@ class SnapshotResponder:
             await self._send(message)
             return
         # One frame at a time while fencing: a repair's snapshot and the frames it releases
-        # go out together, and a second app task cannot start a second, older repair.
+        # go out together, and a second app task cannot start a second, older repair. The lock
+        # is made when the app first sends while fencing, not for every connection.
+        if self._fence_lock is _NO_LOCK:
+            self._fence_lock = anyio.Lock()
         async with self._fence_lock:
             await self._send_fenced(message)
 

@@ -53,7 +53,7 @@ from typing import Any, ClassVar, Literal
 import jsonpatch
 import jsonpointer
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
-from pydantic_core import from_json, to_jsonable_python
+from pydantic_core import from_json, to_json, to_jsonable_python
 
 __all__ = [
     "HEARTBEAT",
@@ -72,6 +72,7 @@ __all__ = [
     "make_patch",
     "parse_frame",
     "patch_problem",
+    "session_update_json",
     "sse_event",
     "utf16_length",
     "version_from_text",
@@ -185,6 +186,27 @@ class SessionUpdate(_Event):
     session: Any
     reset: Literal[True] | None = None
     """``True`` on a snapshot loaded from the database: the client replaces its state."""
+
+
+def session_update_json(
+    session_id: str, session: Any, *, owner: str | None = None, version: Version | None = None
+) -> bytes:
+    """The bytes of ``SessionUpdate(...).to_json()``, without building the model.
+
+    For the snapshot on every connection, where the model's construction is most of the
+    encoding's cost. ``session`` is serialised as pydantic serialises an ``Any`` field (models,
+    datetimes; NaN and infinities as ``null``).
+
+    Raises:
+        ValueError: ``version`` is not a version.
+        pydantic_core.PydanticSerializationError: ``session`` holds a value JSON cannot carry.
+    """
+    event: dict[str, Any] = {"type": "session_update", "session_id": session_id}
+    if version is not None:
+        event["version"] = _check_version(version)
+    event["owner"] = owner
+    event["session"] = session
+    return to_json(event, inf_nan_mode="null")
 
 
 class SessionSynced(_Event):
