@@ -1,13 +1,11 @@
 """Streamed answers for the benchmarks: the producer's two ways, its database, the tabs watching.
 
 The answer parts (the answer-length axis of :mod:`benchmarks.token_cost`, and
-:mod:`benchmarks.answer_load`) stream an LLM's answer into a session from the load generator,
-as the app's worker would, to a server (:mod:`benchmarks._server` with ``--nats --answer``)
-whose sockets watch the session. The server's CPU is then the API's alone: uvicorn and the
-fan-out, not the producer.
+:mod:`benchmarks.answer_load`) stream an LLM's answer into a session (the answer shape of
+:mod:`benchmarks._sessions`) from the load generator, as the app's worker would, to a server
+(:mod:`benchmarks._server` with ``--answer``) whose sockets watch the session. The server's
+CPU is then the API's alone: uvicorn and the fan-out, not the producer.
 
-- :func:`with_answer`: the session shape, a chat whose last interaction is the answer being
-  streamed (``content`` ``""``, ``status`` ``"streaming"``), at version 7.
 - :class:`CheckpointStore`: a real SQLite file (WAL, ``synchronous=NORMAL``) holding each
   answer's text, status and version, written by compare-and-set as an app's checkpoint
   callback would (:class:`~asgi_session_sync.streaming.Checkpoint`); it counts its commits.
@@ -16,8 +14,8 @@ fan-out, not the producer.
 - :func:`replaced_answer`: the way before it (the example app's worker until issue 18): each
   token commits the whole text and publishes ``replace`` of it, the next token once every tab
   has this one.
-- :class:`Tab`: one browser tab, a :class:`~benchmarks._clients.RawWebSocket` reading the
-  answer's frames until the last (the one that sets the status), checked after the clock stops.
+- :class:`Tab`: one browser tab, a ``websockets`` client reading the answer's frames until the
+  last (the one that sets the status), checked after the clock stops.
 """
 
 from __future__ import annotations
@@ -37,14 +35,15 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from asgi_session_sync import Snapshot
+from websockets.asyncio.client import ClientConnection
+
 from asgi_session_sync.nats import NatsBridge
 from asgi_session_sync.protocol import AnswerStatus, Version, apply_patch
 from asgi_session_sync.streaming import AnswerStream, Checkpoint
 
-from ._clients import RawWebSocket
-from ._server import PREFIX, Broker, embedded_nats
-from ._sessions import FILLER, SNAPSHOT_VERSION, memory_sessions, numbered_ids
+from ._clients import open_client
+from ._server import Broker, embedded_nats
+from ._sessions import SNAPSHOT_VERSION, status_path, text_path
 
 __all__ = [
     "CHECKPOINT_INTERVAL",
@@ -55,15 +54,9 @@ __all__ = [
     "PublishTimes",
     "Tab",
     "answer_environment",
-    "answer_sessions",
-    "answer_tokens",
-    "answered_session",
     "library_answer",
     "replaced_answer",
-    "status_path",
-    "text_path",
     "token_ends",
-    "with_answer",
 ]
 
 PUBLISH_INTERVAL = 0.05
@@ -72,66 +65,6 @@ CHECKPOINT_INTERVAL = 0.25
 """Seconds between two checkpoints of an answer, at least: ``AnswerStream``'s default."""
 PATCH = b'{"type":"session_patch"'
 SNAPSHOT = b'{"type":"session_update"'
-
-
-# The session and its answer.
-
-
-def with_answer(snapshot: Snapshot) -> None:
-    """Add the answer being streamed to a chat of :func:`~benchmarks._sessions.memory_sessions`.
-
-    It goes last: an assistant interaction with ``content`` ``""`` and ``status``
-    ``"streaming"``, as an app has it once a worker claimed the prompt.
-    """
-    session = snapshot.session
-    assert isinstance(session, dict)
-    interactions = session["interactions"]
-    interactions.append(
-        {
-            "position": len(interactions),
-            "role": "assistant",
-            "content": "",
-            "status": AnswerStatus.STREAMING.value,
-            "created_at": "2025-01-01T01:00:00+00:00",
-        }
-    )
-
-
-def answer_sessions(count: int, interactions: int) -> dict[str, Snapshot]:
-    """What ``--sessions count --interactions interactions --answer`` serves (ids ``s0000``...)."""
-    sessions = memory_sessions(dict.fromkeys(numbered_ids(count), interactions))
-    for snapshot in sessions.values():
-        with_answer(snapshot)
-    return sessions
-
-
-def text_path(interactions: int) -> str:
-    """The answer's text in a session of ``interactions`` interactions before it."""
-    return f"/interactions/{interactions}/content"
-
-
-def status_path(interactions: int) -> str:
-    """The answer's status in a session of ``interactions`` interactions before it."""
-    return f"/interactions/{interactions}/status"
-
-
-def answer_tokens(count: int) -> list[str]:
-    """An answer of ``count`` tokens: the words of :data:`FILLER`, each with a leading space.
-
-    4 to 12 characters each, 7.1 on average; ASCII, so a token's UTF-16 length is its bytes.
-    """
-    words = FILLER.split()
-    return [f" {words[i % len(words)]}" for i in range(count)]
-
-
-def answered_session(snapshot: Snapshot, interactions: int, tokens: Sequence[str]) -> Any:
-    """The session once the answer of ``tokens`` is complete."""
-    session: Any = json.loads(json.dumps(snapshot.session))
-    session["interactions"][interactions] |= {
-        "content": "".join(tokens),
-        "status": AnswerStatus.COMPLETE.value,
-    }
-    return session
 
 
 # The database.
@@ -378,14 +311,14 @@ async def _sleep_until(moment: float) -> None:
 
 @dataclass
 class Tab:
-    """One browser tab watching an answer: a raw WebSocket and what it received.
+    """One browser tab watching an answer: a ``websockets`` client and what it received.
 
     ``frames`` and ``times`` hold every frame after the snapshot with the time it was read, or
     only the last one (``keep_all=False``: a stream of whole texts would not fit in memory);
     ``count`` and ``bytes`` count them all.
     """
 
-    ws: RawWebSocket
+    ws: ClientConnection
     session_id: str
     snapshot: bytes
     frames: list[bytes] = field(default_factory=list)
@@ -396,14 +329,14 @@ class Tab:
     not_patches: int = 0
 
     @classmethod
-    async def open(cls, port: int, session_id: str) -> Tab:
-        """Connect to the session and read its snapshot.
+    async def open(cls, url: str, session_id: str) -> Tab:
+        """Connect to the session (``url``) and read its snapshot.
 
         Raises:
             RuntimeError: The first frame is not the session's snapshot.
         """
-        ws = await RawWebSocket.connect(port, PREFIX + session_id)
-        snapshot = await ws.receive_frame()
+        ws = await open_client(url, bound=30)
+        snapshot = await ws.recv(decode=False)
         if not snapshot.startswith(SNAPSHOT):
             await ws.close()
             raise RuntimeError(f"the first frame is not a snapshot: {snapshot[:60]!r}")
@@ -419,7 +352,7 @@ class Tab:
         marker = f'"path":"{status_path(interactions)}"'.encode()
         self.kept_all = keep_all
         while True:
-            frame = await self.ws.receive_frame()
+            frame = await self.ws.recv(decode=False)
             now = time.perf_counter()
             self.count += 1
             self.bytes += len(frame)

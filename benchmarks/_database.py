@@ -1,23 +1,20 @@
 """The one database schema of the benchmarks: the chats of :mod:`benchmarks._sessions`, stored.
 
-Two tables, ``bench_chat_sessions`` and ``bench_interactions``, in a temporary SQLite file or in
-a PostgreSQL schema of their own (``asgi_session_sync_bench_<random>``) that is created and
-dropped here, so nothing else in the database is read or written.
+Two tables, ``bench_chat_sessions`` and ``bench_interactions``, in a temporary SQLite file
+(:func:`sqlite_file`) or in a PostgreSQL schema of their own (``asgi_session_sync_bench_<random>``)
+that is created and dropped here, so nothing else in the database is read or written.
 
-Two ways to load a session, compared side by side by the snapshot-cost part:
-
-- by hand (:class:`HandLoader`): one SQLAlchemy Core ``SELECT`` of the session outer-joined with
-  its interactions, rows turned into dicts; what an app without the library does;
-- the library's :func:`~asgi_session_sync.loaders.sqlalchemy.sqlalchemy_loader` (ORM, one
-  statement with ``contains_eager``, the default serializer).
-
-Both produce byte-for-byte the same frame.
+Two ways to load a session: by hand (:class:`HandLoader`: one SQLAlchemy Core ``SELECT`` of the
+session outer-joined with its interactions, rows turned into dicts, what an app without the
+library does), and the library's :func:`~asgi_session_sync.loaders.sqlalchemy.sqlalchemy_loader`.
+Both give the same session, so the same frame.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import tempfile
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta, timezone
@@ -31,7 +28,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from asgi_session_sync import SessionContext, Snapshot
 from asgi_session_sync.loaders.sqlalchemy import SQLAlchemyLoader, sqlalchemy_loader
 
-from ._sessions import FILLER, session_id_for, snapshot_text
+from ._sessions import FILLER, session_id_for
 
 __all__ = [
     "ChatSession",
@@ -41,6 +38,7 @@ __all__ = [
     "library_loader",
     "open_engine",
     "postgres_url",
+    "sqlite_file",
 ]
 
 DEFAULT_POSTGRES_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
@@ -120,6 +118,15 @@ async def database(url: str, sizes: Mapping[int, int]) -> AsyncIterator[str | No
                     await conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
     finally:
         await engine.dispose()
+
+
+@asynccontextmanager
+async def sqlite_file(sizes: Mapping[int, int]) -> AsyncIterator[str]:
+    """A temporary SQLite file seeded with ``sizes`` (see :func:`database`): its URL."""
+    with tempfile.TemporaryDirectory(prefix="benchmarks-") as folder:
+        url = f"sqlite+aiosqlite:///{folder}/chat.sqlite3"
+        async with database(url, sizes):
+            yield url
 
 
 async def seed(conn: Any, sizes: Mapping[int, int]) -> None:
@@ -230,11 +237,6 @@ class HandLoader:
             ],
         }
         return Snapshot(session, owner=owner, version=version)
-
-    async def frame(self, session_id: str) -> str | None:
-        """The snapshot frame's text, built with the library's own event model."""
-        snapshot = await self.load(session_id)
-        return None if snapshot is None else snapshot_text(session_id, snapshot)
 
     async def warm_up(self, connections: int) -> None:
         """Open ``connections`` pooled connections at once, so no round starts with a cold pool."""

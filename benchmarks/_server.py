@@ -1,47 +1,38 @@
-"""The one benchmark server, in its own process: the app, its stores, and both ends of running it.
+"""The one benchmark server, in its own process: the app, its store, and both ends of running it.
 
-``python -m benchmarks._server --variant bare|wrapped [options]`` serves :class:`LiveApp` under
-uvicorn with one configuration for every part (one worker, ``websockets-sansio``, no access
-log, no lifespan, backlog 4096) on a loopback port it binds itself, and prints ``{"port": N,
-"pid": N}`` once it accepts connections. :func:`running_server` is the parent's end: it starts
-it, reads that line, and always stops it (SIGTERM, then SIGKILL after 10 s).
+``python -m benchmarks._server --variant V [options]`` serves :class:`LiveApp` under uvicorn,
+one configuration for every part (one worker, ``websockets-sansio`` and ``h11``, no access log,
+no lifespan, no pings, backlog 4096) on a loopback port it binds itself, and prints ``{"port": N, "pid":
+N}`` once it accepts connections. :func:`running_server` is the parent's end: it starts it,
+reads that line, and always stops it (SIGTERM, then SIGKILL after 10 s).
 
-- ``bare``, the floor: the app itself sends the snapshot right after ``websocket.accept``,
-  built with the library's own ``SessionUpdate`` from the same store.
-- ``wrapped``: the same app without that line, wrapped in ``SessionSyncMiddleware(app,
-  sync=SessionSync(loader), paths=["/ws/sessions/{session_id}"])``, every other option at its
-  default unless given (``--single-flight``, ``--max-concurrent-loads``).
+The app serves a session over a WebSocket (``/ws/sessions/{id}``) and as an event stream
+(``GET /sse/sessions/{id}``). Each variant differs only in who sends the snapshot, and when:
 
-With ``--answer``, every in-memory session ends with an answer being streamed (an empty
-``content`` and a ``status``, see :mod:`benchmarks._answers`), for a producer outside the server.
+- ``by_hand``, the floor with the middleware's guarantee: the app loads and serialises, then
+  accepts (or starts its response), then sends the snapshot, built with the library's own
+  ``SessionUpdate`` (an event stream's event written by hand);
+- ``seed`` (``bare`` too, its old name): the seed design's order, accept first, then load;
+- ``wrapped``: the same app sending no snapshot, in ``SessionSyncMiddleware(app, sync=
+  SessionSync(loader), paths=[both paths])``, options at their defaults unless given;
+- ``bridge`` (NATS): the app subscribes with ``NatsBridge.subscribe``, accepts with
+  ``SessionSync.accept`` and runs ``updates.forward``, as the bridge's documentation shows;
+- ``forwarder`` (NATS), the floor of fan-out: a nats-py subscription per socket, confirmed
+  (``flush``) before the accept and the snapshot by hand; each message's text is sent as it came.
 
-The store is in memory (a dict lookup, see :mod:`benchmarks._sessions`) unless ``--db`` names
-a database (:mod:`benchmarks._database`, imported only then): then ``bare`` loads by hand
-with SQLAlchemy Core and ``wrapped`` uses the loader ``--loader`` names (the library's
-SQLAlchemy loader, or the same hand-written one).
+The store is in memory (:class:`MemoryStore`) unless ``--db`` names a database: then every
+variant loads by hand with SQLAlchemy Core (:class:`benchmarks._database.HandLoader`, sleeping
+``--db-latency-ms`` while it holds its pooled connection), and ``wrapped`` uses the library's
+SQLAlchemy loader instead with ``--loader library``. NATS variants read the broker's URL from
+``BENCHMARKS_NATS_URL`` (it carries credentials, so never the command line).
 
-On a session's WebSocket (``/ws/sessions/{id}``), after the snapshot, a client message ``burst
-N`` makes the app send the first ``N`` of :func:`token_frames` as fast as it can. With
-``--nats``, the app instead forwards the session's updates from the NATS server at the URL in
-the ``BENCHMARKS_NATS_URL`` environment variable (it carries the broker's credentials, so never
-the command line), on the session's :func:`subject`:
-
-- ``wrapped``: through the bridge, as its documentation shows: ``NatsBridge.subscribe``, accept
-  with ``SessionSync.accept`` (the same service, no middleware), ``updates.forward(socket,
-  receive)``. With ``--stream``, the server also publishes token streams (``stream`` below).
-- ``bare``, the hand-written forwarder: one plain nats-py subscription per socket, confirmed
-  (``flush``) before the accept and the snapshot by hand; its callback sends each message's
-  text as it came, with no ordering and no repair.
-
-``/control`` is a control WebSocket (a path the middleware does not serve, so both variants
-answer it with the same code). Each message gets one answer:
-
-- ``cpu``: this process's CPU seconds (``time.process_time()``, all threads), to the nanosecond;
-- ``stats``: JSON of the snapshot service's counters (``"middleware"``, ``null`` for ``bare``),
-  the loader's own call count and the CPU seconds;
-- ``stream <session id> <full|patch> <tokens> <clients>`` (``--stream`` only): publish
-  ``tokens`` changes to the session through the bridge, each after the previous one reached
-  all ``clients`` sockets; answers ``done`` or ``failed: <why>``.
+After the snapshot, a client message ``burst N`` makes the app send the first ``N`` of
+:func:`token_frames` as fast as it can. ``/control`` is a control WebSocket (a path the
+middleware does not serve); each message gets one answer: ``cpu`` (this process's CPU
+seconds), ``stats`` (JSON: the middleware's counters, the loader's own call count, the CPU
+seconds), ``stream <session id> <full|patch> <tokens> <clients>`` (``--stream``: publish that
+many changes through the bridge, each once the last reached every socket; ``done`` or
+``failed: <why>``).
 """
 
 from __future__ import annotations
@@ -57,7 +48,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from functools import cache
@@ -77,8 +68,10 @@ from ._sessions import (
     memory_sessions,
     numbered_ids,
     session_id_for,
+    snapshot_event,
     snapshot_text,
     streamed_content,
+    with_answer,
 )
 
 __all__ = [
@@ -86,8 +79,8 @@ __all__ = [
     "NATS_URL_ENV",
     "PREFIX",
     "PROFILE_ENV",
+    "SSE_PREFIX",
     "Broker",
-    "LiveApp",
     "ServerProcess",
     "cpu_seconds",
     "embedded_nats",
@@ -101,16 +94,20 @@ __all__ = [
 PROFILE_ENV = "BENCHMARKS_PROFILE_DIR"
 """When set, every server runs under cProfile and writes its stats in this folder."""
 NATS_URL_ENV = "BENCHMARKS_NATS_URL"
-"""The NATS URL a ``--nats`` server connects to: a secret (credentials), so not an argument."""
 PREFIX = "/ws/sessions/"
+SSE_PREFIX = "/sse/sessions/"
 CONTROL_PATH = "/control"
+VARIANTS = ("by_hand", "seed", "bare", "wrapped", "bridge", "forwarder")
 MAX_BURST = 4096
-# Bounded waits, in seconds: a server that does not start, or stop, does not hang the run.
-SERVER_START_TIMEOUT = 30.0
+SERVER_START_TIMEOUT = 30.0  # bounded waits: a server that does not start or stop hangs nothing
 SERVER_STOP_TIMEOUT = 10.0
 TOKEN_TIMEOUT = 30.0
-# A full-state event of 1,000 interactions is about 1.1 MB, over NATS's default of 1 MB.
-NATS_MAX_PAYLOAD = 8 * 1024 * 1024
+NATS_MAX_PAYLOAD = 8 * 1024 * 1024  # a full-state event of 1,000 interactions is about 1.1 MB
+SSE_START = {
+    "type": "http.response.start",
+    "status": 200,
+    "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")],
+}
 
 
 def raise_open_files_limit() -> int:
@@ -125,8 +122,8 @@ def raise_open_files_limit() -> int:
 def token_frames(session_id: str) -> list[str]:
     """The app's burst frames for a session: token events of one size, each with a version.
 
-    Their type is not one the middleware fences by default, but they carry a ``version``: while
-    the fence is active it must parse each one (the costliest case for a frame that passes).
+    Their type is not one the middleware fences, but they carry a ``version``: the fence must
+    look at each one while its window is open.
     """
     return [
         f'{{"type":"token","session_id":"{session_id}","version":{1_000_000 + n},'
@@ -140,7 +137,7 @@ def subject(session_id: str) -> str:
     return f"session_sync.{session_id}"
 
 
-# The child: the app and its stores.
+# The child: the app and its store.
 
 
 class MemoryStore:
@@ -151,14 +148,13 @@ class MemoryStore:
         self.calls = 0
 
     async def __call__(self, ctx: SessionContext) -> Snapshot | None:
-        """The middleware's loader: one dict lookup."""
-        self.calls += 1
-        return self.sessions.get(ctx.session_id)
+        """The middleware's loader."""
+        return await self.load(ctx.session_id)
 
-    async def frame(self, session_id: str) -> str | None:
-        """The bare app's snapshot: the same lookup, the same event."""
-        snapshot = self.sessions.get(session_id)
-        return None if snapshot is None else snapshot_text(session_id, snapshot)
+    async def load(self, session_id: str) -> Snapshot | None:
+        """One dict lookup, counted."""
+        self.calls += 1
+        return self.sessions.get(session_id)
 
 
 class Forwarded:
@@ -176,143 +172,115 @@ class Forwarded:
             waiting[1].set()
 
     async def until(self, session_id: str, count: int) -> None:
-        """Return once ``count`` frames in all were sent to the sockets of ``session_id``.
-
-        One waiter per session at a time: a session streams one response at a time.
-        """
-        if self.counts[session_id] >= count:
-            return
-        reached = anyio.Event()
-        self._waiting[session_id] = (count, reached)
-        try:
-            await reached.wait()
-        finally:
-            del self._waiting[session_id]
+        """Return once ``count`` frames in all were sent to the sockets of ``session_id``."""
+        if self.counts[session_id] < count:
+            self._waiting[session_id] = (count, anyio.Event())
+            try:
+                await self._waiting[session_id][1].wait()
+            finally:
+                del self._waiting[session_id]
 
 
-class TokenStream:
-    """Streams a response into a session's last interaction, one token at a time, via NATS.
+async def stream_tokens(
+    store: MemoryStore, bridge: Any, forwarded: Forwarded, request: list[str]
+) -> None:
+    """``stream <id> <full|patch> <tokens> <clients>``: publish changes to a session's last
+    interaction, the whole session (``NatsBridge.publish``) or a JSON Patch replacing its
+    content (``publish_patch``), each once the last reached every socket.
 
-    Each token changes the in-memory session (so the loader's snapshot stays current), bumps
-    its version and publishes the change: the whole session (``full``, ``NatsBridge.publish``)
-    or a JSON Patch that replaces the interaction's content (``patch``,
-    ``NatsBridge.publish_patch``). The next token waits until this one reached every socket, so
-    nothing queues and the CPU time is that of the tokens themselves.
+    Raises:
+        ValueError: A mode that is neither ``full`` nor ``patch``.
+        TimeoutError: A token did not reach every socket within ``TOKEN_TIMEOUT``.
     """
-
-    def __init__(self, store: MemoryStore, bridge: Any, forwarded: Forwarded) -> None:
-        self.store = store
-        self.bridge = bridge
-        self.forwarded = forwarded
-
-    async def run(self, session_id: str, mode: str, tokens: int, clients: int) -> None:
-        """Publish ``tokens`` changes, each once the previous one reached ``clients`` sockets.
-
-        Raises:
-            ValueError: ``mode`` is neither ``full`` nor ``patch``.
-            TimeoutError: A token did not reach every socket within ``TOKEN_TIMEOUT``.
-        """
-        if mode not in ("full", "patch"):
-            raise ValueError(f"mode must be full or patch: got {mode!r}")
-        snapshot = self.store.sessions[session_id]
-        session, owner, version = snapshot.session, snapshot.owner, snapshot.version
-        assert isinstance(session, dict)
-        assert isinstance(version, int)
-        last = len(session["interactions"]) - 1
-        for k in range(1, tokens + 1):
-            content = streamed_content(session_id, last, k)
-            session["interactions"][last]["content"] = content
-            version += 1
-            self.store.sessions[session_id] = Snapshot(session, owner=owner, version=version)
-            target = self.forwarded.counts[session_id] + clients
-            if mode == "full":
-                await self.bridge.publish(session_id, session, owner=owner, version=version)
-            else:
-                patch = [
-                    {"op": "replace", "path": f"/interactions/{last}/content", "value": content}
-                ]
-                await self.bridge.publish_patch(
-                    session_id, patch, base_version=version - 1, version=version, owner=owner
-                )
-            with anyio.fail_after(TOKEN_TIMEOUT):
-                await self.forwarded.until(session_id, target)
+    session_id, mode, tokens, clients = request[0], request[1], int(request[2]), int(request[3])
+    if mode not in ("full", "patch"):
+        raise ValueError(f"mode must be full or patch: got {mode!r}")
+    snapshot = store.sessions[session_id]
+    session, owner, version = snapshot.session, snapshot.owner, snapshot.version
+    assert isinstance(session, dict) and isinstance(version, int)
+    last = len(session["interactions"]) - 1
+    for k in range(1, tokens + 1):
+        content = streamed_content(session_id, last, k)
+        session["interactions"][last]["content"] = content
+        version += 1
+        store.sessions[session_id] = Snapshot(session, owner=owner, version=version)
+        target = forwarded.counts[session_id] + clients
+        if mode == "full":
+            await bridge.publish(session_id, session, owner=owner, version=version)
+        else:
+            patch = [{"op": "replace", "path": f"/interactions/{last}/content", "value": content}]
+            await bridge.publish_patch(
+                session_id, patch, base_version=version - 1, version=version, owner=owner
+            )
+        with anyio.fail_after(TOKEN_TIMEOUT):
+            await forwarded.until(session_id, target)
 
 
 class LiveApp:
-    """A raw ASGI WebSocket app: accept, snapshot (``by_hand`` only), then bursts or updates.
+    """A raw ASGI app serving sessions as the variant says (see the module's docstring)."""
 
-    ``by_hand`` is the bare app's own snapshot: ``async def frame(session_id) -> text | None``,
-    sent right after accepting; ``None`` when ``sync`` sends it instead, through the middleware
-    or, with a ``bridge``, through :meth:`SessionSync.accept` in :meth:`forward_updates`. With a
-    ``bridge``, each session socket forwards the session's updates from NATS; with a plain
-    nats-py client (``nats``) instead, it forwards them by hand (:meth:`forward_by_hand`).
-
-    Raises:
-        ValueError: A ``bridge`` without a ``sync``: the forwarding loop needs its socket.
-    """
-
-    def __init__(
-        self,
-        by_hand: Callable[[str], Awaitable[str | None]] | None,
-        *,
-        loader: Any = None,
-        sync: SessionSync | None = None,
-        bridge: Any = None,
-        nats: Any = None,
-        stream: TokenStream | None = None,
-    ) -> None:
-        if bridge is not None and sync is None:
-            raise ValueError("forwarding updates needs a SessionSync: run the wrapped variant")
-        self.by_hand = by_hand
-        self.loader = loader
+    def __init__(self, variant: str, store: Any, *, sync: Any = None, nats: Any = None) -> None:
+        self.variant = variant
+        self.store = store
         self.sync = sync
-        self.bridge = bridge
-        self.nats = nats
-        self.stream = stream
-        self.forwarded = stream.forwarded if stream is not None else Forwarded()
+        self.nats = nats  # the bridge, or the forwarder's nats-py client
+        self.forwarded = Forwarded()
+        self.streaming = False  # --stream: sockets count the frames they forward
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Serve a session socket or the control socket; ignore everything else."""
-        if scope["type"] != "websocket":
+        """Serve a session socket, an event stream or the control socket."""
+        path = scope["path"]
+        if scope["type"] == "http" and path.startswith(SSE_PREFIX):
+            await self.event_stream(path[len(SSE_PREFIX) :], receive, send)
+        elif scope["type"] != "websocket" or (await receive())["type"] != "websocket.connect":
             return
-        if scope["path"] == CONTROL_PATH:
+        elif path == CONTROL_PATH:
             await self.control(receive, send)
-            return
-        session_id = scope["path"][len(PREFIX) :]
-        if self.bridge is not None:
-            await self.forward_updates(scope, session_id, receive, send)
-            return
-        if self.nats is not None:
-            await self.forward_by_hand(session_id, receive, send)
-            return
-        if (await receive())["type"] != "websocket.connect":
-            return
-        await send({"type": "websocket.accept"})  # the middleware sends the snapshot here
-        if self.by_hand is not None:
-            await self.send_snapshot(session_id, send)
-        while True:
-            message = await receive()
-            if message["type"] != "websocket.receive":
-                return
+        elif self.variant == "bridge":
+            await self.forward_updates(scope, path[len(PREFIX) :], receive, send)
+        elif self.variant == "forwarder":
+            await self.forward_by_hand(path[len(PREFIX) :], receive, send)
+        else:
+            await self.session_socket(path[len(PREFIX) :], receive, send)
+
+    async def snapshot(self, session_id: str) -> tuple[str, Any] | None:
+        """Load and serialise by hand: the snapshot frame's text and its version."""
+        snapshot = await self.store.load(session_id)
+        return None if snapshot is None else (snapshot_text(session_id, snapshot), snapshot.version)
+
+    async def session_socket(self, session_id: str, receive: Receive, send: Send) -> None:
+        """Accept, with the snapshot when the variant sends it, then answer bursts."""
+        first = await self.snapshot(session_id) if self.variant == "by_hand" else None
+        await send({"type": "websocket.accept"})  # the middleware sends its snapshot here
+        if self.variant in ("seed", "bare"):
+            first = await self.snapshot(session_id)
+        if first is not None:
+            await send({"type": "websocket.send", "text": first[0]})
+        del first  # an idle connection keeps no copy
+        while (message := await receive())["type"] == "websocket.receive":
             request = message.get("text") or ""
             if request.startswith("burst "):
                 for frame in token_frames(session_id)[: int(request[6:])]:
                     await send({"type": "websocket.send", "text": frame})
 
-    async def send_snapshot(self, session_id: str, send: Send) -> None:
-        """The bare app's snapshot, in a call of its own so the idle connection keeps no copy."""
-        assert self.by_hand is not None
-        text = await self.by_hand(session_id)
-        if text is not None:
-            await send({"type": "websocket.send", "text": text})
+    async def event_stream(self, session_id: str, receive: Receive, send: Send) -> None:
+        """Start an event stream, with the snapshot as its first event when the variant
+        sends it, then wait for the client to leave."""
+        first = await self.snapshot(session_id) if self.variant == "by_hand" else None
+        await send(SSE_START)  # the middleware sends its snapshot here
+        if self.variant in ("seed", "bare"):
+            first = await self.snapshot(session_id)
+        if first is not None:
+            body = snapshot_event(*first).encode()
+            await send({"type": "http.response.body", "body": body, "more_body": True})
+        del first
+        while (await receive())["type"] != "http.disconnect":
+            pass
 
     async def forward_updates(
         self, scope: Scope, session_id: str, receive: Receive, send: Send
     ) -> None:
         """Subscribe before accepting, then forward every update, as the bridge's docs show."""
-        assert self.sync is not None
-        if (await receive())["type"] != "websocket.connect":
-            return
         accepted = False
 
         async def counted_send(message: dict[str, Any]) -> None:
@@ -320,18 +288,15 @@ class LiveApp:
             if accepted:  # a forwarded frame, not the accept or the snapshot
                 self.forwarded.add(session_id)
 
-        # Only a token stream waits for the count: without one, the bridge gets the server's
-        # own send, as the hand-written forwarder does.
-        send_to_socket = send if self.stream is None else counted_send
-        async with self.bridge.subscribe(session_id) as updates:
-            socket = await self.sync.accept(scope, send_to_socket, session_id)
+        async with self.nats.subscribe(session_id) as updates:
+            socket = await self.sync.accept(
+                scope, counted_send if self.streaming else send, session_id
+            )
             accepted = True
             await updates.forward(socket, receive)
 
     async def forward_by_hand(self, session_id: str, receive: Receive, send: Send) -> None:
         """The floor of fan-out: a subscription per socket, each message sent as it came."""
-        if (await receive())["type"] != "websocket.connect":
-            return
 
         async def deliver(msg: Any) -> None:
             await send({"type": "websocket.send", "text": msg.data.decode()})
@@ -342,7 +307,8 @@ class LiveApp:
             # before the client has its snapshot, so no update published after it is missed.
             await self.nats.flush()
             await send({"type": "websocket.accept"})
-            await self.send_snapshot(session_id, send)
+            if (first := await self.snapshot(session_id)) is not None:
+                await send({"type": "websocket.send", "text": first[0]})
             while (await receive())["type"] != "websocket.disconnect":
                 pass
         finally:
@@ -351,23 +317,23 @@ class LiveApp:
 
     async def control(self, receive: Receive, send: Send) -> None:
         """Answer every message of the control socket (see the module's docstring)."""
-        await receive()
         await send({"type": "websocket.accept"})
         while (message := await receive())["type"] == "websocket.receive":
             request = (message.get("text") or "").split()
             if request == ["cpu"]:
                 answer = repr(time.process_time())
             elif request == ["stats"]:
+                stats = None if self.sync is None else self.sync.stats.as_dict()
                 answer = json.dumps(
                     {
-                        "middleware": None if self.sync is None else self.sync.stats.as_dict(),
-                        "loader_calls": getattr(self.loader, "calls", None),
+                        "middleware": stats,
+                        "loader_calls": getattr(self.store, "calls", None),
                         "cpu_seconds": time.process_time(),
                     }
                 )
-            elif request[:1] == ["stream"] and self.stream is not None and len(request) == 5:
+            elif request[:1] == ["stream"] and self.streaming and len(request) == 5:
                 try:
-                    await self.stream.run(request[1], request[2], int(request[3]), int(request[4]))
+                    await stream_tokens(self.store, self.nats, self.forwarded, request[1:])
                     answer = "done"
                 except Exception as exc:
                     answer = f"failed: {type(exc).__name__}: {exc}"
@@ -376,73 +342,54 @@ class LiveApp:
             await send({"type": "websocket.send", "text": answer})
 
 
-def sessions_of(args: argparse.Namespace) -> dict[str, Snapshot]:
-    """The in-memory sessions the command line asks for."""
-    text = FILLER if args.interaction_bytes is None else filler(args.interaction_bytes)
-    sizes = dict.fromkeys(numbered_ids(args.sessions), args.interactions)
-    sizes.update({session_id_for(size, 0): size for size in args.session_sizes})
-    sessions = memory_sessions(sizes, text=text)
-    if args.answer:
-        from ._answers import with_answer  # the answer parts' session shape
-
-        for snapshot in sessions.values():
-            with_answer(snapshot)
-    return sessions
-
-
 async def serve(args: argparse.Namespace) -> None:
     """Build the variant's app over its store and serve it until told to stop."""
     async with AsyncExitStack() as stack:
-        bridge: Any = None
-        client: Any = None
-        if args.nats and args.variant == "wrapped":
-            from asgi_session_sync.nats import NatsBridge
-
-            # Full-state frames of 1,000 interactions are about 1 MiB each: allow the
-            # subscriptions to hold a few of them rather than report a slow consumer.
-            bridge = await stack.enter_async_context(
-                NatsBridge(os.environ[NATS_URL_ENV], pending_bytes_limit=256 * 2**20)
-            )
-        elif args.nats:
-            import nats
-
-            client = await nats.connect(os.environ[NATS_URL_ENV])
-            stack.push_async_callback(client.close)
         loader: Any
-        by_hand: Callable[[str], Awaitable[str | None]]
-        stream = None
         if args.db is None:
-            store = MemoryStore(sessions_of(args))
-            loader, by_hand = store, store.frame
-            if args.stream:
-                stream = TokenStream(store, bridge, Forwarded())
+            text = FILLER if args.interaction_bytes is None else filler(args.interaction_bytes)
+            sizes = dict.fromkeys(numbered_ids(args.sessions), args.interactions)
+            sizes |= {session_id_for(size, 0): size for size in args.session_sizes}
+            sessions = memory_sessions(sizes, text=text)
+            for snapshot in sessions.values() if args.answer else ():
+                with_answer(snapshot)
+            store = loader = MemoryStore(sessions)
         else:
             from ._database import HandLoader, library_loader, open_engine
 
             engine = open_engine(args.db, schema=args.schema, pool_size=args.pool_size)
             stack.push_async_callback(engine.dispose)
-            hand = HandLoader(engine, latency=args.db_latency_ms / 1000)
-            await hand.warm_up(args.pool_size)
-            loader = hand if args.loader == "hand" else library_loader(engine)
-            by_hand = hand.frame
-        app: Any
-        if args.variant == "bare":
-            app = LiveApp(by_hand, loader=loader, nats=client)
-        else:
-            options: dict[str, Any] = {}
-            if args.single_flight is not None:
-                options["single_flight"] = args.single_flight == "on"
-            if args.max_concurrent_loads is not None:
-                options["max_concurrent_loads"] = args.max_concurrent_loads
-            sync = SessionSync(loader, **options)
-            app = LiveApp(None, loader=loader, sync=sync, bridge=bridge, stream=stream)
-            if bridge is None:
-                # With a bridge the app accepts through sync itself: no middleware then.
-                app = SessionSyncMiddleware(app, sync=sync, paths=[PREFIX + "{session_id}"])
+            store = HandLoader(engine, latency=args.db_latency_ms / 1000)
+            await store.warm_up(args.pool_size)
+            loader = library_loader(engine) if args.loader == "library" else store
+        nats: Any = None
+        if args.variant == "bridge":
+            from asgi_session_sync.nats import NatsBridge
+
+            # Full-state frames of 1,000 interactions are about 1 MiB each: allow the
+            # subscriptions to hold a few of them rather than report a slow consumer.
+            bridge = NatsBridge(os.environ[NATS_URL_ENV], pending_bytes_limit=256 * 2**20)
+            nats = await stack.enter_async_context(bridge)
+        elif args.variant == "forwarder":
+            import nats as nats_py
+
+            nats = await nats_py.connect(os.environ[NATS_URL_ENV])
+            stack.push_async_callback(nats.close)
+        options: dict[str, Any] = {"max_concurrent_loads": args.max_concurrent_loads}
+        if args.single_flight is not None:
+            options["single_flight"] = args.single_flight == "on"
+        sync = SessionSync(loader, **{k: v for k, v in options.items() if v is not None})
+        app: Any = LiveApp(args.variant, store, sync=sync, nats=nats)
+        app.streaming = args.stream
+        if args.variant == "wrapped":
+            paths = [PREFIX + "{session_id}", SSE_PREFIX + "{session_id}"]
+            app = SessionSyncMiddleware(app, sync=sync, paths=paths)
+        elif args.variant != "bridge":
+            app.sync = None  # no service: its counters would say nothing
         await serve_app(app, watch_stdin=args.watch_stdin)
 
 
-async def serve_app(app: Callable[..., Any], *, watch_stdin: bool = False) -> None:
+async def serve_app(app: Any, *, watch_stdin: bool = False) -> None:
     """Serve ``app`` under uvicorn until SIGTERM/SIGINT (or stdin EOF with ``watch_stdin``).
 
     Announces ``{"port": N, "pid": N}`` on stdout once the server accepts connections. With
@@ -457,15 +404,16 @@ async def serve_app(app: Callable[..., Any], *, watch_stdin: bool = False) -> No
         log_level="warning",
         access_log=False,
         ws="websockets-sansio",
+        http="h11",
         lifespan="off",
         backlog=4096,
+        ws_ping_interval=None,  # no pings: nothing but the frames measured crosses a socket
     )
     server = uvicorn.Server(config)
     # Bind here, on port 0, so the port is free by construction and known before the parent
-    # connects: no race between choosing a port and binding it. IPPROTO_TCP, not 0: asyncio
-    # sets TCP_NODELAY only on accepted sockets whose proto says TCP, as it does for the
-    # sockets uvicorn binds itself. Without it, Nagle's algorithm holds each small frame
-    # until the client's delayed ACK (40 ms on Linux).
+    # connects. IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on accepted sockets whose
+    # proto says TCP, as it does for the sockets uvicorn binds itself. Without it, Nagle's
+    # algorithm holds each small frame until the client's delayed ACK (40 ms on Linux).
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
@@ -475,8 +423,7 @@ async def serve_app(app: Callable[..., Any], *, watch_stdin: bool = False) -> No
             if server.should_exit:
                 return
             await anyio.sleep(0.01)
-        port = sock.getsockname()[1]
-        sys.stdout.write(json.dumps({"port": port, "pid": os.getpid()}) + "\n")
+        sys.stdout.write(json.dumps({"port": sock.getsockname()[1], "pid": os.getpid()}) + "\n")
         sys.stdout.flush()
 
     async def exit_with_parent() -> None:
@@ -499,37 +446,27 @@ def server_args(variant: str, *options: str) -> list[str]:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """The server's command line."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks._server")
-    parser.add_argument("--variant", choices=("bare", "wrapped"), required=True)
-    parser.add_argument("--sessions", type=int, default=200, help="in-memory sessions s0000...")
-    parser.add_argument("--interactions", type=int, default=20, help="interactions of each")
-    parser.add_argument(
-        "--session-sizes", type=int, nargs="*", default=[], help="and one n<size>-000 of each"
-    )
-    parser.add_argument("--interaction-bytes", type=int, help="filler per interaction content")
-    parser.add_argument(
-        "--answer",
-        action="store_true",
-        help="each session ends with an answer being streamed (see benchmarks._answers)",
-    )
-    parser.add_argument("--db", help="a database URL (see benchmarks._sessions)")
-    parser.add_argument("--schema", help="the tables' PostgreSQL schema")
-    parser.add_argument("--loader", choices=("library", "hand"), default="library")
-    parser.add_argument("--db-latency-ms", type=float, default=0.0, help="simulated round trip")
-    parser.add_argument("--pool-size", type=int, default=2)
-    parser.add_argument("--single-flight", choices=("on", "off"))
-    parser.add_argument("--max-concurrent-loads", type=int)
-    parser.add_argument(
-        "--nats", action="store_true", help=f"forward the sessions' updates from ${NATS_URL_ENV}"
-    )
-    parser.add_argument(
-        "--stream", action="store_true", help="publish token streams on request (wrapped --nats)"
-    )
-    parser.add_argument("--watch-stdin", action="store_true", help="stop when stdin closes")
+    add = parser.add_argument
+    add("--variant", choices=VARIANTS, required=True)
+    add("--sessions", type=int, default=200, help="in-memory sessions s0000...")
+    add("--interactions", type=int, default=20, help="interactions of each")
+    add("--session-sizes", type=int, nargs="*", default=[], help="and one n<size>-000 of each")
+    add("--interaction-bytes", type=int, help="filler per interaction content")
+    add("--answer", action="store_true", help="each session ends with an answer streaming")
+    add("--db", help="a database URL (see benchmarks._database)")
+    add("--schema", help="the tables' PostgreSQL schema")
+    add("--loader", choices=("library", "hand"), default="library", help="wrapped --db's")
+    add("--db-latency-ms", type=float, default=0.0, help="simulated round trip")
+    add("--pool-size", type=int, default=2)
+    add("--single-flight", choices=("on", "off"))
+    add("--max-concurrent-loads", type=int)
+    add("--stream", action="store_true", help="publish token streams on request (bridge)")
+    add("--watch-stdin", action="store_true", help="stop when stdin closes")
     args = parser.parse_args(argv)
-    if args.stream and not (args.nats and args.variant == "wrapped" and args.db is None):
-        parser.error("--stream needs --variant wrapped --nats over the in-memory store")
-    if args.nats and not os.environ.get(NATS_URL_ENV):
-        parser.error(f"--nats needs the NATS URL in ${NATS_URL_ENV}")
+    if args.stream and (args.variant != "bridge" or args.db is not None):
+        parser.error("--stream needs --variant bridge over the in-memory store")
+    if args.variant in ("bridge", "forwarder") and not os.environ.get(NATS_URL_ENV):
+        parser.error(f"--variant {args.variant} needs the NATS URL in ${NATS_URL_ENV}")
     return args
 
 
@@ -541,9 +478,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not profile_dir:
         anyio.run(serve, args)
         return 0
-    # cProfile over the whole server, written when it stops. uvicorn shuts down cleanly on
-    # SIGTERM, then raises the signal again with the handler it found: the default one would
-    # end the process before the stats are written, so SIGTERM raises KeyboardInterrupt here.
+    # uvicorn shuts down cleanly on SIGTERM, then raises the signal again with the handler it
+    # found: the default one would end the process before the stats are written.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     profiler = cProfile.Profile()
     try:
@@ -572,35 +508,20 @@ class ServerProcess:
 
     def rss_bytes(self) -> int:
         """The server's resident set size now (``VmRSS`` in ``/proc/<pid>/status``)."""
-        return rss_bytes(self.pid)
-
-
-def rss_bytes(pid: int) -> int:
-    """The resident set size of process ``pid`` now (``VmRSS`` in ``/proc/<pid>/status``)."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS in /proc/{pid}/status")
+        with open(f"/proc/{self.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError(f"no VmRSS in /proc/{self.pid}/status")
 
 
 def cpu_seconds(pid: int) -> float:
-    """CPU seconds process ``pid`` used so far, to the nanosecond: the sum over its threads.
-
-    Read from ``/proc/<pid>/task/*/schedstat`` (the scheduler's run time of each thread), so a
-    thread that has exited no longer counts; the servers measured keep their threads. Falls
-    back to ``/proc/<pid>/stat`` (10 ms clock ticks) where schedstat is not available.
-    """
+    """CPU seconds process ``pid`` used so far, to the nanosecond: the sum over its threads
+    (``/proc/<pid>/task/*/schedstat``; a thread that has exited no longer counts)."""
     total = 0
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/schedstat") as schedstat:
-                total += int(schedstat.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        with open(f"/proc/{pid}/stat") as stat:
-            # The command name, in parentheses, may hold spaces: split after it.
-            fields = stat.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/schedstat") as schedstat:
+            total += int(schedstat.read().split()[0])
     return total / 1e9
 
 
@@ -631,7 +552,7 @@ async def running_server(
 ) -> AsyncIterator[ServerProcess]:
     """Run ``python -m <module_args>`` from the repository; yield it once it listens.
 
-    ``env`` adds environment variables to this process's, for the server only (secrets such as
+    ``env`` adds environment variables for the server only (secrets such as
     :data:`NATS_URL_ENV` go there, never in the arguments). It is always stopped, within
     bounds, even when the caller is cancelled.
     """
@@ -656,8 +577,7 @@ async def running_server(
         announced = json.loads(line)
         yield ServerProcess(port=int(announced["port"]), pid=int(announced["pid"]))
     finally:
-        # Shielded: the server must be stopped even when this run is being cancelled.
-        with anyio.CancelScope(shield=True):
+        with anyio.CancelScope(shield=True):  # stopped even when this run is being cancelled
             await stop(process)
 
 

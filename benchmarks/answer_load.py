@@ -3,17 +3,17 @@
 ``answers`` sessions each stream an LLM answer at ``token_rate`` tokens per second at the same
 time, and ``tabs`` WebSocket clients watch each one: can one API process on this machine keep
 up, and what does the bridge cost per token it delivers? The floor is the forwarder anyone
-would write first (the ``bare --nats`` server of :mod:`benchmarks.fanout`): a nats-py
+would write first (the ``forwarder`` server of :mod:`benchmarks.fanout`): a nats-py
 subscription per socket whose callback sends each message's text as it came, with no fence, no
 ordering and no repair. Target: the bridge's server CPU per delivered token at most 1.3x the
 forwarder's.
 
-Each round starts both servers (:mod:`benchmarks._server` with ``--nats --answer``: ``bare``
-the forwarder, ``wrapped`` the bridge, each in its own process, ``answers`` sessions of 20
-interactions and an empty answer) against an embedded nats-server that lives for the whole part.
+Each round starts both servers (:mod:`benchmarks._server` ``--answer``: the ``forwarder`` and
+the ``bridge``, each in its own process, ``answers`` sessions of 20 interactions and an empty
+answer) against an embedded nats-server that lives for the whole part.
 For each variant, in an order that alternates every round, after a short warm-up load:
 
-1. ``answers`` x ``tabs`` raw WebSocket clients connect (``tabs`` per session) and read their
+1. ``answers`` x ``tabs`` WebSocket clients connect (``tabs`` per session) and read their
    snapshot.
 2. The server's CPU time is read; then the load generator, as the app's workers would, streams
    every answer through ``AnswerStream`` (:func:`benchmarks._answers.library_answer`: its own
@@ -49,21 +49,18 @@ from ._answers import (
     PublishTimes,
     Tab,
     answer_environment,
-    answer_sessions,
-    answer_tokens,
-    answered_session,
     library_answer,
     token_ends,
 )
-from ._clients import Server, rotate, server_pair
-from ._harness import Part, Report, run_alone
-from ._report import Column, Row, Target, compare, comparison_table, figure, percentile
+from ._clients import Server, rotate, running_servers
+from ._harness import Part, Report, declared, run_alone
+from ._report import Column, Goal, Row, Table, percentile
 from ._server import NATS_URL_ENV, cpu_seconds, server_args
+from ._sessions import answer_sessions, answer_tokens, answered_session
 
 __all__ = ["PART", "AnswerLoadOptions"]
 
-VARIANTS = {"forwarder": "bare", "bridge": "wrapped"}
-"""Each side's name in the tables, and its server's variant."""
+SIDES = {"forwarder": "forwarder", "bridge": "bridge"}
 BOUND = 1.3  # server CPU per delivered token, bridge / forwarder, at most
 INTERACTIONS = 20
 
@@ -99,7 +96,7 @@ async def load(
         with anyio.fail_after(options.timeout + tokens / options.token_rate):
             for session_id in sessions:
                 for _ in range(options.tabs):
-                    tabs.append(await Tab.open(server.process.port, session_id))
+                    tabs.append(await Tab.open(server.url(session_id), session_id))
 
             async def produce(index: int, session_id: str) -> None:
                 await anyio.sleep(index * PUBLISH_INTERVAL / len(sessions))
@@ -154,123 +151,54 @@ async def load(
 
 async def run_round(number: int, options: AnswerLoadOptions, env: AnswerEnvironment) -> list[Row]:
     """One round on fresh servers: both variants, each after a warm-up load."""
-    args = {
-        variant: server_args(
-            variant,
-            "--nats",
-            "--answer",
-            "--sessions",
-            str(options.answers),
-            "--interactions",
-            str(INTERACTIONS),
-        )
-        for variant in VARIANTS.values()
-    }
+    args = {v: server_args(v, "--answer", "--sessions", str(options.answers)) for v in SIDES}
     rows: list[Row] = []
-    async with server_pair(args, env={NATS_URL_ENV: env.url}) as servers:
-        for variant in VARIANTS.values():
-            await load(servers[variant], options.warmup_tokens, options, env)
-        for name in rotate(list(VARIANTS), number):
+    async with running_servers(args, env={NATS_URL_ENV: env.url}) as servers:
+        for server in servers.values():
+            await load(server, options.warmup_tokens, options, env)
+        for name in rotate(list(SIDES), number):
             row: Row = {"variant": name, "round": number}
             try:
-                figures = await load(servers[VARIANTS[name]], options.tokens, options, env)
+                row |= await load(servers[name], options.tokens, options, env)
             except Exception as exc:
-                print(f"  answer load {name}: {exc!r}", file=sys.stderr)
                 samples = options.answers * options.tabs
-                figures = dict.fromkeys(FIGURES, float("nan")) | {
-                    "samples": samples,
-                    "errors": samples,
-                }
-            rows.append(row | figures)
+                row |= {"samples": samples, "errors": samples, "error_kinds": {repr(exc): 1}}
+            rows.append(row)
     return rows
-
-
-FIGURES = (
-    "delivered_tokens_per_s",
-    "p50_ms",
-    "p99_ms",
-    "db_commits_per_s",
-    "cpu_us_per_token",
-    "nats_cpu_us_per_token",
-    "tokens_per_frame",
-)
-COLUMNS = [
-    Column("delivered tokens/s", "delivered_tokens_per_s", figure(",.0f")),
-    Column("p50 ms", "p50_ms", figure(".1f")),
-    Column("p99 ms", "p99_ms", figure(".1f")),
-    Column("DB commits/s", "db_commits_per_s", figure(".1f")),
-    Column("server CPU us/delivered token", "cpu_us_per_token", figure(".2f")),
-    Column("nats-server CPU us/delivered token", "nats_cpu_us_per_token", figure(".2f")),
-    Column("tokens/frame", "tokens_per_frame", figure(".2f")),
-]
-
-
-def progress(rows: list[Row]) -> str:
-    """Server CPU per delivered token and p99 latency of each variant."""
-    return ", ".join(
-        f"{row['variant']}: {row['cpu_us_per_token']:.2f} us/token, p99 {row['p99_ms']:.1f} ms"
-        for row in rows
-    )
 
 
 def report(rows: list[Row], options: AnswerLoadOptions, env: AnswerEnvironment) -> Report:
     """Both variants and bridge / forwarder; the target on server CPU per delivered token."""
-    summary = compare(rows, FIGURES, baseline="forwarder", candidate="bridge")
-    cpu = summary["all"]["ratio"]["cpu_us_per_token"] if "all" in summary else None
-    targets = (
-        []
-        if cpu is None
-        else [
-            Target(
-                f"18. answer load: server CPU per delivered token at {options.answers} answers x "
-                f"{options.tabs} tabs, bridge / forwarder",
-                f"<= {BOUND}",
-                cpu,
-                cpu["median"] <= BOUND,
-            )
-        ]
-    )
-    failures = [
-        f"answer load {row['variant']} round {row['round']}: {row['errors']} of "
-        f"{row['samples']} tabs got a wrong answer"
-        for row in rows
-        if row["errors"]
+    columns = [
+        Column("delivered tokens/s", "delivered_tokens_per_s"),
+        Column("p50 ms", "p50_ms", ".1f"),
+        Column("p99 ms", "p99_ms", ".1f"),
+        Column("DB commits/s", "db_commits_per_s", ".1f"),
+        Column("server CPU us/delivered token", "cpu_us_per_token", ".2f"),
+        Column("nats-server CPU us/delivered token", "nats_cpu_us_per_token", ".2f"),
+        Column("tokens/frame", "tokens_per_frame", ".2f"),
     ]
+    table = Table("answer_load", columns, SIDES, ratios=[("bridge", "forwarder")])
+    goal = Goal(
+        f"18 answer load: server CPU per delivered token at {options.answers} answers x "
+        f"{options.tabs} tabs, bridge / forwarder",
+        "answer_load",
+        "cpu_us_per_token",
+        ("bridge", "forwarder"),
+        BOUND,
+    )
     heading = [
-        "18. sustained answer load: NatsBridge against a hand-written forwarder",
+        "18 sustained answer load: NatsBridge against a hand-written forwarder",
         f"{options.answers} answers at once, {options.tokens} tokens each at "
-        f"{options.token_rate:g} tokens/s, each watched by {options.tabs} raw WebSocket tabs of "
-        "one uvicorn process (each server its own process); produced in the load generator "
-        "through AnswerStream (coalesced appends every 50 ms, checkpoints into SQLite every "
-        "250 ms) and an embedded nats-server; forwarder: a nats-py subscription per socket "
-        "sending the text as it came; bridge: bridge.subscribe + SessionSync.accept + "
-        "updates.forward; latency from publish_patch to the tab reading the frame; server CPU "
-        "is the server process's time.process_time()",
+        f"{options.token_rate:g} tokens/s, each watched by {options.tabs} WebSocket tabs of one "
+        "uvicorn process; produced in the load generator through AnswerStream (appends every "
+        "50 ms, checkpoints into SQLite every 250 ms) and an embedded nats-server; latency from "
+        "publish_patch to the tab reading the frame",
     ]
-    return Report(
-        heading=heading,
-        tables=[
-            comparison_table(
-                summary,
-                COLUMNS,
-                sides={"forwarder": "forwarder", "bridge": "bridge"},
-                ratio_label="bridge / forwarder",
-            )
-        ],
-        summary=summary,
-        targets=targets,
-        failures=failures,
-    )
+    return declared(rows, heading=heading, tables=[table], goals=[goal])
 
 
-PART = Part(
-    name="answer_load",
-    options=AnswerLoadOptions,
-    run_round=run_round,
-    progress=progress,
-    report=report,
-    environment=answer_environment,
-)
+PART = Part("answer_load", AnswerLoadOptions, run_round, report, environment=answer_environment)
 
 if __name__ == "__main__":
     sys.exit(run_alone(PART))

@@ -1,33 +1,25 @@
 """Fan-out: server CPU per delivered update, the NATS bridge against a hand-written forwarder.
 
-Many sockets of one process watch one session, and each update the session gets must reach
-every one of them. The bridge subscribes once per session per process, parses each message
-once and judges it per socket (byte-bounded queue, cursor, repair); the floor is the
-forwarder anyone would write first: one nats-py subscription per socket, whose callback sends
-each message's text as it came (no ordering, no repair). Target: the bridge's server CPU per
-delivered update at most 1.3x the forwarder's.
+Many sockets of one process watch one session, and each update must reach every one. The
+bridge subscribes once per session per process, parses each message once and judges it per
+socket (byte-bounded queue, cursor, repair); the floor is the forwarder anyone would write
+first: one nats-py subscription per socket, whose callback sends each message's text as it
+came (no ordering, no repair). Target: the bridge's server CPU per delivered update at most
+1.3x the forwarder's.
 
-Each round starts both servers (:mod:`benchmarks._server` with ``--nats``: ``bare`` is the
-forwarder, ``wrapped`` the bridge, each in its own process) against an embedded nats-server
-that lives for the whole part. For each count of ``clients``, in an order that alternates
-every count and round, and after a short warm-up stream on each server:
+Each round starts both servers (:mod:`benchmarks._server`, ``forwarder`` and ``bridge``) against
+an embedded nats-server that lives for the whole part. For each count of ``clients``, in an
+order that alternates every count and round, after a short warm-up stream on each server,
+``clients`` WebSocket clients connect to one session (20 interactions) and read its snapshot;
+then the load generator publishes ``updates`` chained ``session_patch`` frames (versions 8, 9,
+... from the snapshot's 7, one ``replace`` of about 100 bytes each, built with
+:class:`~asgi_session_sync.protocol.SessionPatch`), **in lock-step**: the next once every client
+has this one, so nothing queues. Every client checks every frame: the ``k``-th must be the
+``k``-th published, byte for byte.
 
-1. ``clients`` raw WebSocket clients connect to one session (20 interactions) and read its
-   snapshot; the server subscribed each socket before accepting it.
-2. The server's CPU time is read over its control socket; then the benchmark process, with
-   its own nats-py client, publishes ``updates`` chained ``session_patch`` frames (what
-   ``NatsBridge.publish_patch`` sends, built beforehand with
-   :class:`~asgi_session_sync.protocol.SessionPatch`: versions 8, 9, ... from the snapshot's
-   7, one ``replace`` of about 100 bytes each). **Paced in lock-step**: the next update is
-   published once every client has received this one, so nothing queues anywhere.
-3. The server's CPU time is read again. Every client checks every frame as it arrives: the
-   ``k``-th must be the ``k``-th published text, byte for byte.
-
-Figures per variant and count: **server CPU us per delivered update** (the server process's
-``time.process_time()`` over the stream, divided by clients x updates), **wall us per update**
-(first publish to the last client's last frame, divided by the updates) and **nats-server CPU
-us per delivered update** (its threads' run time): the forwarder makes nats-server deliver
-each update once per socket, the bridge once per process.
+Figures: **server CPU us per delivered update** (the server process's CPU over the stream /
+clients x updates), **wall us per update**, and **nats-server CPU us per delivered update**
+(the forwarder makes nats-server deliver each update once per socket, the bridge once).
 """
 
 from __future__ import annotations
@@ -42,33 +34,23 @@ import nats
 
 from asgi_session_sync.protocol import SessionPatch
 
-from ._clients import RawWebSocket, Server, rotate, server_pair
-from ._harness import Part, Report, run_alone
-from ._report import Column, Row, Target, compare, comparison_table, figure
-from ._server import (
-    NATS_URL_ENV,
-    PREFIX,
-    Broker,
-    cpu_seconds,
-    embedded_nats,
-    server_args,
-    subject,
-)
+from ._clients import Server, open_client, rotate, running_servers
+from ._harness import Part, Report, declared, run_alone
+from ._report import Column, Goal, Row, Table
+from ._server import NATS_URL_ENV, Broker, cpu_seconds, embedded_nats, server_args, subject
 from ._sessions import FILLER, SNAPSHOT_VERSION, memory_sessions, numbered_ids
 
 __all__ = ["PART", "FanoutOptions"]
 
-VARIANTS = {"forwarder": "bare", "bridge": "wrapped"}
-"""Each side's name in the tables, and its server's variant."""
+SIDES = {"forwarder": "forwarder", "bridge": "bridge"}
 BOUND = 1.3  # server CPU per delivered update, bridge / forwarder, at most
 SESSION = numbered_ids(1)[0]
-INTERACTIONS = 20
-OWNER = memory_sessions({SESSION: INTERACTIONS})[SESSION].owner
+OWNER = memory_sessions({SESSION: 20})[SESSION].owner
 
 
 @dataclass(frozen=True)
 class FanoutOptions:
-    """Clients per session (one axis each), updates per stream; both variants every round."""
+    """Clients per session (one group each), updates per stream; both variants every round."""
 
     QUICK: ClassVar[dict[str, Any]] = {"rounds": 1, "clients": (5, 20), "updates": 100}
 
@@ -90,7 +72,7 @@ def patch_frames(updates: int) -> list[bytes]:
             patch=[
                 {
                     "op": "replace",
-                    "path": f"/interactions/{INTERACTIONS - 1}/content",
+                    "path": "/interactions/19/content",
                     "value": f"{k:05d} {FILLER[:94]}",
                 }
             ],
@@ -100,32 +82,34 @@ def patch_frames(updates: int) -> list[bytes]:
 
 
 async def stream(
-    server: Server, publisher: Any, clients: int, updates: int, options: FanoutOptions, env: Broker
+    server: Server,
+    publisher: Any,
+    clients: int,
+    updates: int,
+    options: FanoutOptions,
+    broker: Broker,
 ) -> dict[str, float]:
-    """Publish ``updates`` patches in lock-step to ``clients`` fresh sockets; return the figures.
-
-    ``wrong`` counts the frames that were not the published text at their place.
-    """
+    """Publish ``updates`` patches in lock-step to ``clients`` fresh sockets: the figures, and
+    ``wrong``, the frames that were not the published text at their place."""
     frames = patch_frames(updates)
-    texts = [frame.decode() for frame in frames]
-    sockets: list[RawWebSocket] = []
+    sockets = []
     wrong = 0
     try:
         with anyio.fail_after(options.timeout):
             for _ in range(clients):
-                sockets.append(await RawWebSocket.connect(server.process.port, PREFIX + SESSION))
+                sockets.append(await open_client(server.url(SESSION), bound=options.timeout))
             for ws in sockets:
-                if not (await ws.receive_text()).startswith('{"type":"session_update"'):
-                    raise RuntimeError("the first frame is not the session's snapshot")
-            cpu_before, nats_before = await server.control.cpu(), cpu_seconds(env.pid)
+                if not (await ws.recv(decode=False)).startswith(b'{"type":"session_update"'):
+                    raise ConnectionError("the first frame is not the session's snapshot")
+            cpu, nats_cpu = await server.control.cpu(), cpu_seconds(broker.pid)
             started = time.perf_counter()
-            for frame, text in zip(frames, texts, strict=True):
+            for frame in frames:
                 await publisher.publish(subject(SESSION), frame)
                 for ws in sockets:
-                    wrong += await ws.receive_text() != text
+                    wrong += await ws.recv(decode=False) != frame
             wall = time.perf_counter() - started
-            cpu = await server.control.cpu() - cpu_before
-            nats_cpu = cpu_seconds(env.pid) - nats_before
+            cpu = await server.control.cpu() - cpu
+            nats_cpu = cpu_seconds(broker.pid) - nats_cpu
     finally:
         with anyio.CancelScope(shield=True):
             for ws in sockets:
@@ -135,115 +119,71 @@ async def stream(
         "cpu_us_per_delivery": cpu / delivered * 1e6,
         "wall_us_per_update": wall / updates * 1e6,
         "nats_cpu_us_per_delivery": nats_cpu / delivered * 1e6,
-        "wrong": wrong,
+        "errors": wrong,
     }
 
 
-async def run_round(number: int, options: FanoutOptions, env: Broker) -> list[Row]:
+async def run_round(number: int, options: FanoutOptions, broker: Broker) -> list[Row]:
     """One round on fresh servers: every count of clients, both variants, after a warm-up."""
-    args = {
-        variant: server_args(
-            variant, "--nats", "--sessions", "1", "--interactions", str(INTERACTIONS)
-        )
-        for variant in VARIANTS.values()
-    }
+    args = {v: server_args(v, "--sessions", "1") for v in SIDES}
     rows: list[Row] = []
-    publisher = await nats.connect(env.url)
+    publisher = await nats.connect(broker.url)
     try:
-        async with server_pair(args, env={NATS_URL_ENV: env.url}) as servers:
-            for variant in VARIANTS.values():
-                await stream(servers[variant], publisher, 2, options.warmup_updates, options, env)
+        async with running_servers(args, env={NATS_URL_ENV: broker.url}) as servers:
+            for server in servers.values():
+                await stream(server, publisher, 2, options.warmup_updates, options, broker)
             for turn, clients in enumerate(options.clients):
-                for name in rotate(list(VARIANTS), number + turn):
-                    samples = clients * options.updates
-                    row: Row = {"variant": name, "clients": clients, "round": number}
+                for name in rotate(list(SIDES), number + turn):
+                    row: Row = {
+                        "variant": name,
+                        "clients": clients,
+                        "round": number,
+                        "samples": clients * options.updates,
+                    }
                     try:
-                        figures = await stream(
-                            servers[VARIANTS[name]],
-                            publisher,
-                            clients,
-                            options.updates,
-                            options,
-                            env,
+                        row |= await stream(
+                            servers[name], publisher, clients, options.updates, options, broker
                         )
                     except Exception as exc:
-                        print(f"  fanout {name} {clients}: {exc!r}", file=sys.stderr)
-                        figures = dict.fromkeys(FIGURES, float("nan")) | {"wrong": samples}
-                    wrong = int(figures.pop("wrong"))
-                    rows.append(row | figures | {"samples": samples, "errors": wrong})
+                        row |= {"errors": row["samples"], "error_kinds": {repr(exc): 1}}
+                    rows.append(row)
     finally:
         with anyio.CancelScope(shield=True):
             await publisher.close()
     return rows
 
 
-FIGURES = ("cpu_us_per_delivery", "wall_us_per_update", "nats_cpu_us_per_delivery")
-COLUMNS = [
-    Column("server CPU us/delivered update", "cpu_us_per_delivery", figure(".1f")),
-    Column("wall us/update", "wall_us_per_update", figure(",.0f")),
-    Column("nats-server CPU us/delivered update", "nats_cpu_us_per_delivery", figure(".1f")),
-]
-
-
-def progress(rows: list[Row]) -> str:
-    """Server CPU per delivered update of each variant, per count of clients."""
-    return ", ".join(
-        f"{row['variant']} at {row['clients']}: {row['cpu_us_per_delivery']:.1f} us" for row in rows
-    )
-
-
 def report(rows: list[Row], options: FanoutOptions, env: Broker) -> Report:
     """Per count of clients, both variants and bridge / forwarder; a target per count."""
-    summary = compare(rows, FIGURES, baseline="forwarder", candidate="bridge", by=("clients",))
-    targets = [
-        Target(
-            f"fan-out: server CPU per delivered update at {clients} clients, bridge / forwarder",
-            f"<= {BOUND}",
-            entry["ratio"]["cpu_us_per_delivery"],
-            entry["ratio"]["cpu_us_per_delivery"]["median"] <= BOUND,
-        )
-        for clients, entry in summary.items()
+    columns = [
+        Column("server CPU us/delivered update", "cpu_us_per_delivery", ".1f"),
+        Column("wall us/update", "wall_us_per_update"),
+        Column("nats-server CPU us/delivered update", "nats_cpu_us_per_delivery", ".1f"),
     ]
-    failures = [
-        f"fanout {row['variant']} {row['clients']} clients round {row['round']}: "
-        f"{row['errors']} of {row['samples']} frames missing or wrong"
-        for row in rows
-        if row["errors"]
+    table = Table("fanout", columns, SIDES, ratios=[("bridge", "forwarder")], by=("clients",))
+    goals = [
+        Goal(
+            f"fan-out: server CPU per delivered update at {n} clients, bridge / forwarder",
+            "fanout",
+            "cpu_us_per_delivery",
+            ("bridge", "forwarder"),
+            BOUND,
+            group=str(n),
+        )
+        for n in options.clients
     ]
     heading = [
         "fan-out: server CPU per delivered update, NatsBridge against a hand-written forwarder",
-        f"one session, {' and '.join(map(str, options.clients))} raw WebSocket clients under "
-        f"uvicorn (each server its own process); {options.updates} chained session_patch "
-        "frames published by the load generator to an embedded nats-server, the next once "
-        "every client had the last; forwarder: a nats-py subscription per socket sending the "
-        "text as it came; bridge: bridge.subscribe + SessionSync.accept + updates.forward; "
-        "server CPU is the server process's time.process_time()",
+        f"one session, {' and '.join(map(str, options.clients))} WebSocket clients of one "
+        f"uvicorn process; {options.updates} chained session_patch frames published to an "
+        "embedded nats-server, the next once every client had the last; forwarder: a nats-py "
+        "subscription per socket; bridge: bridge.subscribe + SessionSync.accept + "
+        "updates.forward",
     ]
-    return Report(
-        heading=heading,
-        tables=[
-            comparison_table(
-                summary,
-                COLUMNS,
-                sides={"forwarder": "forwarder", "bridge": "bridge"},
-                ratio_label="bridge / forwarder",
-                group_title="clients",
-            )
-        ],
-        summary=summary,
-        targets=targets,
-        failures=failures,
-    )
+    return declared(rows, heading=heading, tables=[table], goals=goals)
 
 
-PART = Part(
-    name="fanout",
-    options=FanoutOptions,
-    run_round=run_round,
-    progress=progress,
-    report=report,
-    environment=embedded_nats,
-)
+PART = Part("fanout", FanoutOptions, run_round, report, environment=embedded_nats)
 
 if __name__ == "__main__":
     sys.exit(run_alone(PART))

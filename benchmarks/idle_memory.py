@@ -1,33 +1,31 @@
-"""Memory per idle connection: the server's RSS growth for 1,000 open connections, wrapped vs bare.
+"""Memory per idle connection: the server's RSS growth for 1,000 open connections.
 
-The same servers as the first-frame part (:mod:`benchmarks._server`), fresh ones every round.
-For each variant in turn (the first one changes every round): 100 connections are opened and
-closed to warm the server up, ``VmRSS`` is read from ``/proc/<pid>/status``, then 1,000
-connections are opened (50 at a time) and each receives its snapshot, and after a second of
-quiet ``VmRSS`` is read again. The figure is the difference divided by the connections. The
-connections are idle: after the snapshot, nothing is sent either way until they close.
+Two servers side by side (:mod:`benchmarks._server`, fresh every round): ``by_hand`` sends the
+snapshot itself, ``wrapped`` through the middleware. For each in turn (the first changes every
+round): ``warmup`` connections are opened and closed, ``VmRSS`` is read from
+``/proc/<pid>/status``, then ``connections`` are opened (``concurrency`` at a time), each
+receives its snapshot, and after ``settle_seconds`` of quiet ``VmRSS`` is read again. The figure
+is the difference divided by the connections. Nothing is sent either way until they close.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import anyio
-from websockets.asyncio.client import ClientConnection
 
-from ._clients import Server, open_client, rotate, server_pair
-from ._harness import Part, Report, run_alone
-from ._report import Column, Row, Target, compare, comparison_table, figure
-from ._sessions import memory_sessions, numbered_ids, snapshot_text
+from ._clients import Server, open_client, open_event_stream, rotate, running_servers
+from ._harness import Part, Report, declared, run_alone
+from ._report import Column, Goal, Row, Table
+from ._sessions import numbered_ids
 
-__all__ = ["PART", "IdleMemoryOptions"]
+__all__ = ["COLUMNS", "PART", "IdleMemoryOptions", "held_connections"]
 
-VARIANTS = ("bare", "wrapped")
-# Issue 10: no worse than before the core rewrite, 1.062x (1.062-1.069) at 227e7af; the bound
-# allows that spread.
-TARGET = 1.07
+SIDES = {"by_hand": "by hand", "wrapped": "wrapped"}
+TARGET = 1.07  # issue 10: no worse than before the core rewrite (1.062x at 227e7af)
 
 
 @dataclass(frozen=True)
@@ -49,124 +47,126 @@ class IdleMemoryOptions:
     timeout: float = 30.0
 
 
-async def open_many(
-    server: Server, count: int, expected: dict[str, str], options: IdleMemoryOptions
-) -> list[ClientConnection]:
-    """Open ``count`` connections, ``concurrency`` at a time; check each one's snapshot."""
-    ids = list(expected)
-    opened: list[ClientConnection] = []
+async def open_held(
+    server: Server, ids: Sequence[str], count: int, options: Any, transport: str
+) -> list[Callable[[], Awaitable[None]]]:
+    """Open ``count`` connections, ``concurrency`` at a time, each with its snapshot; return
+    how to close each.
+
+    Raises:
+        ConnectionError: A first frame is not its session's snapshot.
+    """
+    closers: list[Callable[[], Awaitable[None]]] = []
     limit = anyio.Semaphore(options.concurrency)
 
-    async def one(i: int) -> None:
-        sid = ids[i % len(ids)]
+    async def one(sid: str) -> None:
         async with limit:
-            ws = await open_client(server.url(sid), bound=options.timeout)
-            opened.append(ws)
-            if await ws.recv() != expected[sid]:
-                raise AssertionError(f"the first frame of {sid} is not its snapshot")
+            if transport == "sse":
+                first, stream = await open_event_stream(server.url(sid, "sse"))
+                closers.append(stream.aclose)
+                text = first.text
+            else:
+                ws = await open_client(server.url(sid), bound=options.timeout)
+                closers.append(ws.close)
+                text = str(await ws.recv(decode=True))
+            if f'"session_id":"{sid}"' not in text:
+                raise ConnectionError(f"the first frame of {sid} is not its snapshot")
 
     try:
         with anyio.fail_after(options.timeout):
             async with anyio.create_task_group() as tg:
                 for i in range(count):
-                    tg.start_soon(one, i)
+                    tg.start_soon(one, ids[i % len(ids)])
     except BaseException:
-        await close_all(opened)
+        await close_all(closers)
         raise
-    return opened
+    return closers
 
 
-async def close_all(connections: list[ClientConnection]) -> None:
+async def close_all(closers: list[Callable[[], Awaitable[None]]]) -> None:
     """Close every connection, at once."""
     with anyio.CancelScope(shield=True), anyio.move_on_after(30):
         async with anyio.create_task_group() as tg:
-            for ws in connections:
-                tg.start_soon(ws.close)
+            for close in closers:
+                tg.start_soon(close)
+
+
+async def held_connections(
+    servers: Mapping[str, Server], options: Any, number: int, transport: str = "websocket"
+) -> list[Row]:
+    """Each server's RSS growth per idle connection, one server after the other."""
+    ids, rows = numbered_ids(200), []
+    for name in rotate(list(servers), number):
+        server = servers[name]
+        await close_all(await open_held(server, ids, options.warmup, options, transport))
+        await anyio.sleep(options.settle_seconds)
+        before = server.process.rss_bytes()
+        closers = await open_held(server, ids, options.connections, options, transport)
+        try:
+            await anyio.sleep(options.settle_seconds)
+            after = server.process.rss_bytes()
+        finally:
+            await close_all(closers)
+        rows.append(
+            {
+                "variant": name,
+                "round": number,
+                "samples": len(closers),
+                "errors": 0,
+                "rss_before_mb": before / 2**20,
+                "rss_after_mb": after / 2**20,
+                "kb_per_connection": (after - before) / len(closers) / 1024,
+            }
+        )
+    return rows
 
 
 async def run_round(number: int, options: IdleMemoryOptions, env: None) -> list[Row]:
-    """One round on fresh servers: each variant warmed up, then its 1,000 connections."""
-    sessions = memory_sessions(dict.fromkeys(numbered_ids(200), 20))
-    expected = {sid: snapshot_text(sid, snapshot) for sid, snapshot in sessions.items()}
-    rows = []
-    async with server_pair(VARIANTS) as servers:
-        for variant in rotate(VARIANTS, number):
-            server = servers[variant]
-            await close_all(await open_many(server, options.warmup, expected, options))
-            await anyio.sleep(options.settle_seconds)
-            before = server.process.rss_bytes()
-            connections = await open_many(server, options.connections, expected, options)
-            try:
-                await anyio.sleep(options.settle_seconds)
-                after = server.process.rss_bytes()
-            finally:
-                await close_all(connections)
-            rows.append(
-                {
-                    "variant": variant,
-                    "round": number,
-                    "samples": len(connections),
-                    "rss_before_mb": before / 2**20,
-                    "rss_after_mb": after / 2**20,
-                    "kb_per_connection": (after - before) / len(connections) / 1024,
-                }
-            )
-    return sorted(rows, key=lambda r: VARIANTS.index(r["variant"]))
+    """One round on fresh servers."""
+    async with running_servers(list(SIDES)) as servers:
+        return await held_connections(servers, options, number)
 
 
-def progress(rows: list[Row]) -> str:
-    """KB per connection of both variants."""
-    return ", ".join(f"{r['variant']} {r['kb_per_connection']:.1f} KB/connection" for r in rows)
+COLUMNS = [
+    Column("RSS before MB", "rss_before_mb", ".1f"),
+    Column("RSS with connections MB", "rss_after_mb", ".1f"),
+    Column("KB per idle connection", "kb_per_connection", ".2f"),
+]
+
+
+def goal(table: str, issue: str, what: str) -> Goal:
+    """The idle-memory target: wrapped / by hand at most 1.07."""
+    return Goal(
+        f"{issue} idle memory per {what} wrapped / by hand",
+        table,
+        "kb_per_connection",
+        ("wrapped", "by_hand"),
+        TARGET,
+    )
 
 
 def report(rows: list[Row], options: IdleMemoryOptions, env: None) -> Report:
-    """RSS before and after, KB per connection, wrapped/bare and wrapped-bare of the last."""
-    mb = figure(".1f")
-    columns = [
-        Column("RSS before MB", "rss_before_mb", mb),
-        Column("RSS with connections MB", "rss_after_mb", mb),
-        Column("KB per idle connection", "kb_per_connection", mb),
-    ]
-    summary = compare(
-        rows,
-        [c.figure for c in columns],
-        baseline="bare",
-        candidate="wrapped",
-        difference=True,
-    )["all"]
+    """RSS before and after, KB per connection, wrapped / by hand and wrapped - by hand."""
+    table = Table(
+        "idle_memory",
+        COLUMNS,
+        SIDES,
+        ratios=[("wrapped", "by_hand")],
+        differences=[("wrapped", "by_hand")],
+    )
     heading = [
-        f"4. memory per idle connection: server VmRSS growth for {options.connections} open "
-        "connections / connections, bare vs wrapped",
+        f"memory per idle WebSocket: server VmRSS growth for {options.connections} open "
+        "connections / connections, by hand vs wrapped",
         f"each variant: {options.warmup} warm-up connections opened and closed, VmRSS, "
-        f"{options.connections} connections opened ({options.concurrency} at a time, each "
-        f"receives its snapshot), {options.settle_seconds:g} s idle, VmRSS; fresh servers, "
-        f"{options.rounds} round(s); websockets client, no compression",
+        f"{options.connections} opened ({options.concurrency} at a time, each receives its "
+        f"snapshot), {options.settle_seconds:g} s idle, VmRSS; websockets client",
     ]
-    table = comparison_table(
-        {"all": summary},
-        columns,
-        sides={"bare": "bare", "wrapped": "wrapped"},
-        ratio_label="wrapped / bare",
-        difference_format=figure("+.2f"),
-        errors=False,
+    return declared(
+        rows, heading=heading, tables=[table], goals=[goal("idle_memory", "10", "WebSocket")]
     )
-    measured = summary["ratio"]["kb_per_connection"]
-    target = Target(
-        "4. idle memory per connection wrapped/bare (1.062x at 227e7af)",
-        f"<= {TARGET}",
-        measured,
-        measured["median"] <= TARGET,
-    )
-    return Report(heading, [table], summary, [target])
 
 
-PART = Part(
-    name="idle_memory",
-    options=IdleMemoryOptions,
-    run_round=run_round,
-    progress=progress,
-    report=report,
-)
+PART = Part("idle_memory", IdleMemoryOptions, run_round, report)
 
 if __name__ == "__main__":
     sys.exit(run_alone(PART))

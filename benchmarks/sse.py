@@ -1,0 +1,116 @@
+"""Server-Sent Events (issue 22): connect to first event, and memory per idle event stream.
+
+The WebSocket parts' measurements over ``GET /sse/sessions/{id}``, with the same targets. Two
+servers side by side (:mod:`benchmarks._server`, fresh every round), the same app over the
+in-memory store: ``by_hand`` loads and serialises, starts its ``text/event-stream`` response and
+sends the snapshot as its first event (``event: session_update``, ``id:`` the version,
+``data:`` the JSON), written by hand; ``wrapped`` starts its response and sends nothing, and
+``SessionSyncMiddleware`` holds the start, loads, then sends both. Every first event must be
+the same bytes from both.
+
+- **first event**: :func:`benchmarks.first_frame.connections`, with an ``h11`` client timing
+  from starting to connect to the end of the first event;
+- **idle memory**: :func:`benchmarks.idle_memory.held_connections`, the server's RSS growth
+  per open, idle event stream.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from . import first_frame, idle_memory
+from ._clients import first_event, running_servers
+from ._harness import Part, Report, declared, run_alone
+from ._report import Row, Table
+from ._sessions import numbered_ids
+
+__all__ = ["PART", "SseOptions"]
+
+SIDES = {"by_hand": "by hand", "wrapped": "wrapped"}
+
+
+@dataclass(frozen=True)
+class SseOptions:
+    """Sequential connections for the first event, idle streams for the memory, per round."""
+
+    QUICK: ClassVar[dict[str, Any]] = {
+        "rounds": 1,
+        "connections": 100,
+        "block": 25,
+        "warmup": 20,
+        "idle_connections": 100,
+        "settle_seconds": 0.2,
+    }
+
+    rounds: int = 5
+    connections: int = 2000
+    block: int = 100
+    warmup: int = 200
+    idle_connections: int = 1000
+    concurrency: int = 50
+    settle_seconds: float = 1.0
+    timeout: float = 30.0
+
+
+async def run_round(number: int, options: SseOptions, env: None) -> list[Row]:
+    """Both measurements on the same two fresh servers."""
+    idle = idle_memory.IdleMemoryOptions(
+        connections=options.idle_connections,
+        warmup=options.warmup,
+        concurrency=options.concurrency,
+        settle_seconds=options.settle_seconds,
+        timeout=options.timeout,
+    )
+    async with running_servers(list(SIDES)) as servers:
+        ids = numbered_ids(200)
+        first = await first_frame.connections(
+            servers, ids, options, number, connect=first_event, transport="sse"
+        )
+        memory = await idle_memory.held_connections(servers, idle, number, "sse")
+    return [row | {"measure": "first event"} for row in first] + [
+        row | {"measure": "idle memory"} for row in memory
+    ]
+
+
+def report(rows: list[Row], options: SseOptions, env: None) -> Report:
+    """The first event and the idle memory, each with the WebSocket parts' targets."""
+    tables = [
+        Table(
+            "first_event",
+            first_frame.COLUMNS,
+            SIDES,
+            ratios=[("wrapped", "by_hand")],
+            differences=[("wrapped", "by_hand")],
+            where={"measure": "first event"},
+            title="connect -> first event",
+        ),
+        Table(
+            "idle_memory",
+            idle_memory.COLUMNS,
+            SIDES,
+            ratios=[("wrapped", "by_hand")],
+            differences=[("wrapped", "by_hand")],
+            where={"measure": "idle memory"},
+            title=f"memory per idle event stream, at {options.idle_connections}",
+        ),
+    ]
+    heading = [
+        "22 Server-Sent Events: the middleware against the same app sending the snapshot by hand",
+        f"first event: {options.connections} sequential connections per variant per round in "
+        f"blocks of {options.block} rotating, {options.warmup} warm-up each; idle memory: "
+        f"{options.idle_connections} open streams ({options.concurrency} at a time), "
+        f"{options.settle_seconds:g} s idle; h11 client; sessions of 20 interactions in memory",
+    ]
+    goals = [
+        *first_frame.goals("first_event", "22 first event", ["all"]),
+        idle_memory.goal("idle_memory", "22", "event stream"),
+    ]
+    return declared(rows, heading=heading, tables=tables, goals=goals)
+
+
+PART = Part("sse", SseOptions, run_round, report)
+
+if __name__ == "__main__":
+    sys.exit(run_alone(PART))
