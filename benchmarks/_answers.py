@@ -1,21 +1,18 @@
-"""Streamed answers for the benchmarks: the producer's two ways, its database, the tabs watching.
+"""Streamed answers: the producer's two ways, its database, the tabs watching, for the answer parts.
 
-The answer parts (the answer-length axis of :mod:`benchmarks.token_cost`, and
-:mod:`benchmarks.answer_load`) stream an LLM's answer into a session (the answer shape of
-:mod:`benchmarks._sessions`) from the load generator, as the app's worker would, to a server
-(:mod:`benchmarks._server` with ``--answer``) whose sockets watch the session. The server's
-CPU is then the API's alone: uvicorn and the fan-out, not the producer.
+The answer-length axis of :mod:`benchmarks.token_cost` and :mod:`benchmarks.answer_load` stream
+an LLM's answer into a session (the answer shape of :mod:`benchmarks._sessions`) from the load
+generator, as the app's worker would, to a ``bridge`` server whose sockets watch it: the
+server's CPU is the API's alone (uvicorn and the fan-out), not the producer's.
 
 - :class:`CheckpointStore`: a real SQLite file (WAL, ``synchronous=NORMAL``) holding each
-  answer's text, status and version, written by compare-and-set as an app's checkpoint
-  callback would (:class:`~asgi_session_sync.streaming.Checkpoint`); it counts its commits.
-- :func:`library_answer`: the library's way, :class:`~asgi_session_sync.streaming.AnswerStream`
-  (coalesced ``append`` deltas, checkpoints through the callback), tokens at a steady rate.
-- :func:`replaced_answer`: the way before it (the example app's worker until issue 18): each
-  token commits the whole text and publishes ``replace`` of it, the next token once every tab
-  has this one.
-- :class:`Tab`: one browser tab, a ``websockets`` client reading the answer's frames until the
-  last (the one that sets the status), checked after the clock stops.
+  answer's text, status and version, written by compare-and-set from a worker thread as an
+  app's checkpoint callback would; it counts its commits.
+- :func:`library_answer`: ``AnswerStream`` (coalesced ``append`` deltas, checkpoints through the
+  callback), tokens at a steady rate; :func:`replaced_answer`: the way before it, each token
+  committing the whole text and publishing ``replace`` of it once every tab has the last.
+- :class:`Tab`: one browser tab reading the answer's frames until the one that sets the status,
+  checked after the clock stops.
 """
 
 from __future__ import annotations
@@ -25,16 +22,15 @@ import sqlite3
 import tempfile
 import time
 from bisect import bisect_right
-from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.to_thread
-
 from websockets.asyncio.client import ClientConnection
 
 from asgi_session_sync.nats import NatsBridge
@@ -45,105 +41,87 @@ from ._clients import open_client
 from ._server import Broker, embedded_nats
 from ._sessions import SNAPSHOT_VERSION, status_path, text_path
 
-__all__ = [
-    "CHECKPOINT_INTERVAL",
-    "PUBLISH_INTERVAL",
-    "AnswerEnvironment",
-    "AnswerRun",
-    "CheckpointStore",
-    "PublishTimes",
-    "Tab",
-    "answer_environment",
-    "library_answer",
-    "replaced_answer",
-    "token_ends",
-]
-
 PUBLISH_INTERVAL = 0.05
 """Seconds between two deltas of an answer, at least: ``AnswerStream``'s default."""
 CHECKPOINT_INTERVAL = 0.25
 """Seconds between two checkpoints of an answer, at least: ``AnswerStream``'s default."""
-PATCH = b'{"type":"session_patch"'
-SNAPSHOT = b'{"type":"session_update"'
-
-
-# The database.
 
 
 class CheckpointStore:
-    """The answers' database: a real SQLite file, written by compare-and-set; counts commits.
-
-    One connection, in WAL mode with ``synchronous=NORMAL`` (what an app on SQLite sets), used
-    from a worker thread one statement at a time. :meth:`save` is an answer's checkpoint
-    callback; ``commits[session_id]`` counts what it committed.
-    """
+    """The answers' database: one SQLite connection in WAL mode with ``synchronous=NORMAL``
+    (what an app on SQLite sets), used from a worker thread one statement at a time.
+    :meth:`save` is an answer's checkpoint callback; ``commits[session_id]`` counts its commits."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        self._db = sqlite3.connect(path, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS answers (session_id TEXT PRIMARY KEY, "
-            "version INTEGER NOT NULL, text TEXT NOT NULL, status TEXT NOT NULL)"
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.executescript(
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; CREATE TABLE IF NOT EXISTS "
+            "answers (session_id TEXT PRIMARY KEY, version INT, text TEXT, status TEXT)"
         )
-        self._db.commit()
         self._lock = anyio.Lock()
-        self.commits: Counter[str] = Counter()
+        self.commits: dict[str, int] = {}
 
     def close(self) -> None:
         """Close the connection."""
         self._db.close()
 
+    async def _run(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        async with self._lock:
+            return await anyio.to_thread.run_sync(self._db.execute, sql, args)
+
     async def start(self, session_id: str, version: Version) -> None:
         """The answer's row as the app has it when the answer starts: empty, ``streaming``."""
-        async with self._lock:
-            await anyio.to_thread.run_sync(self._start, session_id, version)
+        sql = "INSERT OR REPLACE INTO answers VALUES (?, ?, '', ?)"
+        await self._run(sql, session_id, version, AnswerStatus.STREAMING.value)
         self.commits[session_id] = 0
-
-    def _start(self, session_id: str, version: Version) -> None:
-        with self._db:
-            self._db.execute(
-                "INSERT OR REPLACE INTO answers VALUES (?, ?, '', ?)",
-                (session_id, version, AnswerStatus.STREAMING.value),
-            )
 
     async def save(self, checkpoint: Checkpoint) -> Version:
         """Commit ``checkpoint`` if the answer is still at its base version; the version after."""
-        async with self._lock:
-            return await anyio.to_thread.run_sync(self._save, checkpoint)
-
-    def _save(self, checkpoint: Checkpoint) -> Version:
-        with self._db:  # one transaction: commits on leaving, rolls back on an exception
-            moved = self._db.execute(
-                "UPDATE answers SET version = ?, text = ?, status = ? "
-                "WHERE session_id = ? AND version = ?",
-                (
-                    checkpoint.version,
-                    checkpoint.text,
-                    checkpoint.status.value,
-                    checkpoint.session_id,
-                    checkpoint.base_version,
-                ),
-            ).rowcount
-            if moved:
-                self.commits[checkpoint.session_id] += 1
-                return checkpoint.version
-            row = self._db.execute(
-                "SELECT version FROM answers WHERE session_id = ?", (checkpoint.session_id,)
-            ).fetchone()
-            return int(row[0])
+        c = checkpoint
+        sql = "UPDATE answers SET version = ?, text = ?, status = ? WHERE session_id = ? AND version = ?"
+        if (
+            await self._run(sql, c.version, c.text, c.status.value, c.session_id, c.base_version)
+        ).rowcount:
+            self.commits[c.session_id] += 1
+            return c.version
+        return (await self.row(c.session_id))[0]
 
     async def row(self, session_id: str) -> tuple[Version, str, str]:
         """The answer's committed version, text and status."""
-        async with self._lock:
-            row = await anyio.to_thread.run_sync(
-                lambda: self._db.execute(
-                    "SELECT version, text, status FROM answers WHERE session_id = ?",
-                    (session_id,),
-                ).fetchone()
-            )
-        return int(row[0]), str(row[1]), str(row[2])
+        sql = "SELECT version, text, status FROM answers WHERE session_id = ?"
+        version, text, status = (await self._run(sql, session_id)).fetchone()
+        return int(version), str(text), str(status)
+
+
+class TimedBridge(NatsBridge):
+    """The producer's bridge, noting when each patch was published: ``times[(session_id,
+    version)]`` is ``time.perf_counter()`` as ``publish_patch`` is called."""
+
+    times: dict[tuple[str, Version], float]
+
+    async def publish_patch(self, session_id: str, patch: Any, **kwargs: Any) -> None:
+        """Note the time, then publish."""
+        self.times[(session_id, kwargs["version"])] = time.perf_counter()
+        await super().publish_patch(session_id, patch, **kwargs)
+
+
+class Arrivals:
+    """Frames the tabs have read; a producer in lock-step waits for a count."""
+
+    def __init__(self) -> None:
+        self.count, self._waiting = 0, (0, anyio.Event())
+
+    def add(self) -> None:
+        """Count one frame read."""
+        self.count += 1
+        if self.count >= self._waiting[0]:
+            self._waiting[1].set()
+
+    async def until(self, count: int) -> None:
+        """Return once ``count`` frames in all were read."""
+        if self.count < count:
+            self._waiting = (count, anyio.Event())
+            await self._waiting[1].wait()
 
 
 @dataclass(frozen=True)
@@ -152,17 +130,7 @@ class AnswerEnvironment:
 
     broker: Broker
     store: CheckpointStore
-    bridge: NatsBridge
-
-    @property
-    def url(self) -> str:
-        """The broker's URL (a secret: hand it to servers through their environment)."""
-        return self.broker.url
-
-    @property
-    def pid(self) -> int:
-        """The broker's pid."""
-        return self.broker.pid
+    bridge: TimedBridge
 
 
 @asynccontextmanager
@@ -171,64 +139,23 @@ async def answer_environment(options: Any = None) -> AsyncIterator[AnswerEnviron
     with tempfile.TemporaryDirectory(prefix="answers-") as folder:
         store = CheckpointStore(Path(folder) / "answers.sqlite3")
         try:
-            async with embedded_nats(options) as broker, NatsBridge(broker.url) as bridge:
+            async with embedded_nats() as broker, TimedBridge(broker.url) as bridge:
+                bridge.times = {}
                 yield AnswerEnvironment(broker, store, bridge)
         finally:
             store.close()
 
 
-# The producer.
-
-
-class PublishTimes:
-    """The producer's bridge for ``AnswerStream``, noting when each delta was published.
-
-    ``times[(session_id, version)]`` is ``time.perf_counter()`` as ``publish_patch`` is called.
-    """
-
-    def __init__(self, bridge: NatsBridge) -> None:
-        self.bridge = bridge
-        self.times: dict[tuple[str, Version], float] = {}
-
-    async def publish_patch(
-        self,
-        session_id: str,
-        patch: Sequence[Mapping[str, Any]],
-        *,
-        base_version: Version,
-        version: Version,
-        owner: str | None = None,
-    ) -> None:
-        """Note the time, then publish through the bridge."""
-        self.times[(session_id, version)] = time.perf_counter()
-        await self.bridge.publish_patch(
-            session_id, patch, base_version=base_version, version=version, owner=owner
-        )
-
-    def serve_answer(
-        self,
-        session_id: str,
-        text_path: str,
-        *,
-        catch_up: Callable[[Version], bytes | None],
-        stop: Callable[[], bool],
-    ) -> AbstractAsyncContextManager[None]:
-        """The bridge's own."""
-        return self.bridge.serve_answer(session_id, text_path, catch_up=catch_up, stop=stop)
-
-
 @dataclass(frozen=True)
 class AnswerRun:
-    """What the producer of one answer saw: its seconds, its publishes, its final version."""
+    """What the producer of one answer saw: its seconds and its final version."""
 
     seconds: float
-    publishes: int
     version: Version
 
 
 async def library_answer(
-    transport: PublishTimes,
-    store: CheckpointStore,
+    env: AnswerEnvironment,
     session_id: str,
     *,
     owner: str | None,
@@ -236,33 +163,29 @@ async def library_answer(
     tokens: Sequence[str],
     rate: float,
 ) -> AnswerRun:
-    """Stream ``tokens`` at ``rate`` per second through ``AnswerStream``, as its docs show.
-
-    Coalesced ``append`` deltas at most every :data:`PUBLISH_INTERVAL`, a checkpoint into
-    ``store`` at most every :data:`CHECKPOINT_INTERVAL` and one at the end, status ``complete``.
-    """
-    await store.start(session_id, SNAPSHOT_VERSION)
+    """Stream ``tokens`` at ``rate`` per second through ``AnswerStream`` as its docs show: deltas
+    at most every 50 ms, a checkpoint at most every 250 ms and one at the end."""
+    await env.store.start(session_id, SNAPSHOT_VERSION)
     started = time.perf_counter()
     async with AnswerStream(
-        transport,
+        env.bridge,
         session_id,
         text_path=text_path(interactions),
+        owner=owner,
         status_path=status_path(interactions),
         version=SNAPSHOT_VERSION,
-        checkpoint=store.save,
-        owner=owner,
+        checkpoint=env.store.save,
         publish_interval=PUBLISH_INTERVAL,
         checkpoint_interval=CHECKPOINT_INTERVAL,
     ) as answer:
         for k, token in enumerate(tokens):
-            await _sleep_until(started + k / rate)
+            await anyio.sleep(max(0, started + k / rate - time.perf_counter()))
             answer.append(token)
-    return AnswerRun(time.perf_counter() - started, answer.publishes, answer.version)
+    return AnswerRun(time.perf_counter() - started, answer.version)
 
 
 async def replaced_answer(
-    bridge: NatsBridge,
-    store: CheckpointStore,
+    env: AnswerEnvironment,
     session_id: str,
     *,
     owner: str | None,
@@ -271,42 +194,27 @@ async def replaced_answer(
     rate: float,
     delivered: Callable[[int], Awaitable[None]],
 ) -> AnswerRun:
-    """Stream ``tokens`` the way before ``AnswerStream``: commit, then ``replace`` the whole text.
-
-    Each token commits the text so far (with the version bump) and publishes a patch that
-    replaces it; the last one also sets the status. The next token comes at ``rate`` per
-    second, or once ``delivered(k)`` says every tab has the ``k``-th patch, whichever is later,
-    so nothing queues however long the text grows.
-    """
-    await store.start(session_id, SNAPSHOT_VERSION)
-    started = time.perf_counter()
-    version, text = SNAPSHOT_VERSION, ""
+    """Stream ``tokens`` the way before ``AnswerStream``: each commits the text so far and
+    publishes a patch replacing it (the last also sets the status), at ``rate`` per second or
+    once ``delivered(k)`` says every tab has the ``k``-th patch, whichever is later."""
+    await env.store.start(session_id, SNAPSHOT_VERSION)
+    started, version, text = time.perf_counter(), SNAPSHOT_VERSION, ""
     for k, token in enumerate(tokens, 1):
-        await _sleep_until(started + (k - 1) / rate)
+        await anyio.sleep(max(0, started + (k - 1) / rate - time.perf_counter()))
         text += token
-        last = k == len(tokens)
-        status = AnswerStatus.COMPLETE if last else AnswerStatus.STREAMING
-        await store.save(Checkpoint(session_id, text, status, version + 1, version))
+        status = AnswerStatus.COMPLETE if k == len(tokens) else AnswerStatus.STREAMING
+        await env.store.save(Checkpoint(session_id, text, status, version + 1, version))
         patch = [{"op": "replace", "path": text_path(interactions), "value": text}]
-        if last:
+        if k == len(tokens):
             patch.append(
                 {"op": "replace", "path": status_path(interactions), "value": status.value}
             )
-        await bridge.publish_patch(
+        await env.bridge.publish_patch(
             session_id, patch, base_version=version, version=version + 1, owner=owner
         )
         version += 1
         await delivered(k)
-    return AnswerRun(time.perf_counter() - started, len(tokens), version)
-
-
-async def _sleep_until(moment: float) -> None:
-    delay = moment - time.perf_counter()
-    if delay > 0:
-        await anyio.sleep(delay)
-
-
-# The tabs.
+    return AnswerRun(time.perf_counter() - started, version)
 
 
 @dataclass
@@ -314,8 +222,8 @@ class Tab:
     """One browser tab watching an answer: a ``websockets`` client and what it received.
 
     ``frames`` and ``times`` hold every frame after the snapshot with the time it was read, or
-    only the last one (``keep_all=False``: a stream of whole texts would not fit in memory);
-    ``count`` and ``bytes`` count them all.
+    only the last one (``keep_all=False``: whole texts would not fit in memory); ``count``
+    and ``bytes`` count them all.
     """
 
     ws: ClientConnection
@@ -330,50 +238,39 @@ class Tab:
 
     @classmethod
     async def open(cls, url: str, session_id: str) -> Tab:
-        """Connect to the session (``url``) and read its snapshot.
-
-        Raises:
-            RuntimeError: The first frame is not the session's snapshot.
-        """
+        """Connect to the session at ``url`` and read its snapshot (else ``ConnectionError``)."""
         ws = await open_client(url, bound=30)
         snapshot = await ws.recv(decode=False)
-        if not snapshot.startswith(SNAPSHOT):
+        if not snapshot.startswith(b'{"type":"session_update"'):
             await ws.close()
-            raise RuntimeError(f"the first frame is not a snapshot: {snapshot[:60]!r}")
+            raise ConnectionError(f"the first frame is not a snapshot: {snapshot[:60]!r}")
         return cls(ws, session_id, snapshot)
 
     async def read(
-        self, interactions: int, *, keep_all: bool, arrived: Callable[[], None] | None = None
+        self, interactions: int, *, keep_all: bool, arrived: Arrivals | None = None
     ) -> None:
-        """Read frames until the one that sets the answer's status (the last of an answer).
-
-        ``arrived`` is called after each frame.
-        """
+        """Read frames until the one that sets the answer's status (its last)."""
         marker = f'"path":"{status_path(interactions)}"'.encode()
         self.kept_all = keep_all
         while True:
             frame = await self.ws.recv(decode=False)
             now = time.perf_counter()
-            self.count += 1
-            self.bytes += len(frame)
-            if not frame.startswith(PATCH):
-                self.not_patches += 1
+            self.count, self.bytes = self.count + 1, self.bytes + len(frame)
+            self.not_patches += not frame.startswith(b'{"type":"session_patch"')
             if not keep_all:
                 self.frames.clear()
                 self.times.clear()
             self.frames.append(frame)
             self.times.append(now)
             if arrived is not None:
-                arrived()
+                arrived.add()
             if marker in frame:
                 return
 
     def problem(self, expected: Any, version: Version) -> str | None:
-        """Why the frames read do not make the expected session at ``version`` (``None``: they do).
-
-        Every frame must be a patch; those kept must chain from the snapshot (or, when only the
-        last is kept, be the one that ends at ``version``) and apply (``append`` included).
-        """
+        """Why the frames do not make the expected session at ``version`` (``None``: they do):
+        all must be patches; those kept must chain from the snapshot (or, when only the last
+        is kept, end at ``version``) and apply."""
         if self.not_patches:
             return f"{self.not_patches} frame(s) that are not patches (a resync?)"
         head = json.loads(self.snapshot)
@@ -394,20 +291,16 @@ class Tab:
     def latencies(
         self, published: Mapping[tuple[str, Version], float], ends: Sequence[int]
     ) -> list[float]:
-        """Seconds from publish to this tab, once per token a frame carried.
-
-        ``ends[k]`` is where token ``k`` ends in the text (UTF-16 units); a frame carries the
-        tokens that end within its ``append``.
-        """
+        """Seconds from publish to this tab, once per token a frame carried: the tokens that
+        end (``ends[k]``, UTF-16 units) within its ``append``."""
         seconds: list[float] = []
         for frame, read in zip(self.frames, self.times, strict=True):
             patch = json.loads(frame)
             sent = published[(self.session_id, patch["version"])]
-            for operation in patch["patch"]:
-                if operation["op"] == "append":
-                    start, end = operation["offset"], operation["offset"] + len(operation["value"])
-                    carried = bisect_right(ends, end) - bisect_right(ends, start)
-                    seconds.extend([read - sent] * carried)
+            for op in patch["patch"]:
+                if op["op"] == "append":
+                    start, end = op["offset"], op["offset"] + len(op["value"])
+                    seconds += [read - sent] * (bisect_right(ends, end) - bisect_right(ends, start))
         return seconds
 
     async def close(self) -> None:
@@ -417,8 +310,4 @@ class Tab:
 
 def token_ends(tokens: Sequence[str]) -> list[int]:
     """Where each token ends in the answer's text (ASCII tokens: UTF-16 units are characters)."""
-    ends, at = [], 0
-    for token in tokens:
-        at += len(token)
-        ends.append(at)
-    return ends
+    return list(accumulate(map(len, tokens)))

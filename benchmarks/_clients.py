@@ -1,17 +1,13 @@
-"""The load generator's side of every part: servers side by side, and the clients that use them.
+"""The load generator's side: servers side by side, and the clients that measure them.
 
-- :func:`running_servers` starts servers of :mod:`benchmarks._server` concurrently, each in its
-  own process, each with a :class:`Control` socket (its CPU time, its counters, streams).
-- :func:`open_client` is the ``websockets`` asyncio client as every part opens it, and
-  :func:`first_frame` connects with it, receives the first frame and closes.
-- :func:`first_event` is the same for an event stream, over ``h11`` (the HTTP/1.1 library
-  uvicorn serves with): 0.34 ms of client CPU per connection here, where httpx took 1.4 ms and
-  would have hidden the server's share.
-- :class:`LightClient` is ``websockets``' own sans-I/O protocol on an asyncio transport, with no
-  task per connection, for where the client must cost less than the server: a burst read as
-  bytes and parsed after the clock stops (the asyncio client takes 4.2 us of CPU per frame, the
-  server 2.5 us to send it), and :func:`storm`, thousands of clients at once in several worker
-  processes (``python -m benchmarks._clients`` is a worker).
+:func:`running_servers` starts servers of :mod:`benchmarks._server`, each with a
+:class:`Control` socket. :func:`first_frame` uses the ``websockets`` asyncio client;
+:func:`open_event_stream` and :func:`first_event` use ``h11`` (0.34 ms of client CPU per
+connection here, httpx 1.4 ms, which would hide the server's share). :class:`LightClient` is
+``websockets``' sans-I/O protocol on an asyncio transport, with no task of its own, where the
+client must cost less than the server: bursts read as bytes and parsed after the clock (the
+asyncio client takes 4.2 us of CPU per frame, the server 2.5 us to send it), and :func:`storm`'s
+thousands of clients in worker processes (``python -m benchmarks._clients`` is one).
 """
 
 from __future__ import annotations
@@ -40,32 +36,9 @@ from websockets.frames import Frame, Opcode
 from websockets.uri import parse_uri
 
 from ._report import REPOSITORY
+from ._server import CONTROL_PATH, PREFIX, SSE_PREFIX, ServerProcess, cpu_seconds
+from ._server import raise_open_files_limit, running_server, server_args
 from ._sessions import SNAPSHOT_VERSION
-from ._server import (
-    CONTROL_PATH,
-    PREFIX,
-    SSE_PREFIX,
-    ServerProcess,
-    cpu_seconds,
-    raise_open_files_limit,
-    running_server,
-    server_args,
-)
-
-__all__ = [
-    "Control",
-    "FirstFrame",
-    "LightClient",
-    "Server",
-    "first_event",
-    "first_frame",
-    "open_client",
-    "open_event_stream",
-    "rotate",
-    "running_servers",
-    "server_pair",
-    "storm",
-]
 
 
 def rotate(variants: Sequence[Any], turn: int) -> list[Any]:
@@ -75,39 +48,27 @@ def rotate(variants: Sequence[Any], turn: int) -> list[Any]:
 
 
 async def open_client(url: str, *, bound: float) -> ClientConnection:
-    """A ``websockets`` client as every part opens it: no compression (neither side pays for
-    deflate, which would hide the middleware's share), no pings, no proxy, no size limit; the
-    handshake and the close bounded by ``bound`` seconds."""
-    return await connect(
-        url,
-        compression=None,
-        ping_interval=None,
-        proxy=None,
-        open_timeout=bound,
-        close_timeout=bound,
-        max_size=None,
-    )
+    """A ``websockets`` client as every part opens it: no compression (deflate would hide the
+    middleware's share), no pings, no proxy, no size limit, bounded by ``bound`` seconds."""
+    options = {"compression": None, "ping_interval": None, "proxy": None, "max_size": None}
+    return await connect(url, open_timeout=bound, close_timeout=bound, **options)
 
 
+@dataclass
 class Control:
-    """The server's control socket (see :mod:`benchmarks._server`): one answer per request."""
+    """A server's control socket (see :mod:`benchmarks._server`): one answer per request."""
 
-    def __init__(self, ws: ClientConnection) -> None:
-        self.ws = ws
-
-    async def ask(self, request: str) -> str:
-        """Send ``request``; return the answer."""
-        await self.ws.send(request)
-        return str(await self.ws.recv(decode=True))
+    ws: ClientConnection
 
     async def cpu(self) -> float:
-        """The server process's CPU seconds now (all threads, nanosecond resolution)."""
-        return float(await self.ask("cpu"))
+        """The server process's CPU seconds now."""
+        await self.ws.send("cpu")
+        return float(await self.ws.recv(decode=True))
 
     async def stats(self) -> dict[str, Any]:
-        """The middleware's counters, the loader's own call count, the CPU seconds."""
-        answer: dict[str, Any] = json.loads(await self.ask("stats"))
-        return answer
+        """The loader's call count, the CPU seconds, the middleware's counters."""
+        await self.ws.send("stats")
+        return dict(json.loads(await self.ws.recv(decode=True)))
 
 
 @dataclass
@@ -119,10 +80,9 @@ class Server:
     control: Control
 
     def url(self, session_id: str, transport: str = "websocket") -> str:
-        """The URL of ``session_id`` on this server: a WebSocket's, or an event stream's."""
-        if transport == "sse":
-            return f"http://127.0.0.1:{self.process.port}{SSE_PREFIX}{session_id}"
-        return f"{self.process.ws_url}{PREFIX}{session_id}"
+        """The URL of ``session_id`` on this server, as a WebSocket or an event stream."""
+        scheme, prefix = ("http", SSE_PREFIX) if transport == "sse" else ("ws", PREFIX)
+        return f"{scheme}://127.0.0.1:{self.process.port}{prefix}{session_id}"
 
 
 @asynccontextmanager
@@ -131,13 +91,9 @@ async def running_servers(
     *options: str,
     env: Mapping[str, str] | None = None,
 ) -> AsyncIterator[dict[str, Server]]:
-    """Start fresh servers concurrently, one per variant; always stop them all.
-
-    ``variants`` names each server's variant, or maps a name to the arguments of its server;
-    ``options`` are added to every server's arguments, ``env`` to its environment.
-    """
-    if not isinstance(variants, Mapping):
-        variants = {v: server_args(v) for v in variants}
+    """Start fresh servers at once, one per variant (or name: its server's arguments), with
+    ``options`` added to each one's arguments and ``env`` to its environment; always stop them."""
+    named = variants if isinstance(variants, Mapping) else {v: server_args(v) for v in variants}
     async with AsyncExitStack() as stack:
         processes: dict[str, ServerProcess] = {}
 
@@ -146,17 +102,14 @@ async def running_servers(
             processes[name] = await stack.enter_async_context(server)
 
         async with anyio.create_task_group() as tg:
-            for name, args in variants.items():
+            for name, args in named.items():
                 tg.start_soon(start, name, args)
         servers = {}
-        for name in variants:
-            ws = await open_client(f"{processes[name].ws_url}{CONTROL_PATH}", bound=10)
+        for name, process in processes.items():
+            ws = await open_client(f"ws://127.0.0.1:{process.port}{CONTROL_PATH}", bound=10)
             stack.push_async_callback(ws.close)
-            servers[name] = Server(name, processes[name], Control(ws))
-        yield servers
-
-
-server_pair = running_servers  # the name benchmarks.snapshot_cost knows
+            servers[name] = Server(name, process, Control(ws))
+        yield {name: servers[name] for name in named}
 
 
 @dataclass
@@ -186,13 +139,8 @@ async def first_frame(url: str, *, bound: float) -> FirstFrame:
 
 
 async def first_event(url: str, *, bound: float) -> FirstFrame:
-    """Open an event stream, read its first event, leave; time from starting to connect to
-    the end of that event (its blank line). ``opened`` is when the response's head arrived.
-
-    Raises:
-        TimeoutError: After ``bound`` seconds.
-        ConnectionError: The response is not a 200 (its status is in the message).
-    """
+    """:func:`open_event_stream`, then leave: time from starting to connect to the end of
+    the first event. Raises ``TimeoutError`` after ``bound`` seconds."""
     with anyio.fail_after(bound):
         first, stream = await open_event_stream(url)
         await stream.aclose()
@@ -200,8 +148,12 @@ async def first_event(url: str, *, bound: float) -> FirstFrame:
 
 
 async def open_event_stream(url: str) -> tuple[FirstFrame, anyio.abc.ByteStream]:
-    """Open an event stream and read its first event (see :func:`first_event`); the stream
-    stays open for the caller to close."""
+    """Open an event stream and read its first event (to its blank line); ``opened`` is when
+    the response's head arrived. The stream stays open for the caller to close.
+
+    Raises:
+        ConnectionError: The response is not a 200, or ends before its first event.
+    """
     where = urllib.parse.urlsplit(url)
     started = time.perf_counter()
     stream = await anyio.connect_tcp(where.hostname or "", where.port or 80)
@@ -214,50 +166,41 @@ async def open_event_stream(url: str) -> tuple[FirstFrame, anyio.abc.ByteStream]
             event = http.next_event()
             if event is h11.NEED_DATA:
                 http.receive_data(await stream.receive())
-            elif isinstance(event, h11.Response):
-                if event.status_code != 200:
-                    raise ConnectionError(f"status {event.status_code}")
+            elif isinstance(event, h11.Response) and event.status_code == 200:
                 opened = time.perf_counter()
             elif isinstance(event, h11.Data):
                 body += event.data
             else:
-                raise ConnectionError(f"the stream ended before its first event: {event!r}")
+                raise ConnectionError(f"not an event stream's start: {event!r}")
     except BaseException:
         await stream.aclose()
         raise
-    first = FirstFrame(opened - started, time.perf_counter() - started, body.decode())
-    return first, stream
+    return FirstFrame(opened - started, time.perf_counter() - started, body.decode()), stream
 
 
 class LightClient(asyncio.Protocol):
     """``websockets``' sans-I/O ``ClientProtocol`` on an asyncio transport, and nothing else.
 
-    Bytes are kept as they arrive and handed to the protocol only when a caller asks for an
-    event (:meth:`next_text`), or taken whole (:meth:`receive_bytes`) and parsed by the caller
-    after its clock stopped. Servers here send no pings (``ws_ping_interval=None``).
+    Bytes are kept as they arrive and parsed only when a caller asks for an event
+    (:meth:`next_text`), or taken whole (:meth:`receive_bytes`) and parsed by the caller after
+    its clock stopped (:meth:`parse`). The servers here send no pings.
     """
 
     def __init__(self, url: str) -> None:
         self.protocol = ClientProtocol(parse_uri(url), max_size=None)
         self.received = bytearray()
         self.transport: asyncio.Transport | None = None
+        self.connected_at = 0.0  # when the TCP connection was up: the kernel accepted it
         self._events: deque[Any] = deque()
-        self._want = 0
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiter: tuple[int, asyncio.Future[None]] | None = None
         self._lost: BaseException | None = None
-        self.connected_at = 0.0  # when the TCP connection was up (the kernel accepted it)
 
     @classmethod
     async def connect(cls, url: str) -> LightClient:
-        """Connect and complete the handshake (no extensions, no subprotocol).
-
-        Raises:
-            websockets.exceptions.InvalidHandshake: The server refused the handshake.
-        """
+        """Connect and complete the handshake; raise the protocol's error if it failed."""
         where = urllib.parse.urlsplit(url)
-        _, client = await asyncio.get_running_loop().create_connection(
-            lambda: cls(url), where.hostname, where.port
-        )
+        loop = asyncio.get_running_loop()
+        _, client = await loop.create_connection(lambda: cls(url), where.hostname, where.port)
         await client.next_event()  # the response
         if client.protocol.handshake_exc is not None:
             raise client.protocol.handshake_exc
@@ -271,32 +214,29 @@ class LightClient(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.received += data
-        if self._waiter is not None and len(self.received) >= self._want:
-            self._waiter.set_result(None)
+        if self._waiter is not None and len(self.received) >= self._waiter[0]:
+            self._waiter[1].set_result(None)
             self._waiter = None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = exc or ConnectionError("connection closed by the server")
         if self._waiter is not None:
-            self._waiter.set_exception(self._lost)
+            self._waiter[1].set_exception(self._lost)
             self._waiter = None
 
-    async def _until(self, size: int) -> None:
+    async def receive_bytes(self, size: int) -> bytes:
+        """The next ``size`` bytes the server sends, unparsed."""
         while len(self.received) < size:
             if self._lost is not None:
                 raise self._lost
-            self._want, self._waiter = size, asyncio.get_running_loop().create_future()
-            await self._waiter
-
-    async def receive_bytes(self, size: int) -> bytes:
-        """The next ``size`` bytes the server sends, unparsed: parse them with :meth:`parse`."""
-        await self._until(size)
+            self._waiter = (size, asyncio.get_running_loop().create_future())
+            await self._waiter[1]
         data = bytes(self.received[:size])
         del self.received[:size]
         return data
 
     def parse(self, data: bytes) -> list[Any]:
-        """Every event ``data`` (a response, frames) holds, parsed by the protocol."""
+        """Every event ``data`` holds (a response, frames), parsed by the protocol."""
         self.protocol.receive_data(data)
         self._write()
         return self.protocol.events_received()
@@ -304,23 +244,16 @@ class LightClient(asyncio.Protocol):
     async def next_event(self) -> Any:
         """The next event: the handshake's response, then frames."""
         while not self._events:
-            if not self.received:
-                await self._until(1)
-            data = bytes(self.received)
-            self.received.clear()
+            data = await self.receive_bytes(max(1, len(self.received)))
             self._events.extend(self.parse(data))
         return self._events.popleft()
 
     async def next_text(self) -> bytes:
-        """The next frame's payload, which must be text.
-
-        Raises:
-            ConnectionError: The next frame is not a text frame.
-        """
+        """The next frame's payload, which must be text (else ``ConnectionError``)."""
         frame = await self.next_event()
         if not isinstance(frame, Frame) or frame.opcode is not Opcode.TEXT:
             raise ConnectionError(f"expected a text frame, got {frame!r}")
-        return frame.data
+        return bytes(frame.data)
 
     def send_text(self, text: str) -> None:
         """Send one text frame."""
@@ -329,9 +262,7 @@ class LightClient(asyncio.Protocol):
 
     def _write(self) -> None:
         assert self.transport is not None
-        for data in self.protocol.data_to_send():
-            if data:
-                self.transport.write(data)
+        self.transport.writelines(self.protocol.data_to_send())
 
     def close(self) -> None:
         """Send a close frame (1000) and drop the connection."""
@@ -342,19 +273,17 @@ class LightClient(asyncio.Protocol):
 
 
 def encoded_frames(texts: Sequence[str]) -> bytes:
-    """The bytes a server sends for these text frames (unmasked), encoded by ``websockets``."""
+    """The bytes a server sends for these text frames, encoded by ``websockets``."""
     return b"".join(
-        Frame(Opcode.TEXT, text.encode()).serialize(mask=False, extensions=[]) for text in texts
+        Frame(Opcode.TEXT, t.encode()).serialize(mask=False, extensions=[]) for t in texts
     )
 
 
 @dataclass
 class Storm:
-    """Every client's ``[TCP connected s, handshake s, total s, finished at, error or None]``
-    (seconds from its start), the moment they were
-    released (``time.perf_counter``, one clock across processes on Linux), and CPU seconds
-    from the release until every client had its snapshot or failed: the workers', the
-    server's, and the whole machine's."""
+    """Each client's ``[TCP connected, handshake done, snapshot]`` (seconds from its start, or
+    ``None``), finish time and error; the release (``time.perf_counter``, one clock across
+    processes on Linux); CPU seconds from the release to all current: workers, server, machine."""
 
     clients: list[list[Any]]
     released_at: float
@@ -363,28 +292,20 @@ class Storm:
     machine_cpu: float
 
 
-async def storm(
-    url: str, session_ids: Sequence[str], *, server_pid: int, workers: int, bound: float
-) -> Storm:
-    """Connect a client to each of ``session_ids`` (``url`` + id) at once, spread over
-    ``workers`` processes, each client checking its first frame is its session's current
-    snapshot; every connection stays open until every client has its snapshot or failed."""
+async def storm(url: str, ids: Sequence[str], *, server: int, workers: int, bound: float) -> Storm:
+    """Connect a client to each of ``ids`` (``url`` + id) at once, spread over ``workers``
+    processes, each checking that its first frame is its session's current snapshot; every
+    connection stays open until every client has its snapshot or failed. ``server``: its pid."""
     async with AsyncExitStack() as stack:
         pipes = []
         for index in range(workers):
-            process = await stack.enter_async_context(
-                await anyio.open_process(
-                    [sys.executable, "-m", "benchmarks._clients"],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    stderr=None,
-                    cwd=REPOSITORY,
-                )
-            )
-            assert process.stdin is not None and process.stdout is not None
-            pipes.append((process.stdin, BufferedByteReceiveStream(process.stdout)))
-            config = {"url": url, "ids": list(session_ids[index::workers]), "bound": bound}
-            await process.stdin.send(json.dumps(config).encode() + b"\n")
+            command, pipe = [sys.executable, "-m", "benchmarks._clients"], subprocess.PIPE
+            worker = await anyio.open_process(command, stdin=pipe, stdout=pipe, cwd=REPOSITORY)
+            stack.push_async_callback(worker.aclose)
+            assert worker.stdin is not None and worker.stdout is not None
+            pipes.append((worker.stdin, BufferedByteReceiveStream(worker.stdout)))
+            config = {"url": url, "ids": list(ids[index::workers]), "bound": bound}
+            await worker.stdin.send(json.dumps(config).encode() + b"\n")
 
         async def each(say: bytes) -> list[bytes]:
             for stdin, _ in pipes if say else ():
@@ -394,16 +315,14 @@ async def storm(
 
         if await each(b"") != [b"ready"] * workers:
             raise RuntimeError("a storm worker did not start")
-        server_cpu, machine_cpu = cpu_seconds(server_pid), machine_cpu_seconds()
+        cpu = cpu_seconds(server), machine_cpu_seconds()
         released_at = time.perf_counter()
         if await each(b"go\n") != [b"current"] * workers:
             raise RuntimeError("a storm worker did not finish")
-        server_cpu = cpu_seconds(server_pid) - server_cpu
-        machine_cpu = machine_cpu_seconds() - machine_cpu
+        cpu = cpu_seconds(server) - cpu[0], machine_cpu_seconds() - cpu[1]
         results = [json.loads(line) for line in await each(b"close\n")]
     clients = [client for result in results for client in result["clients"]]
-    client_cpu = sum(result["cpu"] for result in results)
-    return Storm(clients, released_at, client_cpu, server_cpu, machine_cpu)
+    return Storm(clients, released_at, sum(r["cpu"] for r in results), *cpu)
 
 
 def machine_cpu_seconds() -> float:
@@ -414,34 +333,30 @@ def machine_cpu_seconds() -> float:
 
 
 async def storm_worker() -> None:
-    """A storm's worker process: read its clients, say ``ready``, connect them all on ``go``,
-    say ``current`` once each has its snapshot or failed, close them on ``close``, and write
-    the results as one JSON line."""
+    """A storm's worker: read its clients, say ``ready``; connect them all on ``go``; say
+    ``current`` once each has its snapshot or failed; on ``close``, close them, check the
+    snapshots and write the results as one JSON line."""
     raise_open_files_limit()
     config = json.loads(await anyio.to_thread.run_sync(sys.stdin.readline))
     release, answered = anyio.Event(), anyio.Event()
-    clients: list[list[Any]] = []
-    frames: list[tuple[bytes | None, str]] = []
+    results: list[list[Any]] = []
     opened: list[LightClient] = []
 
     async def client(session_id: str) -> None:
         await release.wait()
         started = time.perf_counter()
-        result: list[Any] = [None, None, None, 0.0, None]
-        frame = None
+        result: list[Any] = [None, None, None, 0.0, None, b"", session_id]
         try:
             with anyio.fail_after(config["bound"]):
-                ws = await LightClient.connect(config["url"] + session_id)
-                opened.append(ws)
+                opened.append(ws := await LightClient.connect(config["url"] + session_id))
                 result[:2] = ws.connected_at - started, time.perf_counter() - started
-                frame = await ws.next_text()
-            result[2] = time.perf_counter() - started
+                result[5] = await ws.next_text()
+                result[2] = time.perf_counter() - started
         except Exception as exc:
             result[4] = type(exc).__name__
         result[3] = time.perf_counter()
-        clients.append(result)
-        frames.append((frame, session_id))
-        if len(clients) == len(config["ids"]):
+        results.append(result)
+        if len(results) == len(config["ids"]):
             answered.set()
 
     async with anyio.create_task_group() as tg:
@@ -457,22 +372,20 @@ async def storm_worker() -> None:
     await anyio.to_thread.run_sync(sys.stdin.readline)  # close
     for ws in opened:
         ws.close()
-    for result, (frame, session_id) in zip(clients, frames, strict=True):
-        if result[4] is None:
-            result[4] = problem(frame, session_id)
-    print(json.dumps({"clients": clients, "cpu": cpu}), flush=True)
+    for result in results:
+        session_id, frame = result.pop(), result.pop()
+        result[4] = result[4] or problem(frame, session_id)
+    print(json.dumps({"clients": results, "cpu": cpu}), flush=True)
 
 
-def problem(frame: bytes | None, session_id: str) -> str | None:
+def problem(frame: bytes, session_id: str) -> str | None:
     """Why ``frame`` is not the current snapshot of ``session_id``, or ``None`` when it is."""
     try:
-        event = json.loads(frame or b"")
+        event = json.loads(frame)
     except ValueError:
         return "first frame is not JSON"
     if event.get("type") != "session_update" or event.get("session_id") != session_id:
         return "first frame is not the session's snapshot"
-    if not event.get("session", {}).get("interactions"):
-        return "snapshot without interactions"
     return None if event.get("version") == SNAPSHOT_VERSION else "snapshot not current"
 
 

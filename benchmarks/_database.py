@@ -16,30 +16,18 @@ import os
 import secrets
 import tempfile
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import anyio
 from sqlalchemy import DateTime, ForeignKey, Index, String, Text, bindparam, insert, select
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from asgi_session_sync import SessionContext, Snapshot
-from asgi_session_sync.loaders.sqlalchemy import SQLAlchemyLoader, sqlalchemy_loader
 
-from ._sessions import FILLER, session_id_for
-
-__all__ = [
-    "ChatSession",
-    "HandLoader",
-    "Interaction",
-    "database",
-    "library_loader",
-    "open_engine",
-    "postgres_url",
-    "sqlite_file",
-]
+from ._sessions import FILLER, SNAPSHOT_VERSION, session_id_for
 
 DEFAULT_POSTGRES_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 OWNER = "alice"
@@ -94,12 +82,9 @@ def open_engine(
 
 @asynccontextmanager
 async def database(url: str, sizes: Mapping[int, int]) -> AsyncIterator[str | None]:
-    """Create the tables (in a new schema on PostgreSQL), seed them, drop them afterwards.
-
-    ``sizes`` maps a number of interactions to how many sessions of that size to seed (ids from
-    :func:`session_id_for`). Yields the schema name (``None`` on SQLite, whose file the caller
-    owns). On PostgreSQL only the schema created here is ever dropped.
-    """
+    """Create the tables (in a new schema on PostgreSQL), seed ``sizes`` (interactions: how
+    many sessions of that size, ids from :func:`session_id_for`), drop them afterwards. Yields
+    the schema (``None`` on SQLite); on PostgreSQL only the schema made here is ever dropped."""
     postgres = url.startswith("postgresql")
     schema = f"asgi_session_sync_bench_{secrets.token_hex(6)}" if postgres else None
     engine = open_engine(url, schema=schema)
@@ -131,73 +116,41 @@ async def sqlite_file(sizes: Mapping[int, int]) -> AsyncIterator[str]:
 
 async def seed(conn: Any, sizes: Mapping[int, int]) -> None:
     """Insert ``count`` sessions of ``size`` interactions for each ``size: count``."""
-    started = datetime(2025, 1, 1, tzinfo=timezone.utc)
+    start = datetime(2025, 1, 1, tzinfo=timezone.utc)
     ids = [(size, session_id_for(size, n)) for size, count in sizes.items() for n in range(count)]
-    await conn.execute(
-        insert(ChatSession),
-        [{"id": sid, "owner_id": OWNER, "title": f"Session {sid}", "version": 7} for _, sid in ids],
-    )
+    rows = [{"id": sid, "owner_id": OWNER, "title": f"Session {sid}"} for _, sid in ids]
+    await conn.execute(insert(ChatSession), [row | {"version": SNAPSHOT_VERSION} for row in rows])
     await conn.execute(
         insert(Interaction),
         [
             {
                 "session_id": sid,
-                "position": position,
-                "role": "user" if position % 2 == 0 else "assistant",
-                "content": f"#{position}: {FILLER}",
-                "created_at": started + timedelta(seconds=position),
+                "position": n,
+                "role": "user" if n % 2 == 0 else "assistant",
+                "content": f"#{n}: {FILLER}",
+                "created_at": start + timedelta(seconds=n),
             }
             for size, sid in ids
-            for position in range(size)
+            for n in range(size)
         ],
     )
 
 
-def library_loader(engine: AsyncEngine) -> SQLAlchemyLoader:
-    """The library's loader over the chat tables, with no owner check (there is no user)."""
-    return sqlalchemy_loader(
-        async_sessionmaker(engine),
-        ChatSession,
-        interactions=ChatSession.interactions,
-        owner=ChatSession.owner_id,
-        version=ChatSession.version,
-        check_owner=False,
-    )
-
-
-_sessions = ChatSession.__table__.c
 _interactions = Interaction.__table__.c
-# The library's statement in Core: the session row outer-joined with its interactions, in order.
+INTERACTION = ("id", "session_id", "position", "role", "content", "created_at")
+# The session row outer-joined with its interactions, in order, as the library's loader reads it.
 HAND_STATEMENT = (
-    select(
-        _sessions.id,
-        _sessions.owner_id,
-        _sessions.title,
-        _sessions.version,
-        _interactions.id,
-        _interactions.session_id,
-        _interactions.position,
-        _interactions.role,
-        _interactions.content,
-        _interactions.created_at,
-    )
-    .select_from(
-        ChatSession.__table__.outerjoin(
-            Interaction.__table__, _interactions.session_id == _sessions.id
-        )
-    )
-    .where(_sessions.id == bindparam("session_id"))
+    select(ChatSession.__table__, *(_interactions[name] for name in INTERACTION))
+    .outerjoin_from(ChatSession.__table__, Interaction.__table__)
+    .where(ChatSession.__table__.c.id == bindparam("session_id"))
     .order_by(_interactions.position)
 )
 
 
 class HandLoader:
-    """A session loaded by hand: one Core ``SELECT``, rows into dicts, no ORM objects.
-
-    Also a middleware loader (call it with a ``SessionContext``). ``latency`` seconds are slept
-    while holding the pooled connection, as a query to a database across the network holds its
-    connection for the round trip. ``calls`` counts loads, independently of the middleware.
-    """
+    """A session loaded by hand: one Core ``SELECT``, rows into dicts, no ORM objects; also a
+    middleware loader. It sleeps ``latency`` seconds holding its pooled connection, as a query
+    across a network holds it for the round trip; ``calls`` counts its loads."""
 
     def __init__(self, engine: AsyncEngine, *, latency: float = 0.0) -> None:
         self.engine = engine
@@ -218,39 +171,12 @@ class HandLoader:
         if not rows:
             return None
         sid, owner, title, version = rows[0][:4]
-        session = {
-            "id": sid,
-            "owner_id": owner,
-            "title": title,
-            "version": version,
-            "interactions": [
-                {
-                    "id": row[4],
-                    "session_id": row[5],
-                    "position": row[6],
-                    "role": row[7],
-                    "content": row[8],
-                    "created_at": row[9],
-                }
-                for row in rows
-                if row[4] is not None
-            ],
-        }
-        return Snapshot(session, owner=owner, version=version)
+        interactions = [dict(zip(INTERACTION, row[4:])) for row in rows if row[4] is not None]
+        session = {"id": sid, "owner_id": owner, "title": title, "version": version}
+        return Snapshot(session | {"interactions": interactions}, owner=owner, version=version)
 
     async def warm_up(self, connections: int) -> None:
         """Open ``connections`` pooled connections at once, so no round starts with a cold pool."""
-        opened, ready, release = [0], anyio.Event(), anyio.Event()
-
-        async def hold() -> None:
-            async with self.engine.connect():
-                opened[0] += 1
-                if opened[0] == connections:
-                    ready.set()
-                await release.wait()
-
-        async with anyio.create_task_group() as tg:
+        async with AsyncExitStack() as stack:
             for _ in range(connections):
-                tg.start_soon(hold)
-            await ready.wait()
-            release.set()
+                await stack.enter_async_context(self.engine.connect())

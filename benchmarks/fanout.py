@@ -1,25 +1,11 @@
 """Fan-out: server CPU per delivered update, the NATS bridge against a hand-written forwarder.
 
-Many sockets of one process watch one session, and each update must reach every one. The
-bridge subscribes once per session per process, parses each message once and judges it per
-socket (byte-bounded queue, cursor, repair); the floor is the forwarder anyone would write
-first: one nats-py subscription per socket, whose callback sends each message's text as it
-came (no ordering, no repair). Target: the bridge's server CPU per delivered update at most
-1.3x the forwarder's.
-
-Each round starts both servers (:mod:`benchmarks._server`, ``forwarder`` and ``bridge``) against
-an embedded nats-server that lives for the whole part. For each count of ``clients``, in an
-order that alternates every count and round, after a short warm-up stream on each server,
-``clients`` WebSocket clients connect to one session (20 interactions) and read its snapshot;
-then the load generator publishes ``updates`` chained ``session_patch`` frames (versions 8, 9,
-... from the snapshot's 7, one ``replace`` of about 100 bytes each, built with
-:class:`~asgi_session_sync.protocol.SessionPatch`), **in lock-step**: the next once every client
-has this one, so nothing queues. Every client checks every frame: the ``k``-th must be the
-``k``-th published, byte for byte.
-
-Figures: **server CPU us per delivered update** (the server process's CPU over the stream /
-clients x updates), **wall us per update**, and **nats-server CPU us per delivered update**
-(the forwarder makes nats-server deliver each update once per socket, the bridge once).
+Many sockets of one process watch one session. The ``bridge`` subscribes once per session per
+process, parses each message once and judges it per socket; the ``forwarder`` floor has one
+nats-py subscription per socket, sending each message's text as it came. Both servers run each
+round against one embedded nats-server; for each count of clients (fresh sockets, each reading
+its snapshot), the load generator publishes chained ``session_patch`` frames in lock-step (the
+next once every client has this one), and every client checks every frame, byte for byte.
 """
 
 from __future__ import annotations
@@ -38,14 +24,11 @@ from ._clients import Server, open_client, rotate, running_servers
 from ._harness import Part, Report, declared, run_alone
 from ._report import Column, Goal, Row, Table
 from ._server import NATS_URL_ENV, Broker, cpu_seconds, embedded_nats, server_args, subject
-from ._sessions import FILLER, SNAPSHOT_VERSION, memory_sessions, numbered_ids
-
-__all__ = ["PART", "FanoutOptions"]
+from ._sessions import FILLER, SNAPSHOT_VERSION, numbered_ids
 
 SIDES = {"forwarder": "forwarder", "bridge": "bridge"}
 BOUND = 1.3  # server CPU per delivered update, bridge / forwarder, at most
 SESSION = numbered_ids(1)[0]
-OWNER = memory_sessions({SESSION: 20})[SESSION].owner
 
 
 @dataclass(frozen=True)
@@ -62,11 +45,12 @@ class FanoutOptions:
 
 
 def patch_frames(updates: int) -> list[bytes]:
-    """``updates`` chained patches of the session, as ``NatsBridge.publish_patch`` sends them."""
+    """Chained patches (versions 8, 9, ...), each a ``replace`` of ~100 bytes, as
+    ``NatsBridge.publish_patch`` sends them."""
     return [
         SessionPatch(
             session_id=SESSION,
-            owner=OWNER,  # the bridge refuses frames naming another owner than the snapshot's
+            owner=f"owner-{SESSION}",
             base_version=SNAPSHOT_VERSION + k - 1,
             version=SNAPSHOT_VERSION + k,
             patch=[
@@ -88,38 +72,38 @@ async def stream(
     updates: int,
     options: FanoutOptions,
     broker: Broker,
-) -> dict[str, float]:
-    """Publish ``updates`` patches in lock-step to ``clients`` fresh sockets: the figures, and
-    ``wrong``, the frames that were not the published text at their place."""
-    frames = patch_frames(updates)
-    sockets = []
-    wrong = 0
+) -> Row:
+    """``updates`` patches in lock-step to ``clients`` fresh sockets; ``errors``: the frames that
+    were not the published ones at their place."""
+    sockets, wrong = [], 0
     try:
         with anyio.fail_after(options.timeout):
             for _ in range(clients):
-                sockets.append(await open_client(server.url(SESSION), bound=options.timeout))
-            for ws in sockets:
+                sockets.append(ws := await open_client(server.url(SESSION), bound=options.timeout))
                 if not (await ws.recv(decode=False)).startswith(b'{"type":"session_update"'):
                     raise ConnectionError("the first frame is not the session's snapshot")
-            cpu, nats_cpu = await server.control.cpu(), cpu_seconds(broker.pid)
-            started = time.perf_counter()
-            for frame in frames:
+            cpu, nats_cpu, started = (
+                await server.control.cpu(),
+                cpu_seconds(broker.pid),
+                time.perf_counter(),
+            )
+            for frame in patch_frames(updates):
                 await publisher.publish(subject(SESSION), frame)
                 for ws in sockets:
                     wrong += await ws.recv(decode=False) != frame
             wall = time.perf_counter() - started
-            cpu = await server.control.cpu() - cpu
-            nats_cpu = cpu_seconds(broker.pid) - nats_cpu
+            cpu, nats_cpu = await server.control.cpu() - cpu, cpu_seconds(broker.pid) - nats_cpu
     finally:
         with anyio.CancelScope(shield=True):
             for ws in sockets:
                 await ws.close()
     delivered = clients * updates
     return {
+        "samples": delivered,
+        "errors": wrong,
         "cpu_us_per_delivery": cpu / delivered * 1e6,
         "wall_us_per_update": wall / updates * 1e6,
         "nats_cpu_us_per_delivery": nats_cpu / delivered * 1e6,
-        "errors": wrong,
     }
 
 
@@ -134,18 +118,13 @@ async def run_round(number: int, options: FanoutOptions, broker: Broker) -> list
                 await stream(server, publisher, 2, options.warmup_updates, options, broker)
             for turn, clients in enumerate(options.clients):
                 for name in rotate(list(SIDES), number + turn):
-                    row: Row = {
-                        "variant": name,
-                        "clients": clients,
-                        "round": number,
-                        "samples": clients * options.updates,
-                    }
+                    row: Row = {"variant": name, "clients": clients, "round": number}
                     try:
                         row |= await stream(
                             servers[name], publisher, clients, options.updates, options, broker
                         )
                     except Exception as exc:
-                        row |= {"errors": row["samples"], "error_kinds": {repr(exc): 1}}
+                        row |= {"samples": 1, "errors": 1, "error_kinds": {repr(exc): 1}}
                     rows.append(row)
     finally:
         with anyio.CancelScope(shield=True):
@@ -160,7 +139,7 @@ def report(rows: list[Row], options: FanoutOptions, env: Broker) -> Report:
         Column("wall us/update", "wall_us_per_update"),
         Column("nats-server CPU us/delivered update", "nats_cpu_us_per_delivery", ".1f"),
     ]
-    table = Table("fanout", columns, SIDES, ratios=[("bridge", "forwarder")], by=("clients",))
+    table = Table("fanout", columns, SIDES, [("bridge", "forwarder")], by=("clients",))
     goals = [
         Goal(
             f"fan-out: server CPU per delivered update at {n} clients, bridge / forwarder",
@@ -174,11 +153,8 @@ def report(rows: list[Row], options: FanoutOptions, env: Broker) -> Report:
     ]
     heading = [
         "fan-out: server CPU per delivered update, NatsBridge against a hand-written forwarder",
-        f"one session, {' and '.join(map(str, options.clients))} WebSocket clients of one "
-        f"uvicorn process; {options.updates} chained session_patch frames published to an "
-        "embedded nats-server, the next once every client had the last; forwarder: a nats-py "
-        "subscription per socket; bridge: bridge.subscribe + SessionSync.accept + "
-        "updates.forward",
+        f"one session, {' and '.join(map(str, options.clients))} WebSocket clients of one uvicorn "
+        f"process; {options.updates} chained session_patch frames published in lock-step",
     ]
     return declared(rows, heading=heading, tables=[table], goals=goals)
 

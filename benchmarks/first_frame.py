@@ -1,20 +1,10 @@
-"""Connect to first frame: the middleware against the same guarantee written by hand.
+"""Connect to first frame (issue 20 point 2): the middleware against its guarantee written by hand.
 
-Three servers side by side (:mod:`benchmarks._server`, each in its own process, fresh every
-round), the same app over the same store:
-
-- ``by_hand``, the floor: the app loads and serialises the snapshot, then accepts, then sends
-  it: the middleware's guarantee (the client is connected when its state is ready), by hand;
-- ``wrapped``: the app accepts and sends nothing; ``SessionSyncMiddleware`` holds the accept,
-  loads, then sends both;
-- ``seed``: the seed design's order, accept first, then load and send.
-
-Once with the in-memory loader (a dict lookup: only the middleware is measured), once with the
-SQLite loader (one Core ``SELECT`` with a join, the same for all three). Connections are
-sequential (latency, not throughput), in blocks rotating among the servers; per connection,
-the time from starting to connect to the first frame, with a ``websockets`` client. Around each
-block the server's CPU seconds are read: server CPU per connection. Every frame must be its
-session's snapshot, the same bytes from all three.
+Three servers side by side, the same app over the same store: ``by_hand`` (load and serialise,
+accept, send: the floor), ``wrapped`` (the middleware holds the accept, loads, sends both) and
+``seed`` (accept first, then load), with the in-memory loader and with the SQLite one. Sequential
+connections, in blocks rotating among the servers, timed from starting to connect to the first
+frame by a ``websockets`` client; the server's CPU is read around each block.
 """
 
 from __future__ import annotations
@@ -32,10 +22,8 @@ from ._harness import Part, Report, declared, run_alone
 from ._report import Column, Goal, Row, Table, percentile
 from ._sessions import numbered_ids, session_id_for
 
-__all__ = ["COLUMNS", "PART", "FirstFrameOptions", "connections"]
-
 SIDES = {"by_hand": "by hand", "wrapped": "wrapped", "seed": "seed order"}
-TARGET, ADDED_CPU_US = 1.05, 30.0  # issue 20 point 2: wrapped / by hand, and wrapped - by hand
+TARGET, ADDED_CPU_US = 1.05, 30.0  # wrapped / by hand at p50 and p99; wrapped - by hand CPU
 
 
 @dataclass(frozen=True)
@@ -58,34 +46,31 @@ async def connections(
     ids: Sequence[str],
     options: Any,
     number: int,
-    *,
     connect: Callable[..., Awaitable[FirstFrame]] = first_frame,
     transport: str = "websocket",
 ) -> list[Row]:
-    """Warm each server up, then sequential connections in blocks rotating among them.
-
-    Returns a row per server: p50, p90 and p99 from starting to connect to the first frame,
-    p50 to the handshake, and server CPU per connection (read around each block). Failed
-    connections, and first frames that are not their session's snapshot or differ between
-    servers, are errors.
-    """
+    """Warm each server up, then sequential connections in blocks rotating among them: a row
+    per server with p50, p90 and p99 to the first frame, p50 to the handshake and server CPU per
+    connection. A failed connection, or a first frame that is not its session's snapshot or
+    differs from another server's, is an error."""
     names = list(servers)
     totals: dict[str, list[float]] = {name: [] for name in names}
     opened: dict[str, list[float]] = {name: [] for name in names}
-    cpu = dict.fromkeys(names, 0.0)
     errors: dict[str, Counter[str]] = {name: Counter() for name in names}
+    cpu = dict.fromkeys(names, 0.0)
     frames: dict[str, str] = {}  # the first frame seen of each session: every server's must match
 
     async def block(name: str, start: int, count: int, record: bool) -> None:
-        for i in range(start, start + count):
-            sid = ids[i % len(ids)]
+        for sid in (ids[i % len(ids)] for i in range(start, start + count)):
             try:
                 got = await connect(servers[name].url(sid, transport), bound=options.timeout)
             except Exception as exc:
                 errors[name][type(exc).__name__] += 1
                 continue
-            expected = frames.setdefault(sid, got.text)
-            if got.text != expected or f'"session_id":"{sid}"' not in got.text:
+            if (
+                got.text != frames.setdefault(sid, got.text)
+                or f'"session_id":"{sid}"' not in got.text
+            ):
                 errors[name]["not the session's snapshot"] += 1
             elif record:
                 totals[name].append(got.total)
@@ -102,12 +87,10 @@ async def connections(
         {
             "variant": name,
             "round": number,
-            "samples": len(totals[name]) + sum(errors[name].values()),
-            "errors": sum(errors[name].values()),
             "error_kinds": dict(errors[name]),
-            "p50_us": percentile(totals[name], 50) * 1e6,
-            "p90_us": percentile(totals[name], 90) * 1e6,
-            "p99_us": percentile(totals[name], 99) * 1e6,
+            "samples": len(totals[name]) + errors[name].total(),
+            "errors": errors[name].total(),
+            **{f"p{q}_us": percentile(totals[name], q) * 1e6 for q in (50, 90, 99)},
             "open_p50_us": percentile(opened[name], 50) * 1e6,
             "cpu_us_per_connection": cpu[name] / max(1, len(totals[name])) * 1e6,
         }
@@ -116,30 +99,29 @@ async def connections(
 
 
 COLUMNS = [
-    Column("p50 us", "p50_us"),
-    Column("p90 us", "p90_us"),
-    Column("p99 us", "p99_us"),
+    *(Column(f"p{q} us", f"p{q}_us") for q in (50, 90, 99)),
     Column("p50 to handshake us", "open_p50_us"),
     Column("server CPU us/connection", "cpu_us_per_connection"),
 ]
 
 
 def goals(table: str, what: str, groups: Sequence[str]) -> list[Goal]:
-    """The first frame's targets in each group: p50 and p99 within 1.05x of the by-hand floor,
-    at most 30 us of added server CPU per connection."""
+    """In each group: p50 and p99 within 1.05x of by hand, at most 30 us of added server CPU."""
     found = []
     for group in groups:
-        where = "" if group == "all" else f" ({group})"
-        for q in ("p50", "p99"):
-            label = f"{what} {q} wrapped / by hand{where}"
-            found.append(Goal(label, table, f"{q}_us", ("wrapped", "by_hand"), TARGET, group=group))
-        label = f"{what}: server CPU us/connection wrapped - by hand{where}"
+        where, pair = "" if group == "all" else f" ({group})", ("wrapped", "by_hand")
+        found += [
+            Goal(
+                f"{what} {q} wrapped / by hand{where}", table, f"{q}_us", pair, TARGET, group=group
+            )
+            for q in ("p50", "p99")
+        ]
         found.append(
             Goal(
-                label,
+                f"{what}: server CPU us/connection wrapped - by hand{where}",
                 table,
                 "cpu_us_per_connection",
-                ("wrapped", "by_hand"),
+                pair,
                 ADDED_CPU_US,
                 group=group,
                 difference=True,
@@ -162,35 +144,26 @@ async def run_round(number: int, options: FirstFrameOptions, url: str | None) ->
     """Every loader in turn, on three fresh servers."""
     rows: list[Row] = []
     for loader in options.loaders:
-        if loader == "memory":
-            args, ids = ["--sessions", str(options.sessions)], numbered_ids(options.sessions)
-        else:
-            assert url is not None
-            args = ["--db", str(url), "--loader", "hand"]
-            ids = [session_id_for(20, n) for n in range(options.sessions)]
+        args = ["--sessions", str(options.sessions)] if loader == "memory" else ["--db", str(url)]
+        ids = [session_id_for(20, n) for n in range(options.sessions)]
+        ids = numbered_ids(options.sessions) if loader == "memory" else ids
         async with running_servers(list(SIDES), *args) as servers:
-            found = await connections(servers, ids, options, number)
-        rows += [row | {"loader": loader} for row in found]
+            rows += [
+                row | {"loader": loader} for row in await connections(servers, ids, options, number)
+            ]
     return rows
 
 
 def report(rows: list[Row], options: FirstFrameOptions, env: Any) -> Report:
     """By loader: the three variants, wrapped / by hand, wrapped / seed, wrapped - by hand."""
-    table = Table(
-        "first_frame",
-        COLUMNS,
-        SIDES,
-        by=("loader",),
-        ratios=[("wrapped", "by_hand"), ("wrapped", "seed")],
-        differences=[("wrapped", "by_hand")],
-    )
+    pairs = [("wrapped", "by_hand"), ("wrapped", "seed")]
+    table = Table("first_frame", COLUMNS, SIDES, pairs, pairs[:1], by=("loader",))
     heading = [
-        "20.2 connect -> first frame: the middleware against the same guarantee by hand "
-        "(load and serialise, accept, send) and the seed order (accept, then load)",
+        "20.2 connect -> first frame: the middleware against the same guarantee by hand (load "
+        "and serialise, accept, send) and against the seed order (accept, then load)",
         f"{options.connections} sequential connections per variant per round in blocks of "
-        f"{options.block} rotating, {options.warmup} warm-up connections each; sessions of 20 "
-        "interactions (6.5 KB); websockets client; loaders: in memory (a dict lookup), SQLite "
-        "(one Core SELECT with a join, the same in all three)",
+        f"{options.block}, {options.warmup} warm-up each; sessions of 20 interactions (6.5 KB); "
+        "loaders: in memory (a dict lookup), SQLite (a Core SELECT with a join, in all three)",
     ]
     return declared(
         rows,

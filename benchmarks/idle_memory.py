@@ -1,11 +1,9 @@
-"""Memory per idle connection: the server's RSS growth for 1,000 open connections.
+"""Memory per idle connection: the server's RSS growth for 1,000 open WebSockets.
 
-Two servers side by side (:mod:`benchmarks._server`, fresh every round): ``by_hand`` sends the
-snapshot itself, ``wrapped`` through the middleware. For each in turn (the first changes every
-round): ``warmup`` connections are opened and closed, ``VmRSS`` is read from
-``/proc/<pid>/status``, then ``connections`` are opened (``concurrency`` at a time), each
-receives its snapshot, and after ``settle_seconds`` of quiet ``VmRSS`` is read again. The figure
-is the difference divided by the connections. Nothing is sent either way until they close.
+Two servers side by side, ``by_hand`` and ``wrapped``; for each in turn, ``warmup`` connections
+are opened and closed, ``VmRSS`` is read, ``connections`` are opened (``concurrency`` at a
+time, each receiving its snapshot), and after ``settle_seconds`` of quiet ``VmRSS`` is read
+again: the difference per connection.
 """
 
 from __future__ import annotations
@@ -22,10 +20,9 @@ from ._harness import Part, Report, declared, run_alone
 from ._report import Column, Goal, Row, Table
 from ._sessions import numbered_ids
 
-__all__ = ["COLUMNS", "PART", "IdleMemoryOptions", "held_connections"]
-
 SIDES = {"by_hand": "by hand", "wrapped": "wrapped"}
 TARGET = 1.07  # issue 10: no worse than before the core rewrite (1.062x at 227e7af)
+Close = Callable[[], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -49,14 +46,10 @@ class IdleMemoryOptions:
 
 async def open_held(
     server: Server, ids: Sequence[str], count: int, options: Any, transport: str
-) -> list[Callable[[], Awaitable[None]]]:
-    """Open ``count`` connections, ``concurrency`` at a time, each with its snapshot; return
-    how to close each.
-
-    Raises:
-        ConnectionError: A first frame is not its session's snapshot.
-    """
-    closers: list[Callable[[], Awaitable[None]]] = []
+) -> list[Close]:
+    """Open ``count`` connections, ``concurrency`` at a time, each with its session's
+    snapshot (else ``ConnectionError``); return how to close each."""
+    closers: list[Close] = []
     limit = anyio.Semaphore(options.concurrency)
 
     async def one(sid: str) -> None:
@@ -83,7 +76,7 @@ async def open_held(
     return closers
 
 
-async def close_all(closers: list[Callable[[], Awaitable[None]]]) -> None:
+async def close_all(closers: list[Close]) -> None:
     """Close every connection, at once."""
     with anyio.CancelScope(shield=True), anyio.move_on_after(30):
         async with anyio.create_task_group() as tg:
@@ -95,16 +88,16 @@ async def held_connections(
     servers: Mapping[str, Server], options: Any, number: int, transport: str = "websocket"
 ) -> list[Row]:
     """Each server's RSS growth per idle connection, one server after the other."""
-    ids, rows = numbered_ids(200), []
+    rows, ids = [], numbered_ids(200)
     for name in rotate(list(servers), number):
-        server = servers[name]
-        await close_all(await open_held(server, ids, options.warmup, options, transport))
+        process = servers[name].process
+        await close_all(await open_held(servers[name], ids, options.warmup, options, transport))
         await anyio.sleep(options.settle_seconds)
-        before = server.process.rss_bytes()
-        closers = await open_held(server, ids, options.connections, options, transport)
+        before = process.rss_bytes()
+        closers = await open_held(servers[name], ids, options.connections, options, transport)
         try:
             await anyio.sleep(options.settle_seconds)
-            after = server.process.rss_bytes()
+            after = process.rss_bytes()
         finally:
             await close_all(closers)
         rows.append(
@@ -134,6 +127,12 @@ COLUMNS = [
 ]
 
 
+def table(name: str, title: str = "", **where: str) -> Table:
+    """The idle-memory table: by hand, wrapped, their ratio and difference."""
+    pair = [("wrapped", "by_hand")]
+    return Table(name, COLUMNS, SIDES, pair, pair, where=where, title=title)
+
+
 def goal(table: str, issue: str, what: str) -> Goal:
     """The idle-memory target: wrapped / by hand at most 1.07."""
     return Goal(
@@ -147,22 +146,18 @@ def goal(table: str, issue: str, what: str) -> Goal:
 
 def report(rows: list[Row], options: IdleMemoryOptions, env: None) -> Report:
     """RSS before and after, KB per connection, wrapped / by hand and wrapped - by hand."""
-    table = Table(
-        "idle_memory",
-        COLUMNS,
-        SIDES,
-        ratios=[("wrapped", "by_hand")],
-        differences=[("wrapped", "by_hand")],
-    )
     heading = [
         f"memory per idle WebSocket: server VmRSS growth for {options.connections} open "
         "connections / connections, by hand vs wrapped",
-        f"each variant: {options.warmup} warm-up connections opened and closed, VmRSS, "
-        f"{options.connections} opened ({options.concurrency} at a time, each receives its "
-        f"snapshot), {options.settle_seconds:g} s idle, VmRSS; websockets client",
+        f"each variant: {options.warmup} warm-up connections, VmRSS, {options.connections} "
+        f"opened ({options.concurrency} at a time, each receives its snapshot), "
+        f"{options.settle_seconds:g} s idle, VmRSS; websockets client",
     ]
     return declared(
-        rows, heading=heading, tables=[table], goals=[goal("idle_memory", "10", "WebSocket")]
+        rows,
+        heading=heading,
+        tables=[table("idle_memory")],
+        goals=[goal("idle_memory", "10", "WebSocket")],
     )
 
 

@@ -1,25 +1,14 @@
-"""Mass reconnect: every client of every session reconnects at once, after a deploy.
+"""Mass reconnect (issue 20 point 4): every client of every session reconnects at once.
 
-``clients`` WebSockets over ``sessions`` sessions (10,000 over 1,000 by default) against one
-uvicorn worker (:mod:`benchmarks._server`, a fresh process per storm) whose loader queries a
-SQLite file (one Core ``SELECT`` with a join, aiosqlite) and sleeps ``db_latency_ms`` while it
-holds its pooled connection, as a round trip to a remote database would. Two apps, in an
-order that changes every round:
-
-- ``by_hand``: the app loads by hand for each connection (load and serialise, accept, send):
-  one loader call per client, nothing shared;
-- ``wrapped``: the middleware (single-flight, at most ``max_concurrent_loads`` loads at once).
-
-The clients are :func:`benchmarks._clients.storm`'s: spread over ``workers`` processes, all
-released at once; each times from starting to connect to its first frame, which must be its
-session's current snapshot, and keeps its connection open until every client has one.
-
-**The knee**: storms of the wrapped app at each of ``knee`` sizes (10 clients per session),
-once per run, smallest first, until one takes longer than ``all_current_bound`` seconds to
-make every client current. What bounds a storm is read from three figures beside its wall time:
-the server's CPU seconds (one core: it cannot exceed the wall), the last client's
-TCP connection (the kernel's listen queue: 4,096 here, SYNs beyond it retried after 1 s), and
-the loads' floor (loader calls x the round trip and the query / the pool).
+``clients`` WebSockets over ``sessions`` sessions against one uvicorn worker whose loader reads
+SQLite and sleeps ``db_latency_ms`` holding its pooled connection (a remote round trip), a
+fresh server per storm: ``by_hand`` loads for every connection (load, accept, send; nothing
+shared), ``wrapped`` is the middleware (single-flight, bounded loads). The clients are
+:func:`benchmarks._clients.storm`'s, in worker processes, all released at once; each must get
+its session's current snapshot. **The knee**: wrapped storms of ``knee`` sizes (10 clients per
+session), smallest first, until one takes longer than ``all_current_bound`` seconds; what bounds
+it is the largest of the server's CPU seconds (one core), the last TCP connection (the kernel's
+listen queue, 4,096 here) and the loads' floor (loader calls x round trip / pool).
 """
 
 from __future__ import annotations
@@ -40,8 +29,6 @@ from ._report import Column, Goal, Row, Table, percentile
 from ._server import server_args
 from ._sessions import session_id_for
 
-__all__ = ["PART", "MassReconnectOptions"]
-
 SIDES = {"by_hand": "loads by hand", "wrapped": "wrapped"}
 PER_SESSION = 10  # clients per session in the knee's storms
 QUERY_MS = 0.5  # one query alone on SQLite, without the simulated round trip (measured)
@@ -49,7 +36,7 @@ QUERY_MS = 0.5  # one query alone on SQLite, without the simulated round trip (m
 
 @dataclass(frozen=True)
 class MassReconnectOptions:
-    """The storm, the database behind the loader, the middleware's bounds, the knee's sizes."""
+    """The storm, the loader's database and bounds, the knee's sizes."""
 
     QUICK: ClassVar[dict[str, Any]] = {
         "rounds": 1,
@@ -73,8 +60,9 @@ class MassReconnectOptions:
 @asynccontextmanager
 async def environment(options: MassReconnectOptions) -> AsyncIterator[str]:
     """A SQLite file with sessions of 20 interactions, enough for the largest storm."""
-    sessions = max([options.sessions, *(size // PER_SESSION for size in options.knee)])
-    async with sqlite_file({20: sessions}) as url:
+    async with sqlite_file(
+        {20: max([options.sessions, *(n // PER_SESSION for n in options.knee)])}
+    ) as url:
         yield url
 
 
@@ -86,8 +74,6 @@ async def one_storm(
     args = [
         "--db",
         url,
-        "--loader",
-        "hand",
         "--db-latency-ms",
         str(options.db_latency_ms),
         "--pool-size",
@@ -97,34 +83,33 @@ async def one_storm(
     ]
     async with running_servers({variant: server_args(variant, *args)}) as servers:
         server = servers[variant]
-        before = await server.control.stats()
+        calls = (await server.control.stats())["loader_calls"]
         got = await storm(
             server.url(""),
             ids,
-            server_pid=server.process.pid,
+            server=server.process.pid,
             workers=options.workers,
             bound=options.timeout,
         )
-        after = await server.control.stats()
+        calls = (await server.control.stats())["loader_calls"] - calls
     wall = max(c[3] for c in got.clients) - got.released_at
-    done = [c[2] for c in got.clients if c[4] is None]
     failed = Counter(c[4] for c in got.clients if c[4] is not None)
-    calls = after["loader_calls"] - before["loader_calls"]
-    connected = [c[3] - c[2] + c[0] for c in got.clients if c[2] is not None]
+    done = [c[2] for c in got.clients if c[4] is None]
+    connected = max((c[3] - c[2] + c[0] for c in got.clients if c[2] is not None), default=math.nan)
     return {
         "variant": variant,
         "clients": clients,
         "samples": clients,
-        "failed": sum(n for kind, n in failed.items() if "snapshot" not in kind),
-        "not_current": sum(failed.values()),
-        "errors": sum(failed.values()),
         "error_kinds": dict(failed),
+        "failed": sum(n for kind, n in failed.items() if "snapshot" not in kind),
+        "not_current": failed.total(),
+        "errors": failed.total(),
         "loader_calls": calls,
         "calls_per_session": calls / sessions,
         "p50_ms": percentile(done, 50) * 1e3,
         "p99_ms": percentile(done, 99) * 1e3,
         "all_current_ms": wall * 1e3,
-        "connected_ms": (max(connected, default=math.nan) - got.released_at) * 1e3,
+        "connected_ms": (connected - got.released_at) * 1e3,
         "loads_floor_ms": calls * (options.db_latency_ms + QUERY_MS) / options.pool_size,
         "server_cpu_s": got.server_cpu,
         "client_cpu_s": got.client_cpu,
@@ -138,16 +123,15 @@ async def run_round(number: int, options: MassReconnectOptions, url: str) -> lis
     """Both apps in turn; in the first round, then the knee's storms until one is too slow."""
     rows = []
     for variant in rotate(list(SIDES), number):
-        row = await one_storm(variant, options.clients, options.sessions, options, url)
-        rows.append(row | {"round": number, "storm": "main"})
-        print(f"  {variant}: {row['all_current_ms']:,.0f} ms to all current", file=sys.stderr)
+        rows.append(await one_storm(variant, options.clients, options.sessions, options, url))
     for size in options.knee if number == 1 else ():
-        row = await one_storm("wrapped", size, size // PER_SESSION, options, url)
-        rows.append(row | {"round": number, "storm": "knee"})
-        print(f"  knee {size}: {row['all_current_ms']:,.0f} ms", file=sys.stderr)
-        if row["all_current_ms"] > options.all_current_bound * 1e3:
+        rows.append(
+            await one_storm("wrapped", size, size // PER_SESSION, options, url) | {"storm": "knee"}
+        )
+        print(f"  knee {size}: {rows[-1]['all_current_ms']:,.0f} ms", file=sys.stderr)
+        if rows[-1]["all_current_ms"] > options.all_current_bound * 1e3:
             break
-    return rows
+    return [{"storm": "main", "round": number} | row for row in rows]
 
 
 def knee(rows: list[Row], options: MassReconnectOptions) -> list[str]:
@@ -155,32 +139,29 @@ def knee(rows: list[Row], options: MassReconnectOptions) -> list[str]:
     storms = sorted((r for r in rows if r["variant"] == "wrapped"), key=lambda r: r["clients"])
     bound = options.all_current_bound * 1e3
     within = [r for r in storms if r["all_current_ms"] <= bound and not r["not_current"]]
-    beyond = [r for r in storms if r["all_current_ms"] > bound]
-    lines = [
-        f"knee: the largest storm all current within {options.all_current_bound:g} s: "
-        + (
-            f"{within[-1]['clients']:,} clients ({within[-1]['all_current_ms']:,.0f} ms)"
-            if within
-            else "none measured"
-        )
-    ]
-    for r in beyond[:1]:
+    line = f"knee: the largest storm all current within {options.all_current_bound:g} s: "
+    line += (
+        f"{within[-1]['clients']:,} clients ({within[-1]['all_current_ms']:,.0f} ms)"
+        if within
+        else "none"
+    )
+    lines = [line]
+    for r in [r for r in storms if r["all_current_ms"] > bound][:1]:
         floors = {
-            "the server's CPU": r["server_cpu_s"] * 1e3,
+            "the server's CPU (one core)": r["server_cpu_s"] * 1e3,
             "the loads": r["loads_floor_ms"],
             "the listen queue (TCP connects)": r["connected_ms"],
         }
         lines.append(
             f"the first beyond: {r['clients']:,} clients in {r['all_current_ms']:,.0f} ms; "
             + ", ".join(f"{k} {v:,.0f} ms" for k, v in floors.items())
-            + f"; server busy {r['server_busy']:.0%}, both cores {r['machine_busy']:.0%}: bound "
-            f"by {max(floors, key=lambda k: floors[k])}"
+            + f"; both cores {r['machine_busy']:.0%} busy: bound by {max(floors, key=floors.__getitem__)}"
         )
     return lines
 
 
 def report(rows: list[Row], options: MassReconnectOptions, env: Any) -> Report:
-    """The storm beside the by-hand app, its targets, what it cost, and the knee."""
+    """The storm beside the by-hand app, what it cost, its targets, and the knee."""
     seen = [
         Column("loader calls", "loader_calls"),
         Column("calls/session", "calls_per_session", ".2f"),
@@ -199,18 +180,17 @@ def report(rows: list[Row], options: MassReconnectOptions, env: Any) -> Report:
         Column("other CPU s", "other_cpu_s", ".2f"),
         Column("both cores busy", "machine_busy", ".0%"),
     ]
-    main = {"storm": "main"}
-    title = f"{options.clients:,} clients over {options.sessions:,} sessions"
+    main, pair = {"storm": "main"}, [("wrapped", "by_hand")]
     tables = [
-        Table("storm", seen, SIDES, ratios=[("wrapped", "by_hand")], where=main, title=title),
         Table(
-            "cost",
-            cost,
+            "storm",
+            seen,
             SIDES,
-            ratios=[("wrapped", "by_hand")],
+            pair,
             where=main,
-            title="where the time went",
+            title=f"{options.clients:,} over {options.sessions:,}",
         ),
+        Table("cost", cost, SIDES, pair, where=main, title="where the time went"),
         Table(
             "knee",
             [*seen[4:], *cost[:4], cost[-1]],
@@ -227,19 +207,18 @@ def report(rows: list[Row], options: MassReconnectOptions, env: Any) -> Report:
             "storm",
             "calls_per_session",
             ("wrapped",),
-            1.0,
+            1,
             worst=True,
         ),
         Goal(f"{what}: clients failed", "storm", "failed", ("wrapped",), 0, worst=True),
         Goal(f"{what}: clients not current", "storm", "not_current", ("wrapped",), 0, worst=True),
     ]
     heading = [
-        f"20.4 mass reconnect: {options.clients:,} WebSockets over {options.sessions:,} sessions "
-        "at once against one uvicorn worker: an app that loads by hand, and the same wrapped",
-        f"loader: one SELECT with a join on SQLite + {options.db_latency_ms:g} ms simulated "
-        f"round trip holding the pooled connection (pool {options.pool_size}); wrapped: "
-        f"single-flight, max_concurrent_loads {options.max_concurrent_loads}; clients: "
-        f"websockets' sans-I/O protocol in {options.workers} processes; fresh server per storm",
+        f"20.4 mass reconnect: {options.clients:,} WebSockets over {options.sessions:,} sessions at "
+        "once against one uvicorn worker: an app loading by hand, and the same wrapped",
+        f"loader: a SELECT with a join on SQLite + {options.db_latency_ms:g} ms round trip (pool "
+        f"{options.pool_size}); wrapped: max_concurrent_loads {options.max_concurrent_loads}; "
+        f"clients: websockets' sans-I/O protocol in {options.workers} processes",
     ]
     return declared(rows, heading=heading, tables=tables, goals=goals, notes=knee(rows, options))
 

@@ -1,17 +1,11 @@
 """Server-Sent Events (issue 22): connect to first event, and memory per idle event stream.
 
-The WebSocket parts' measurements over ``GET /sse/sessions/{id}``, with the same targets. Two
-servers side by side (:mod:`benchmarks._server`, fresh every round), the same app over the
-in-memory store: ``by_hand`` loads and serialises, starts its ``text/event-stream`` response and
-sends the snapshot as its first event (``event: session_update``, ``id:`` the version,
-``data:`` the JSON), written by hand; ``wrapped`` starts its response and sends nothing, and
-``SessionSyncMiddleware`` holds the start, loads, then sends both. Every first event must be
-the same bytes from both.
-
-- **first event**: :func:`benchmarks.first_frame.connections`, with an ``h11`` client timing
-  from starting to connect to the end of the first event;
-- **idle memory**: :func:`benchmarks.idle_memory.held_connections`, the server's RSS growth
-  per open, idle event stream.
+The WebSocket parts' measurements over ``GET /sse/sessions/{id}``, with their targets: two
+servers side by side, ``by_hand`` (load and serialise, start the ``text/event-stream`` response,
+send the snapshot as its first event, written by hand) and ``wrapped`` (the app starts its
+response; the middleware holds the start, loads and sends both). **first event**:
+:func:`benchmarks.first_frame.connections` with an ``h11`` client; **idle memory**:
+:func:`benchmarks.idle_memory.held_connections` over open streams.
 """
 
 from __future__ import annotations
@@ -26,8 +20,6 @@ from ._harness import Part, Report, declared, run_alone
 from ._report import Row, Table
 from ._sessions import numbered_ids
 
-__all__ = ["PART", "SseOptions"]
-
 SIDES = {"by_hand": "by hand", "wrapped": "wrapped"}
 
 
@@ -40,7 +32,7 @@ class SseOptions:
         "connections": 100,
         "block": 25,
         "warmup": 20,
-        "idle_connections": 100,
+        "idle": 100,
         "settle_seconds": 0.2,
     }
 
@@ -48,7 +40,7 @@ class SseOptions:
     connections: int = 2000
     block: int = 100
     warmup: int = 200
-    idle_connections: int = 1000
+    idle: int = 1000
     concurrency: int = 50
     settle_seconds: float = 1.0
     timeout: float = 30.0
@@ -57,17 +49,16 @@ class SseOptions:
 async def run_round(number: int, options: SseOptions, env: None) -> list[Row]:
     """Both measurements on the same two fresh servers."""
     idle = idle_memory.IdleMemoryOptions(
-        connections=options.idle_connections,
-        warmup=options.warmup,
-        concurrency=options.concurrency,
-        settle_seconds=options.settle_seconds,
-        timeout=options.timeout,
+        options.rounds,
+        options.idle,
+        options.warmup,
+        options.concurrency,
+        options.settle_seconds,
+        options.timeout,
     )
     async with running_servers(list(SIDES)) as servers:
         ids = numbered_ids(200)
-        first = await first_frame.connections(
-            servers, ids, options, number, connect=first_event, transport="sse"
-        )
+        first = await first_frame.connections(servers, ids, options, number, first_event, "sse")
         memory = await idle_memory.held_connections(servers, idle, number, "sse")
     return [row | {"measure": "first event"} for row in first] + [
         row | {"measure": "idle memory"} for row in memory
@@ -76,32 +67,26 @@ async def run_round(number: int, options: SseOptions, env: None) -> list[Row]:
 
 def report(rows: list[Row], options: SseOptions, env: None) -> Report:
     """The first event and the idle memory, each with the WebSocket parts' targets."""
+    pair = [("wrapped", "by_hand")]
     tables = [
         Table(
             "first_event",
             first_frame.COLUMNS,
             SIDES,
-            ratios=[("wrapped", "by_hand")],
-            differences=[("wrapped", "by_hand")],
+            pair,
+            pair,
             where={"measure": "first event"},
             title="connect -> first event",
         ),
-        Table(
-            "idle_memory",
-            idle_memory.COLUMNS,
-            SIDES,
-            ratios=[("wrapped", "by_hand")],
-            differences=[("wrapped", "by_hand")],
-            where={"measure": "idle memory"},
-            title=f"memory per idle event stream, at {options.idle_connections}",
+        idle_memory.table(
+            "idle_memory", f"memory per idle stream, at {options.idle}", measure="idle memory"
         ),
     ]
     heading = [
         "22 Server-Sent Events: the middleware against the same app sending the snapshot by hand",
         f"first event: {options.connections} sequential connections per variant per round in "
-        f"blocks of {options.block} rotating, {options.warmup} warm-up each; idle memory: "
-        f"{options.idle_connections} open streams ({options.concurrency} at a time), "
-        f"{options.settle_seconds:g} s idle; h11 client; sessions of 20 interactions in memory",
+        f"blocks of {options.block}, {options.warmup} warm-up each; idle memory: {options.idle} "
+        f"open streams ({options.concurrency} at a time); h11 client; 20 interactions in memory",
     ]
     goals = [
         *first_frame.goals("first_event", "22 first event", ["all"]),

@@ -1,30 +1,21 @@
-"""Per-token cost as the session grows (full state against patches), and as the answer grows.
+"""Per-token cost as the session grows (issue 11) and as the answer grows (issue 18).
 
-**Session size** (issue 11). A chat app streams a response token by token; each token changes
-the session and the change goes through the NATS bridge to every WebSocket watching it. A
-fresh server each round (:mod:`benchmarks._server` ``bridge --stream``, connected to an
-embedded nats-server whose ``max_payload`` is 8 MB) holds sessions of 10, 100 and 1,000
-interactions of about 1 KB each in memory. For every size and both modes (their order changes
-every round and size), ``clients`` clients connect, the server's CPU is read, and the server
-streams ``tokens`` tokens into the last interaction: per token it bumps the version and
-publishes the whole session (``NatsBridge.publish``, **full**) or a JSON Patch replacing the
-interaction's content (``publish_patch``, **patch**), the next once every socket was sent this
-one. Figures: bytes per token per client (the frames' JSON), server CPU us per token (the
-server process, all threads), wall ms per token, nats-server CPU us per token. The first client
-checks after the clock that every frame is of the mode's type and they lead to the session
-the server streamed.
+Both axes stream tokens from the load generator, as the app's worker would, through its own
+``NatsBridge`` and an embedded nats-server (``max_payload`` 8 MB), to ``clients`` WebSockets of
+a fresh ``bridge`` server (:mod:`benchmarks._server`) per round: the server's CPU (all its
+threads) is the API's, uvicorn and the fan-out. Each stream has a session of its own, and every
+client checks its frames after the clock stops.
 
-**Answer length** (issue 18). One answer of 50, 1,000 and 10,000 tokens streamed into a chat of
-10 interactions by the load generator, as the app's worker would (:mod:`benchmarks._answers`:
-its own ``NatsBridge``, checkpoints into a real SQLite file), to ``clients`` tabs of a fresh
-server (``bridge --answer``, no producer in it: its CPU is the API's), at ``token_rate`` tokens
-per second (faster than an LLM's 50-100 so that 10,000 tokens take 20 s). Two modes: **append**,
-``AnswerStream`` at its default intervals (a delta at most every 50 ms, a checkpoint at most
-every 250 ms and one at the end); **replace**, the way before it: each token commits the whole
-text and publishes ``replace`` of it, the next once every tab has this one. Figures: bytes per
-token per client, server CPU us per delivered token (tokens x tabs), DB writes per answer against
-``seconds / 0.25 + 2``, tokens per frame, tokens per second, nats-server CPU. Every tab checks
-its frames after the clock: all patches, chained, applying to the whole answer, ``complete``.
+- **size**: ``tokens`` tokens into the last interaction of a session of 10, 100 and 1,000
+  interactions of ~1 KB, each published as the whole session (``publish``, **full**) or a JSON
+  Patch replacing the interaction's content (``publish_patch``, **patch**), the next once every
+  client has this one. Figures per token: bytes per client, server and nats-server CPU, wall.
+- **length**: an answer of 50, 1,000 and 10,000 tokens after a chat of 10 interactions at
+  ``token_rate`` tokens/s, through ``AnswerStream`` (**append**: a delta at most every 50 ms, a
+  checkpoint into SQLite at most every 250 ms) or the way before it (**replace**: each token
+  commits and publishes the whole text, the next once every tab has it). Figures: bytes and
+  CPU per delivered token (tokens x tabs), DB writes against ``seconds / 0.25 + 2``, tokens per
+  frame and per second.
 """
 
 from __future__ import annotations
@@ -32,7 +23,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, ClassVar
@@ -43,7 +34,7 @@ import jsonpatch
 from ._answers import (
     CHECKPOINT_INTERVAL,
     AnswerEnvironment,
-    PublishTimes,
+    Arrivals,
     Tab,
     answer_environment,
     library_answer,
@@ -52,31 +43,20 @@ from ._answers import (
 from ._clients import Server, open_client, rotate, running_servers
 from ._harness import Part, Report, declared, run_alone
 from ._report import Column, Goal, Row, Table
-from ._server import NATS_URL_ENV, Forwarded, cpu_seconds, server_args
-from ._sessions import (
-    answer_sessions,
-    answer_tokens,
-    answered_session,
-    filler,
-    memory_sessions,
-    session_id_for,
-    streamed_content,
-)
-
-__all__ = ["PART", "TokenCostOptions", "check"]
+from ._server import NATS_URL_ENV, cpu_seconds, server_args
+from ._sessions import SNAPSHOT_VERSION, answer_sessions, answer_tokens, answered_session
+from ._sessions import filler, memory_sessions, session_id_for, streamed_content
 
 FRAME_TYPES = {"full": b'{"type":"session_update"', "patch": b'{"type":"session_patch"'}
-GROWTH, FULL_OVER_PATCH = 1.2, 100  # a figure at the largest / at the smallest; bytes, at 1,000
-ANSWER_INTERACTIONS = 10  # the chat the answer ends
-ANSWER = answer_sessions(1, ANSWER_INTERACTIONS)
-ANSWER_SESSION = next(iter(ANSWER))
+GROWTH, FULL_OVER_PATCH = 1.2, 100  # a figure at the largest / the smallest; bytes at 1,000
+CHAT = 10  # interactions before the answer
 FRAME_BUDGET = 200  # append: bytes per token per client at the longest, at most the token's + this
 
 
 @dataclass(frozen=True)
 class TokenCostOptions:
-    """Sessions, tokens and clients; answer lengths and their rate. ``timeout`` is the seconds
-    a stream may take beyond an answer's own length at its rate."""
+    """Sizes, tokens and clients; answer lengths and their rate. ``timeout`` is the seconds a
+    stream may take beyond an answer's own length at its rate."""
 
     QUICK: ClassVar[dict[str, Any]] = {
         "rounds": 1,
@@ -98,19 +78,22 @@ class TokenCostOptions:
 
 
 async def measured(
-    server: Server, pid: int, clients: list[Any], work: Callable[[], Awaitable[Any]]
+    server: Server,
+    env: AnswerEnvironment,
+    clients: Sequence[Any],
+    work: Callable[[], Awaitable[Any]],
+    bound: float,
 ) -> dict[str, float]:
-    """Run ``work`` with the clients connected; its wall and CPU seconds (server, nats-server);
-    the clients are always closed."""
+    """Run ``work`` (bounded) with the clients connected: its wall seconds and the CPU seconds
+    of the server and of nats-server; the clients are always closed."""
     try:
-        cpu, nats_cpu, started = await server.control.cpu(), cpu_seconds(pid), time.perf_counter()
-        await work()
+        cpu, nats_cpu = await server.control.cpu(), cpu_seconds(env.broker.pid)
+        started = time.perf_counter()
+        with anyio.fail_after(bound):
+            await work()
         wall = time.perf_counter() - started
-        return {
-            "wall": wall,
-            "cpu": await server.control.cpu() - cpu,
-            "nats_cpu": cpu_seconds(pid) - nats_cpu,
-        }
+        cpu, nats_cpu = await server.control.cpu() - cpu, cpu_seconds(env.broker.pid) - nats_cpu
+        return {"wall": wall, "cpu": cpu, "nats_cpu": nats_cpu}
     finally:
         with anyio.CancelScope(shield=True):
             for client in clients:
@@ -133,41 +116,59 @@ def check(mode: str, result: dict[str, Any], expected: Any) -> str | None:
 
 async def stream(
     server: Server,
+    sid: str,
     size: int,
     mode: str,
     tokens: int,
     options: TokenCostOptions,
     env: AnswerEnvironment,
 ) -> Row:
-    """``tokens`` tokens into the session of ``size`` interactions, to fresh clients."""
-    sid = session_id_for(size, 0)
+    """``tokens`` tokens into session ``sid`` of ``size`` interactions, to fresh clients."""
+    snapshot = memory_sessions({sid: size}, text=filler(options.interaction_bytes))[sid]
+    session: Any = snapshot.session
     clients = [
         await open_client(server.url(sid), bound=options.timeout) for _ in range(options.clients)
     ]
-    snapshot = [await ws.recv(decode=False) for ws in clients][0]
+    head = [await ws.recv(decode=False) for ws in clients][0]
     received: list[list[bytes]] = [[] for _ in clients]
+    arrivals = Arrivals()
+
+    async def read(ws: Any, frames: list[bytes]) -> None:
+        for _ in range(tokens):
+            frames.append(await ws.recv(decode=False))
+            arrivals.add()
 
     async def work() -> None:
-        async def read(index: int) -> None:
-            for _ in range(tokens):
-                received[index].append(await clients[index].recv(decode=False))
+        async with anyio.create_task_group() as tg:
+            for ws, frames in zip(clients, received):
+                tg.start_soon(read, ws, frames)
+            for k in range(1, tokens + 1):
+                content = streamed_content(sid, size - 1, k)
+                session["interactions"][-1]["content"] = content
+                version, owner = SNAPSHOT_VERSION + k, snapshot.owner
+                if mode == "full":
+                    await env.bridge.publish(sid, session, owner=owner, version=version)
+                else:
+                    patch = [
+                        {
+                            "op": "replace",
+                            "path": f"/interactions/{size - 1}/content",
+                            "value": content,
+                        }
+                    ]
+                    await env.bridge.publish_patch(
+                        sid, patch, base_version=version - 1, version=version, owner=owner
+                    )
+                await arrivals.until(k * len(clients))
 
-        with anyio.fail_after(options.timeout):
-            async with anyio.create_task_group() as tg:
-                for index in range(len(clients)):
-                    tg.start_soon(read, index)
-                answer = await server.control.ask(f"stream {sid} {mode} {tokens} {len(clients)}")
-                if answer != "done":
-                    raise RuntimeError(f"the server did not stream: {answer}")
-
-    got = await measured(server, env.pid, clients, work)
-    session: Any = memory_sessions({sid: size}, text=filler(options.interaction_bytes))[sid].session
-    session["interactions"][-1]["content"] = streamed_content(sid, size - 1, tokens)
-    problem = check(mode, {"snapshot": snapshot, "frames": received[0]}, session)
+    got = await measured(server, env, clients, work, options.timeout)
+    problem = check(mode, {"snapshot": head, "frames": received[0]}, session)
     return {
         "errors": int(problem is not None),
         "error_kinds": {problem: 1} if problem else {},
-        "bytes_per_token": sum(map(len, sum(received, []))) / (tokens * len(clients)),
+        "bytes_per_token": sum(len(f) for frames in received for f in frames)
+        / tokens
+        / len(clients),
         "cpu_us_per_token": got["cpu"] / tokens * 1e6,
         "wall_ms_per_token": got["wall"] / tokens * 1e3,
         "nats_cpu_us_per_token": got["nats_cpu"] / tokens * 1e6,
@@ -175,52 +176,39 @@ async def stream(
 
 
 async def answer(
-    server: Server, mode: str, length: int, options: TokenCostOptions, env: AnswerEnvironment
+    server: Server,
+    sid: str,
+    mode: str,
+    length: int,
+    options: TokenCostOptions,
+    env: AnswerEnvironment,
 ) -> Row:
-    """One answer of ``length`` tokens to fresh tabs."""
-    tokens = answer_tokens(length)
-    tabs = [
-        await Tab.open(server.url(ANSWER_SESSION), ANSWER_SESSION) for _ in range(options.clients)
-    ]
-    arrivals = Forwarded()  # frames read by the tabs, for the replace mode's lock-step
-    owner, runs = ANSWER[ANSWER_SESSION].owner, []
+    """One answer of ``length`` tokens into session ``sid``, to fresh tabs."""
+    tokens, arrivals, runs = answer_tokens(length), Arrivals(), []
+    tabs = [await Tab.open(server.url(sid), sid) for _ in range(options.clients)]
+    snapshot = answer_sessions(int(sid[1:]) + 1, CHAT)[sid]
+    common = {
+        "owner": snapshot.owner,
+        "interactions": CHAT,
+        "tokens": tokens,
+        "rate": options.token_rate,
+    }
 
     async def work() -> None:
-        with anyio.fail_after(options.timeout + length / options.token_rate):
-            async with anyio.create_task_group() as tg:
-                for tab in tabs:  # replace: only the last frame kept, whole texts are large
-                    tg.start_soon(
-                        partial(
-                            tab.read,
-                            ANSWER_INTERACTIONS,
-                            keep_all=mode == "append",
-                            arrived=lambda: arrivals.add(ANSWER_SESSION),
-                        )
-                    )
-                common = {
-                    "owner": owner,
-                    "interactions": ANSWER_INTERACTIONS,
-                    "tokens": tokens,
-                    "rate": options.token_rate,
-                }
-                if mode == "append":
-                    transport = PublishTimes(env.bridge)
-                    runs.append(
-                        await library_answer(transport, env.store, ANSWER_SESSION, **common)
-                    )
-                else:
-                    delivered = lambda k: arrivals.until(ANSWER_SESSION, k * len(tabs))  # noqa: E731
-                    runs.append(
-                        await replaced_answer(
-                            env.bridge, env.store, ANSWER_SESSION, delivered=delivered, **common
-                        )
-                    )
+        async with anyio.create_task_group() as tg:
+            for tab in tabs:  # replace: only the last frame kept, whole texts are large
+                tg.start_soon(partial(tab.read, CHAT, keep_all=mode == "append", arrived=arrivals))
+            if mode == "append":
+                runs.append(await library_answer(env, sid, **common))
+            else:
+                delivered = lambda k: arrivals.until(k * len(tabs))  # noqa: E731
+                runs.append(await replaced_answer(env, sid, delivered=delivered, **common))
 
-    got = await measured(server, env.pid, tabs, work)
-    expected = answered_session(ANSWER[ANSWER_SESSION], ANSWER_INTERACTIONS, tokens)
+    got = await measured(server, env, tabs, work, options.timeout + length / options.token_rate)
+    expected = answered_session(snapshot, CHAT, tokens)
     problems = [p for tab in tabs if (p := tab.problem(expected, runs[0].version))]
     problems += [f"{tab.count} frames" for tab in tabs if mode == "replace" and tab.count != length]
-    delivered, writes = length * len(tabs), env.store.commits[ANSWER_SESSION]
+    delivered, writes = length * len(tabs), env.store.commits[sid]
     per_token = sum(tab.bytes for tab in tabs) / delivered
     return {
         "errors": int(bool(problems)),
@@ -236,69 +224,50 @@ async def answer(
     }
 
 
-AXES = {"size": ("full", "patch"), "length": ("replace", "append")}
-
-
-def measure(
-    axis: str,
-    server: Server,
-    value: int,
-    mode: str,
-    warm: bool,
-    options: TokenCostOptions,
-    env: AnswerEnvironment,
-) -> Awaitable[Row]:
-    """One stream of the session of ``value`` interactions, or one answer of ``value`` tokens;
-    ``warm``: a short one, not counted."""
-    tokens = options.warmup_tokens if warm else options.tokens
-    if axis == "size":
-        return stream(server, value, mode, tokens, options, env)
-    return answer(server, mode, options.warmup_tokens if warm else value, options, env)
-
-
 async def run_round(number: int, options: TokenCostOptions, env: AnswerEnvironment) -> list[Row]:
-    """The sizes on a fresh server, then the answer lengths on another; each after a warm-up."""
-    args = {
-        "size": [
-            "--stream",
-            "--sessions",
-            "0",
-            "--session-sizes",
-            *map(str, options.sizes),
-            "--interaction-bytes",
-            str(options.interaction_bytes),
-        ],
-        "length": ["--answer", "--sessions", "1", "--interactions", str(ANSWER_INTERACTIONS)],
-    }
+    """The sizes on a fresh server, then the lengths on another; each stream its own session,
+    after a short warm-up of each mode."""
     rows: list[Row] = []
-    for axis, modes in AXES.items():
-        values = options.sizes if axis == "size" else options.lengths
-        servers = {"bridge": server_args("bridge", *args[axis])}
-        async with running_servers(servers, env={NATS_URL_ENV: env.url}) as running:
-            server = running["bridge"]
-            for mode in modes:
-                await measure(axis, server, values[0], mode, True, options, env)
-            for turn, value in enumerate(values):
-                for mode in rotate(modes, number + turn):
-                    row: Row = {
-                        "axis": axis,
-                        axis: value,
-                        "mode": mode,
-                        "round": number,
-                        "samples": 1,
-                    }
-                    try:
-                        row |= await measure(axis, server, value, mode, False, options, env)
-                    except Exception as exc:
-                        row |= {"errors": 1, "error_kinds": {repr(exc): 1}}
-                    rows.append(row)
+    sized = ["--sessions", "0", "--sizes", *map(str, options.sizes)]
+    sized += ["--interaction-bytes", str(options.interaction_bytes)]
+    answers = [
+        "--answer",
+        "--sessions",
+        str(2 * len(options.lengths) + 2),
+        "--interactions",
+        str(CHAT),
+    ]
+    for axis, values, modes, args in (
+        ("size", options.sizes, ("full", "patch"), sized),
+        ("length", options.lengths, ("replace", "append"), answers),
+    ):
+        servers = {"bridge": server_args("bridge", *args)}
+        async with running_servers(servers, env={NATS_URL_ENV: env.broker.url}) as running:
+            plan = [(values[0], mode, True) for mode in modes]
+            plan += [
+                (v, m, False) for turn, v in enumerate(values) for m in rotate(modes, number + turn)
+            ]
+            for index, (value, mode, warm) in enumerate(plan):
+                if axis == "size":
+                    sid = session_id_for(value, modes.index(mode) + 2 * warm)
+                    tokens = options.warmup_tokens if warm else options.tokens
+                    measure = stream(running["bridge"], sid, value, mode, tokens, options, env)
+                else:
+                    length = options.warmup_tokens if warm else value
+                    measure = answer(running["bridge"], f"s{index:04d}", mode, length, options, env)
+                row: Row = {"axis": axis, axis: value, "mode": mode, "round": number, "samples": 1}
+                try:
+                    row |= await measure
+                except Exception as exc:
+                    row |= {"errors": 1, "error_kinds": {repr(exc): 1}}
+                rows += [] if warm else [row]
     return rows
 
 
 def report(rows: list[Row], options: TokenCostOptions, env: AnswerEnvironment) -> Report:
     """Per size and per length, both modes; the growth of each; issue 11's and 18's targets."""
-    smallest, largest = min(options.sizes), max(options.sizes)
-    shortest, longest = min(options.lengths), max(options.lengths)
+    small, large = min(options.sizes), max(options.sizes)
+    short, long = min(options.lengths), max(options.lengths)
     sized = [
         Column("bytes/token per client", "bytes_per_token"),
         Column("server CPU us/token", "cpu_us_per_token"),
@@ -315,7 +284,7 @@ def report(rows: list[Row], options: TokenCostOptions, env: AnswerEnvironment) -
         Column("nats-server CPU us/delivered token", "nats_cpu_us_per_token", ",.2f"),
         Column("bytes / (token + 200 B)", "bytes_over_budget", ".3f"),
     ]
-    size_axis, length_axis = {"axis": "size"}, {"axis": "length"}
+    by_size, by_length = {"axis": "size"}, {"axis": "length"}
     tables = [
         Table(
             "by_size",
@@ -324,17 +293,17 @@ def report(rows: list[Row], options: TokenCostOptions, env: AnswerEnvironment) -
             key="mode",
             by=("size",),
             ratios=[("full", "patch")],
-            where=size_axis,
+            where=by_size,
         ),
         Table(
             "size_growth",
             sized[:3],
-            {smallest: f"{smallest}", largest: f"{largest}"},
+            {small: f"{small}", large: f"{large}"},
             key="size",
             by=("mode",),
-            ratios=[(largest, smallest)],
-            where=size_axis,
-            title="growth with the session, per round",
+            ratios=[(large, small)],
+            where=by_size,
+            title="growth with the session",
         ),
         Table(
             "by_length",
@@ -343,75 +312,72 @@ def report(rows: list[Row], options: TokenCostOptions, env: AnswerEnvironment) -
             key="mode",
             by=("length",),
             ratios=[("replace", "append")],
-            where=length_axis,
+            where=by_length,
         ),
         Table(
             "length_growth",
             lengths[:2],
-            {shortest: f"{shortest}", longest: f"{longest}"},
+            {short: f"{short}", long: f"{long}"},
             key="length",
             by=("mode",),
-            ratios=[(longest, shortest)],
-            where=length_axis,
-            title="growth with the answer, per round",
+            ratios=[(long, short)],
+            where=by_length,
+            title="growth with the answer",
         ),
     ]
-    grew = (largest, smallest)
-    longer = (longest, shortest)
     goals = [
         Goal(
-            f"11 patches: bytes/token at {largest} / at {smallest} interactions",
+            f"11 patches: bytes/token at {large} / at {small} interactions",
             "size_growth",
             "bytes_per_token",
-            grew,
+            (large, small),
             GROWTH,
             group="patch",
         ),
         Goal(
-            f"11 patches: server CPU/token at {largest} / at {smallest} interactions",
+            f"11 patches: server CPU/token at {large} / at {small} interactions",
             "size_growth",
             "cpu_us_per_token",
-            grew,
+            (large, small),
             GROWTH,
             group="patch",
         ),
         Goal(
-            f"11 bytes/token at {largest} interactions, full state / patches",
+            f"11 bytes/token at {large} interactions, full state / patches",
             "by_size",
             "bytes_per_token",
             ("full", "patch"),
             FULL_OVER_PATCH,
             at_most=False,
-            group=str(largest),
+            group=str(large),
         ),
         Goal(
-            f"18 append: bytes/token per client at {longest} / at {shortest} tokens",
+            f"18 append: bytes/token per client at {long} / at {short} tokens",
             "length_growth",
             "bytes_per_token",
-            longer,
+            (long, short),
             GROWTH,
             group="append",
         ),
         Goal(
-            f"18 append: bytes/token per client at {longest} tokens / (token + {FRAME_BUDGET} B)",
+            f"18 append: bytes/token per client at {long} tokens / (token + {FRAME_BUDGET} B)",
             "by_length",
             "bytes_over_budget",
             ("append",),
             1,
-            group=str(longest),
+            group=str(long),
         ),
         Goal(
-            f"18 append: server CPU/delivered token at {longest} / at {shortest} tokens",
+            f"18 append: server CPU/delivered token at {long} / at {short} tokens",
             "length_growth",
             "cpu_us_per_token",
-            longer,
+            (long, short),
             GROWTH,
             group="append",
         ),
         *(
             Goal(
-                f"18 append: DB writes per answer of {n} tokens / (seconds / "
-                f"{CHECKPOINT_INTERVAL} + 2)",
+                f"18 append: DB writes per answer of {n} tokens / (seconds / 0.25 + 2)",
                 "by_length",
                 "db_writes_over_bound",
                 ("append",),
@@ -423,14 +389,12 @@ def report(rows: list[Row], options: TokenCostOptions, env: AnswerEnvironment) -
         ),
     ]
     heading = [
-        "11 per-token cost as the session grows, full state vs patches; 18 as the answer grows, "
-        "AnswerStream vs a commit and a replace of the whole text per token",
-        f"sizes: sessions of {', '.join(map(str, options.sizes))} interactions of ~"
-        f"{options.interaction_bytes} bytes, {options.tokens} tokens streamed by the server "
-        f"through NatsBridge to {options.clients} WebSocket clients; lengths: answers of "
-        f"{', '.join(f'{n:,}' for n in options.lengths)} tokens at {options.token_rate:g} "
-        f"tokens/s after a chat of {ANSWER_INTERACTIONS} interactions, produced in the load "
-        f"generator (checkpoints into SQLite, WAL) to {options.clients} tabs",
+        "11 per-token cost as the session grows, full state vs patches; 18 as the answer "
+        "grows, AnswerStream vs a commit and a replace of the whole text per token",
+        f"sizes {', '.join(map(str, options.sizes))} interactions of ~{options.interaction_bytes}"
+        f" bytes, {options.tokens} tokens; answers of {', '.join(f'{n:,}' for n in options.lengths)}"
+        f" tokens at {options.token_rate:g} tokens/s after {CHAT} interactions; produced in the "
+        f"load generator through its NatsBridge to {options.clients} WebSocket clients",
     ]
     return declared(rows, heading=heading, tables=tables, goals=goals)
 

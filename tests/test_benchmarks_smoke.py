@@ -26,7 +26,7 @@ from benchmarks._sessions import answer_sessions, answered_session
 
 SMALLEST: dict[str, dict[str, Any]] = {
     "first_frame": {"connections": 6, "block": 3, "warmup": 2, "sessions": 4},
-    "passthrough": {"settled_bursts": 2, "burst": 50, "fence_connections": 2},
+    "passthrough": {"bursts": 2, "burst": 50, "fresh": 2},
     "snapshot_cost": {
         "databases": ("sqlite",),
         "connections": {10: 2, 100: 2, 1000: 1},
@@ -39,7 +39,7 @@ SMALLEST: dict[str, dict[str, Any]] = {
     "token_cost": {"sizes": (10, 100), "tokens": 2, "warmup_tokens": 1, "lengths": (20, 40)},
     "fanout": {"clients": (3,), "updates": 20, "warmup_updates": 2},
     "answer_load": {"answers": 2, "tabs": 2, "tokens": 20, "warmup_tokens": 2, "token_rate": 400},
-    "sse": {"connections": 6, "block": 3, "warmup": 2, "idle_connections": 10},
+    "sse": {"connections": 6, "block": 3, "warmup": 2, "idle": 10},
 }
 
 
