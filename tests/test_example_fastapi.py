@@ -299,7 +299,9 @@ async def test_a_failed_load_closes_with_1011_so_the_page_retries(
 ) -> None:
     session = await create_session(client)
     async with app.state.store.engine.begin() as connection:
-        await connection.execute(text("DROP TABLE interactions"))  # the database is broken
+        # Broken for good: a dropped table would come back with the worker's create_all, which
+        # may start after this test does; a renamed column does not.
+        await connection.execute(text("ALTER TABLE interactions RENAME COLUMN prompt TO lost"))
     assert await closed_before_any_frame(app, f"/ws/sessions/{session['id']}?token=alice") == 1011
     sync: SessionSync = app.state.sync
     assert sync.stats.errors == 1
@@ -414,8 +416,13 @@ async def test_event_stream_of_a_failed_load_ends_so_the_page_retries(
 ) -> None:
     session = await create_session(client)
     async with app.state.store.engine.begin() as connection:
-        await connection.execute(text("DROP TABLE interactions"))  # the database is broken
-    async with open_response(app, f"/sse/sessions/{session['id']}", query="token=alice") as sse:
+        # Broken for good: a dropped table would come back with the worker's create_all, which
+        # may start after this test does; a renamed column does not.
+        await connection.execute(text("ALTER TABLE interactions RENAME COLUMN prompt TO lost"))
+    # SQLite may keep the app's first query waiting on a lock for up to its busy timeout (5 s),
+    # with the example's worker and lease sweeper failing on the same database meanwhile.
+    path = f"/sse/sessions/{session['id']}"
+    async with open_response(app, path, query="token=alice", timeout=15.0) as sse:
         body = await sse.read_to_end()
     # Started (its status cannot change now), no event, and ended: EventSource reports an
     # error, and the page's client opens it again after its backoff.

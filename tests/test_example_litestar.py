@@ -278,7 +278,9 @@ async def test_a_failed_load_closes_with_1011_so_the_page_retries(
     engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}")
     try:
         async with engine.begin() as connection:
-            await connection.execute(text("DROP TABLE interactions"))  # the database is broken
+            # Broken for good: a dropped table would come back with the worker's create_all,
+            # which may start after this test does; a renamed column does not.
+            await connection.execute(text("ALTER TABLE interactions RENAME COLUMN prompt TO lost"))
     finally:
         await engine.dispose()
     path = f"/ws/sessions/{session['id']}?token=alice"
@@ -378,7 +380,9 @@ async def test_event_stream_of_a_failed_load_ends_so_the_page_retries(
     engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}")
     try:
         async with engine.begin() as connection:
-            await connection.execute(text("DROP TABLE interactions"))  # the database is broken
+            # Broken for good: a dropped table would come back with the worker's create_all,
+            # which may start after this test does; a renamed column does not.
+            await connection.execute(text("ALTER TABLE interactions RENAME COLUMN prompt TO lost"))
     finally:
         await engine.dispose()
     async with open_response(app, f"/sse/sessions/{session['id']}", query="token=alice") as sse:
