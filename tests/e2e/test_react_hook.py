@@ -1,28 +1,47 @@
 """The React hook (static/session-sync-react.js) in a real Chromium, following a session of a
-real API (tests/e2e/answer_api.py) that is killed with SIGKILL and restarted, over a WebSocket
-and over Server-Sent Events.
+real API that is killed with SIGKILL and restarted, over a WebSocket and over Server-Sent Events:
+a small test API (tests/e2e/answer_api.py), for renders per animation frame and UTF-16 offsets,
+and the FastAPI example as its README runs it (an API and a worker), for a 1,000-token answer
+that must end on the page equal to the database's, as the example's own page does.
 
-No bundler: React's own CommonJS builds, installed in tests/js/node_modules, are wrapped as ES
-modules and named in an import map, as a Vite-free page maps the ESM builds a CDN serves; the
-hook is imported from the path the Python package serves it at.
+One page (tests/e2e/react_page.html) for both. No bundler: React's own CommonJS builds,
+installed in tests/js/node_modules, are wrapped as ES modules and named in the page's import
+map, as a Vite-free page maps the ESM builds a CDN serves; the hook is imported from the path
+both APIs serve the Python package's client at.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode, urlsplit
 
+import httpx
 import pytest
 
+from examples.chat.worker import simulated_tokens
+
 from .answer_api import AnswerApi, running_api
+from .app_process import ExampleStack
+from .test_example_processes import (
+    ANSWER_INTERVAL,
+    ANSWER_LEASE,
+    ANSWER_TOKENS,
+    in_database,
+    started,
+    through_api,
+)
 
 pytestmark = pytest.mark.e2e
 
 NODE_MODULES = Path(__file__).resolve().parents[1] / "js" / "node_modules"
+PAGE = Path(__file__).with_name("react_page.html")
 WAIT_MS = 15_000  # every wait for the page, in ms
 
 # Each module the page imports: React's production build of it, and what that file requires.
@@ -35,59 +54,6 @@ VENDOR = {
         ["react", "react-dom", "scheduler"],
     ),
 }
-
-PAGE = """<!doctype html>
-<meta charset="utf-8">
-<title>useSessionSync</title>
-<script type="importmap">IMPORT_MAP</script>
-<div id="root"></div>
-<script type="module">
-import { createElement as h, useEffect } from "react";
-import { createRoot } from "react-dom/client";
-import { useSessionSync } from "/static/session-sync/session-sync-react.js";
-
-// Animation frames since the page loaded, and one record per committed render.
-window.frame = 0;
-const count = () => {
-  window.frame++;
-  requestAnimationFrame(count);
-};
-requestAnimationFrame(count);
-window.commits = [];
-window.statuses = []; // every status, as onStatus reports it (not batched)
-
-const transport = new URLSearchParams(location.search).get("transport");
-const url = transport === "sse" ? "/sse/sessions/s1" : "/ws/sessions/s1";
-
-function Answer() {
-  const view = useSessionSync(url, {
-    transport,
-    minDelay: 100,
-    maxDelay: 1000,
-    connectTimeout: 3000,
-    heartbeatInterval: 1000,
-    isStreaming: (session) => session.answer.status === "streaming",
-    onStatus: (status) => window.statuses.push(status),
-  });
-  window.view = view;
-  const frame = window.frame; // the animation frame this render follows
-  useEffect(() => {
-    const { status, version, streaming } = view;
-    window.commits.push({ frame, status, version, streaming });
-  });
-  const text = view.session === undefined ? "" : view.session.answer.text;
-  return h(
-    "article",
-    null,
-    h("p", { id: "status" }, view.status),
-    view.streaming ? h("p", { id: "streaming" }, "answering…") : null,
-    h("pre", { id: "text" }, text),
-  );
-}
-
-createRoot(document.getElementById("root")).render(h(Answer));
-</script>
-"""
 
 
 def as_es_module(source: str, requires: list[str], names: list[str]) -> str:
@@ -128,7 +94,7 @@ def export_names() -> dict[str, list[str]]:
 
 @pytest.fixture
 def pages(tmp_path: Path) -> Path:
-    """The page above and React as ES modules, in a directory the API serves at /pages/."""
+    """The page and React as ES modules, in a directory served at /pages/."""
     if not (NODE_MODULES / "react-dom").is_dir():
         if os.environ.get("CI"):
             pytest.fail("CI must run the hook's browser test: run `npm ci --prefix tests/js`")
@@ -137,15 +103,19 @@ def pages(tmp_path: Path) -> Path:
     vendor = directory / "vendor"
     vendor.mkdir(parents=True)
     names = export_names()
-    imports = {}
     for name, (path, requires) in VENDOR.items():
+        # The file the page's import map names for it: /pages/vendor/react-dom-client.js.
         file_name = name.replace("/", "-") + ".js"
         source = (NODE_MODULES / path).read_text(encoding="utf-8")
         (vendor / file_name).write_text(as_es_module(source, requires, names[name]))
-        imports[name] = f"/pages/vendor/{file_name}"
-    page = PAGE.replace("IMPORT_MAP", json.dumps({"imports": imports}))
-    (directory / "react.html").write_text(page, encoding="utf-8")
+    shutil.copy(PAGE, directory / PAGE.name)
     return directory
+
+
+def page_url(base: str, source: str, transport: str, answer: str, heartbeat_ms: int) -> str:
+    """The React page at ``base``, following ``source`` (see react_page.html's parameters)."""
+    query = {"source": source, "transport": transport, "answer": answer}
+    return f"{base}/pages/{PAGE.name}?{urlencode({**query, 'heartbeat': heartbeat_ms})}"
 
 
 @pytest.fixture
@@ -155,12 +125,15 @@ def api(tmp_path: Path, pages: Path) -> Iterator[AnswerApi]:
         yield api
 
 
-def wait_view(page: Any, condition: str, arg: object = None) -> None:
-    """Wait until ``condition`` (a JS expression over ``view`` and ``arg``) holds."""
+def wait_view(page: Any, condition: str, arg: object = None, timeout_ms: float = WAIT_MS) -> None:
+    """Wait until ``condition`` (a JS expression over ``view``, ``text``, the answer's text
+    shown, and ``arg``) holds, at most ``timeout_ms``."""
     page.wait_for_function(
-        f"(arg) => {{ const view = window.view; return view !== undefined && ({condition}); }}",
+        "(arg) => { const view = window.view;"
+        " const text = document.querySelector('#text')?.textContent ?? '';"
+        f" return view !== undefined && ({condition}); }}",
         arg=arg,
-        timeout=WAIT_MS,
+        timeout=timeout_ms,
     )
 
 
@@ -183,7 +156,8 @@ def test_react_page_follows_a_session_through_kill_9_rendering_once_per_frame(
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
     try:
-        page.goto(f"{api.url}/pages/react.html?transport={transport}")
+        path = "/sse/sessions/s1" if transport == "sse" else "/ws/sessions/s1"
+        page.goto(page_url(api.url, path, transport, "answer", heartbeat_ms=1000))
         wait_view(page, "view.status === 'live' && view.version === 1 && view.streaming")
 
         # Deltas faster than the screen refreshes, as a model streams tokens: at most one
@@ -249,3 +223,130 @@ def test_react_page_follows_a_session_through_kill_9_rendering_once_per_frame(
         f"react hook over {transport}: {STREAMED} deltas 2 ms apart, {len(streamed)} renders"
         f" over {spanned} animation frames; {BURST} deltas at once, {len(burst)} renders"
     )
+
+
+@pytest.fixture
+def fastapi_example(tmp_path: Path) -> Iterator[ExampleStack]:
+    """The FastAPI example as processes (an API with its private nats-server, and a worker),
+    answering 1,000 tokens at 125 a second, as test_example_processes.py's kill tests run it."""
+    env = {
+        "RESPONSE_TOKENS": str(ANSWER_TOKENS),
+        "TOKEN_INTERVAL": str(ANSWER_INTERVAL),
+        "LEASE_SECONDS": str(ANSWER_LEASE),
+    }
+    with started(ExampleStack("examples.fastapi_app", tmp_path, env)) as stack:
+        yield stack
+
+
+def serve_pages(page: Any, base: str, directory: Path) -> None:
+    """Answer ``page``'s requests for ``base``/pages/... from ``directory``, in the browser.
+
+    The example serves no test pages, and the page must be of the example's origin: an
+    EventSource to another origin needs CORS headers that the example does not send. Every other
+    request (the hook's script, the WebSocket, the event stream) goes to the example itself.
+    """
+
+    def fulfill(route: Any) -> None:
+        route.fulfill(path=directory / urlsplit(route.request.url).path.removeprefix("/pages/"))
+
+    page.route(f"{base}/pages/**", fulfill)
+
+
+ALICE = {"Authorization": "Bearer alice"}
+# ms: twice the answer's length, and 5 s for the restart in it.
+ANSWER_WAIT_MS = ANSWER_TOKENS * ANSWER_INTERVAL * 1000 * 2 + 5000
+
+
+@pytest.mark.parametrize("transport", ["websocket", "sse"])
+def test_react_page_follows_the_fastapi_example_through_kill_9_and_ends_equal_to_the_database(
+    browser: Any, pages: Path, fastapi_example: ExampleStack, transport: str
+) -> None:
+    api = fastapi_example.api
+    session = httpx.post(f"{api.url}/api/sessions", json={"title": "React"}, headers=ALICE).json()
+    session_id = session["id"]
+    # Neither a browser's WebSocket nor its EventSource sends headers: the token is in the URL.
+    route = "sse" if transport == "sse" else "ws"
+    source = f"/{route}/sessions/{session_id}?token=alice"
+    context = browser.new_context()
+    # Chromium counts a page the browser fulfilled itself (serve_pages) as of the public
+    # network, and blocks its WebSockets to 127.0.0.1 unless this origin may reach the local
+    # network, as a user would allow it.
+    context.grant_permissions(["local-network-access"], origin=api.url)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    sockets: list[str] = []
+    page.on("websocket", lambda socket: sockets.append(socket.url))
+    streams: list[str] = []
+    page.on(
+        "request",
+        lambda request: streams.append(request.url) if "/sse/sessions/" in request.url else None,
+    )
+    serve_pages(page, api.url, pages)
+    try:
+        # The example's heartbeat comes every 15 s (examples/chat/live.py), as its page expects.
+        page.goto(page_url(api.url, source, transport, "interaction", heartbeat_ms=15_000))
+        # A reload would lose this: the checks below prove the page recovered by itself.
+        page.evaluate("window.loadMarker = 'first load'")
+        wait_view(page, "view.status === 'live' && view.version === arg", session["version"])
+        prompt = {"prompt": "Tell me a long story"}
+        httpx.post(
+            f"{api.url}/api/sessions/{session_id}/prompts", json=prompt, headers=ALICE
+        ).raise_for_status()
+        wait_view(page, "view.streaming && text.split(' ').length >= 3")
+
+        # kill -9 mid-answer: the hook says stale and the page keeps what it shows, while the
+        # worker goes on writing the answer to the database.
+        api.kill()
+        wait_view(page, "view.status === 'stale'")
+        assert not in_database(fastapi_example.db, session_id)["done"], "ended before the kill"
+        assert page.is_visible("#streaming")
+
+        returned = api.start()
+        version = in_database(fastapi_example.db, session_id)["version"]
+        wait_view(page, "view.status === 'live' && view.version >= arg", version)
+        took = time.monotonic() - returned
+        # The worker never stopped: the answer streams on over the new connection, to its end.
+        back = len(page.text_content("#text") or "")
+        assert page.evaluate("window.view.streaming"), "no streaming left after the restart"
+        wait_view(page, "text.length > arg", back)
+        wait_view(page, "view.session.interactions[0].done", timeout_ms=ANSWER_WAIT_MS)
+        shown = page.evaluate(
+            """() => ({
+              text: document.querySelector("#text").textContent,
+              answer: document.querySelector("#answer-status").textContent,
+              status: window.view.status,
+              version: window.view.version,
+              streaming: window.view.streaming,
+            })"""
+        )
+        statuses = page.evaluate("window.statuses")
+        marker = page.evaluate("window.loadMarker")
+    finally:
+        context.close()
+
+    stored = through_api(fastapi_example, session_id)
+    assert stored["done"], stored
+    assert stored["status"] == "complete", stored
+    assert stored["interrupted"] is None, stored
+    assert stored["response"] == "".join(simulated_tokens(ANSWER_TOKENS))
+    # The page's text is the database's, character for character, at the database's version.
+    assert shown["text"] == stored["response"]
+    assert shown["answer"] == "complete"
+    assert shown["version"] == stored["version"]
+    assert not shown["streaming"]
+    assert len(shown["text"]) > back
+    # The hook went stale with the API, and back to live once, without a reload.
+    assert shown["status"] == "live"
+    assert statuses == ["connecting", "live", "stale", "live"], statuses
+    assert marker == "first load", "the page was reloaded"
+    assert errors == []
+    # Over the transport asked for only, reopened after the kill, the token in every URL; each
+    # event stream reopened resumed from a version.
+    opened, unused = (streams, sockets) if transport == "sse" else (sockets, streams)
+    assert unused == [], unused
+    assert len(opened) >= 2, opened
+    assert all("token=alice" in url for url in opened), opened
+    if transport == "sse":
+        assert all("since=" in url for url in streams[1:]), streams
+    print(f"react hook over {transport} on the FastAPI example: live {took:.2f}s after restart")
