@@ -23,7 +23,21 @@ import anyio
 import pytest
 import trio
 from pydantic import BaseModel
-from sqlalchemy import BigInteger, DateTime, ForeignKey, String, Text, Uuid, event, select
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+    Uuid,
+    event,
+    func,
+    select,
+)
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -31,7 +45,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, column_property, mapped_column, relationship
 
 from asgi_session_sync import SessionContext, SessionSyncMiddleware, Snapshot
 from asgi_session_sync._types import Receive, Scope, Send
@@ -69,6 +83,22 @@ class Base(DeclarativeBase):
     pass
 
 
+# How many non-NULL responses the driver handed back, across loads: the interactions a load read.
+responses_read: list[str] = []
+
+
+class CountedText(TypeDecorator[str]):
+    """Text that counts every value read back (into ``responses_read``)."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_result_value(self, value: str | None, dialect: Any) -> str | None:
+        if value is not None:
+            responses_read.append(value)
+        return value
+
+
 class ChatSession(Base):
     __tablename__ = "chat_sessions"
 
@@ -88,7 +118,7 @@ class Interaction(Base):
     session_id: Mapped[str] = mapped_column(ForeignKey("chat_sessions.id"))
     position: Mapped[int]
     prompt: Mapped[str] = mapped_column(Text)
-    response: Mapped[str] = mapped_column(Text)
+    response: Mapped[str] = mapped_column(CountedText)
 
 
 class Ticket(Base):
@@ -134,10 +164,77 @@ class NoteLine(Base):
     text: Mapped[str] = mapped_column(Text)
 
 
-def seed() -> list[Base]:
+class Board(Base):
+    """An integer owner column, and cards with a deferred column."""
+
+    __tablename__ = "boards"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    owner_id: Mapped[int]
+    version: Mapped[int]
+    cards: Mapped[list[Card]] = relationship(order_by="Card.id")
+
+
+class Card(Base):
+    __tablename__ = "cards"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    board_id: Mapped[int] = mapped_column(ForeignKey("boards.id"))
+    text: Mapped[str] = mapped_column(Text)
+    secret: Mapped[str] = mapped_column(Text, deferred=True)
+
+
+class Poll(Base):
+    """A ``column_property`` expression: a mapping only the ORM reads."""
+
+    __tablename__ = "polls"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int]
+    question: Mapped[str] = mapped_column(Text)
+    question_length: Mapped[int] = column_property(func.length(question))
+    choices: Mapped[list[Choice]] = relationship(order_by="Choice.id")
+
+
+class Choice(Base):
+    __tablename__ = "choices"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    poll_id: Mapped[str] = mapped_column(ForeignKey("polls.id"))
+    label: Mapped[str] = mapped_column(Text)
+
+
+playlist_songs = Table(
+    "playlist_songs",
+    Base.metadata,
+    Column("playlist_id", ForeignKey("playlists.id"), primary_key=True),
+    Column("song_id", ForeignKey("songs.id"), primary_key=True),
+)
+
+
+class Playlist(Base):
+    """A many-to-many relationship."""
+
+    __tablename__ = "playlists"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int]
+    songs: Mapped[list[Song]] = relationship(secondary=playlist_songs, order_by="Song.title")
+
+
+class Song(Base):
+    __tablename__ = "songs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    title: Mapped[str] = mapped_column(Text)
+
+
+def seed(sqlite: bool) -> list[Base]:
     # Interaction ids run against positions, and comment ids are inserted out of order, so
     # an ordering bug shows whichever order the database happens to return rows in.
-    return [
+    rows = [
         ChatSession(
             id="s1",
             owner_id="alice",
@@ -177,7 +274,30 @@ def seed() -> list[Base]:
             updated_at_utc=LAST_TIMESTAMP.replace(tzinfo=timezone.utc),
         ),
         Note(id=NOTE_ID, owner="alice", version=7, lines=[NoteLine(id=1, text="remember")]),
+        Board(
+            id=1,
+            owner_id=7,
+            version=2,
+            cards=[Card(id=2, text="two", secret="s2"), Card(id=1, text="one", secret="s1")],
+        ),
+        Poll(
+            id="p1",
+            owner="alice",
+            version=4,
+            question="Lunch?",
+            choices=[Choice(id=1, label="yes"), Choice(id=2, label="no")],
+        ),
+        Playlist(
+            id="l1",
+            owner="alice",
+            version=9,
+            songs=[Song(id=1, title="b side"), Song(id=2, title="a side")],
+        ),
+        Playlist(id="l2", owner="alice", version=1),
     ]
+    if sqlite:  # beyond 32 bits: SQLite keeps it in an Integer column all the same
+        rows.append(Board(id=2, owner_id=5_000_000_000, version=1))
+    return rows
 
 
 # Why PostgreSQL could not be reached, once known, so later tests skip without waiting again.
@@ -236,7 +356,7 @@ async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
     )
     async with database as engine:
         async with AsyncSession(engine) as session, session.begin():
-            session.add_all(seed())
+            session.add_all(seed(engine.dialect.name == "sqlite"))
         yield engine
 
 
@@ -723,6 +843,206 @@ async def test_other_user_gets_no_frame_through_the_middleware(
         assert await ws.receive_text() == "live"
 
 
+def as_mapped_objects(key: str) -> Any:
+    """A ``serialize`` giving what the default does, from mapped objects (the ORM's path)."""
+
+    def serialize(row: Any) -> dict[str, Any]:
+        return {**column_values(row), key: [column_values(item) for item in getattr(row, key)]}
+
+    return serialize
+
+
+@pytest.mark.parametrize(
+    ("model", "relationship", "owner", "session_id"),
+    [
+        (ChatSession, "interactions", "owner_id", "s1"),
+        (Ticket, "comments", "owner", "1"),
+        (Note, "lines", "owner", str(NOTE_ID)),
+        (Board, "cards", "owner_id", "1"),
+        (Playlist, "songs", "owner", "l1"),
+        (Playlist, "songs", "owner", "l2"),
+    ],
+    ids=["chat", "ticket", "uuid-key", "deferred-column", "many-to-many", "empty-many-to-many"],
+)
+async def test_rows_and_mapped_objects_give_the_same_snapshot(
+    engine: AsyncEngine,
+    sessionmaker: async_sessionmaker[AsyncSession],
+    model: Any,
+    relationship: str,
+    owner: str,
+    session_id: str,
+) -> None:
+    attributes = {
+        "interactions": getattr(model, relationship),
+        "owner": getattr(model, owner),
+        "version": getattr(model, "updated_at" if model is Ticket else "version"),
+    }
+    user = "7" if model is Board else "alice"
+    by_rows = sqlalchemy_loader(engine, model, **attributes)
+    by_objects = sqlalchemy_loader(
+        sessionmaker, model, **attributes, serialize=as_mapped_objects(relationship)
+    )
+
+    snapshot = await by_rows(context(session_id, user=user))
+
+    assert snapshot is not None
+    assert snapshot == await by_objects(context(session_id, user=user))
+    assert snapshot == await sqlalchemy_loader(sessionmaker, model, **attributes)(
+        context(session_id, user=user)
+    )
+
+
+async def test_deferred_columns_are_left_out_and_many_to_many_is_ordered(
+    engine: AsyncEngine,
+) -> None:
+    board = sqlalchemy_loader(
+        engine, Board, interactions=Board.cards, owner=Board.owner_id, version=Board.version
+    )
+    playlist = sqlalchemy_loader(
+        engine,
+        Playlist,
+        interactions=Playlist.songs,
+        owner=Playlist.owner,
+        version=Playlist.version,
+    )
+
+    cards = await board(context("1", user=7))
+    songs = await playlist(context("l1"))
+    empty = await playlist(context("l2"))
+
+    assert cards == Snapshot(
+        {
+            "id": 1,
+            "owner_id": 7,
+            "version": 2,
+            "cards": [
+                {"id": 1, "board_id": 1, "text": "one"},
+                {"id": 2, "board_id": 1, "text": "two"},
+            ],
+        },
+        owner="7",
+        version=2,
+    )
+    assert songs is not None
+    assert songs.session["songs"] == [  # type: ignore[index]
+        {"id": 2, "title": "a side"},
+        {"id": 1, "title": "b side"},
+    ]
+    assert empty is not None
+    assert empty.session["songs"] == []  # type: ignore[index]
+
+
+async def test_a_mapping_only_the_orm_reads_is_loaded_as_objects(engine: AsyncEngine) -> None:
+    loader = sqlalchemy_loader(
+        engine, Poll, interactions=Poll.choices, owner=Poll.owner, version=Poll.version
+    )
+
+    snapshot = await loader(context("p1"))
+
+    assert snapshot == Snapshot(
+        {
+            "id": "p1",
+            "owner": "alice",
+            "version": 4,
+            "question": "Lunch?",
+            "question_length": 6,
+            "choices": [
+                {"id": 1, "poll_id": "p1", "label": "yes"},
+                {"id": 2, "poll_id": "p1", "label": "no"},
+            ],
+        },
+        owner="alice",
+        version=4,
+    )
+    assert await loader(context("p1", user="mallory")) is None
+
+
+@pytest.mark.parametrize("path", ["rows", "objects"])
+async def test_another_users_session_reads_no_interaction(
+    engine: AsyncEngine,
+    sessionmaker: async_sessionmaker[AsyncSession],
+    caplog: pytest.LogCaptureFixture,
+    path: str,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="asgi_session_sync")
+    serialized: list[ChatSession] = []
+
+    def serialize(row: ChatSession) -> dict[str, Any]:
+        serialized.append(row)
+        return {}
+
+    loader = (
+        chat_loader(sessionmaker)
+        if path == "rows"
+        else chat_loader(sessionmaker, serialize=serialize)
+    )
+    responses_read.clear()
+
+    with sql_statements(engine) as statements:
+        assert await loader(context("s1", user="mallory")) is None
+
+    assert len(statements) == 1
+    assert responses_read == []
+    assert serialized == []
+    [warning] = logged(caplog)
+    assert "owner does not match" in warning
+    # The owner's load reads them all.
+    assert await loader(context("s1")) is not None
+    assert sorted(responses_read) == ["Gulbenkian", "Ramiro", "hi"]
+
+
+@pytest.mark.parametrize(
+    ("user", "session_id", "loads"),
+    [
+        ("7", "1", True),
+        (7, "1", True),
+        ("07", "1", False),  # the same number, not the same string
+        ("8", "1", False),
+        ("5000000000", "2", True),  # beyond 32 bits, in an Integer column (SQLite only)
+    ],
+)
+async def test_integer_owner_column(
+    engine: AsyncEngine, user: Any, session_id: str, loads: bool
+) -> None:
+    if session_id == "2" and engine.dialect.name != "sqlite":
+        pytest.skip("PostgreSQL's integer holds 32 bits")
+    loader = sqlalchemy_loader(
+        engine, Board, interactions=Board.cards, owner=Board.owner_id, version=Board.version
+    )
+
+    snapshot = await loader(context(session_id, user=user))
+
+    assert (snapshot is not None) == loads
+    assert (await loader.version_loader(context(session_id, user=user)) is not None) == loads
+
+
+async def test_user_id_that_cannot_be_an_owner_gives_nothing_without_a_query(
+    engine: AsyncEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="asgi_session_sync")
+    loader = sqlalchemy_loader(
+        engine, Board, interactions=Board.cards, owner=Board.owner_id, version=Board.version
+    )
+
+    with sql_statements(engine) as statements:
+        assert await loader(context("1", user="alice")) is None
+        assert await loader(context("1", user=str(2**63))) is None
+
+    assert statements == []
+    assert all("cannot be a value of the owner column" in line for line in logged(caplog))
+    assert "alice" not in caplog.text
+
+
+async def test_no_user_is_refused_without_a_query(
+    engine: AsyncEngine, loader: SQLAlchemyLoader
+) -> None:
+    with sql_statements(engine) as statements:
+        assert await loader(context("s1", user=None)) is None
+        assert await loader.version_loader(context("s1", user=None)) is None
+
+    assert statements == []
+
+
 # Without a database: the default user id, configuration errors, trio.
 
 
@@ -808,6 +1128,17 @@ def test_configuration_errors_name_the_argument(options: dict[str, Any], message
     }
     with pytest.raises(ValueError, match=message):
         sqlalchemy_loader(async_sessionmaker(), ChatSession, **arguments)
+
+
+def test_sessionmaker_must_be_an_engine_or_callable() -> None:
+    with pytest.raises(TypeError, match="an AsyncEngine or an async_sessionmaker"):
+        sqlalchemy_loader(
+            42,  # type: ignore[arg-type]
+            ChatSession,
+            interactions=ChatSession.interactions,
+            owner=ChatSession.owner_id,
+            version=ChatSession.version,
+        )
 
 
 def test_unmapped_model_is_refused() -> None:

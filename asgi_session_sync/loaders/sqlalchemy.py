@@ -1,12 +1,12 @@
 """A snapshot loader for sessions stored with SQLAlchemy: the row and its interactions.
 
 ```python
-from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import create_async_engine
 from asgi_session_sync.loaders.sqlalchemy import sqlalchemy_loader
 
 engine = create_async_engine("sqlite+aiosqlite:///app.db")  # or postgresql+asyncpg://...
 load_session = sqlalchemy_loader(
-    async_sessionmaker(engine),
+    engine,  # or an async_sessionmaker
     ChatSession,
     interactions=ChatSession.interactions,
     owner=ChatSession.owner_id,
@@ -15,11 +15,13 @@ load_session = sqlalchemy_loader(
 app.add_middleware(SessionSyncMiddleware, loader=load_session, paths=["/ws/sessions/{session_id}"])
 ```
 
-The loader reads the session and its interactions with one SQL statement, sends nothing unless
-the session's owner is the connecting user, and returns a :class:`~asgi_session_sync.Snapshot`
-with the owner and the version: an integer column as is, a timestamp column as microseconds
-since the Unix epoch (:func:`timestamp_version`). SQLite (aiosqlite) and PostgreSQL (asyncpg)
-are tested.
+The loader reads the session and its interactions with one SQL statement, and returns a
+:class:`~asgi_session_sync.Snapshot` with the owner and the version: an integer column as is, a
+timestamp column as microseconds since the Unix epoch (:func:`timestamp_version`). The owner
+check is in the statement too: for another user's session no interaction is read, so it costs
+what a missing session costs. By default it selects plain columns and builds the snapshot's
+dicts straight from the rows, without building mapped objects; with a ``serialize`` of your own
+it loads mapped objects for it. SQLite (aiosqlite) and PostgreSQL (asyncpg) are tested.
 
 It runs on asyncio only: SQLAlchemy's asyncio extension and its drivers do not run on trio.
 Install it with the ``sqlalchemy`` extra (``postgres`` for asyncpg): see "Install" in
@@ -33,9 +35,11 @@ import functools
 import logging
 import re
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from pydantic import BaseModel
 
@@ -43,9 +47,25 @@ from ..protocol import MAX_VERSION, Version, as_version
 from ..snapshot import SessionContext, Snapshot, user_identity
 
 try:
-    from sqlalchemy import BigInteger, Integer, SmallInteger, Uuid, bindparam, inspect, select
+    from sqlalchemy import (
+        CHAR,
+        NCHAR,
+        BigInteger,
+        Column,
+        Enum,
+        Integer,
+        SmallInteger,
+        String,
+        Table,
+        Uuid,
+        and_,
+        bindparam,
+        case,
+        inspect,
+        select,
+    )
     from sqlalchemy.exc import NoInspectionAvailable
-    from sqlalchemy.ext.asyncio import AsyncSession
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
     from sqlalchemy.orm import (
         ColumnProperty,
         Mapper,
@@ -55,7 +75,8 @@ try:
         contains_eager,
     )
     from sqlalchemy.orm.base import instance_state
-    from sqlalchemy.sql import ColumnElement, Select
+    from sqlalchemy.sql import ColumnElement, FromClause, Select
+    from sqlalchemy.sql.visitors import replacement_traverse
     from sqlalchemy.types import TypeEngine
 except ImportError as exc:  # pragma: no cover (the extra is installed wherever tests run)
     raise ImportError(
@@ -79,6 +100,7 @@ OrderBy = ColumnElement[Any] | QueryableAttribute[Any]
 (``Interaction.position.desc()``)."""
 
 _ID_PARAM = "asgi_session_sync_id"
+_OWNER_PARAM = "asgi_session_sync_owner"
 _DECIMAL_INTEGER = re.compile(r"-?[0-9]{1,20}")
 _LOG_PATH_CHARS = 64
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -123,8 +145,9 @@ def _epoch_microseconds(at: datetime) -> int:
 def column_values(row: object) -> dict[str, Any]:
     """Return the loaded column attributes of a mapped object, by attribute name.
 
-    What the default ``serialize`` of :func:`sqlalchemy_loader` sends for the session row and
-    for each interaction; use it to build your own. Values are left as the driver returned them
+    The same dicts :func:`sqlalchemy_loader` sends by default for the session row and for each
+    interaction (which it builds from the rows, without mapped objects); use it to build your
+    own ``serialize``. Values are left as the driver returned them
     (``datetime``, ``Decimal``, ``UUID``): the middleware serialises them with pydantic.
     Attributes not loaded (deferred or expired columns) are left out rather than loaded, since a
     lazy load cannot run in SQLAlchemy's asyncio extension.
@@ -147,6 +170,20 @@ def _column_keys(mapper: Mapper[Any]) -> tuple[str, ...]:
     return tuple(prop.key for prop in mapper.column_attrs)
 
 
+@dataclass(frozen=True, slots=True)
+class _Read:
+    """A load's statement, and where its rows hold what the loader checks and sends.
+
+    ``content`` turns the rows of plain columns into the snapshot's ``session``; it is ``None``
+    when each row starts with a mapped object, for ``serialize``.
+    """
+
+    statement: Select[Any]
+    owner: int
+    version: int
+    content: Callable[[Sequence[Any]], dict[str, Any]] | None = None
+
+
 class SQLAlchemyLoader:
     """A snapshot loader reading a session row and its interactions; see :func:`sqlalchemy_loader`.
 
@@ -156,38 +193,41 @@ class SQLAlchemyLoader:
     """
 
     __slots__ = (
+        "_bind_arguments",
         "_check_owner",
         "_convert_id",
-        "_load_statement",
-        "_owner_key",
+        "_convert_owner",
+        "_engine",
+        "_read",
         "_serialize",
         "_sessionmaker",
         "_user_id",
-        "_version_key",
         "_version_name",
-        "_version_statement",
+        "_version_read",
     )
 
     def __init__(
         self,
         *,
-        sessionmaker: Callable[[], AsyncSession],
-        load_statement: Select[Any],
-        version_statement: Select[Any],
+        bind: AsyncEngine | Callable[[], AsyncSession],
+        mapper: Mapper[Any],
+        read: _Read,
+        version_read: _Read,
         convert_id: Callable[[str], object],
-        owner_key: str,
-        version_key: str,
+        convert_owner: Callable[[str], object] | None,
         version_name: str,
         user_id: Callable[[Any], str | None],
         check_owner: bool,
         serialize: Callable[[Any], Mapping[str, Any] | BaseModel],
     ) -> None:
-        self._sessionmaker = sessionmaker
-        self._load_statement = load_statement
-        self._version_statement = version_statement
+        self._engine = bind if isinstance(bind, AsyncEngine) else None
+        self._sessionmaker = None if isinstance(bind, AsyncEngine) else bind
+        # The session's binds choose the connection, as they would for a query of the model.
+        self._bind_arguments: dict[str, Any] = {"mapper": mapper}
+        self._read = read
+        self._version_read = version_read
         self._convert_id = convert_id
-        self._owner_key = owner_key
-        self._version_key = version_key
+        self._convert_owner = convert_owner
         self._version_name = version_name
         self._serialize = serialize
         self._user_id = user_id
@@ -197,29 +237,47 @@ class SQLAlchemyLoader:
         """Load ``ctx.session_id`` with its interactions, in one SQL statement.
 
         Returns ``None`` when there is no such session (or the id cannot be one, such as
-        ``"abc"`` for an integer key, in which case nothing is queried) and when the owner check
-        fails; the reason is logged.
+        ``"abc"`` for an integer key, in which case nothing is queried), when there is no
+        connecting user to check the owner against (nothing is queried either), and when the
+        owner check fails; the reason is logged.
 
         Raises:
             RuntimeError: Called outside asyncio (under trio).
         """
         _require_asyncio()
-        session_id = self._session_id(ctx, "snapshot")
-        if session_id is None:
+        query = self._query(ctx, "snapshot")
+        if query is None:
             return None
-        async with self._sessionmaker() as session:
-            result = await session.execute(self._load_statement, {_ID_PARAM: session_id})
-            row = result.unique().scalar_one_or_none()
-            if row is None:
+        parameters, user_id = query
+        read = self._read
+        if read.content is not None:
+            async with self._connect() as connection:
+                rows = (await connection.execute(read.statement, parameters)).all()
+            if not rows:
                 logger.debug("no snapshot: no such session session_id=%s", ctx.session_id)
                 return None
-            owner = getattr(row, self._owner_key)
-            if self._is_refused(ctx, owner, "snapshot"):
+            first = rows[0]
+            if self._is_refused(ctx, user_id, first[read.owner], "snapshot"):
                 return None
-            # Inside the session on purpose: a custom serialize sees the row as loaded.
-            content = self._serialize(row)
-            version = self._version(ctx, getattr(row, self._version_key))
-        return Snapshot(content, owner=None if owner is None else str(owner), version=version)
+            content: Mapping[str, Any] | BaseModel = read.content(rows)
+        else:
+            async with self._session() as session:
+                result = await session.execute(read.statement, parameters)
+                found = result.unique().one_or_none()
+                if found is None:
+                    logger.debug("no snapshot: no such session session_id=%s", ctx.session_id)
+                    return None
+                first = found
+                if self._is_refused(ctx, user_id, first[read.owner], "snapshot"):
+                    return None
+                # Inside the session on purpose: a custom serialize sees the row as loaded.
+                content = self._serialize(found[0])
+        owner = first[read.owner]
+        return Snapshot(
+            content,
+            owner=None if owner is None else str(owner),
+            version=self._version(ctx, first[read.version]),
+        )
 
     async def version_loader(self, ctx: SessionContext, /) -> Version | None:
         """Return the session's current version: one query of the version (and owner) column.
@@ -234,22 +292,46 @@ class SQLAlchemyLoader:
             RuntimeError: Called outside asyncio (under trio).
         """
         _require_asyncio()
-        session_id = self._session_id(ctx, "version")
-        if session_id is None:
+        query = self._query(ctx, "version")
+        if query is None:
             return None
-        async with self._sessionmaker() as session:
-            result = await session.execute(self._version_statement, {_ID_PARAM: session_id})
-            row = result.one_or_none()
+        parameters, user_id = query
+        read = self._version_read
+        async with self._connect() as connection:
+            row = (await connection.execute(read.statement, parameters)).one_or_none()
         if row is None:
             logger.debug("no version: no such session session_id=%s", ctx.session_id)
             return None
-        if self._check_owner and self._is_refused(ctx, row[1], "version"):
+        if self._is_refused(ctx, user_id, row[read.owner], "version"):
             return None
-        return self._version(ctx, row[0])
+        return self._version(ctx, row[read.version])
 
-    def _session_id(self, ctx: SessionContext, what: str) -> object | None:
+    @asynccontextmanager
+    async def _connect(self) -> AsyncIterator[AsyncConnection]:
+        """A connection for one Core statement: the engine's, or the new session's."""
+        if self._engine is not None:
+            async with self._engine.connect() as connection:
+                yield connection
+            return
+        assert self._sessionmaker is not None
+        async with self._sessionmaker() as session:
+            yield await session.connection(bind_arguments=self._bind_arguments)
+
+    def _session(self) -> AsyncSession:
+        """A new session, for loading mapped objects."""
+        if self._engine is not None:
+            return AsyncSession(self._engine)
+        assert self._sessionmaker is not None
+        return self._sessionmaker()
+
+    def _query(self, ctx: SessionContext, what: str) -> tuple[dict[str, object], str | None] | None:
+        """The statement's parameters and the user id to check, or ``None``: nothing to query.
+
+        Neither an id that cannot be a key nor a missing user depends on what is stored, so
+        refusing them without a query tells a client nothing.
+        """
         try:
-            return self._convert_id(ctx.session_id)
+            parameters: dict[str, object] = {_ID_PARAM: self._convert_id(ctx.session_id)}
         except ValueError:
             logger.debug(
                 "no %s: session id cannot be a key of this table session_id=%s",
@@ -257,10 +339,8 @@ class SQLAlchemyLoader:
                 ctx.session_id,
             )
             return None
-
-    def _is_refused(self, ctx: SessionContext, owner: object, what: str) -> bool:
         if not self._check_owner:
-            return False
+            return parameters, None
         # Only the session id and the path are logged: the user (a token, an email) is not ours
         # to write to logs.
         user_id = self._user_id(ctx.user)
@@ -271,16 +351,43 @@ class SQLAlchemyLoader:
                 ctx.session_id,
                 _path(ctx),
             )
-            return True
-        if owner is None or str(owner) != str(user_id):
-            logger.warning(
-                "no %s: session owner does not match the connecting user session_id=%s path=%r",
-                what,
-                ctx.session_id,
-                _path(ctx),
-            )
-            return True
-        return False
+            return None
+        user_id = str(user_id)
+        if self._convert_owner is not None:
+            try:
+                parameters[_OWNER_PARAM] = self._convert_owner(user_id)
+            except ValueError:
+                # Not a value of the owner column ("bob" for an integer one): this user owns no
+                # session, whatever the id, so refusing without a query tells nothing.
+                logger.warning(
+                    "no %s: the connecting user's id cannot be a value of the owner column "
+                    "session_id=%s path=%r",
+                    what,
+                    ctx.session_id,
+                    _path(ctx),
+                )
+                return None
+        return parameters, user_id
+
+    def _is_refused(
+        self, ctx: SessionContext, user_id: str | None, owner: object, what: str
+    ) -> bool:
+        """Whether the owner check refuses the session: ``user_id`` is ``None`` when unchecked.
+
+        The comparison as strings decides. When it accepts, the statement's own comparison
+        (``owner = :user``, which joined the interactions) accepted too: the user id was
+        converted to the owner column's type, and for such types equal strings are equal
+        values (see :func:`_owner_converter`).
+        """
+        if user_id is None or (owner is not None and str(owner) == user_id):
+            return False
+        logger.warning(
+            "no %s: session owner does not match the connecting user session_id=%s path=%r",
+            what,
+            ctx.session_id,
+            _path(ctx),
+        )
+        return True
 
     def _version(self, ctx: SessionContext, value: object) -> Version | None:
         """The version column's value as a version: the one conversion, for both loads."""
@@ -305,7 +412,7 @@ class SQLAlchemyLoader:
 
 
 def sqlalchemy_loader(
-    sessionmaker: Callable[[], AsyncSession],
+    sessionmaker: AsyncEngine | Callable[[], AsyncSession],
     model: type[_Model],
     *,
     interactions: QueryableAttribute[Any],
@@ -320,13 +427,21 @@ def sqlalchemy_loader(
     """Build a loader that reads a session row and its interactions with SQLAlchemy.
 
     Each load runs one SQL statement: the session row ``LEFT OUTER JOIN`` its interactions,
-    ordered, on a new session from ``sessionmaker``. A session whose owner is not the
-    connecting user gives no snapshot (logged as a warning with the session id and path), so
-    guessing another user's session id reveals nothing.
+    ordered. A session whose owner is not the connecting user gives no snapshot (logged as a
+    warning with the session id and path), so guessing another user's session id reveals
+    nothing. The owner is compared in the statement's join, so no interaction of another
+    user's session is read: such a load costs what a missing session's does.
+
+    Without ``serialize``, the statement selects plain columns and the snapshot's dicts are
+    built straight from the rows, without mapped objects (session events and loader criteria
+    such as ``with_loader_criteria`` do not apply to it). A mapping that cannot be read column
+    by column (inheritance, a ``column_property`` expression, a self-referential relationship)
+    is loaded as mapped objects instead, with the same output.
 
     Args:
-        sessionmaker: An ``async_sessionmaker`` (or any callable returning a new
-            ``AsyncSession``).
+        sessionmaker: Where to read: an ``AsyncEngine`` (a pooled connection per load, the
+            fastest), or an ``async_sessionmaker`` or any callable returning a new
+            ``AsyncSession`` (a session per load, whose binds choose the connection).
         model: The mapped class of a session.
         interactions: The one-to-many (or many-to-many) relationship holding the session's
             interactions, such as ``ChatSession.interactions``.
@@ -349,10 +464,11 @@ def sqlalchemy_loader(
         check_owner: Compare the owner with the connecting user. Turn it off only when
             something before the middleware already guarantees it.
         serialize: ``def serialize(row) -> Mapping | BaseModel``: the snapshot's ``session``,
-            from the loaded row (its interactions loaded, in order). Default: the row's columns
-            (see :func:`column_values`) plus a list of each interaction's columns under the
-            relationship's name. It runs while the session is open but must not lazy-load:
-            SQLAlchemy's asyncio extension raises on lazy loads.
+            from the loaded mapped object (its interactions loaded, in order); only the owner's
+            sessions reach it. Default: the row's columns (as :func:`column_values` gives them)
+            plus a list of each interaction's columns under the relationship's name, built from
+            the rows without mapped objects. It runs while the session is open but must not
+            lazy-load: SQLAlchemy's asyncio extension raises on lazy loads.
         order_by: How interactions are ordered: a column attribute, an expression such as
             ``Interaction.position.desc()``, or a sequence of them. Default the relationship's
             own ``order_by``, else the interactions' primary key.
@@ -361,14 +477,17 @@ def sqlalchemy_loader(
         The loader, with a ``version_loader`` method that reads only the version.
 
     Raises:
-        TypeError: ``model`` is not mapped, or ``sessionmaker``, ``user_id`` or ``serialize``
-            is not callable.
+        TypeError: ``model`` is not mapped, ``sessionmaker`` is neither an ``AsyncEngine`` nor
+            callable, or ``user_id`` or ``serialize`` is not callable.
         ValueError: An attribute is not one of ``model`` of the expected kind, or the model has
             a composite primary key and no ``id_column``.
     """
-    for name, value in (("sessionmaker", sessionmaker), ("user_id", user_id)):
-        if not callable(value):
-            raise TypeError(f"{name} must be callable: got {value!r}")
+    if not isinstance(sessionmaker, AsyncEngine) and not callable(sessionmaker):
+        raise TypeError(
+            f"sessionmaker must be an AsyncEngine or an async_sessionmaker: got {sessionmaker!r}"
+        )
+    if not callable(user_id):
+        raise TypeError(f"user_id must be callable: got {user_id!r}")
     if serialize is not None and not callable(serialize):
         raise TypeError(f"serialize must be callable or None: got {serialize!r}")
     mapper = inspect(model, raiseerr=False)
@@ -378,7 +497,7 @@ def sqlalchemy_loader(
     configure_mappers()
     name = model.__name__
     relationship = _relationship(interactions, mapper, name)
-    owner_key = _column_property(owner, mapper, "owner", name).key
+    owner_column = _column_property(owner, mapper, "owner", name).columns[0]
     version_key = _column_property(version, mapper, "version", name).key
     if id_column is None:
         if len(mapper.primary_key) != 1:
@@ -397,31 +516,248 @@ def sqlalchemy_loader(
     else:
         ordering = tuple(order_by)
 
-    matches_id = id_column == bindparam(_ID_PARAM)
-    # contains_eager over an explicit outer join, rather than joinedload: one statement all the
-    # same, and the ORDER BY names the joined table itself, so order_by can be any expression.
-    load_statement = (
-        select(model)
-        .outerjoin(interactions)
-        .options(contains_eager(interactions))
-        .where(matches_id)
-        .order_by(*ordering)
+    convert_owner = _owner_converter(owner_column.type) if check_owner else None
+    query = _Query(
+        mapper=mapper,
+        relationship=relationship,
+        interactions=interactions,
+        owner=owner,
+        version=version,
+        id_column=id_column,
+        ordering=ordering,
+        owner_in_sql=convert_owner is not None,
     )
-    version_columns = (version, owner) if check_owner else (version,)
-    version_statement = select(*version_columns).where(matches_id)
-
+    read = None if serialize is not None else query.columns()
     return SQLAlchemyLoader(
-        sessionmaker=sessionmaker,
-        load_statement=load_statement,
-        version_statement=version_statement,
+        bind=sessionmaker,
+        mapper=mapper,
+        read=read or query.objects(),
+        version_read=_Read(
+            select(version, owner).where(id_column == bindparam(_ID_PARAM)), owner=1, version=0
+        ),
         convert_id=_id_converter(id_type),
-        owner_key=owner_key,
-        version_key=version_key,
+        convert_owner=convert_owner,
         version_name=f"{name}.{version_key}",
         user_id=user_id,
         check_owner=check_owner,
         serialize=serialize or _default_serializer(interactions.key),
     )
+
+
+@dataclass(frozen=True)
+class _Query:
+    """What every snapshot statement of one loader shares, and the two ways to read a session."""
+
+    mapper: Mapper[Any]
+    relationship: RelationshipProperty[Any]
+    interactions: QueryableAttribute[Any]
+    owner: QueryableAttribute[Any]
+    version: QueryableAttribute[Any]
+    id_column: QueryableAttribute[Any]
+    ordering: tuple[OrderBy, ...]
+    owner_in_sql: bool
+    """Whether the owner is compared in the statement: see :func:`_owner_converter`."""
+
+    def objects(self) -> _Read:
+        """Mapped objects, for ``serialize``: the model, then its owner and version columns."""
+        statement = select(self.mapper, self.owner, self.version)
+        tables = self._tables()
+        if tables is not None:
+            statement = statement.select_from(tables)
+        else:
+            # A mapping only the ORM can join (inheritance, a self-referential relationship):
+            # the owner check in its join all the same, though the database may then read
+            # another user's interactions before it drops them.
+            owns = self._owns(self.owner)
+            statement = statement.outerjoin(
+                self.interactions if owns is None else self.interactions.and_(owns)
+            )
+        # contains_eager over an explicit outer join, rather than joinedload: one statement all
+        # the same, and the ORDER BY names the joined table itself, so order_by can be any
+        # expression.
+        statement = (
+            statement.options(contains_eager(self.interactions))
+            .where(self.id_column == bindparam(_ID_PARAM))
+            .order_by(*self.ordering)
+        )
+        return _Read(statement, owner=1, version=2)
+
+    def columns(self) -> _Read | None:
+        """Plain columns, rows straight into dicts; ``None`` when the mapping needs the ORM.
+
+        A Core statement over the tables: an ORM join costs more per execution, even for plain
+        columns. A row holds the interaction's columns first, then the session's, then the
+        owner and version columns when they are not among the session's (deferred).
+        """
+        target = self.relationship.mapper
+        tables = self._tables()
+        session_columns = _plain_columns(self.mapper)
+        interaction_columns = _plain_columns(target)
+        if tables is None or session_columns is None or interaction_columns is None:
+            return None
+        selected: list[ColumnElement[Any]] = [c for _, c in interaction_columns]
+        joined = _position(selected, target.primary_key[0])
+        if joined is None:
+            return None
+        selected += [c for _, c in session_columns]
+        positions = []
+        for attribute in (self.owner, self.version):
+            column = attribute.property.columns[0]
+            position = _position(selected, column)
+            if position is None:
+                position = len(selected)
+                selected.append(column)
+            positions.append(position)
+        id_column = self.id_column.property.columns[0]
+        statement = (
+            select(*selected)
+            .select_from(tables)
+            .where(id_column == bindparam(_ID_PARAM))
+            .order_by(*self.ordering)
+        )
+        return _Read(
+            statement,
+            owner=positions[0],
+            version=positions[1],
+            content=_content(
+                [key for key, _ in session_columns],
+                len(interaction_columns),
+                [key for key, _ in interaction_columns],
+                self.relationship.key,
+                joined,
+            ),
+        )
+
+    def _tables(self) -> FromClause | None:
+        """The session's table outer-joined with the interactions', gated by the owner check.
+
+        ``None`` unless both are plain tables (no inheritance, no self-referential or aliased
+        relationship). The session's columns in the join condition become ``CASE WHEN owner =
+        :user THEN column END``: for another user the interactions are looked up by ``NULL``,
+        which finds none in the index, so the database reads no interaction at all (a plain
+        ``AND owner = :user`` in the join is checked per interaction row read). The plain
+        condition stays too, so the join means what the relationship says whatever its
+        condition holds.
+        """
+        relationship, parent = self.relationship, self.mapper.local_table
+        target = relationship.mapper
+        if (
+            _plain_columns(self.mapper) is None
+            or _plain_columns(target) is None
+            or relationship.entity.is_aliased_class
+            or target.local_table is parent
+            or not isinstance(parent, Table)
+        ):
+            return None
+        on = relationship.primaryjoin
+        owns = self._owns(self.owner.property.columns[0])
+        if owns is not None:
+
+            def gate(element: Any, **kw: Any) -> Any:
+                if isinstance(element, Column) and element.table is parent:
+                    return case((owns, element))
+                return None
+
+            on = and_(replacement_traverse(on, {}, gate), owns)
+        if relationship.secondary is None:
+            return parent.outerjoin(target.local_table, on)
+        return parent.outerjoin(relationship.secondary, on).outerjoin(
+            target.local_table, relationship.secondaryjoin
+        )
+
+    def _owns(
+        self, owner: ColumnElement[Any] | QueryableAttribute[Any]
+    ) -> ColumnElement[bool] | None:
+        if not self.owner_in_sql:
+            return None
+        # An integer user id is bound as 64 bits whatever the column's width: see
+        # _owner_converter.
+        integer = isinstance(self.owner.property.columns[0].type, Integer)
+        return owner == bindparam(_OWNER_PARAM, type_=BigInteger() if integer else None)
+
+
+def _plain_columns(mapper: Mapper[Any]) -> list[tuple[str, Column[Any]]] | None:
+    """The columns a load of ``mapper`` reads, by attribute key, when each is one table column.
+
+    ``None`` when only the ORM can read the mapping: inheritance, a class mapped to something
+    other than a table, a ``column_property`` of an expression or of several columns. Deferred
+    columns are left out, as a load leaves them unloaded.
+    """
+    table = mapper.local_table
+    if mapper.inherits is not None or mapper.polymorphic_on is not None:
+        return None
+    if not isinstance(table, Table):
+        return None
+    columns: list[tuple[str, Column[Any]]] = []
+    for prop in mapper.column_attrs:
+        if prop.deferred:
+            continue
+        column = prop.columns[0]
+        if len(prop.columns) != 1 or not isinstance(column, Column) or column.table is not table:
+            return None
+        columns.append((prop.key, column))
+    return columns
+
+
+def _position(columns: Sequence[ColumnElement[Any]], column: ColumnElement[Any]) -> int | None:
+    # By identity: == on columns builds an SQL expression.
+    return next((i for i, c in enumerate(columns) if c is column), None)
+
+
+def _content(
+    session_keys: Sequence[str],
+    session_start: int,
+    interaction_keys: Sequence[str],
+    key: str,
+    joined: int,
+) -> Callable[[Sequence[Any]], dict[str, Any]]:
+    """``rows -> session``: the first row's session columns, and a dict per interaction.
+
+    The dicts are built by a dict display compiled here for these keys
+    (``{'id': row[0], 'role': row[1], ...}``): twice as fast per row as
+    ``dict(zip(keys, row))``, and the rows are most of a large session's load. The source holds
+    only the keys' ``repr`` (string literals) and integer positions.
+    """
+    session_row = _compiled(f"lambda row: {_dict_display(session_keys, session_start)}")
+    interaction_rows = _compiled(
+        f"lambda rows: [{_dict_display(interaction_keys, 0)} for row in rows]"
+    )
+
+    def content(rows: Sequence[Any]) -> dict[str, Any]:
+        first = rows[0]
+        session: dict[str, Any] = session_row(first)
+        # An outer join that matched nothing leaves the interaction's primary key NULL.
+        session[key] = [] if first[joined] is None else interaction_rows(rows)
+        return session
+
+    return content
+
+
+def _dict_display(keys: Sequence[str], start: int) -> str:
+    return "{" + ", ".join(f"{key!r}: row[{start + i}]" for i, key in enumerate(keys)) + "}"
+
+
+def _compiled(source: str) -> Callable[[Any], Any]:
+    return cast(Callable[[Any], Any], eval(source, {"__builtins__": {}}))
+
+
+def _owner_converter(owner_type: TypeEngine[Any]) -> Callable[[str], object] | None:
+    """How a user id becomes a value of the owner column, to compare in SQL; ValueError if none.
+
+    Only for types where a user id equal to the loaded owner as a string is an equal value to
+    the database too, so the statement never leaves out the interactions of a session the
+    loader then accepts: a string (not ``CHAR``, whose padding PostgreSQL ignores when it
+    compares, nor ``Enum``), an integer (any in 64 bits, as SQLite stores them whatever the
+    declared width; bound as ``BIGINT``), a UUID. ``None`` for any other type: the owner is then
+    compared only once the session is loaded.
+    """
+    if isinstance(owner_type, Integer):
+        return _integer_converter(64, "owner")
+    if isinstance(owner_type, Uuid):
+        return _id_converter(owner_type)
+    if isinstance(owner_type, String) and not isinstance(owner_type, CHAR | NCHAR | Enum):
+        return str
+    return None
 
 
 def _relationship(
@@ -467,19 +803,7 @@ def _id_converter(id_type: TypeEngine[Any]) -> Callable[[str], object]:
             if isinstance(id_type, BigInteger)
             else 32
         )
-        limit = 1 << (bits - 1)
-
-        # Refused here rather than by the database: PostgreSQL raises on an out-of-range
-        # parameter, and a client must not be able to turn a bad id into a logged traceback.
-        def to_integer(session_id: str) -> int:
-            if not _DECIMAL_INTEGER.fullmatch(session_id):
-                raise ValueError("not a decimal integer")
-            number = int(session_id)
-            if not -limit <= number < limit:
-                raise ValueError(f"out of the {bits}-bit range of the id column")
-            return number
-
-        return to_integer
+        return _integer_converter(bits, "id")
     if isinstance(id_type, Uuid):
         as_uuid = id_type.as_uuid
 
@@ -489,6 +813,22 @@ def _id_converter(id_type: TypeEngine[Any]) -> Callable[[str], object]:
 
         return to_uuid
     return str
+
+
+def _integer_converter(bits: int, column: str) -> Callable[[str], int]:
+    limit = 1 << (bits - 1)
+
+    # Refused here rather than by the database: PostgreSQL raises on an out-of-range
+    # parameter, and a client must not be able to turn a bad id into a logged traceback.
+    def to_integer(text: str) -> int:
+        if not _DECIMAL_INTEGER.fullmatch(text):
+            raise ValueError("not a decimal integer")
+        number = int(text)
+        if not -limit <= number < limit:
+            raise ValueError(f"out of the {bits}-bit range of the {column} column")
+        return number
+
+    return to_integer
 
 
 def _default_serializer(key: str) -> Callable[[Any], Mapping[str, Any]]:
