@@ -52,9 +52,12 @@ class StreamPhase(enum.Enum):
 
 
 def _may_be_session_event(partial: bytes) -> bool:
-    """Whether the start of an event could make it one the fence judges: it names a session
-    event (or escapes, which could spell one), or it ends mid-line, so it cannot tell yet."""
-    return b'"session_' in partial or b"\\u" in partial or not partial.endswith((b"\n", b"\r"))
+    """Whether the start of an event could make it one the fence judges, so it is held: it
+    names a session event (or escapes, which could spell one), it ends mid-line, or it has no
+    ``data:`` line yet (a comment, an ``event:`` line), so it cannot tell yet."""
+    if b"session_" in partial or b"\\u" in partial or not partial.endswith((b"\n", b"\r")):
+        return True
+    return not any(line.startswith(b"data") for line in _LINE.split(partial))
 
 
 def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
@@ -71,10 +74,10 @@ class SseResponder:
         "_cursor",
         "_deadline",
         "_events_left",
-        "_passing",
         "_pending",
         "_queue",
         "_send",
+        "_sent",
         "_settings",
         "_socket",
         "_warned_id",
@@ -94,7 +97,7 @@ class SseResponder:
         self._socket: SessionSocket | None = None
         self._cursor: Cursor | None = None
         self._pending = b""
-        self._passing = False  # the start of the event being sent was passed unjudged
+        self._sent = 0  # bytes of _pending already sent unjudged
         self._warned_id = False
         self._events_left = 0
         self._deadline = 0.0
@@ -207,18 +210,26 @@ class SseResponder:
         if message["type"] != "http.response.body":
             await self._send(message)
             return
-        data = self._pending + bytes(message.get("body", b""))
-        self._pending = b""
+        # _pending: the start of an event not yet ended; _sent: how much of it went out
+        # unjudged already (an event the fence could not drop is not held back).
+        held, sent = self._pending, self._sent
+        data = held + bytes(message.get("body", b""))
+        self._pending, self._sent = b"", 0
         more = message.get("more_body", False)
         if time.monotonic() >= self._deadline:
             self._settle()  # the window is over: whatever was held goes out now
         start = 0
         passed = bytearray()
-        for end in _EVENT_END.finditer(data):
+        # The held bytes hold no event's end: look from their last three on (a line break
+        # can be split between two messages).
+        for end in _EVENT_END.finditer(data, max(0, len(held) - 3)):
             block = data[start : end.end()]
             start = end.end()
-            if self._cursor is None or self._passing:
-                self._passing = False  # the rest of an event whose start went out unjudged
+            if sent:
+                passed += block[sent:]  # the rest of an event whose start went out
+                sent = 0
+                continue
+            if self._cursor is None:
                 passed += block
                 continue
             verdict = self._judge(block)
@@ -229,14 +240,19 @@ class SseResponder:
             else:
                 passed += await self._repair()
         rest = data[start:]
-        if self._cursor is None or not more or len(rest) > _MAX_PENDING:
-            passed += rest  # settled, the body ends, or an event too large to judge
-            self._settle()
-        elif rest and (self._passing or not _may_be_session_event(rest)):
-            # Not an event the fence could drop (a body without blank lines, text): sent at
-            # once, and the rest of it when it comes, rather than held until it ends.
+        if not sent and rest and not rest.strip(b"\r\n"):
+            # Blank lines where an event would start end an empty event: they are not the
+            # start of the next one.
             passed += rest
-            self._passing = True
+            rest = b""
+        if self._cursor is None or not more or len(rest) > _MAX_PENDING:
+            passed += rest[sent:]  # settled, the body ends, or an event too large to judge
+            self._settle()
+        elif sent or (rest and not _may_be_session_event(rest)):
+            # Not an event the fence could drop (a body without blank lines, text): sent at
+            # once, and the rest of it as it comes; its end is still looked for.
+            passed += rest[sent:]
+            self._pending, self._sent = rest, len(rest)
         else:
             self._pending = rest
         if passed or not more:

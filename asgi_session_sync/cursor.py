@@ -25,6 +25,10 @@ from .protocol import Frame, Kind, Version
 
 __all__ = ["Cursor", "Verdict"]
 
+_MAX_COVERED = 1 << 22
+"""Versions one producer's catch-up may stand for, at most (its deltas skip 1,000 versions after
+each commit, so about 4,000 checkpoints' worth)."""
+
 
 class Verdict(enum.Enum):
     """What to do with one frame."""
@@ -97,7 +101,7 @@ class Cursor:
                 return Verdict.EMIT
             if current is None or version > current:
                 return self._emit(version)
-            return self._stale(version)
+            return self._stale(version, patch=False)
         # A patch.
         if current is None:
             return Verdict.DROP if self._known else self._repair(frame)
@@ -105,7 +109,7 @@ class Cursor:
         if frame.base_version == current:
             return self._emit(version)
         if version <= current:
-            return self._stale(version)
+            return self._stale(version, patch=True)
         return self._repair(frame)  # ahead, or overlapping the client's version
 
     def reset(self, snapshot: Frame) -> list[Frame]:
@@ -143,8 +147,14 @@ class Cursor:
             return None
         assert patch.version is not None
         self.version = patch.version
-        start = patch.covers_from
-        self._covered = None if start is None else (start, patch.version)
+        start, base = patch.covers_from, patch.base_version
+        # A range no producer could have published since the socket's version (a forged or
+        # buggy reply) is ignored: its duplicates then ask the database, as any stale frame.
+        end = patch.version
+        if start is not None and base is not None and base < start <= end <= start + _MAX_COVERED:
+            self._covered = (start, end)
+        else:
+            self._covered = None
         return self._replay(patch, verified=False)
 
     def _replay(self, truth: Frame, *, verified: bool) -> list[Frame]:
@@ -186,11 +196,11 @@ class Cursor:
         self._verified = False
         return Verdict.EMIT
 
-    def _stale(self, version: Version) -> Verdict:
+    def _stale(self, version: Version, *, patch: bool) -> Verdict:
         if self._verified or version == self.version:
             return Verdict.DROP
         covered = self._covered
-        if covered is not None and covered[0] <= version <= covered[1]:
+        if patch and covered is not None and covered[0] <= version <= covered[1]:
             return Verdict.DROP  # a producer's delta its catch-up already carried
         self.repairing = True
         return Verdict.VERIFY

@@ -104,9 +104,11 @@ class _Channel:
         """
         texts = self.texts
         if frame.touched and texts:
-            # Another operation may have replaced, moved or removed a string: forget it.
+            # Another operation may have replaced, moved or removed a string, or shifted the
+            # array items after one it added or removed: forget every string under its parent.
             for path in frame.touched:
-                for known in [k for k in texts if _overlaps(k, path)]:
+                parent = path.rpartition("/")[0]
+                for known in [k for k in texts if _overlaps(k, parent)]:
                     del texts[known]
         if not frame.appends:
             return None

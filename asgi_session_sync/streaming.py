@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
@@ -74,15 +75,21 @@ the first delta after a commit at version ``v`` is ``v + 1000``."""
 
 _FINISH_TIMEOUT = 10.0
 """Seconds the final checkpoint and publish may take once the block has ended."""
+_STEP_TIMEOUT = 1.0
+"""Seconds one publish or one checkpoint may take while the answer streams, at least (four
+checkpoint intervals when longer): a commit that hangs (a row lock, an exhausted pool) is
+abandoned and tried again later, so a stop or a cancellation always ends the block."""
 _REBASE_ATTEMPTS = 3
+"""Compare-and-set attempts in one checkpoint before it waits for the next interval."""
 _FINAL_RETRY_DELAYS = (0.25, 1.0, 2.0, 0.0)
 """Seconds before each retry of a failed final checkpoint (the last entry ends the list)."""
-"""Compare-and-set attempts in one checkpoint before it waits for the next interval."""
 _MAX_DELTA_CHARS = 64 * 1024
 """Characters of text in one delta, at most (at most 256 KiB of UTF-8): a larger burst of
 appends goes out as several deltas, each under NATS's default ``max_payload`` of 1 MiB."""
-_MAX_CATCH_UP_CHARS = 200 * 1024
-"""Characters of text a catch-up carries, at most; a socket further behind loads a snapshot."""
+_MAX_CATCH_UP_BYTES = 900 * 1024
+"""Bytes of JSON a catch-up reply may hold, at most (under NATS's default ``max_payload`` of
+1 MiB); a socket further behind loads a snapshot."""
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _KEPT_VERSIONS = 512
 """Versions of the current line a stream can answer catch-ups from, at most."""
 
@@ -218,6 +225,7 @@ class AnswerStream:
         self.owner = owner
         self.publish_interval = float(publish_interval)
         self.checkpoint_interval = float(checkpoint_interval)
+        self._step_timeout = max(_STEP_TIMEOUT, 4 * self.checkpoint_interval)
         self._bridge = bridge
         self._save = checkpoint
         self._pieces: list[str] = [text] if text else []
@@ -238,6 +246,8 @@ class AnswerStream:
         self.stopped = False
         """Whether a stop request ended the answer."""
         self._ending = False
+        self._carry = ""  # a high surrogate waiting for its pair (see append)
+        self._line_start: Version | None = None  # the first delta after the last commit
         self.checkpoints = 0
         """Checkpoints committed (the final one included)."""
         self.publishes = 0
@@ -253,6 +263,15 @@ class AnswerStream:
         """
         if not isinstance(text, str):
             raise TypeError(f"append takes a str: got {type(text).__name__}")
+        if self._carry:
+            text, self._carry = self._carry + text, ""
+        if text and not text.isascii() and _SURROGATE.search(text) is not None:
+            # An LLM API may split an escaped emoji ("\ud83d" then "\ude00") across two
+            # chunks: a high surrogate at the end waits for its pair, and pairs are joined;
+            # one that can never pair becomes U+FFFD, as JSON encoders require.
+            if "\ud800" <= text[-1] <= "\udbff":
+                text, self._carry = text[:-1], text[-1]
+            text = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
         if text:
             self._pending.append(text)
             self._appended.set()
@@ -300,6 +319,9 @@ class AnswerStream:
                 finally:
                     self._ending = True
                     tasks.cancel_scope.cancel()
+            if self._carry:
+                self._pending.append("\ufffd")  # its pair never came
+                self._carry = ""
             if failure is not None:
                 status = AnswerStatus.INTERRUPTED
             elif self.stopped:
@@ -339,20 +361,34 @@ class AnswerStream:
                     max(0.0, last_publish + self.publish_interval - anyio.current_time())
                 )
                 last_publish = anyio.current_time()
-                with anyio.CancelScope(shield=True):
+                with anyio.move_on_after(self._step_timeout, shield=True) as step:
                     await self._publish_pending()
+                self._timed_out(step, "publish")
             now = anyio.current_time()
             if (
                 self.version != self._committed
                 and now >= last_checkpoint + self.checkpoint_interval
             ):
                 last_checkpoint = now
-                with anyio.CancelScope(shield=True):
+                with anyio.move_on_after(self._step_timeout, shield=True) as step:
                     await self._checkpoint(self.status)
+                self._timed_out(step, "checkpoint")
+
+    def _timed_out(self, step: anyio.CancelScope, what: str) -> None:
+        if step.cancelled_caught:
+            logger.warning(
+                "answer %s abandoned after %ss session_id=%s",
+                what,
+                self._step_timeout,
+                self.session_id,
+            )
 
     def _next_version(self) -> Version:
         # The first delta after a commit leaves room for the app's other writers.
-        return self.version + (VERSION_SKIP if self.version == self._committed else 1)
+        if self.version == self._committed:
+            self._line_start = self.version + VERSION_SKIP
+            return self._line_start
+        return self.version + 1
 
     def _take_pending(self) -> list[dict[str, Any]]:
         """Move the pending appends into the text, up to :data:`_MAX_DELTA_CHARS` of them;
@@ -493,6 +529,12 @@ class AnswerStream:
                     len(self._pieces), self._units, status
                 )
                 return "rebased" if rebased else "committed"
+            own = self._line.get(result)
+            if own is not None and result > base:
+                # Our own checkpoint, abandoned after the database had committed it: adopt it,
+                # and commit the rest on top of it.
+                self._committed, self._committed_point, base = result, own, result
+                continue
             # Another writer committed ``result``: commit on top of it, above every version
             # this stream has published, and start a new line (older versions lack its change).
             logger.info(
@@ -519,21 +561,21 @@ class AnswerStream:
 
     def _catch_up(self, version: Version) -> bytes | None:
         point, current = self._line.get(version), self._line.get(self.version)
+        if point is None and version == self._committed:
+            point = self._committed_point  # however many deltas came since
         if point is None or current is None or version == self.version:
             return None
         # The line's versions are in order: the first after ``version`` is where this patch
         # starts standing in for the deltas the socket lacks.
-        covers_from = None
+        covers_from = self._line_start if version == self._committed else None
         for line_version in self._line:
             if line_version > version:
-                covers_from = line_version
+                covers_from = line_version if covers_from is None else covers_from
                 break
         operations: list[dict[str, Any]] = []
         # Up to the published version only: the final appends wait for their commit.
         if current.pieces > point.pieces:
             value = "".join(self._pieces[point.pieces : current.pieces])
-            if len(value) > _MAX_CATCH_UP_CHARS:
-                return None  # too large for one message: the socket loads a snapshot instead
             operations.append(
                 {"op": "append", "path": self.text_path, "offset": point.units, "value": value}
             )
@@ -541,7 +583,7 @@ class AnswerStream:
             operations.append(
                 {"op": "replace", "path": self.status_path, "value": current.status.value}
             )
-        return SessionPatch(
+        reply = SessionPatch(
             session_id=self.session_id,
             owner=self.owner,
             base_version=version,
@@ -549,3 +591,5 @@ class AnswerStream:
             patch=operations,
             covers_from=covers_from,
         ).to_json()
+        # Too large for one message: the socket loads a snapshot instead.
+        return None if len(reply) > _MAX_CATCH_UP_BYTES else reply
