@@ -86,8 +86,11 @@ class SingleFlight(Generic[T]):
         calls for one key thus makes at most two runs.
         """
         if key is None:
-            async with self._limiter:
+            await self._acquire()
+            try:
                 return await fn(), "loaded"
+            finally:
+                self._limiter.release()
         asked = self._started
         if self._expiry:
             self._expire()
@@ -115,8 +118,11 @@ class SingleFlight(Generic[T]):
         self._flights[key] = flight
         cached = False
         try:
-            async with self._limiter:
+            await self._acquire()
+            try:
                 flight.result = await fn()
+            finally:
+                self._limiter.release()
             flight.finished = True
             result = flight.result
             if (
@@ -135,6 +141,14 @@ class SingleFlight(Generic[T]):
             if flight.done is not None:
                 flight.done.set()
         return flight.result
+
+    async def _acquire(self) -> None:
+        """Take a slot of the limiter: at once when one is free and nobody waits (no event
+        loop turn, which ``acquire`` always costs), else in turn."""
+        try:
+            self._limiter.acquire_nowait()
+        except anyio.WouldBlock:
+            await self._limiter.acquire()
 
     def _owns(self, key: Hashable, flight: _Flight[T]) -> bool:
         return self._flights.get(key) is flight
