@@ -8,21 +8,27 @@ crash) run against a stand-in child module.
 
 from __future__ import annotations
 
+import logging
 import os
+import queue
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import anyio
 import pytest
 
 from asgi_session_sync._types import Message, Receive, Scope, Send
-from examples.chat import processes
+from examples.chat import processes, worker
 from examples.chat.settings import ChatSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -310,3 +316,97 @@ def test_page_url_is_not_printed_when_the_port_is_taken_as_uvicorn_binds(
         processes.serve(lifespan_only, settings, ready="open the page", log_config=None)
     assert exited.value.code != 0
     assert "open the page" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # nats-py runs on asyncio only
+@pytest.mark.anyio
+async def test_the_worker_waits_for_nats_at_info_and_warns_once_after_its_patience(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each attempt gives up after 8 x 0.25 s: the first is a normal wait, the second is past
+    # a 3 s patience; any later one is said at DEBUG only.
+    monkeypatch.setattr(worker, "NATS_STARTUP_PATIENCE", 3.0)
+    caplog.set_level(logging.DEBUG, logger="examples.chat")
+    url = f"nats://chat:secret@127.0.0.1:{free_port()}"  # closed: nothing listens there
+    with anyio.move_on_after(5.0):
+        async with AsyncExitStack() as stack:
+            await worker._enter_bridge(stack, url)
+    said = [
+        (record.levelno, record.getMessage())
+        for record in caplog.records
+        if record.name == "examples.chat"
+    ]
+    assert [level for level, _ in said[:2]] == [logging.INFO, logging.WARNING], said
+    assert all(level == logging.DEBUG for level, _ in said[2:]), said
+    assert re.match(r"NATS still unreachable after \d+ s url=nats://127\.0\.0\.1:", said[1][1])
+    assert "secret" not in repr(said)
+
+
+def run_until_ready(module: str, tmp_path: Path) -> list[str]:
+    """Start ``python -m <module>`` as a user would, stop it once it is ready; its output lines.
+
+    Ready: the page's URL is printed and the worker has reached NATS. Stopped with SIGTERM,
+    as a service manager (or the launcher's own children) are.
+
+    Raises:
+        pytest.fail: It was not ready within ``TIMEOUT`` s, or did not stop cleanly.
+    """
+    env = {name: value for name, value in os.environ.items() if name not in VARIABLES}
+    env.update(
+        DATABASE_URL=f"sqlite:///{tmp_path / 'chat.db'}",
+        PORT=str(free_port()),
+        NATS_PORT=str(free_port()),
+        PYTHONUNBUFFERED="1",
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", module],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    assert process.stdout is not None
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read(stream: IO[str]) -> None:
+        for line in stream:
+            lines.put(line.rstrip("\n"))
+        lines.put(None)
+
+    reader = threading.Thread(target=read, args=(process.stdout,), daemon=True)
+    reader.start()
+    output: list[str] = []
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        waiting_for = {"open http", "worker ready"}
+        while waiting_for:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            if line is None:
+                pytest.fail("it exited before it was ready:\n" + "\n".join(output))
+            output.append(line)
+            waiting_for = {text for text in waiting_for if text not in line}
+        process.terminate()
+        assert process.wait(timeout=TIMEOUT) == 0, "\n".join(output)
+        reader.join(timeout=TIMEOUT)
+        while (line := lines.get_nowait()) is not None:
+            output.append(line)
+    except (queue.Empty, subprocess.TimeoutExpired):
+        pytest.fail("not ready, or not stopped, in time:\n" + "\n".join(output))
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        reader.join(timeout=TIMEOUT)
+        process.stdout.close()
+    return output
+
+
+@pytest.mark.parametrize("module", ["examples.fastapi_app", "examples.litestar_app"])
+def test_a_clean_start_and_stop_log_no_warning(module: str, tmp_path: Path) -> None:
+    output = run_until_ready(module, tmp_path)
+    text = "\n".join(output)
+    for word in ("WARNING", "ERROR", "Traceback"):
+        assert word not in text, text

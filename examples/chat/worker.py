@@ -92,6 +92,10 @@ _SENTENCES = [
 # Seconds between two attempts to reach NATS, at startup and after losing it: the API's
 # embedded broker comes back in well under a second after a restart.
 NATS_RECONNECT_WAIT = 0.25
+# Seconds the worker waits for NATS at startup before it warns (it goes on waiting): the API,
+# started beside it, brings its nats-server up in its lifespan, within seconds even on a busy
+# machine; a broker unreachable for this long is a mistake (no API, a wrong NATS_URL).
+NATS_STARTUP_PATIENCE = 30.0
 PUBLISH_INTERVAL = 0.05
 """Seconds between two publishes of an answer's stream, at least (its deltas coalesce the
 tokens of each interval): the stream's default, named so that the page knows it."""
@@ -363,7 +367,15 @@ async def run_worker(settings: WorkerSettings) -> None:
 
 
 async def _enter_bridge(stack: AsyncExitStack, url: str) -> NatsBridge:
-    """Open a bridge on ``stack``, retrying until NATS answers (the API may start it later)."""
+    """Open a bridge on ``stack``, retrying until NATS answers (the API may start it later).
+
+    The launcher starts the worker beside the API, whose nats-server comes up with the API's
+    lifespan: waiting for it is normal, so it is said once at INFO (each retry at DEBUG). Only a
+    broker still unreachable after :data:`NATS_STARTUP_PATIENCE` s is a WARNING, said once.
+    """
+    shown = without_credentials(url)
+    started = anyio.current_time()
+    said = logging.NOTSET  # the level of the last thing said about the wait
     while True:
         bridge = NatsBridge(
             url,
@@ -374,4 +386,17 @@ async def _enter_bridge(stack: AsyncExitStack, url: str) -> NatsBridge:
         try:
             return await stack.enter_async_context(bridge)
         except ConnectionError:
-            logger.info("waiting for NATS url=%s", without_credentials(url))
+            waited = anyio.current_time() - started
+            if waited >= NATS_STARTUP_PATIENCE and said < logging.WARNING:
+                said = logging.WARNING
+                logger.warning(
+                    "NATS still unreachable after %.0f s url=%s; still trying: start the API "
+                    "(python -m examples.<app> api) or check NATS_URL and NATS_PASSWORD",
+                    waited,
+                    shown,
+                )
+            elif said == logging.NOTSET:
+                said = logging.INFO
+                logger.info("waiting for NATS url=%s", shown)
+            else:
+                logger.debug("still waiting for NATS url=%s waited=%.1fs", shown, waited)
