@@ -269,12 +269,14 @@ def stand_in(tmp_path: Path, api_exit: int) -> dict[str, str]:
 
 @pytest.mark.anyio
 async def test_supervisor_never_restarts_a_child_that_refused_its_settings(
-    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="examples.chat")
     environment = stand_in(tmp_path, processes.CONFIGURATION_ERROR)
     with anyio.fail_after(TIMEOUT):
         code = await processes.supervise("stand_in", environment)
-    out, err = capfd.readouterr()
+    _, err = capfd.readouterr()
+    out = caplog.text
     assert code == processes.CONFIGURATION_ERROR
     assert out.count("started api pid=") == 1, out
     assert "api refused its settings (above); stopping" in out
@@ -284,13 +286,14 @@ async def test_supervisor_never_restarts_a_child_that_refused_its_settings(
 
 @pytest.mark.anyio
 async def test_supervisor_still_gives_up_on_a_child_that_keeps_crashing(
-    tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    caplog.set_level(logging.INFO, logger="examples.chat")
     monkeypatch.setattr(processes, "RESTART_DELAY", 0.01)
     environment = stand_in(tmp_path, 1)
     with anyio.fail_after(TIMEOUT):
         code = await processes.supervise("stand_in", environment)
-    out, _ = capfd.readouterr()
+    out = caplog.text
     assert code == 1
     assert out.count("started api pid=") == processes.QUICK_EXITS, out
     assert out.count("api exited with 1; restarting") == processes.QUICK_EXITS - 1
@@ -410,3 +413,23 @@ def test_a_clean_start_and_stop_log_no_warning(module: str, tmp_path: Path) -> N
     text = "\n".join(output)
     for word in ("WARNING", "ERROR", "Traceback"):
         assert word not in text, text
+
+
+@pytest.mark.parametrize("module", ["examples.fastapi_app", "examples.litestar_app"])
+def test_the_launcher_its_api_and_its_worker_log_in_one_format(module: str, tmp_path: Path) -> None:
+    output = run_until_ready(module, tmp_path)
+    # Every line is a log record in the one format but the page's URL, printed for the user.
+    logged = re.compile(r"\d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR) [\w.]+\[(\d+)\]: \S")
+    others = [line for line in output if not logged.match(line)]
+    assert [line for line in others if not line.startswith("open http")] == [], output
+    assert len(others) == 1, output
+    pids = {int(match[2]) for line in output if (match := logged.match(line))}
+    children = {
+        int(pid) for pid in re.findall(r"started (?:api|worker) pid=(\d+)", "\n".join(output))
+    }
+    # The launcher's lines, uvicorn's in the API, and the worker's.
+    assert len(children) == 2, output
+    assert children < pids, output
+    assert len(pids) == 3, output
+    assert any("uvicorn" in line for line in output), output
+    assert any("worker ready" in line for line in output), output

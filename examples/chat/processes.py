@@ -37,10 +37,14 @@ from .preflight import check_database, check_ports
 from .settings import ChatSettings
 from .worker import WorkerSettings, run_worker
 
-__all__ = ["CONFIGURATION_ERROR", "main", "serve"]
+__all__ = ["CONFIGURATION_ERROR", "LOG_FORMAT", "configure_logging", "main", "serve"]
 
 CONFIGURATION_ERROR = 2
 """Exit status of a process that refused its settings: the launcher does not restart it."""
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
+"""The one format of every log line of the launcher, the API (uvicorn's lines too) and the
+worker: the pid says which process wrote it, as the launcher names each child's pid."""
 
 _Settings = TypeVar("_Settings", bound=ChatSettings)
 
@@ -83,7 +87,7 @@ def main(
         help="what to run (default: all, the API and a worker, supervised)",
     )
     process = parser.parse_args(argv).process
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging()
     # The children's environment: the settings checked are the ones they will read.
     environment = _children_environment() if process == "all" else dict(os.environ)
     try:
@@ -119,6 +123,15 @@ async def _run_worker_until_signalled(settings: WorkerSettings) -> None:
                 worker.cancel_scope.cancel()
 
 
+def configure_logging() -> None:
+    """Log INFO and above to stderr in :data:`LOG_FORMAT`, in this process.
+
+    :func:`serve` leaves uvicorn's loggers to this configuration, so the API's lines, the
+    worker's and the launcher's read alike.
+    """
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, datefmt="%H:%M:%S")
+
+
 def _checked(settings: _Settings, process: str) -> _Settings:
     """``settings``, once they check out for ``process`` (``api``, ``worker`` or ``all``).
 
@@ -143,7 +156,9 @@ def serve(app: Any, settings: ChatSettings, *, ready: str, **options: Any) -> No
         app: The ASGI application.
         settings: Its settings: ``host`` and ``port``.
         ready: The line to print, such as the page's URL.
-        options: More of uvicorn's settings (``log_config``, ``log_level``).
+        options: More of uvicorn's settings. ``log_config`` is ``None`` unless given:
+            uvicorn's loggers then write through this process's logging configuration
+            (:func:`configure_logging`), in one format with the example's own lines.
     """
     config = uvicorn.Config(
         app,
@@ -151,7 +166,7 @@ def serve(app: Any, settings: ChatSettings, *, ready: str, **options: Any) -> No
         port=settings.port,
         # Open WebSockets never end on their own: don't wait for them forever on shutdown.
         timeout_graceful_shutdown=5,
-        **options,
+        **{"log_config": None, **options},
     )
     server = _AnnouncingServer(config, ready)
     with contextlib.suppress(KeyboardInterrupt):
@@ -224,28 +239,30 @@ async def _keep_running(
         process = await anyio.open_process(
             command, stdin=subprocess.DEVNULL, stdout=None, stderr=None, env=environment
         )
-        print(f"started {name} pid={process.pid}  (kill -9 {process.pid} to crash it)", flush=True)
+        logger.info("started %s pid=%d  (kill -9 %d to crash it)", name, process.pid, process.pid)
         try:
             code = await process.wait()
         finally:
             await _stop(process)
         if code == CONFIGURATION_ERROR:
             # It said which setting, on stderr: a restart would refuse it again.
-            print(f"{name} refused its settings (above); stopping", flush=True)
+            logger.error("%s refused its settings (above); stopping", name)
             outcome.append(CONFIGURATION_ERROR)
             everything.cancel()
             return
         quick_exits = quick_exits + 1 if anyio.current_time() - started < QUICK_EXIT else 0
         if quick_exits >= QUICK_EXITS:
-            print(
-                f"{name} exited {quick_exits} times right after starting (last code {code}); "
-                "giving up: its output above says why",
-                flush=True,
+            logger.error(
+                "%s exited %d times right after starting (last code %s); giving up: its "
+                "output above says why",
+                name,
+                quick_exits,
+                code,
             )
             outcome.append(1)
             everything.cancel()
             return
-        print(f"{name} exited with {code}; restarting in {RESTART_DELAY}s", flush=True)
+        logger.warning("%s exited with %s; restarting in %ss", name, code, RESTART_DELAY)
         await anyio.sleep(RESTART_DELAY)
 
 

@@ -2,23 +2,10 @@
 
 from __future__ import annotations
 
-import copy
-from typing import Any
-
-from uvicorn.config import LOGGING_CONFIG
-
 from examples.chat.processes import main, serve
 
 from .app import create_app
 from .settings import Settings
-
-
-def log_config() -> dict[str, Any]:
-    """uvicorn's logging, plus the library's and the example's INFO lines (resyncs, streams)."""
-    config: dict[str, Any] = copy.deepcopy(LOGGING_CONFIG)
-    for name in ("asgi_session_sync", "examples"):
-        config["loggers"][name] = {"handlers": ["default"], "level": "INFO", "propagate": False}
-    return config
 
 
 def page_url(settings: Settings) -> str:
@@ -35,7 +22,6 @@ def serve_api(settings: Settings) -> None:
         create_app(settings),
         settings,
         ready=f"open {page_url(settings)}  (another user: ?token=bob)",
-        log_config=log_config(),
     )
 
 

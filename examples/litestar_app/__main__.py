@@ -18,7 +18,6 @@ def serve_api(settings: Settings) -> None:
             f"open http://{host}:{settings.port}/?token=alice "
             f"(and http://{host}:{settings.port}/?token=bob for another user)"
         ),
-        log_level="info",
     )
 
 
