@@ -8,6 +8,7 @@ crash) run against a stand-in child module.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import queue
@@ -26,6 +27,7 @@ from typing import IO
 
 import anyio
 import pytest
+from sqlalchemy.engine import make_url
 
 from asgi_session_sync._types import Message, Receive, Scope, Send
 from examples.chat import processes, worker
@@ -433,3 +435,16 @@ def test_the_launcher_its_api_and_its_worker_log_in_one_format(module: str, tmp_
     assert len(pids) == 3, output
     assert any("uvicorn" in line for line in output), output
     assert any("worker ready" in line for line in output), output
+
+
+@pytest.mark.parametrize("module", ["examples.fastapi_app", "examples.litestar_app"])
+def test_the_default_sqlite_file_is_in_the_current_directory_not_the_source_tree(
+    module: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = importlib.import_module(f"{module}.settings").Settings()
+    monkeypatch.chdir(tmp_path)
+    database = make_url(settings.database_url).database
+    assert database is not None
+    path = Path(database).resolve()
+    assert path.parent == tmp_path.resolve()
+    assert ROOT not in path.parents

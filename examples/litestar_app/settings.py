@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from examples.chat.settings import ChatSettings
 
@@ -13,9 +12,10 @@ __all__ = ["Settings"]
 @dataclass(frozen=True)
 class Settings(ChatSettings):
     """How the Litestar example runs: :class:`~examples.chat.settings.ChatSettings` with this
-    example's defaults (SQLite in ``chat.db`` next to this module, port 8001, its private
-    nats-server on 4224)."""
+    example's defaults (SQLite in ``./litestar_example.sqlite3``, in the current directory as
+    the FastAPI example's, never in the source tree; port 8001, its private nats-server on
+    4224)."""
 
-    database_url: str = f"sqlite+aiosqlite:///{Path(__file__).with_name('chat.db')}"
+    database_url: str = "sqlite+aiosqlite:///./litestar_example.sqlite3"
     nats_port: int = 4224
     port: int = 8001
