@@ -448,3 +448,35 @@ def test_the_default_sqlite_file_is_in_the_current_directory_not_the_source_tree
     path = Path(database).resolve()
     assert path.parent == tmp_path.resolve()
     assert ROOT not in path.parents
+
+
+@pytest.mark.parametrize(
+    ("module", "defaults"),
+    [
+        ("examples.fastapi_app", {"PORT": "8000", "NATS_PORT": "4223", "LEASE_SECONDS": "10.0"}),
+        ("examples.litestar_app", {"PORT": "8001", "NATS_PORT": "4224", "TOKEN_INTERVAL": "0.02"}),
+    ],
+)
+def test_help_is_plain_text_naming_every_variable_with_its_default(
+    module: str, defaults: dict[str, str]
+) -> None:
+    shown = subprocess.run(
+        [sys.executable, "-m", module, "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=True,
+    ).stdout
+    for markup in ("``", ":mod:", ":data:", ":class:"):
+        assert markup not in shown, shown
+    listed = dict(re.findall(r"^  ([A-Z_]+)  \((.+)\)$", shown, re.MULTILINE))
+    assert set(listed) == VARIABLES, shown
+    for variable, default in defaults.items():
+        assert listed[variable] == f"default: {default}"
+    assert listed["NATS_URL"].startswith("unset: ")
+    assert listed["DATABASE_URL"].startswith("default: sqlite")
+    # Each has its meaning under it.
+    for variable in VARIABLES:
+        after = shown.split(f"\n  {variable}  (", 1)[1].splitlines()[1]
+        assert re.match(r"    \S", after), shown

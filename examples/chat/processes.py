@@ -42,6 +42,19 @@ __all__ = ["CONFIGURATION_ERROR", "LOG_FORMAT", "configure_logging", "main", "se
 CONFIGURATION_ERROR = 2
 """Exit status of a process that refused its settings: the launcher does not restart it."""
 
+# --help's text: plain, as a terminal shows it (the module's docstring is for the docs).
+_DESCRIPTION = """\
+Run the example's API and its response worker.
+
+  all     both, as child processes (the default): prints their pids, restarts either one
+          a second after it dies (so kill -9 <pid> shows a restart), and stops both on
+          Ctrl+C or SIGTERM
+  api     the API, served by uvicorn, with a private nats-server unless NATS_URL is set
+  worker  the worker that streams the answers; it needs the API's NATS_PASSWORD, or NATS_URL
+
+Settings come from the environment variables below. One that cannot work stops the process
+before anything starts, with one line naming it, and exit status 2."""
+
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 """The one format of every log line of the launcher, the API (uvicorn's lines too) and the
 worker: the pid says which process wrote it, as the launcher names each child's pid."""
@@ -64,7 +77,7 @@ def main(
     argv: Sequence[str] | None,
     *,
     module: str,
-    settings: Callable[[Mapping[str, str]], _Settings],
+    settings: type[_Settings],
     serve_api: Callable[[_Settings], None],
 ) -> None:
     """Run the process ``argv`` names for the example ``module``, once its settings check out.
@@ -75,23 +88,29 @@ def main(
     Args:
         argv: The command-line arguments (default ``sys.argv[1:]``).
         module: The example's package, as ``python -m`` takes it.
-        settings: Reads the example's settings from an environment (``Settings.from_env``).
+        settings: The example's settings class: read with its ``from_env``, and its
+            variables and defaults listed by ``--help``.
         serve_api: Serves the API with these settings until interrupted.
     """
-    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {module}",
+        description=_DESCRIPTION,
+        epilog=settings.environment_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument(
         "process",
         nargs="?",
         default="all",
         choices=["all", "api", "worker"],
-        help="what to run (default: all, the API and a worker, supervised)",
+        help="what to run: all (the default) runs the API and a worker, supervised",
     )
     process = parser.parse_args(argv).process
     configure_logging()
     # The children's environment: the settings checked are the ones they will read.
     environment = _children_environment() if process == "all" else dict(os.environ)
     try:
-        checked = _checked(settings(environment), process)
+        checked = _checked(settings.from_env(environment), process)
     except ValueError as error:  # a SettingError too
         print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(CONFIGURATION_ERROR)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import re
+import textwrap
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 from urllib.parse import quote
 
@@ -33,18 +34,75 @@ _DATABASES = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncpg"}
 _PASSWORD = re.compile(r"(//[^/@:]*):[^/@]*@")
 _URL_FORMS = "use sqlite:///path/to/file.db or postgresql://user:password@host:5432/database"
 
-# Environment variable -> (setting, type).
-_ENVIRONMENT: dict[str, tuple[str, type[Any]]] = {
-    "DATABASE_URL": ("database_url", str),
-    "NATS_URL": ("nats_url", str),
-    "NATS_PORT": ("nats_port", int),
-    "NATS_PASSWORD": ("nats_password", str),
-    "HOST": ("host", str),
-    "PORT": ("port", int),
-    "RESPONSE_TOKENS": ("response_tokens", int),
-    "TOKEN_INTERVAL": ("token_interval", float),
-    "LEASE_SECONDS": ("lease_seconds", float),
-}
+
+@dataclass(frozen=True)
+class _Variable:
+    """An environment variable: the setting it sets, its type, and what it means."""
+
+    name: str
+    setting: str
+    kind: type[Any]
+    meaning: str
+    unset: str = ""  # what an unset variable means, when its default is None
+
+
+# Every variable the settings read, in the order --help lists them.
+_ENVIRONMENT = (
+    _Variable(
+        "DATABASE_URL",
+        "database_url",
+        str,
+        "the chat store: sqlite:///path/to/file.db (a file in the current directory by "
+        "default) or postgresql://user:password@host:5432/database",
+    ),
+    _Variable(
+        "HOST",
+        "host",
+        str,
+        "the address the API listens on (0.0.0.0: every interface)",
+    ),
+    _Variable("PORT", "port", int, "the port the API listens on"),
+    _Variable(
+        "NATS_URL",
+        "nats_url",
+        str,
+        "a NATS server for the API and the worker, such as nats://127.0.0.1:4222",
+        unset="unset: the API starts a private nats-server on NATS_PORT",
+    ),
+    _Variable(
+        "NATS_PORT",
+        "nats_port",
+        int,
+        "the port of the API's private nats-server (on 127.0.0.1), without NATS_URL",
+    ),
+    _Variable(
+        "NATS_PASSWORD",
+        "nats_password",
+        str,
+        "the password of the private nats-server's one user, chat; the API and the worker "
+        "need the same one (letters, digits and ._~- only)",
+        unset="unset: the launcher makes one per run for its two children",
+    ),
+    _Variable(
+        "RESPONSE_TOKENS",
+        "response_tokens",
+        int,
+        "tokens (words) in each simulated answer; any number ends with a whole sentence",
+    ),
+    _Variable(
+        "TOKEN_INTERVAL",
+        "token_interval",
+        float,
+        "seconds between two tokens of an answer (0: as fast as the worker can)",
+    ),
+    _Variable(
+        "LEASE_SECONDS",
+        "lease_seconds",
+        float,
+        "seconds a silent worker keeps its answer before the API marks it interrupted; also "
+        "how long a prompt may wait for a worker once its turn has come",
+    ),
+)
 
 
 @dataclass(frozen=True)
@@ -129,16 +187,33 @@ class ChatSettings:
         """
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
-        for variable, (name, kind) in _ENVIRONMENT.items():
-            text = env.get(variable)
+        for variable in _ENVIRONMENT:
+            text = env.get(variable.name)
             if not text:
                 continue
             try:
-                values[name] = kind(text)
+                values[variable.setting] = variable.kind(text)
             except ValueError:
-                kind_name = "an integer" if kind is int else "a number"
-                raise ValueError(f"{variable} must be {kind_name}: got {text!r}") from None
+                kind_name = "an integer" if variable.kind is int else "a number"
+                raise ValueError(f"{variable.name} must be {kind_name}: got {text!r}") from None
         return cls(**values)
+
+    @classmethod
+    def environment_help(cls) -> str:
+        """Every variable :meth:`from_env` reads, with this class's default and its meaning.
+
+        Plain text for ``--help``: a line with each variable and its default, then what it
+        means, indented.
+        """
+        defaults = {setting.name: setting.default for setting in fields(cls)}
+        lines = ["environment variables (unset or empty: the default):"]
+        for variable in _ENVIRONMENT:
+            default = defaults[variable.setting]
+            shown = variable.unset if default is None else f"default: {default}"
+            lines.append(f"  {variable.name}  ({shown})")
+            lines.extend(textwrap.wrap(variable.meaning, 88, initial_indent=" " * 4,
+                                       subsequent_indent=" " * 4))  # fmt: skip
+        return "\n".join(lines)
 
     @property
     def worker_nats_url(self) -> str:

@@ -26,4 +26,4 @@ def serve_api(settings: Settings) -> None:
 
 
 if __name__ == "__main__":
-    main(None, module="examples.fastapi_app", settings=Settings.from_env, serve_api=serve_api)
+    main(None, module="examples.fastapi_app", settings=Settings, serve_api=serve_api)

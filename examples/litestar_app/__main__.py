@@ -22,4 +22,4 @@ def serve_api(settings: Settings) -> None:
 
 
 if __name__ == "__main__":
-    main(None, module="examples.litestar_app", settings=Settings.from_env, serve_api=serve_api)
+    main(None, module="examples.litestar_app", settings=Settings, serve_api=serve_api)
