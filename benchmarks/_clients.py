@@ -290,6 +290,7 @@ class Storm:
     client_cpu: float
     server_cpu: float
     machine_cpu: float
+    listen_drops: int  # connections the kernel dropped meanwhile, its listen queue full
 
 
 async def storm(url: str, ids: Sequence[str], *, server: int, workers: int, bound: float) -> Storm:
@@ -300,7 +301,9 @@ async def storm(url: str, ids: Sequence[str], *, server: int, workers: int, boun
         pipes = []
         for index in range(workers):
             command, pipe = [sys.executable, "-m", "benchmarks._clients"], subprocess.PIPE
-            worker = await anyio.open_process(command, stdin=pipe, stdout=pipe, cwd=REPOSITORY)
+            worker = await anyio.open_process(
+                command, stdin=pipe, stdout=pipe, stderr=None, cwd=REPOSITORY
+            )
             stack.push_async_callback(worker.aclose)
             assert worker.stdin is not None and worker.stdout is not None
             pipes.append((worker.stdin, BufferedByteReceiveStream(worker.stdout)))
@@ -315,14 +318,15 @@ async def storm(url: str, ids: Sequence[str], *, server: int, workers: int, boun
 
         if await each(b"") != [b"ready"] * workers:
             raise RuntimeError("a storm worker did not start")
-        cpu = cpu_seconds(server), machine_cpu_seconds()
+        before = cpu_seconds(server), machine_cpu_seconds(), listen_drops()
         released_at = time.perf_counter()
         if await each(b"go\n") != [b"current"] * workers:
             raise RuntimeError("a storm worker did not finish")
-        cpu = cpu_seconds(server) - cpu[0], machine_cpu_seconds() - cpu[1]
+        after = cpu_seconds(server), machine_cpu_seconds(), listen_drops()
         results = [json.loads(line) for line in await each(b"close\n")]
     clients = [client for result in results for client in result["clients"]]
-    return Storm(clients, released_at, sum(r["cpu"] for r in results), *cpu)
+    spent = [b - a for a, b in zip(before, after, strict=True)]
+    return Storm(clients, released_at, sum(r["cpu"] for r in results), *spent)  # type: ignore[arg-type]
 
 
 def machine_cpu_seconds() -> float:
@@ -330,6 +334,13 @@ def machine_cpu_seconds() -> float:
     with open("/proc/stat") as stat:
         fields = [int(v) for v in stat.readline().split()[1:]]
     return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def listen_drops() -> int:
+    """Connections the kernel dropped since boot because a listen queue was full."""
+    with open("/proc/net/netstat") as netstat:
+        names, values = [line.split() for line in netstat if line.startswith("TcpExt:")][:2]
+    return int(values[names.index("ListenDrops")])
 
 
 async def storm_worker() -> None:

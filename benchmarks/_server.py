@@ -360,8 +360,9 @@ async def running_server(
     """
     command = [sys.executable, "-m", *module_args]
     environment, pipe = None if env is None else {**os.environ, **env}, subprocess.PIPE
+    # stderr=None: the server's log goes to ours; a pipe no one reads would block it when full.
     process = await anyio.open_process(
-        command, stdin=pipe, stdout=pipe, cwd=REPOSITORY, env=environment
+        command, stdin=pipe, stdout=pipe, stderr=None, cwd=REPOSITORY, env=environment
     )
     try:
         assert process.stdout is not None

@@ -110,6 +110,7 @@ async def one_storm(
         "p99_ms": percentile(done, 99) * 1e3,
         "all_current_ms": wall * 1e3,
         "connected_ms": (connected - got.released_at) * 1e3,
+        "listen_drops": got.listen_drops,
         "loads_floor_ms": calls * (options.db_latency_ms + QUERY_MS) / options.pool_size,
         "server_cpu_s": got.server_cpu,
         "client_cpu_s": got.client_cpu,
@@ -150,7 +151,7 @@ def knee(rows: list[Row], options: MassReconnectOptions) -> list[str]:
         floors = {
             "the server's CPU (one core)": r["server_cpu_s"] * 1e3,
             "the loads": r["loads_floor_ms"],
-            "the listen queue (TCP connects)": r["connected_ms"],
+            "the listen queue (drops retried after 1 s)": r["connected_ms"],
         }
         lines.append(
             f"the first beyond: {r['clients']:,} clients in {r['all_current_ms']:,.0f} ms; "
@@ -173,6 +174,7 @@ def report(rows: list[Row], options: MassReconnectOptions, env: Any) -> Report:
     ]
     cost = [
         Column("last TCP connect ms", "connected_ms"),
+        Column("listen queue drops", "listen_drops"),
         Column("loads floor ms", "loads_floor_ms"),
         Column("server CPU s", "server_cpu_s", ".2f"),
         Column("server busy", "server_busy", ".0%"),
@@ -193,7 +195,7 @@ def report(rows: list[Row], options: MassReconnectOptions, env: Any) -> Report:
         Table("cost", cost, SIDES, pair, where=main, title="where the time went"),
         Table(
             "knee",
-            [*seen[4:], *cost[:4], cost[-1]],
+            [*seen[4:], *cost[:5], cost[-1]],
             {"wrapped": "wrapped"},
             by=("clients",),
             where={"storm": "knee"},

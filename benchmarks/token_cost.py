@@ -1,21 +1,13 @@
 """Per-token cost as the session grows (issue 11) and as the answer grows (issue 18).
 
-Both axes stream tokens from the load generator, as the app's worker would, through its own
-``NatsBridge`` and an embedded nats-server (``max_payload`` 8 MB), to ``clients`` WebSockets of
-a fresh ``bridge`` server (:mod:`benchmarks._server`) per round: the server's CPU (all its
-threads) is the API's, uvicorn and the fan-out. Each stream has a session of its own, and every
-client checks its frames after the clock stops.
-
-- **size**: ``tokens`` tokens into the last interaction of a session of 10, 100 and 1,000
-  interactions of ~1 KB, each published as the whole session (``publish``, **full**) or a JSON
-  Patch replacing the interaction's content (``publish_patch``, **patch**), the next once every
-  client has this one. Figures per token: bytes per client, server and nats-server CPU, wall.
-- **length**: an answer of 50, 1,000 and 10,000 tokens after a chat of 10 interactions at
-  ``token_rate`` tokens/s, through ``AnswerStream`` (**append**: a delta at most every 50 ms, a
-  checkpoint into SQLite at most every 250 ms) or the way before it (**replace**: each token
-  commits and publishes the whole text, the next once every tab has it). Figures: bytes and
-  CPU per delivered token (tokens x tabs), DB writes against ``seconds / 0.25 + 2``, tokens per
-  frame and per second.
+Both axes stream from the load generator, as the app's worker would, through its own
+``NatsBridge`` to ``clients`` WebSockets of a fresh ``bridge`` server per round, whose CPU is
+the API's (uvicorn and the fan-out). Every stream has a session of its own; every client checks
+its frames after the clock. **size**: tokens into the last interaction of 10, 100 and 1,000
+interactions, each published as the whole session (**full**) or a patch replacing the content
+(**patch**), the next once every client has it. **length**: answers of 50 to 10,000 tokens
+through ``AnswerStream`` (**append**) or the way before it (**replace**: each token commits and
+publishes the whole text, the next once every tab has it).
 """
 
 from __future__ import annotations
@@ -31,26 +23,18 @@ from typing import Any, ClassVar
 import anyio
 import jsonpatch
 
-from ._answers import (
-    CHECKPOINT_INTERVAL,
-    AnswerEnvironment,
-    Arrivals,
-    Tab,
-    answer_environment,
-    library_answer,
-    replaced_answer,
-)
+from ._answers import CHECKPOINT_INTERVAL, AnswerEnvironment, Arrivals, Tab, answer_environment
+from ._answers import library_answer, replaced_answer
 from ._clients import Server, open_client, rotate, running_servers
 from ._harness import Part, Report, declared, run_alone
 from ._report import Column, Goal, Row, Table
 from ._server import NATS_URL_ENV, cpu_seconds, server_args
-from ._sessions import SNAPSHOT_VERSION, answer_sessions, answer_tokens, answered_session
-from ._sessions import filler, memory_sessions, session_id_for, streamed_content
+from ._sessions import SNAPSHOT_VERSION, answer_sessions, answer_tokens, answered_session, filler
+from ._sessions import memory_sessions, session_id_for, streamed_content
 
 FRAME_TYPES = {"full": b'{"type":"session_update"', "patch": b'{"type":"session_patch"'}
 GROWTH, FULL_OVER_PATCH = 1.2, 100  # a figure at the largest / the smallest; bytes at 1,000
-CHAT = 10  # interactions before the answer
-FRAME_BUDGET = 200  # append: bytes per token per client at the longest, at most the token's + this
+CHAT, FRAME_BUDGET = 10, 200  # interactions before the answer; bytes per token beyond its own
 
 
 @dataclass(frozen=True)
@@ -58,13 +42,8 @@ class TokenCostOptions:
     """Sizes, tokens and clients; answer lengths and their rate. ``timeout`` is the seconds a
     stream may take beyond an answer's own length at its rate."""
 
-    QUICK: ClassVar[dict[str, Any]] = {
-        "rounds": 1,
-        "tokens": 5,
-        "clients": 2,
-        "lengths": (50, 500),
-        "token_rate": 1000.0,
-    }
+    QUICK: ClassVar[dict[str, Any]] = {"rounds": 1, "tokens": 5, "clients": 2}
+    QUICK |= {"lengths": (50, 500), "token_rate": 1000.0}
 
     rounds: int = 3
     sizes: tuple[int, ...] = (10, 100, 1000)
@@ -75,29 +54,6 @@ class TokenCostOptions:
     lengths: tuple[int, ...] = (50, 1000, 10000)
     token_rate: float = 500.0
     timeout: float = 60.0
-
-
-async def measured(
-    server: Server,
-    env: AnswerEnvironment,
-    clients: Sequence[Any],
-    work: Callable[[], Awaitable[Any]],
-    bound: float,
-) -> dict[str, float]:
-    """Run ``work`` (bounded) with the clients connected: its wall seconds and the CPU seconds
-    of the server and of nats-server; the clients are always closed."""
-    try:
-        cpu, nats_cpu = await server.control.cpu(), cpu_seconds(env.broker.pid)
-        started = time.perf_counter()
-        with anyio.fail_after(bound):
-            await work()
-        wall = time.perf_counter() - started
-        cpu, nats_cpu = await server.control.cpu() - cpu, cpu_seconds(env.broker.pid) - nats_cpu
-        return {"wall": wall, "cpu": cpu, "nats_cpu": nats_cpu}
-    finally:
-        with anyio.CancelScope(shield=True):
-            for client in clients:
-                await client.close()
 
 
 def check(mode: str, result: dict[str, Any], expected: Any) -> str | None:
@@ -114,114 +70,119 @@ def check(mode: str, result: dict[str, Any], expected: Any) -> str | None:
     return None if state == expected else f"{mode}: the client's state is not the server's"
 
 
-async def stream(
-    server: Server,
-    sid: str,
-    size: int,
-    mode: str,
-    tokens: int,
-    options: TokenCostOptions,
-    env: AnswerEnvironment,
-) -> Row:
-    """``tokens`` tokens into session ``sid`` of ``size`` interactions, to fresh clients."""
-    snapshot = memory_sessions({sid: size}, text=filler(options.interaction_bytes))[sid]
-    session: Any = snapshot.session
-    clients = [
-        await open_client(server.url(sid), bound=options.timeout) for _ in range(options.clients)
-    ]
-    head = [await ws.recv(decode=False) for ws in clients][0]
-    received: list[list[bytes]] = [[] for _ in clients]
-    arrivals = Arrivals()
+@dataclass
+class Streams:
+    """One round's streams on one server."""
 
-    async def read(ws: Any, frames: list[bytes]) -> None:
-        for _ in range(tokens):
-            frames.append(await ws.recv(decode=False))
-            arrivals.add()
+    server: Server
+    options: TokenCostOptions
+    env: AnswerEnvironment
 
-    async def work() -> None:
-        async with anyio.create_task_group() as tg:
-            for ws, frames in zip(clients, received):
-                tg.start_soon(read, ws, frames)
-            for k in range(1, tokens + 1):
-                content = streamed_content(sid, size - 1, k)
-                session["interactions"][-1]["content"] = content
-                version, owner = SNAPSHOT_VERSION + k, snapshot.owner
-                if mode == "full":
-                    await env.bridge.publish(sid, session, owner=owner, version=version)
-                else:
-                    patch = [
-                        {
-                            "op": "replace",
-                            "path": f"/interactions/{size - 1}/content",
-                            "value": content,
-                        }
-                    ]
-                    await env.bridge.publish_patch(
-                        sid, patch, base_version=version - 1, version=version, owner=owner
+    async def measured(
+        self, clients: Sequence[Any], work: Callable[[], Awaitable[Any]], bound: float
+    ) -> dict[str, float]:
+        """Run ``work`` with the clients connected, then close them: its wall seconds, and the
+        CPU seconds of the server and of nats-server meanwhile."""
+        pid = self.env.broker.pid
+        try:
+            cpu, nats_cpu, started = (
+                await self.server.control.cpu(),
+                cpu_seconds(pid),
+                time.perf_counter(),
+            )
+            with anyio.fail_after(bound):
+                await work()
+            wall = time.perf_counter() - started
+            cpu, nats_cpu = await self.server.control.cpu() - cpu, cpu_seconds(pid) - nats_cpu
+            return {"wall": wall, "cpu": cpu, "nats_cpu": nats_cpu}
+        finally:
+            with anyio.CancelScope(shield=True):
+                for client in clients:
+                    await client.close()
+
+    async def size(self, sid: str, size: int, mode: str, tokens: int) -> Row:
+        """``tokens`` tokens into session ``sid`` of ``size`` interactions, to fresh clients."""
+        options, bridge = self.options, self.env.bridge
+        snapshot = memory_sessions({sid: size}, text=filler(options.interaction_bytes))[sid]
+        session: Any = snapshot.session
+        clients = [
+            await open_client(self.server.url(sid), bound=30) for _ in range(options.clients)
+        ]
+        heads = [await ws.recv(decode=False) for ws in clients]
+        received: list[list[bytes]] = [[] for _ in clients]
+        arrivals, path = Arrivals(), f"/interactions/{size - 1}/content"
+
+        async def read(ws: Any, frames: list[bytes]) -> None:
+            for _ in range(tokens):
+                frames.append(await ws.recv(decode=False))
+                arrivals.add()
+
+        async def work() -> None:
+            async with anyio.create_task_group() as tg:
+                for ws, frames in zip(clients, received, strict=True):
+                    tg.start_soon(read, ws, frames)
+                for k in range(1, tokens + 1):
+                    session["interactions"][-1]["content"] = text = streamed_content(
+                        sid, size - 1, k
                     )
-                await arrivals.until(k * len(clients))
+                    version, owner = SNAPSHOT_VERSION + k, snapshot.owner
+                    if mode == "full":
+                        await bridge.publish(sid, session, owner=owner, version=version)
+                    else:
+                        patch = [{"op": "replace", "path": path, "value": text}]
+                        await bridge.publish_patch(
+                            sid, patch, base_version=version - 1, version=version, owner=owner
+                        )
+                    await arrivals.until(k * len(clients))
 
-    got = await measured(server, env, clients, work, options.timeout)
-    problem = check(mode, {"snapshot": head, "frames": received[0]}, session)
-    return {
-        "errors": int(problem is not None),
-        "error_kinds": {problem: 1} if problem else {},
-        "bytes_per_token": sum(len(f) for frames in received for f in frames)
-        / tokens
-        / len(clients),
-        "cpu_us_per_token": got["cpu"] / tokens * 1e6,
-        "wall_ms_per_token": got["wall"] / tokens * 1e3,
-        "nats_cpu_us_per_token": got["nats_cpu"] / tokens * 1e6,
-    }
+        got = await self.measured(clients, work, options.timeout)
+        problem = check(mode, {"snapshot": heads[0], "frames": received[0]}, session)
+        per_client = sum(len(f) for frames in received for f in frames) / len(clients)
+        row = {"errors": int(bool(problem)), "error_kinds": {problem: 1} if problem else {}}
+        return row | {
+            "bytes_per_token": per_client / tokens,
+            "cpu_us_per_token": got["cpu"] / tokens * 1e6,
+            "wall_ms_per_token": got["wall"] / tokens * 1e3,
+            "nats_cpu_us_per_token": got["nats_cpu"] / tokens * 1e6,
+        }
 
+    async def length(self, sid: str, mode: str, length: int) -> Row:
+        """One answer of ``length`` tokens into session ``sid``, to fresh tabs."""
+        options, tokens, arrivals, runs = self.options, answer_tokens(length), Arrivals(), []
+        tabs = [await Tab.open(self.server.url(sid), sid) for _ in range(options.clients)]
+        snapshot = answer_sessions(int(sid[1:]) + 1, CHAT)[sid]
+        common = {"owner": snapshot.owner, "interactions": CHAT, "tokens": tokens}
+        common["rate"] = options.token_rate
 
-async def answer(
-    server: Server,
-    sid: str,
-    mode: str,
-    length: int,
-    options: TokenCostOptions,
-    env: AnswerEnvironment,
-) -> Row:
-    """One answer of ``length`` tokens into session ``sid``, to fresh tabs."""
-    tokens, arrivals, runs = answer_tokens(length), Arrivals(), []
-    tabs = [await Tab.open(server.url(sid), sid) for _ in range(options.clients)]
-    snapshot = answer_sessions(int(sid[1:]) + 1, CHAT)[sid]
-    common = {
-        "owner": snapshot.owner,
-        "interactions": CHAT,
-        "tokens": tokens,
-        "rate": options.token_rate,
-    }
+        async def work() -> None:
+            async with anyio.create_task_group() as tg:
+                for tab in tabs:  # replace: only the last frame kept, whole texts are large
+                    tg.start_soon(
+                        partial(tab.read, CHAT, keep_all=mode == "append", arrived=arrivals)
+                    )
+                if mode == "append":
+                    runs.append(await library_answer(self.env, sid, **common))
+                else:
+                    delivered = lambda k: arrivals.until(k * len(tabs))  # noqa: E731
+                    runs.append(await replaced_answer(self.env, sid, delivered=delivered, **common))
 
-    async def work() -> None:
-        async with anyio.create_task_group() as tg:
-            for tab in tabs:  # replace: only the last frame kept, whole texts are large
-                tg.start_soon(partial(tab.read, CHAT, keep_all=mode == "append", arrived=arrivals))
-            if mode == "append":
-                runs.append(await library_answer(env, sid, **common))
-            else:
-                delivered = lambda k: arrivals.until(k * len(tabs))  # noqa: E731
-                runs.append(await replaced_answer(env, sid, delivered=delivered, **common))
-
-    got = await measured(server, env, tabs, work, options.timeout + length / options.token_rate)
-    expected = answered_session(snapshot, CHAT, tokens)
-    problems = [p for tab in tabs if (p := tab.problem(expected, runs[0].version))]
-    problems += [f"{tab.count} frames" for tab in tabs if mode == "replace" and tab.count != length]
-    delivered, writes = length * len(tabs), env.store.commits[sid]
-    per_token = sum(tab.bytes for tab in tabs) / delivered
-    return {
-        "errors": int(bool(problems)),
-        "error_kinds": dict.fromkeys(problems[:3], 1),
-        "bytes_per_token": per_token,
-        "bytes_over_budget": per_token / (sum(map(len, tokens)) / length + FRAME_BUDGET),
-        "cpu_us_per_token": got["cpu"] / delivered * 1e6,
-        "db_writes": writes,
-        "db_writes_over_bound": writes / (runs[0].seconds / CHECKPOINT_INTERVAL + 2),
-        "tokens_per_frame": length / tabs[0].count,
-        "tokens_per_s": length / got["wall"],
-        "nats_cpu_us_per_token": got["nats_cpu"] / delivered * 1e6,
-    }
+        got = await self.measured(tabs, work, options.timeout + length / options.token_rate)
+        expected = answered_session(snapshot, CHAT, tokens)
+        problems = [p for tab in tabs if (p := tab.problem(expected, runs[0].version))]
+        problems += [f"{t.count} frames" for t in tabs if mode == "replace" and t.count != length]
+        delivered, writes = length * len(tabs), self.env.store.commits[sid]
+        per_token = sum(tab.bytes for tab in tabs) / delivered
+        row = {"errors": int(bool(problems)), "error_kinds": dict.fromkeys(problems[:3], 1)}
+        return row | {
+            "bytes_per_token": per_token,
+            "cpu_us_per_token": got["cpu"] / delivered * 1e6,
+            "bytes_over_budget": per_token / (sum(map(len, tokens)) / length + FRAME_BUDGET),
+            "db_writes": writes,
+            "db_writes_over_bound": writes / (runs[0].seconds / CHECKPOINT_INTERVAL + 2),
+            "tokens_per_frame": length / tabs[0].count,
+            "tokens_per_s": length / got["wall"],
+            "nats_cpu_us_per_token": got["nats_cpu"] / delivered * 1e6,
+        }
 
 
 async def run_round(number: int, options: TokenCostOptions, env: AnswerEnvironment) -> list[Row]:
@@ -230,34 +191,26 @@ async def run_round(number: int, options: TokenCostOptions, env: AnswerEnvironme
     rows: list[Row] = []
     sized = ["--sessions", "0", "--sizes", *map(str, options.sizes)]
     sized += ["--interaction-bytes", str(options.interaction_bytes)]
-    answers = [
-        "--answer",
-        "--sessions",
-        str(2 * len(options.lengths) + 2),
-        "--interactions",
-        str(CHAT),
-    ]
-    for axis, values, modes, args in (
-        ("size", options.sizes, ("full", "patch"), sized),
-        ("length", options.lengths, ("replace", "append"), answers),
-    ):
+    answers = ["--answer", "--sessions", str(2 * len(options.lengths) + 2)]
+    answers += ["--interactions", str(CHAT)]
+    axes = {"size": (options.sizes, ("full", "patch"), sized)}
+    axes["length"] = (options.lengths, ("replace", "append"), answers)
+    for axis, (values, modes, args) in axes.items():
         servers = {"bridge": server_args("bridge", *args)}
         async with running_servers(servers, env={NATS_URL_ENV: env.broker.url}) as running:
+            streams = Streams(running["bridge"], options, env)
             plan = [(values[0], mode, True) for mode in modes]
-            plan += [
-                (v, m, False) for turn, v in enumerate(values) for m in rotate(modes, number + turn)
-            ]
+            plan += [(v, m, False) for n, v in enumerate(values) for m in rotate(modes, number + n)]
             for index, (value, mode, warm) in enumerate(plan):
-                if axis == "size":
-                    sid = session_id_for(value, modes.index(mode) + 2 * warm)
-                    tokens = options.warmup_tokens if warm else options.tokens
-                    measure = stream(running["bridge"], sid, value, mode, tokens, options, env)
-                else:
-                    length = options.warmup_tokens if warm else value
-                    measure = answer(running["bridge"], f"s{index:04d}", mode, length, options, env)
                 row: Row = {"axis": axis, axis: value, "mode": mode, "round": number, "samples": 1}
+                tokens = options.warmup_tokens if warm else value
                 try:
-                    row |= await measure
+                    if axis == "size":
+                        sid = session_id_for(value, modes.index(mode) + 2 * warm)
+                        tokens = options.warmup_tokens if warm else options.tokens
+                        row |= await streams.size(sid, value, mode, tokens)
+                    else:
+                        row |= await streams.length(f"s{index:04d}", mode, tokens)
                 except Exception as exc:
                     row |= {"errors": 1, "error_kinds": {repr(exc): 1}}
                 rows += [] if warm else [row]
@@ -284,44 +237,40 @@ def report(rows: list[Row], options: TokenCostOptions, env: AnswerEnvironment) -
         Column("nats-server CPU us/delivered token", "nats_cpu_us_per_token", ",.2f"),
         Column("bytes / (token + 200 B)", "bytes_over_budget", ".3f"),
     ]
-    by_size, by_length = {"axis": "size"}, {"axis": "length"}
+    size, length = {"axis": "size"}, {"axis": "length"}
+    modes, answers = (
+        {"full": "full state", "patch": "patch"},
+        {"replace": "replace", "append": "append"},
+    )
     tables = [
-        Table(
-            "by_size",
-            sized,
-            {"full": "full state", "patch": "patch"},
-            key="mode",
-            by=("size",),
-            ratios=[("full", "patch")],
-            where=by_size,
-        ),
+        Table("by_size", sized, modes, [("full", "patch")], key="mode", by=("size",), where=size),
         Table(
             "size_growth",
             sized[:3],
-            {small: f"{small}", large: f"{large}"},
+            {small: str(small), large: str(large)},
+            [(large, small)],
             key="size",
             by=("mode",),
-            ratios=[(large, small)],
-            where=by_size,
+            where=size,
             title="growth with the session",
         ),
         Table(
             "by_length",
             lengths,
-            {"replace": "replace (before)", "append": "AnswerStream"},
+            answers,
+            [("replace", "append")],
             key="mode",
             by=("length",),
-            ratios=[("replace", "append")],
-            where=by_length,
+            where=length,
         ),
         Table(
             "length_growth",
             lengths[:2],
-            {short: f"{short}", long: f"{long}"},
+            {short: str(short), long: str(long)},
+            [(long, short)],
             key="length",
             by=("mode",),
-            ratios=[(long, short)],
-            where=by_length,
+            where=length,
             title="growth with the answer",
         ),
     ]
@@ -348,8 +297,8 @@ def report(rows: list[Row], options: TokenCostOptions, env: AnswerEnvironment) -
             "bytes_per_token",
             ("full", "patch"),
             FULL_OVER_PATCH,
-            at_most=False,
-            group=str(large),
+            False,
+            str(large),
         ),
         Goal(
             f"18 append: bytes/token per client at {long} / at {short} tokens",
@@ -375,26 +324,25 @@ def report(rows: list[Row], options: TokenCostOptions, env: AnswerEnvironment) -
             GROWTH,
             group="append",
         ),
-        *(
-            Goal(
-                f"18 append: DB writes per answer of {n} tokens / (seconds / 0.25 + 2)",
-                "by_length",
-                "db_writes_over_bound",
-                ("append",),
-                1,
-                group=str(n),
-                worst=True,
-            )
-            for n in options.lengths
-        ),
+    ]
+    goals += [
+        Goal(
+            f"18 append: DB writes per answer of {n} tokens / (seconds / 0.25 + 2)",
+            "by_length",
+            "db_writes_over_bound",
+            ("append",),
+            1,
+            group=str(n),
+            worst=True,
+        )
+        for n in options.lengths
     ]
     heading = [
-        "11 per-token cost as the session grows, full state vs patches; 18 as the answer "
-        "grows, AnswerStream vs a commit and a replace of the whole text per token",
-        f"sizes {', '.join(map(str, options.sizes))} interactions of ~{options.interaction_bytes}"
-        f" bytes, {options.tokens} tokens; answers of {', '.join(f'{n:,}' for n in options.lengths)}"
-        f" tokens at {options.token_rate:g} tokens/s after {CHAT} interactions; produced in the "
-        f"load generator through its NatsBridge to {options.clients} WebSocket clients",
+        "11 per-token cost as the session grows, full state vs patches; 18 as the answer grows, "
+        "AnswerStream vs a commit and a replace of the whole text per token",
+        f"sizes {', '.join(map(str, options.sizes))} of ~{options.interaction_bytes} B per "
+        f"interaction, {options.tokens} tokens; answers of {', '.join(map(str, options.lengths))}"
+        f" tokens at {options.token_rate:g}/s after {CHAT} interactions; {options.clients} clients",
     ]
     return declared(rows, heading=heading, tables=tables, goals=goals)
 
