@@ -215,14 +215,16 @@ class LightClient(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.received += data
         if self._waiter is not None and len(self.received) >= self._waiter[0]:
-            self._waiter[1].set_result(None)
-            self._waiter = None
+            self._wake(None)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = exc or ConnectionError("connection closed by the server")
-        if self._waiter is not None:
-            self._waiter[1].set_exception(self._lost)
-            self._waiter = None
+        self._wake(self._lost)
+
+    def _wake(self, error: BaseException | None) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter[1].done():  # not cancelled by a timeout meanwhile
+            waiter[1].set_result(None) if error is None else waiter[1].set_exception(error)
 
     async def receive_bytes(self, size: int) -> bytes:
         """The next ``size`` bytes the server sends, unparsed."""

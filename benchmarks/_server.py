@@ -293,12 +293,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     # uvicorn shuts down cleanly on SIGTERM, then raises the signal again with the handler it
     # found: the default one would end the process before the stats are written.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda number, frame: None)
     profiler = cProfile.Profile()
     try:
         profiler.runcall(anyio.run, serve, args)
-    except KeyboardInterrupt:
-        pass
     finally:
         profiler.dump_stats(os.path.join(profile_dir, f"{args.variant}-{os.getpid()}.prof"))
     return 0
