@@ -78,10 +78,10 @@ class CheckpointStore:
     async def save(self, checkpoint: Checkpoint) -> Version:
         """Commit ``checkpoint`` if the answer is still at its base version; the version after."""
         c = checkpoint
-        sql = "UPDATE answers SET version = ?, text = ?, status = ? WHERE session_id = ? AND version = ?"
-        if (
-            await self._run(sql, c.version, c.text, c.status.value, c.session_id, c.base_version)
-        ).rowcount:
+        sql = "UPDATE answers SET version = ?, text = ?, status = ? "
+        sql += "WHERE session_id = ? AND version = ?"
+        done = await self._run(sql, c.version, c.text, c.status.value, c.session_id, c.base_version)
+        if done.rowcount:
             self.commits[c.session_id] += 1
             return c.version
         return (await self.row(c.session_id))[0]

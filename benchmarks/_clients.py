@@ -20,7 +20,7 @@ import sys
 import time
 import urllib.parse
 from collections import deque
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -36,8 +36,16 @@ from websockets.frames import Frame, Opcode
 from websockets.uri import parse_uri
 
 from ._report import REPOSITORY
-from ._server import CONTROL_PATH, PREFIX, SSE_PREFIX, ServerProcess, cpu_seconds
-from ._server import raise_open_files_limit, running_server, server_args
+from ._server import (
+    CONTROL_PATH,
+    PREFIX,
+    SSE_PREFIX,
+    ServerProcess,
+    cpu_seconds,
+    raise_open_files_limit,
+    running_server,
+    server_args,
+)
 from ._sessions import SNAPSHOT_VERSION
 
 
@@ -110,6 +118,28 @@ async def running_servers(
             stack.push_async_callback(ws.close)
             servers[name] = Server(name, process, Control(ws))
         yield {name: servers[name] for name in named}
+
+
+async def measured(
+    server: Server, broker: int, clients: Sequence[Any], work: Awaitable[Any], bound: float
+) -> dict[str, float]:
+    """Await ``work`` (within ``bound`` seconds) with ``clients`` connected, then close them:
+    its wall seconds, and the CPU seconds of the server and of the broker (pid) meanwhile."""
+    try:
+        cpu, broker_cpu, started = (
+            await server.control.cpu(),
+            cpu_seconds(broker),
+            time.perf_counter(),
+        )
+        with anyio.fail_after(bound):
+            await work
+        wall = time.perf_counter() - started
+        cpu, broker_cpu = await server.control.cpu() - cpu, cpu_seconds(broker) - broker_cpu
+        return {"wall": wall, "cpu": cpu, "nats_cpu": broker_cpu}
+    finally:
+        with anyio.CancelScope(shield=True):
+            for client in clients:
+                await client.close()
 
 
 @dataclass
@@ -307,7 +337,8 @@ async def storm(url: str, ids: Sequence[str], *, server: int, workers: int, boun
                 command, stdin=pipe, stdout=pipe, stderr=None, cwd=REPOSITORY
             )
             stack.push_async_callback(worker.aclose)
-            assert worker.stdin is not None and worker.stdout is not None
+            assert worker.stdin is not None
+            assert worker.stdout is not None
             pipes.append((worker.stdin, BufferedByteReceiveStream(worker.stdout)))
             config = {"url": url, "ids": list(ids[index::workers]), "bound": bound}
             await worker.stdin.send(json.dumps(config).encode() + b"\n")

@@ -171,7 +171,9 @@ class HandLoader:
         if not rows:
             return None
         sid, owner, title, version = rows[0][:4]
-        interactions = [dict(zip(INTERACTION, row[4:])) for row in rows if row[4] is not None]
+        interactions = [
+            dict(zip(INTERACTION, row[4:], strict=True)) for row in rows if row[4] is not None
+        ]
         session = {"id": sid, "owner_id": owner, "title": title, "version": version}
         return Snapshot(session | {"interactions": interactions}, owner=owner, version=version)
 

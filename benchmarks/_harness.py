@@ -194,9 +194,8 @@ def main(
     lines += [[t.figure, t.bound, shown(t), "met" if t.met else "MISSED"] for t in targets]
     elapsed = time.perf_counter() - started
     print(f"targets\n{table(lines)}\n" * bool(targets), end="")
-    print(
-        f"took {elapsed:.0f} s; load average now {os.getloadavg()[0]:.2f}; {len(failures)} failure(s)"
-    )
+    load = os.getloadavg()[0]
+    print(f"took {elapsed:.0f} s; load average now {load:.2f}; {len(failures)} failure(s)")
     print("".join(f"  {failure}\n" for failure in failures), end="")
     report = {"command": list(command), "quick": quick, "machine": machine, "elapsed_s": elapsed}
     report |= {"targets": [dataclasses.asdict(t) for t in targets], "failures": failures}

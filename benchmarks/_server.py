@@ -39,8 +39,16 @@ from asgi_session_sync import SessionContext, SessionSync, SessionSyncMiddleware
 from asgi_session_sync._types import Receive, Scope, Send
 
 from ._report import REPOSITORY
-from ._sessions import FILLER, filler, memory_sessions, numbered_ids, session_id_for
-from ._sessions import snapshot_event, snapshot_text, with_answer
+from ._sessions import (
+    FILLER,
+    filler,
+    memory_sessions,
+    numbered_ids,
+    session_id_for,
+    snapshot_event,
+    snapshot_text,
+    with_answer,
+)
 
 PROFILE_ENV = "BENCHMARKS_PROFILE_DIR"
 """When set, every server runs under cProfile and writes its stats in this folder."""

@@ -15,19 +15,24 @@ server CPU per delivered token (tokens x tabs) at most 1.3x the forwarder's.
 from __future__ import annotations
 
 import sys
-import time
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, ClassVar
 
 import anyio
 
-from ._answers import PUBLISH_INTERVAL, AnswerEnvironment, Tab, answer_environment
-from ._answers import library_answer, token_ends
-from ._clients import Server, rotate, running_servers
+from ._answers import (
+    PUBLISH_INTERVAL,
+    AnswerEnvironment,
+    Tab,
+    answer_environment,
+    library_answer,
+    token_ends,
+)
+from ._clients import Server, measured, rotate, running_servers
 from ._harness import Part, Report, declared, run_alone
 from ._report import Column, Goal, Row, Table, percentile
-from ._server import NATS_URL_ENV, cpu_seconds, server_args
+from ._server import NATS_URL_ENV, server_args
 from ._sessions import answer_sessions, answer_tokens, answered_session
 
 SIDES = {"forwarder": "forwarder", "bridge": "bridge"}
@@ -71,21 +76,16 @@ async def load(
         )
         versions[sid] = run.version
 
-    try:
-        cpu, nats_cpu = await server.control.cpu(), cpu_seconds(env.broker.pid)
-        started = time.perf_counter()
-        with anyio.fail_after(options.timeout + tokens / options.token_rate):
-            async with anyio.create_task_group() as tg:
-                for tab in tabs:
-                    tg.start_soon(partial(tab.read, CHAT, keep_all=True))
-                for index, sid in enumerate(sessions):
-                    tg.start_soon(produce, index, sid)
-        wall = time.perf_counter() - started
-        cpu, nats_cpu = await server.control.cpu() - cpu, cpu_seconds(env.broker.pid) - nats_cpu
-    finally:
-        with anyio.CancelScope(shield=True):
+    async def work() -> None:
+        async with anyio.create_task_group() as tg:
             for tab in tabs:
-                await tab.close()
+                tg.start_soon(partial(tab.read, CHAT, keep_all=True))
+            for index, sid in enumerate(sessions):
+                tg.start_soon(produce, index, sid)
+
+    bound = options.timeout + tokens / options.token_rate
+    got = await measured(server, env.broker.pid, tabs, work(), bound)
+    wall, cpu, nats_cpu = got["wall"], got["cpu"], got["nats_cpu"]
     expected = {sid: answered_session(s, CHAT, words) for sid, s in sessions.items()}
     problems = [
         p for tab in tabs if (p := tab.problem(expected[tab.session_id], versions[tab.session_id]))

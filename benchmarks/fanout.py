@@ -11,7 +11,6 @@ next once every client has this one), and every client checks every frame, byte 
 from __future__ import annotations
 
 import sys
-import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -20,10 +19,10 @@ import nats
 
 from asgi_session_sync.protocol import SessionPatch
 
-from ._clients import Server, open_client, rotate, running_servers
+from ._clients import Server, measured, open_client, rotate, running_servers
 from ._harness import Part, Report, declared, run_alone
 from ._report import Column, Goal, Row, Table
-from ._server import NATS_URL_ENV, Broker, cpu_seconds, embedded_nats, server_args, subject
+from ._server import NATS_URL_ENV, Broker, embedded_nats, server_args, subject
 from ._sessions import FILLER, SNAPSHOT_VERSION, numbered_ids
 
 SIDES = {"forwarder": "forwarder", "bridge": "bridge"}
@@ -66,44 +65,31 @@ def patch_frames(updates: int) -> list[bytes]:
 
 
 async def stream(
-    server: Server,
-    publisher: Any,
-    clients: int,
-    updates: int,
-    options: FanoutOptions,
-    broker: Broker,
+    server: Server, publisher: Any, clients: int, updates: int, bound: float, broker: Broker
 ) -> Row:
     """``updates`` patches in lock-step to ``clients`` fresh sockets; ``errors``: the frames that
     were not the published ones at their place."""
-    sockets, wrong = [], 0
-    try:
-        with anyio.fail_after(options.timeout):
-            for _ in range(clients):
-                sockets.append(ws := await open_client(server.url(SESSION), bound=options.timeout))
-                if not (await ws.recv(decode=False)).startswith(b'{"type":"session_update"'):
-                    raise ConnectionError("the first frame is not the session's snapshot")
-            cpu, nats_cpu, started = (
-                await server.control.cpu(),
-                cpu_seconds(broker.pid),
-                time.perf_counter(),
-            )
-            for frame in patch_frames(updates):
-                await publisher.publish(subject(SESSION), frame)
-                for ws in sockets:
-                    wrong += await ws.recv(decode=False) != frame
-            wall = time.perf_counter() - started
-            cpu, nats_cpu = await server.control.cpu() - cpu, cpu_seconds(broker.pid) - nats_cpu
-    finally:
-        with anyio.CancelScope(shield=True):
+    sockets, wrong = (
+        [await open_client(server.url(SESSION), bound=bound) for _ in range(clients)],
+        [0],
+    )
+    for ws in sockets:
+        if not (await ws.recv(decode=False)).startswith(b'{"type":"session_update"'):
+            raise ConnectionError("the first frame is not the session's snapshot")
+
+    async def work() -> None:
+        for frame in patch_frames(updates):
+            await publisher.publish(subject(SESSION), frame)
             for ws in sockets:
-                await ws.close()
-    delivered = clients * updates
+                wrong[0] += await ws.recv(decode=False) != frame
+
+    got, delivered = await measured(server, broker.pid, sockets, work(), bound), clients * updates
     return {
         "samples": delivered,
-        "errors": wrong,
-        "cpu_us_per_delivery": cpu / delivered * 1e6,
-        "wall_us_per_update": wall / updates * 1e6,
-        "nats_cpu_us_per_delivery": nats_cpu / delivered * 1e6,
+        "errors": wrong[0],
+        "wall_us_per_update": got["wall"] / updates * 1e6,
+        "cpu_us_per_delivery": got["cpu"] / delivered * 1e6,
+        "nats_cpu_us_per_delivery": got["nats_cpu"] / delivered * 1e6,
     }
 
 
@@ -115,13 +101,18 @@ async def run_round(number: int, options: FanoutOptions, broker: Broker) -> list
     try:
         async with running_servers(args, env={NATS_URL_ENV: broker.url}) as servers:
             for server in servers.values():
-                await stream(server, publisher, 2, options.warmup_updates, options, broker)
+                await stream(server, publisher, 2, options.warmup_updates, options.timeout, broker)
             for turn, clients in enumerate(options.clients):
                 for name in rotate(list(SIDES), number + turn):
                     row: Row = {"variant": name, "clients": clients, "round": number}
                     try:
                         row |= await stream(
-                            servers[name], publisher, clients, options.updates, options, broker
+                            servers[name],
+                            publisher,
+                            clients,
+                            options.updates,
+                            options.timeout,
+                            broker,
                         )
                     except Exception as exc:
                         row |= {"samples": 1, "errors": 1, "error_kinds": {repr(exc): 1}}

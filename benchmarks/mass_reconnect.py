@@ -156,7 +156,8 @@ def knee(rows: list[Row], options: MassReconnectOptions) -> list[str]:
         lines.append(
             f"the first beyond: {r['clients']:,} clients in {r['all_current_ms']:,.0f} ms; "
             + ", ".join(f"{k} {v:,.0f} ms" for k, v in floors.items())
-            + f"; both cores {r['machine_busy']:.0%} busy: bound by {max(floors, key=floors.__getitem__)}"
+            + f"; both cores {r['machine_busy']:.0%} busy: bound by "
+            + max(floors, key=floors.__getitem__)
         )
     return lines
 
@@ -216,8 +217,8 @@ def report(rows: list[Row], options: MassReconnectOptions, env: Any) -> Report:
         Goal(f"{what}: clients not current", "storm", "not_current", ("wrapped",), 0, worst=True),
     ]
     heading = [
-        f"20.4 mass reconnect: {options.clients:,} WebSockets over {options.sessions:,} sessions at "
-        "once against one uvicorn worker: an app loading by hand, and the same wrapped",
+        f"20.4 mass reconnect: {options.clients:,} WebSockets over {options.sessions:,} sessions "
+        "at once against one uvicorn worker: an app loading by hand, and the same wrapped",
         f"loader: a SELECT with a join on SQLite + {options.db_latency_ms:g} ms round trip (pool "
         f"{options.pool_size}); wrapped: max_concurrent_loads {options.max_concurrent_loads}; "
         f"clients: websockets' sans-I/O protocol in {options.workers} processes",

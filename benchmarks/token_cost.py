@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
-from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, ClassVar
@@ -23,14 +21,29 @@ from typing import Any, ClassVar
 import anyio
 import jsonpatch
 
-from ._answers import CHECKPOINT_INTERVAL, AnswerEnvironment, Arrivals, Tab, answer_environment
-from ._answers import library_answer, replaced_answer
-from ._clients import Server, open_client, rotate, running_servers
+from ._answers import (
+    CHECKPOINT_INTERVAL,
+    AnswerEnvironment,
+    Arrivals,
+    Tab,
+    answer_environment,
+    library_answer,
+    replaced_answer,
+)
+from ._clients import Server, measured, open_client, rotate, running_servers
 from ._harness import Part, Report, declared, run_alone
 from ._report import Column, Goal, Row, Table
-from ._server import NATS_URL_ENV, cpu_seconds, server_args
-from ._sessions import SNAPSHOT_VERSION, answer_sessions, answer_tokens, answered_session, filler
-from ._sessions import memory_sessions, session_id_for, streamed_content
+from ._server import NATS_URL_ENV, server_args
+from ._sessions import (
+    SNAPSHOT_VERSION,
+    answer_sessions,
+    answer_tokens,
+    answered_session,
+    filler,
+    memory_sessions,
+    session_id_for,
+    streamed_content,
+)
 
 FRAME_TYPES = {"full": b'{"type":"session_update"', "patch": b'{"type":"session_patch"'}
 GROWTH, FULL_OVER_PATCH = 1.2, 100  # a figure at the largest / the smallest; bytes at 1,000
@@ -78,28 +91,6 @@ class Streams:
     options: TokenCostOptions
     env: AnswerEnvironment
 
-    async def measured(
-        self, clients: Sequence[Any], work: Callable[[], Awaitable[Any]], bound: float
-    ) -> dict[str, float]:
-        """Run ``work`` with the clients connected, then close them: its wall seconds, and the
-        CPU seconds of the server and of nats-server meanwhile."""
-        pid = self.env.broker.pid
-        try:
-            cpu, nats_cpu, started = (
-                await self.server.control.cpu(),
-                cpu_seconds(pid),
-                time.perf_counter(),
-            )
-            with anyio.fail_after(bound):
-                await work()
-            wall = time.perf_counter() - started
-            cpu, nats_cpu = await self.server.control.cpu() - cpu, cpu_seconds(pid) - nats_cpu
-            return {"wall": wall, "cpu": cpu, "nats_cpu": nats_cpu}
-        finally:
-            with anyio.CancelScope(shield=True):
-                for client in clients:
-                    await client.close()
-
     async def size(self, sid: str, size: int, mode: str, tokens: int) -> Row:
         """``tokens`` tokens into session ``sid`` of ``size`` interactions, to fresh clients."""
         options, bridge = self.options, self.env.bridge
@@ -135,7 +126,7 @@ class Streams:
                         )
                     await arrivals.until(k * len(clients))
 
-        got = await self.measured(clients, work, options.timeout)
+        got = await measured(self.server, self.env.broker.pid, clients, work(), options.timeout)
         problem = check(mode, {"snapshot": heads[0], "frames": received[0]}, session)
         per_client = sum(len(f) for frames in received for f in frames) / len(clients)
         row = {"errors": int(bool(problem)), "error_kinds": {problem: 1} if problem else {}}
@@ -166,7 +157,8 @@ class Streams:
                     delivered = lambda k: arrivals.until(k * len(tabs))  # noqa: E731
                     runs.append(await replaced_answer(self.env, sid, delivered=delivered, **common))
 
-        got = await self.measured(tabs, work, options.timeout + length / options.token_rate)
+        bound = options.timeout + length / options.token_rate
+        got = await measured(self.server, self.env.broker.pid, tabs, work(), bound)
         expected = answered_session(snapshot, CHAT, tokens)
         problems = [p for tab in tabs if (p := tab.problem(expected, runs[0].version))]
         problems += [f"{t.count} frames" for t in tabs if mode == "replace" and t.count != length]
