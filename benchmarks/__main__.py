@@ -1,16 +1,9 @@
 """The benchmark suite: every part in one command, one table each, one JSON report.
 
-::
-
-    python -m benchmarks                        # every part
-    python -m benchmarks --quick                # a smoke run; ratios are noise
-    python -m benchmarks --parts first_frame sse --profile /tmp/prof   # cProfile every server
-    python -m benchmarks.token_cost --quick     # one part alone, with its own options
-
-Each part's module says what it measures; ``benchmarks/README.md`` says how they are built.
-The report goes to ``benchmarks/results/report.json`` (its schema: :mod:`benchmarks._harness`).
-The exit status is 1 if any connection failed or any frame was not the expected one; a missed
-target is reported, not an error.
+``python -m benchmarks [--quick] [--parts P ...] [--json PATH] [--profile DIR]``; one part alone:
+``python -m benchmarks.<part> [--quick] [--<option> V]``. ``benchmarks/README.md`` says what each
+part measures and how. The exit status is 1 if a connection failed or a frame was not the
+expected one; a missed target is reported, not an error.
 """
 
 from __future__ import annotations

@@ -1,18 +1,10 @@
-"""Streamed answers: the producer's two ways, its database, the tabs watching, for the answer parts.
+"""Streamed answers for the answer parts: the producer's two ways, its database, the tabs.
 
-The answer-length axis of :mod:`benchmarks.token_cost` and :mod:`benchmarks.answer_load` stream
-an LLM's answer into a session (the answer shape of :mod:`benchmarks._sessions`) from the load
-generator, as the app's worker would, to a ``bridge`` server whose sockets watch it: the
-server's CPU is the API's alone (uvicorn and the fan-out), not the producer's.
-
-- :class:`CheckpointStore`: a real SQLite file (WAL, ``synchronous=NORMAL``) holding each
-  answer's text, status and version, written by compare-and-set from a worker thread as an
-  app's checkpoint callback would; it counts its commits.
-- :func:`library_answer`: ``AnswerStream`` (coalesced ``append`` deltas, checkpoints through the
-  callback), tokens at a steady rate; :func:`replaced_answer`: the way before it, each token
-  committing the whole text and publishing ``replace`` of it once every tab has the last.
-- :class:`Tab`: one browser tab reading the answer's frames until the one that sets the status,
-  checked after the clock stops.
+The producer runs in the load generator, as the app's worker would, so the server's CPU is the
+API's alone. :func:`library_answer` streams through ``AnswerStream``; :func:`replaced_answer` the
+way before it (each token commits and publishes the whole text). :class:`CheckpointStore` is a
+real SQLite file written by compare-and-set; :class:`Tab` reads one answer, checked after the
+clock.
 """
 
 from __future__ import annotations

@@ -1,15 +1,9 @@
-"""Sustained answer load: many answers at once, the bridge against a hand-written forwarder.
+"""Sustained answer load (issue 18): many answers at once, the bridge against a forwarder.
 
-``answers`` sessions each stream an answer at ``token_rate`` tokens per second at once, each
-watched by ``tabs`` WebSockets of one uvicorn process: does one API process keep up, and what
-does the bridge cost per token it delivers? Both servers (:mod:`benchmarks._server`
-``--answer``: the ``forwarder``, a nats-py subscription per socket sending each message as it
-came, and the ``bridge``) run each round against one embedded nats-server, in an order that
-alternates. The load generator produces every answer through ``AnswerStream``, as the app's
-workers would (their starts spread over one 50 ms publish interval), and every tab checks its
-frames after the clock. Latency is per token and tab, from ``publish_patch`` with the delta
-that carries it to the tab reading that frame (one process, one clock). Target: the bridge's
-server CPU per delivered token (tokens x tabs) at most 1.3x the forwarder's.
+``answers`` sessions each stream an answer at ``token_rate`` tokens/s at once, each watched by
+``tabs`` WebSockets of one process: the ``forwarder`` (a nats-py subscription per socket) or the
+``bridge``. Latency is from ``publish_patch`` to the tab reading the frame; server CPU per
+delivered token (tokens x tabs), bridge / forwarder, at most 1.3.
 """
 
 from __future__ import annotations

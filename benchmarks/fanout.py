@@ -1,11 +1,8 @@
 """Fan-out: server CPU per delivered update, the NATS bridge against a hand-written forwarder.
 
-Many sockets of one process watch one session. The ``bridge`` subscribes once per session per
-process, parses each message once and judges it per socket; the ``forwarder`` floor has one
-nats-py subscription per socket, sending each message's text as it came. Both servers run each
-round against one embedded nats-server; for each count of clients (fresh sockets, each reading
-its snapshot), the load generator publishes chained ``session_patch`` frames in lock-step (the
-next once every client has this one), and every client checks every frame, byte for byte.
+One session watched by many sockets of one process; chained patches published in lock-step
+(the next once every client has this one), each checked byte for byte by every client. The
+``forwarder`` has a nats-py subscription per socket; bridge / forwarder at most 1.3.
 """
 
 from __future__ import annotations

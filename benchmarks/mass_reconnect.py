@@ -1,14 +1,9 @@
 """Mass reconnect (issue 20 point 4): every client of every session reconnects at once.
 
 ``clients`` WebSockets over ``sessions`` sessions against one uvicorn worker whose loader reads
-SQLite and sleeps ``db_latency_ms`` holding its pooled connection (a remote round trip), a
-fresh server per storm: ``by_hand`` loads for every connection (load, accept, send; nothing
-shared), ``wrapped`` is the middleware (single-flight, bounded loads). The clients are
-:func:`benchmarks._clients.storm`'s, in worker processes, all released at once; each must get
-its session's current snapshot. **The knee**: wrapped storms of ``knee`` sizes (10 clients per
-session), smallest first, until one takes longer than ``all_current_bound`` seconds; what bounds
-it is the largest of the server's CPU seconds (one core), the last TCP connection (the kernel's
-listen queue, 4,096 here) and the loads' floor (loader calls x round trip / pool).
+SQLite with a simulated round trip: an app loading by hand for every connection, then the same
+wrapped. **The knee**: wrapped storms of ``knee`` sizes until one takes longer than
+``all_current_bound``, and what bounded it: the server's CPU, the kernel's listen queue, the loads.
 """
 
 from __future__ import annotations

@@ -1,12 +1,9 @@
 """Pass-through: frames per second from the app to the client, settled and in the fence window.
 
-Two servers side by side, ``by_hand`` and ``wrapped``; after the snapshot (versioned, so the
-fence is armed for 256 frames or 10 s), ``burst N`` makes the app send ``N`` token frames of 130
-bytes as fast as it can. **settled**: bursts on connections past 300 untimed frames, every frame
-of a long-lived socket. **fence window** (issue 20 point 3): the first 256 frames after the
-snapshot on fresh connections; they carry a ``version`` but are no session events, so the fence
-looks at each one and lets it pass. A :class:`~benchmarks._clients.LightClient` takes each burst
-as bytes and parses it after the clock stops, so the server bounds the rate.
+``burst N`` makes the app send ``N`` token frames of 130 bytes after the snapshot. **settled**:
+bursts on connections past the fence window; **fence window** (issue 20 point 3): the first 256
+frames after the snapshot, each looked at by the fence. A :class:`~benchmarks._clients.LightClient`
+reads each burst as bytes, parsed after the clock, so the server bounds the rate.
 """
 
 from __future__ import annotations

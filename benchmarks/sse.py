@@ -1,10 +1,8 @@
 """Server-Sent Events (issue 22): connect to first event, and memory per idle event stream.
 
-The WebSocket parts' measurements over ``GET /sse/sessions/{id}``, with their targets: two
-servers side by side, ``by_hand`` (load and serialise, start the ``text/event-stream`` response,
-send the snapshot as its first event, written by hand) and ``wrapped`` (the app starts its
-response; the middleware holds the start, loads and sends both). **first event**:
-:func:`benchmarks.first_frame.connections` with an ``h11`` client; **idle memory**:
+The WebSocket parts' measurements and targets over ``GET /sse/sessions/{id}``: ``by_hand`` (load,
+start the stream, send the snapshot event written by hand) against ``wrapped``, with
+:func:`benchmarks.first_frame.connections` over ``h11`` and
 :func:`benchmarks.idle_memory.held_connections` over open streams.
 """
 

@@ -1,20 +1,16 @@
 """Per-token cost as the session grows (issue 11) and as the answer grows (issue 18).
 
-Both axes stream from the load generator, as the app's worker would, through its own
-``NatsBridge`` to ``clients`` WebSockets of a fresh ``bridge`` server per round, whose CPU is
-the API's (uvicorn and the fan-out). Every stream has a session of its own; every client checks
-its frames after the clock. **size**: tokens into the last interaction of 10, 100 and 1,000
-interactions, each published as the whole session (**full**) or a patch replacing the content
-(**patch**), the next once every client has it. **length**: answers of 50 to 10,000 tokens
-through ``AnswerStream`` (**append**) or the way before it (**replace**: each token commits and
-publishes the whole text, the next once every tab has it).
+The load generator streams through its own ``NatsBridge`` to clients of a ``bridge`` server.
+**size**: tokens into sessions of 10, 100 and 1,000 interactions, as the whole session (full) or
+a patch; **length**: answers of 50 to 10,000 tokens through ``AnswerStream`` (append) or a commit
+and a replace of the whole text per token (replace).
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, ClassVar
 
@@ -229,106 +225,62 @@ def report(rows: list[Row], options: TokenCostOptions, env: AnswerEnvironment) -
         Column("nats-server CPU us/delivered token", "nats_cpu_us_per_token", ",.2f"),
         Column("bytes / (token + 200 B)", "bytes_over_budget", ".3f"),
     ]
-    size, length = {"axis": "size"}, {"axis": "length"}
-    modes, answers = (
-        {"full": "full state", "patch": "patch"},
-        {"replace": "replace", "append": "append"},
-    )
-    tables = [
-        Table("by_size", sized, modes, [("full", "patch")], key="mode", by=("size",), where=size),
-        Table(
-            "size_growth",
-            sized[:3],
-            {small: str(small), large: str(large)},
-            [(large, small)],
-            key="size",
-            by=("mode",),
-            where=size,
-            title="growth with the session",
-        ),
-        Table(
-            "by_length",
-            lengths,
-            answers,
-            [("replace", "append")],
-            key="mode",
-            by=("length",),
-            where=length,
-        ),
-        Table(
+    tables = []
+    for axis, columns, pair, ends in (
+        ("size", sized, ("full", "patch"), (large, small)),
+        ("length", lengths, ("replace", "append"), (long, short)),
+    ):
+        where, names, grew = {"axis": axis}, dict(zip(pair, pair, strict=True)), {}
+        grew = {ends[1]: str(ends[1]), ends[0]: str(ends[0])}
+        growth = columns[: 3 if axis == "size" else 2]  # bytes, CPU (and wall for sizes)
+        mine = {"by": (axis,), "where": where}
+        tables.append(Table(f"by_{axis}", columns, names, [pair], key="mode", **mine))
+        mine = {"by": ("mode",), "where": where, "title": f"growth with the {axis}"}
+        tables.append(Table(f"{axis}_growth", growth, grew, [ends], key=axis, **mine))
+    big, longer, fp = (large, small), (long, short), ("full", "patch")
+    at_big, at_long = f"at {large} / at {small} interactions", f"at {long} / at {short} tokens"
+    goals = [
+        Goal(f"11 patches: bytes/token {at_big}", "size_growth", "bytes_per_token", big, GROWTH),
+        Goal(f"11 patches: server CPU/token {at_big}", "size_growth", "cpu_us_per_token", big, 1.2),
+        Goal(
+            f"18 append: bytes/token per client {at_long}",
             "length_growth",
-            lengths[:2],
-            {short: str(short), long: str(long)},
-            [(long, short)],
-            key="length",
-            by=("mode",),
-            where=length,
-            title="growth with the answer",
+            "bytes_per_token",
+            longer,
+            GROWTH,
+        ),
+        Goal(
+            f"18 append: server CPU/delivered token {at_long}",
+            "length_growth",
+            "cpu_us_per_token",
+            longer,
+            GROWTH,
         ),
     ]
-    goals = [
-        Goal(
-            f"11 patches: bytes/token at {large} / at {small} interactions",
-            "size_growth",
-            "bytes_per_token",
-            (large, small),
-            GROWTH,
-            group="patch",
-        ),
-        Goal(
-            f"11 patches: server CPU/token at {large} / at {small} interactions",
-            "size_growth",
-            "cpu_us_per_token",
-            (large, small),
-            GROWTH,
-            group="patch",
-        ),
+    goals = [replace(g, group="patch" if g.table == "size_growth" else "append") for g in goals]
+    goals += [
         Goal(
             f"11 bytes/token at {large} interactions, full state / patches",
             "by_size",
             "bytes_per_token",
-            ("full", "patch"),
+            fp,
             FULL_OVER_PATCH,
-            False,
-            str(large),
+            at_most=False,
+            group=str(large),
         ),
         Goal(
-            f"18 append: bytes/token per client at {long} / at {short} tokens",
-            "length_growth",
-            "bytes_per_token",
-            (long, short),
-            GROWTH,
-            group="append",
-        ),
-        Goal(
-            f"18 append: bytes/token per client at {long} tokens / (token + {FRAME_BUDGET} B)",
+            f"18 append: bytes/token per client at {long} tokens / (token + 200 B)",
             "by_length",
             "bytes_over_budget",
             ("append",),
             1,
             group=str(long),
         ),
-        Goal(
-            f"18 append: server CPU/delivered token at {long} / at {short} tokens",
-            "length_growth",
-            "cpu_us_per_token",
-            (long, short),
-            GROWTH,
-            group="append",
-        ),
     ]
-    goals += [
-        Goal(
-            f"18 append: DB writes per answer of {n} tokens / (seconds / 0.25 + 2)",
-            "by_length",
-            "db_writes_over_bound",
-            ("append",),
-            1,
-            group=str(n),
-            worst=True,
-        )
-        for n in options.lengths
-    ]
+    writes = "18 append: DB writes per answer of {} tokens / (seconds / 0.25 + 2)"
+    for n in options.lengths:
+        goal = Goal(writes.format(n), "by_length", "db_writes_over_bound", ("append",), 1)
+        goals.append(replace(goal, group=str(n), worst=True))
     heading = [
         "11 per-token cost as the session grows, full state vs patches; 18 as the answer grows, "
         "AnswerStream vs a commit and a replace of the whole text per token",
