@@ -4,6 +4,7 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import anyio
 import pytest
 
 from asgi_session_sync import SessionContext
@@ -137,6 +138,19 @@ class MonitoredNats:
             connection.get("subscriptions_list", []).count(subject)
             for connection in response.json()["connections"]
         )
+
+    async def subscriptions_once_settled(self, subject: str, expected: int) -> int:
+        """:meth:`subscriptions`, read again until it is ``expected`` or 5 s have passed.
+
+        An UNSUB leaves the client's buffer on its own flush, so the server may learn of it a
+        moment after the block that unsubscribed has ended; the server's state announces
+        nothing, so it is read again (bounded).
+        """
+        with anyio.move_on_after(5.0):
+            while (count := await self.subscriptions(subject)) != expected:  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+            return count
+        return await self.subscriptions(subject)
 
 
 @pytest.fixture

@@ -361,7 +361,7 @@ async def test_body_exception_passes_unwrapped_and_the_subscription_is_removed(
                 async for _ in updates:
                     pass
         assert bridge.hub.sessions == 0
-        assert await monitored_nats.subscriptions("session_sync.s1") == 0
+        assert await monitored_nats.subscriptions_once_settled("session_sync.s1", 0) == 0
 
 
 async def test_iteration_ends_when_the_bridge_closes(nats_server: EmbeddedNats) -> None:
@@ -437,7 +437,7 @@ async def test_a_subscribe_cancelled_before_the_server_confirms_leaves_delivery_
             await bridge.publish("s2", {"title": "x"}, version=1)
             assert (await next_event(updates))["version"] == 1
         assert bridge.hub.sessions == 0
-        assert await monitored_nats.subscriptions("session_sync.s1") == 0
+        assert await monitored_nats.subscriptions_once_settled("session_sync.s1", 0) == 0
 
 
 async def test_a_confirmation_that_times_out_leaves_delivery_working(
@@ -453,7 +453,7 @@ async def test_a_confirmation_that_times_out_leaves_delivery_working(
         async with bridge.subscribe("s2") as updates:
             await bridge.publish("s2", {"title": "x"}, version=1)
             assert (await next_event(updates))["version"] == 1
-        assert await monitored_nats.subscriptions("session_sync.s1") == 0
+        assert await monitored_nats.subscriptions_once_settled("session_sync.s1", 0) == 0
     assert any(
         "nats did not confirm the subscription" in record.getMessage()
         and "session_id=s1" in record.getMessage()
@@ -654,7 +654,7 @@ async def test_cancellation_at_any_point_leaves_no_subscription_and_no_orphan_st
         assert orphans == 0, f"{orphans} sockets were handed a channel the hub had dropped"
         assert bridge.hub.sessions == 0
         await bridge.client.flush()  # the server has handled every UNSUB sent before this
-        assert await monitored_nats.subscriptions("session_sync.s1") == 0
+        assert await monitored_nats.subscriptions_once_settled("session_sync.s1", 0) == 0
         async with bridge.subscribe("s1") as updates:
             await bridge.publish("s1", {"title": "still live"}, version=1)
             assert (await next_event(updates))["version"] == 1
