@@ -150,12 +150,12 @@ class LiveApp:
 
     async def event_stream(self, session_id: str, receive: Receive, send: Send) -> None:
         """Start an event stream, with the snapshot when the variant sends it; then idle."""
-        first = await self.snapshot(session_id) if self.variant == "by_hand" else None
+        first, body = await self.snapshot(session_id) if self.variant == "by_hand" else None, b""
         await send(SSE_START)  # the middleware sends its snapshot here
-        if first is not None:
+        if first is not None:  # no local keeps the event: an idle stream holds no copy
             body = snapshot_event(*first).encode()
             await send({"type": "http.response.body", "body": body, "more_body": True})
-        del first
+        del first, body
         while (await receive())["type"] != "http.disconnect":
             pass
 
