@@ -64,19 +64,20 @@ async def open_client(url: str, *, bound: float) -> ClientConnection:
 
 @dataclass
 class Control:
-    """A server's control socket (see :mod:`benchmarks._server`): one answer per request."""
+    """A server's control socket (see :mod:`benchmarks._server`): ``cpu``, ``stats`` (the
+    loader's calls, the middleware's counters) and ``timings`` (seconds per session socket to
+    its snapshot sent, since last asked, with ``--time``)."""
 
     ws: ClientConnection
 
+    async def ask(self, request: str) -> Any:
+        """The server's answer to ``request``, parsed as JSON."""
+        await self.ws.send(request)
+        return json.loads(await self.ws.recv(decode=True))
+
     async def cpu(self) -> float:
         """The server process's CPU seconds now."""
-        await self.ws.send("cpu")
-        return float(await self.ws.recv(decode=True))
-
-    async def stats(self) -> dict[str, Any]:
-        """The loader's call count, the CPU seconds, the middleware's counters."""
-        await self.ws.send("stats")
-        return dict(json.loads(await self.ws.recv(decode=True)))
+        return float(await self.ask("cpu"))
 
 
 @dataclass

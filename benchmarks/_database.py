@@ -22,10 +22,11 @@ from typing import Any
 
 import anyio
 from sqlalchemy import DateTime, ForeignKey, Index, String, Text, bindparam, insert, select
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from asgi_session_sync import SessionContext, Snapshot
+from asgi_session_sync.loaders.sqlalchemy import SQLAlchemyLoader, sqlalchemy_loader
 
 from ._sessions import FILLER, SNAPSHOT_VERSION, session_id_for
 
@@ -145,6 +146,17 @@ HAND_STATEMENT = (
     .where(ChatSession.__table__.c.id == bindparam("session_id"))
     .order_by(_interactions.position)
 )
+OWNED = HAND_STATEMENT.where(ChatSession.__table__.c.owner_id == bindparam("owner"))
+
+
+def library_loader(engine: AsyncEngine, *, sessionmaker: bool = False) -> SQLAlchemyLoader:
+    """The library's loader over the chat tables at its defaults (the owner checked), on the
+    engine or, with ``sessionmaker``, on a session per load (its only form before)."""
+    source = async_sessionmaker(engine) if sessionmaker else engine
+    owner, version = ChatSession.owner_id, ChatSession.version
+    return sqlalchemy_loader(
+        source, ChatSession, interactions=ChatSession.interactions, owner=owner, version=version
+    )
 
 
 class HandLoader:
@@ -161,13 +173,16 @@ class HandLoader:
         """The middleware's loader."""
         return await self.load(ctx.session_id)
 
-    async def load(self, session_id: str) -> Snapshot | None:
-        """The session with its interactions, in the shape the library's loader returns."""
+    async def load(self, session_id: str, owner: str | None = None) -> Snapshot | None:
+        """The session with its interactions, in the shape the library's loader returns; with
+        ``owner``, only if that user owns it (checked in the ``WHERE``)."""
         self.calls += 1
+        statement = HAND_STATEMENT if owner is None else OWNED
         async with self.engine.connect() as conn:
             if self.latency:
                 await anyio.sleep(self.latency)
-            rows = (await conn.execute(HAND_STATEMENT, {"session_id": session_id})).all()
+            found = await conn.execute(statement, {"session_id": session_id, "owner": owner})
+            rows = found.all()
         if not rows:
             return None
         sid, owner, title, version = rows[0][:4]

@@ -1,17 +1,9 @@
 """The one runner every part goes through: options, rounds, the report, the command line.
 
-A part states only what differs (:class:`Part`): its options, what one round measures, and its
-report, which a part declares with :func:`declared` (a heading, tables, goals). The harness
-runs the rounds in one event loop, inside the part's optional environment (a database, a
-broker), prints a line per round, and writes the one report schema::
-
-    {"command": [...], "quick": bool, "machine": {...}, "elapsed_s": float,
-     "targets": [{"figure", "bound", "measured", "met", "unit"}], "failures": [...],
-     "parts": {name: {"config": {...}, "elapsed_s": float, "load_average": [before, after],
-                      "summary": {table: ...}, "rounds": [row, ...]}}}
-
-``python -m benchmarks.<part> [--quick] [--json PATH] [--<option> V]`` runs one part, its options
-being the fields of its options dataclass; ``python -m benchmarks`` runs them all.
+A part states only what differs (:class:`Part`): its options, what a round measures, and its
+report, declared with :func:`declared`. The harness runs the rounds in one event loop inside the
+part's environment, prints a line per round, and writes the one report schema (see
+``benchmarks/README.md``); ``python -m benchmarks.<part> [--quick] [--<option> V]`` runs one part.
 """
 
 from __future__ import annotations

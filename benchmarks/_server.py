@@ -1,16 +1,12 @@
 """The one benchmark server, in its own process: the app, its store, and both ends of running it.
 
-``python -m benchmarks._server --variant V [options]`` serves :class:`LiveApp` under uvicorn, one
-configuration for every part (one worker, ``websockets-sansio``, ``h11``, no access log, no
-lifespan, no pings, backlog 4096), on a loopback port it binds itself; it prints ``{"port": N,
-"pid": N}`` once it listens. :func:`running_server` is the parent's end. The app serves a
-session as a WebSocket (``/ws/sessions/{id}``, where ``burst N`` asks for ``N`` token frames)
-and as an event stream (``GET /sse/sessions/{id}``); the variants differ in who sends the
-snapshot: ``by_hand`` loads, then accepts and sends; ``seed`` accepts, then loads; ``wrapped``
-sends none (``SessionSyncMiddleware`` does); ``bridge`` runs ``NatsBridge.subscribe``,
-``SessionSync.accept`` and ``updates.forward``; ``forwarder`` has a nats-py subscription per
-socket. The store is in memory, or a database (``--db``) loaded by hand in every variant.
-``/control`` answers ``cpu`` (CPU seconds) and ``stats`` (loader calls, CPU, middleware counters).
+``python -m benchmarks._server --variant V [options]`` serves :class:`LiveApp` under uvicorn with
+one configuration for every part, on a loopback port it binds itself, and prints ``{"port": N,
+"pid": N}`` once it listens; :func:`running_server` is the parent's end. The variants differ in
+who sends the snapshot (``by_hand``, ``seed``, ``wrapped``, ``bridge``, ``forwarder``), over a
+WebSocket (``/ws/sessions/{id}``, where ``burst N`` asks for ``N`` token frames) or an event
+stream (``GET /sse/sessions/{id}``); ``benchmarks/README.md`` has the table. ``/control``
+answers ``cpu``, ``stats`` and ``timings`` (with ``--time``).
 """
 
 from __future__ import annotations
@@ -106,9 +102,11 @@ class MemoryStore:
 class LiveApp:
     """A raw ASGI app serving sessions as its variant says (see the module's docstring)."""
 
-    def __init__(self, variant: str, store: Any, sync: SessionSync, nats: Any) -> None:
+    def __init__(self, variant: str, store: Any, sync: SessionSync, nats: Any, user: Any) -> None:
         self.variant, self.store, self.sync = variant, store, sync
         self.nats = nats  # the bridge, or the forwarder's nats-py client
+        self.user = user  # whose sessions the by-hand loads check, if anyone's
+        self.timings: list[float] = []  # see Timed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Serve an event stream, the control socket or a session's socket."""
@@ -130,7 +128,7 @@ class LiveApp:
 
     async def snapshot(self, session_id: str) -> tuple[str, Any] | None:
         """Load and serialise by hand: the snapshot frame's text and its version."""
-        found = await self.store.load(session_id)
+        found = await self.store.load(session_id, *[self.user] * (self.user is not None))
         return None if found is None else (snapshot_text(session_id, found), found.version)
 
     async def session_socket(self, session_id: str, receive: Receive, send: Send) -> None:
@@ -184,11 +182,38 @@ class LiveApp:
         await send({"type": "websocket.accept"})
         while (message := await receive())["type"] == "websocket.receive":
             answer = repr(time.process_time())
-            if message.get("text") == "stats":
+            if message.get("text") == "timings":
+                answer, self.timings = json.dumps(self.timings), []
+            elif message.get("text") == "stats":
                 counters = self.sync.stats.as_dict() if self.variant == "wrapped" else None
                 stats = {"loader_calls": self.store.calls, "cpu_seconds": time.process_time()}
                 answer = json.dumps(stats | {"middleware": counters})
             await send({"type": "websocket.send", "text": answer})
+
+
+class Timed:
+    """Outermost: the connecting user in each session socket's scope, as an auth middleware
+    sets it, and (``record``) the seconds from the ASGI call to the snapshot sent, into
+    ``live.timings``."""
+
+    def __init__(self, app: Any, live: LiveApp, record: bool) -> None:
+        self.app, self.live, self.record = app, live, record
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve one connection, timing a session socket's first frame."""
+        if scope["type"] != "websocket" or not scope["path"].startswith(PREFIX):
+            await self.app(scope, receive, send)
+            return
+        started, timings = time.perf_counter(), self.live.timings if self.record else None
+
+        async def send_timed(message: Any) -> None:
+            await send(message)
+            nonlocal timings
+            if timings is not None and message["type"] == "websocket.send":
+                timings.append(time.perf_counter() - started)
+                timings = None
+
+        await self.app({**scope, "user": self.live.user}, receive, send_timed)
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -202,13 +227,17 @@ async def serve(args: argparse.Namespace) -> None:
             for snapshot in sessions.values() if args.answer else ():
                 with_answer(snapshot)
             store: Any = MemoryStore(sessions)
+            loader = store
         else:
-            from ._database import HandLoader, open_engine
+            from ._database import HandLoader, library_loader, open_engine
 
-            engine = open_engine(args.db, pool_size=args.pool_size)
+            engine = open_engine(args.db, schema=args.schema, pool_size=args.pool_size)
             stack.push_async_callback(engine.dispose)
             store = HandLoader(engine, latency=args.db_latency_ms / 1000)
             await store.warm_up(args.pool_size)
+            loader = store
+            if args.loader != "hand":
+                loader = library_loader(engine, sessionmaker=args.loader == "sessionmaker")
         nats: Any = None
         if args.variant == "bridge":
             from asgi_session_sync.nats import NatsBridge
@@ -225,11 +254,14 @@ async def serve(args: argparse.Namespace) -> None:
         options = {"max_concurrent_loads": args.max_concurrent_loads}
         if args.single_flight is not None:
             options["single_flight"] = args.single_flight == "on"
-        sync = SessionSync(store, **{k: v for k, v in options.items() if v is not None})
-        app: Any = LiveApp(args.variant, store, sync, nats)
+        options = {k: v for k, v in options.items() if v is not None}
+        live = LiveApp(args.variant, store, SessionSync(loader, **options), nats, args.user)
+        app: Any = live
         if args.variant == "wrapped":
             paths = [PREFIX + "{session_id}", SSE_PREFIX + "{session_id}"]
-            app = SessionSyncMiddleware(app, sync=sync, paths=paths)
+            app = SessionSyncMiddleware(app, sync=live.sync, paths=paths)
+        if args.user is not None or args.time:
+            app = Timed(app, live, args.time)
         await serve_app(app, watch_stdin=args.watch_stdin)
 
 
@@ -287,6 +319,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     add("--interaction-bytes", type=int, help="filler per interaction content")
     add("--answer", action="store_true", help="each session ends with an answer streaming")
     add("--db", help="a database URL (see benchmarks._database)")
+    add("--schema", help="the database's schema (PostgreSQL)")
+    add("--loader", choices=("hand", "library", "sessionmaker"), default="hand", help="wrapped's")
+    add("--user", help="the connecting user of every session socket; by hand checks the owner")
+    add("--time", action="store_true", help="time each session socket to its snapshot sent")
     add("--db-latency-ms", type=float, default=0.0, help="simulated round trip")
     add("--pool-size", type=int, default=2)
     add("--single-flight", choices=("on", "off"))

@@ -48,11 +48,13 @@ async def connections(
     number: int,
     connect: Callable[..., Awaitable[FirstFrame]] = first_frame,
     transport: str = "websocket",
+    timed: bool = False,
 ) -> list[Row]:
     """Warm each server up, then sequential connections in blocks rotating among them: a row
-    per server with p50, p90 and p99 to the first frame, p50 to the handshake and server CPU per
-    connection. A failed connection, or a first frame that is not its session's snapshot or
-    differs from another server's, is an error."""
+    per server with p50, p90 and p99 to the first frame, p50 to the handshake, server CPU per
+    connection, the frame's size, and (``timed``: servers run with ``--time``) p50 and p99 of
+    the server's own time to the snapshot sent. A failed connection, or a first frame that is
+    not its session's snapshot or differs from another server's, is an error."""
     names = list(servers)
     totals: dict[str, list[float]] = {name: [] for name in names}
     opened: dict[str, list[float]] = {name: [] for name in names}
@@ -78,11 +80,14 @@ async def connections(
 
     for name in names:
         await block(name, 0, options.warmup, record=False)
-    for turn in range(options.connections // options.block):
+        if timed:
+            await servers[name].control.ask("timings")  # the warm-up's, dropped
+    for turn in range(max(1, options.connections // options.block)):
         for name in rotate(names, turn + number):
             before = await servers[name].control.cpu()
             await block(name, turn * options.block, options.block, record=True)
             cpu[name] += await servers[name].control.cpu() - before
+    server = {name: await servers[name].control.ask("timings") if timed else [] for name in names}
     return [
         {
             "variant": name,
@@ -93,6 +98,8 @@ async def connections(
             **{f"p{q}_us": percentile(totals[name], q) * 1e6 for q in (50, 90, 99)},
             "open_p50_us": percentile(opened[name], 50) * 1e6,
             "cpu_us_per_connection": cpu[name] / max(1, len(totals[name])) * 1e6,
+            "frame_kb": max(map(len, frames.values()), default=0) / 1024,
+            **{f"server_p{q}_us": percentile(server[name], q) * 1e6 for q in (50, 99)},
         }
         for name in names
     ]

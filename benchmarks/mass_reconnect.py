@@ -78,7 +78,7 @@ async def one_storm(
     ]
     async with running_servers({variant: server_args(variant, *args)}) as servers:
         server = servers[variant]
-        calls = (await server.control.stats())["loader_calls"]
+        calls = (await server.control.ask("stats"))["loader_calls"]
         got = await storm(
             server.url(""),
             ids,
@@ -86,7 +86,7 @@ async def one_storm(
             workers=options.workers,
             bound=options.timeout,
         )
-        calls = (await server.control.stats())["loader_calls"] - calls
+        calls = (await server.control.ask("stats"))["loader_calls"] - calls
     wall = max(c[3] for c in got.clients) - got.released_at
     failed = Counter(c[4] for c in got.clients if c[4] is not None)
     done = [c[2] for c in got.clients if c[4] is None]
