@@ -43,6 +43,17 @@ _NO_LOCK = anyio.Lock()  # never taken: replaced by a lock of the connection's o
 _REJECTIONS = frozenset({"websocket.close", "websocket.http.response.start"})
 
 
+def _may_be_session_event(text: str) -> bool:
+    """Whether ``text`` could be a session event the fence judges: it names one of their types,
+    or holds a JSON escape, which could spell one."""
+    return (
+        '"session_patch"' in text
+        or '"session_update"' in text
+        or '"session_synced"' in text
+        or "\\u" in text
+    )
+
+
 @dataclass(frozen=True)
 class ConnectionSettings:
     """What every served connection of one middleware shares: made once, at construction."""
@@ -176,11 +187,20 @@ class SnapshotResponder:
         if self._cursor is None or message["type"] != "websocket.send":
             await self._send(message)
             return
+        text = message.get("text")
+        if not self._fence_lock.locked() and (text is None or not _may_be_session_event(text)):
+            # Not a frame the fence could judge, and no repair is sending: it goes out at
+            # once, counted against the window, without the lock's event loop turn.
+            self._frames_left -= 1
+            if self._frames_left < 0:
+                self._settle()
+            await self._send(message)
+            return
         # One frame at a time while fencing: a repair's snapshot and the frames it releases
         # go out together, and a second app task cannot start a second, older repair. The lock
-        # is made when the app first sends while fencing, not for every connection.
+        # is made when the app first sends a session event while fencing.
         if self._fence_lock is _NO_LOCK:
-            self._fence_lock = anyio.Lock()
+            self._fence_lock = anyio.Lock(fast_acquire=True)
         async with self._fence_lock:
             await self._send_fenced(message)
 
@@ -214,7 +234,7 @@ class SnapshotResponder:
             return None
         # Cheap tests first: most frames on a busy socket are not session events. A JSON
         # escape can spell the type another way (session\u005fpatch): such text is parsed.
-        if '"session_' not in text and "\\u" not in text:
+        if not _may_be_session_event(text):
             return None
         frame = parse_frame(text)
         if isinstance(frame, str) or frame.kind is Kind.OTHER:
