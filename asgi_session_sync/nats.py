@@ -354,7 +354,12 @@ class NatsBridge:
                 except (NatsError, OSError) as error:
                     logger.debug("nats drain failed, closing: %s", error)
             if not client.is_closed:
-                await client.close()
+                try:
+                    await client.close()
+                except (NatsError, OSError) as error:
+                    # The broker went first (a process stopping with its embedded server):
+                    # flushing the last bytes fails, and the connection is closed all the same.
+                    logger.debug("nats close: %s", error)
 
     async def _connect(self) -> Client:
         assert self._servers is not None
