@@ -367,7 +367,14 @@ class SessionSocket:
         reach the app: ``False`` (logged, counted) if the server refused it."""
         fetcher = self._sync.fetcher
         try:
-            await self.send_text(data.decode())
+            if self.transport == "sse":
+                # The event's id is the version this socket already holds: no second parse.
+                synced = data.startswith(b'{"type":"session_synced"')
+                kind = Kind.SYNCED if synced else Kind.UPDATE
+                frame = Frame(data.decode(), kind, self.session_id, self.owner, self.version)
+                await self.send_frame(frame)
+            else:
+                await self._send({"type": "websocket.send", "text": data.decode()})
         except OSError:
             # The client left during the load; the app learns it from receive(), as usual.
             logger.debug("no snapshot: client gone before send session_id=%s", self.session_id)
