@@ -39,6 +39,7 @@ class Phase(enum.Enum):
 
 
 _SETTLED = Phase.SETTLED
+_FENCING = Phase.FENCING
 _NO_LOCK = anyio.Lock()  # never taken: replaced by a lock of the connection's own when it fences
 _REJECTIONS = frozenset({"websocket.close", "websocket.http.response.start"})
 
@@ -108,9 +109,27 @@ class SnapshotResponder:
 
     def send_with_snapshot(self, message: Message) -> Awaitable[None]:
         """The app's ``send``: the accept and the snapshot together, then fenced frames."""
-        if self.phase is _SETTLED:
+        phase = self.phase
+        if phase is _SETTLED:
             return self._send(message)  # the server's send itself: no extra coroutine
+        if phase is _FENCING and self._passes(message):
+            return self._send(message)  # and here, for what the fence lets pass as it is
         return self._send_unsettled(message)
+
+    def _passes(self, message: Message) -> bool:
+        """Whether ``message`` goes out as it is while fencing, judged without a coroutine:
+        anything but a text frame, or a text frame that cannot be a session event, while no
+        session event is being judged; counted against the window."""
+        fence_lock = self._fence_lock
+        if fence_lock is not _NO_LOCK and fence_lock.locked():
+            return False  # a repair may be sending: every frame waits its turn
+        text = message.get("text")
+        if text is not None and _may_be_session_event(text):
+            return False
+        self._frames_left -= 1
+        if self._frames_left < 0:
+            self._settle()
+        return True
 
     async def _send_unsettled(self, message: Message) -> None:
         phase = self.phase
@@ -184,16 +203,7 @@ class SnapshotResponder:
 
     async def _send_accepted(self, message: Message) -> None:
         """Send after the accept, judged by the cursor while the fence is up."""
-        if self._cursor is None or message["type"] != "websocket.send":
-            await self._send(message)
-            return
-        text = message.get("text")
-        if not self._fence_lock.locked() and (text is None or not _may_be_session_event(text)):
-            # Not a frame the fence could judge, and no repair is sending: it goes out at
-            # once, counted against the window, without the lock's event loop turn.
-            self._frames_left -= 1
-            if self._frames_left < 0:
-                self._settle()
+        if self._cursor is None or self._passes(message):
             await self._send(message)
             return
         # One frame at a time while fencing: a repair's snapshot and the frames it releases

@@ -19,7 +19,6 @@ nothing.
 from __future__ import annotations
 
 import enum
-from collections import deque
 
 from .protocol import Frame, Kind, Version
 
@@ -78,7 +77,9 @@ class Cursor:
         self._verified = self._known
         self.repairing = False
         """Whether a repair was asked for and its snapshot has not arrived."""
-        self._held: deque[Frame] = deque()
+        # A list, not a deque: most cursors never hold a frame, and an empty deque is 760
+        # bytes of every idle socket's memory where an empty list is 56.
+        self._held: list[Frame] = []
         self.held_bytes = 0
         """Bytes of the frames held for the repair."""
         self.max_held_bytes = max_held_bytes
@@ -162,9 +163,8 @@ class Cursor:
         self._verified = verified
         self.repairing = False
         emitted = [truth]
-        held, self._held, self.held_bytes = self._held, deque(), 0
-        while held:
-            frame = held.popleft()
+        held, self._held, self.held_bytes = self._held, [], 0
+        for index, frame in enumerate(held):
             verdict = self.offer(frame)
             if verdict is Verdict.EMIT:
                 emitted.append(frame)
@@ -176,8 +176,9 @@ class Cursor:
             elif verdict is Verdict.HOLD:
                 # The truth does not reach it: the loader is behind the publisher. It and the
                 # frames after it stay held, and the repair goes on (:attr:`repairing`).
-                self._held.extend(held)
-                self.held_bytes += sum(frame.size for frame in held)
+                rest = held[index + 1 :]
+                self._held.extend(rest)
+                self.held_bytes += sum(frame.size for frame in rest)
                 break
         return emitted
 
