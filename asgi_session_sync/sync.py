@@ -121,6 +121,8 @@ class SessionSync:
         if user is not _FROM_SCOPE:
             return SessionContext(session_id, scope, user, since)
         ctx = SessionContext(session_id, scope, scope.get("user"), since)
+        if self.config.authenticate is None:
+            return ctx  # no coroutine to await on every connection
         return await self.fetcher.context(ctx)
 
     def _check_id(self, session_id: object) -> None:
