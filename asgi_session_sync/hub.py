@@ -358,7 +358,11 @@ class SessionStream:
         self._resync: Resync | None = None
         self._queue: deque[Frame] = deque()
         self._queued_bytes = 0
-        self._wakeup = anyio.Event()
+        # The consuming task's wake-up: a semaphore used as a reusable event, released when
+        # something is due and no wake-up is unread. A new Event per wait cost a backend
+        # lookup and two objects per socket and frame. (No max_value: a consumer cancelled
+        # just as it was woken gives its wake-up back, which may make two.)
+        self._wakeup = anyio.Semaphore(0, fast_acquire=True)
         self._resync_reason: str | None = None
         self._ready: deque[Frame] = deque()
         """Frames judged and due to be sent, in order (a repair releases several at once)."""
@@ -422,7 +426,7 @@ class SessionStream:
         self._queue.append(frame)
         self._queued_bytes = queued
         hub.queued_bytes += size
-        self._wakeup.set()
+        self._wake()
 
     @property
     def buffered_bytes(self) -> int:
@@ -444,7 +448,7 @@ class SessionStream:
     def request_resync(self, reason: str) -> None:
         """Repair the socket with a fresh snapshot before the next frame it is sent."""
         self._resync_reason = reason
-        self._wakeup.set()
+        self._wake()
 
     def discard(self) -> None:
         """Drop every frame queued, held or due to send: a resync supersedes them all."""
@@ -457,7 +461,12 @@ class SessionStream:
     def end(self) -> None:
         """End the iteration once the queued frames are read."""
         self._ended = True
-        self._wakeup.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        """Wake the consuming task, or make its next wait return at once."""
+        if self._wakeup.value == 0:
+            self._wakeup.release()
 
     # Consuming (the socket's task).
 
@@ -483,8 +492,7 @@ class SessionStream:
                 continue
             if self._ended:
                 raise StopAsyncIteration
-            await self._wakeup.wait()
-            self._wakeup = anyio.Event()
+            await self._wakeup.acquire()  # may wake once more than needed: the loop looks again
         frame = self._ready.popleft()
         self._ready_bytes -= frame.size
         self.hub.queued_bytes -= frame.size
@@ -725,7 +733,7 @@ class SessionStream:
                         # they are the sign of life, and heartbeats must not pile up.
                         if not self._ready:
                             self._release(_HEARTBEAT_FRAME)
-                            self._wakeup.set()
+                            self._wake()
                             self.stats.incr("heartbeats")
 
             tg.start_soon(sending, send_frames)

@@ -195,6 +195,37 @@ async def test_patches_chaining_from_the_socket_version_are_forwarded_in_order(
     assert stats.patches_forwarded == 2
 
 
+async def test_a_reader_cancelled_as_it_is_woken_leaves_the_stream_neither_stuck_nor_spinning(
+    stats: BridgeStats,
+) -> None:
+    # The stream's wake-up is reused: a reader cancelled as a frame wakes it, and frames offered
+    # while nobody reads, must leave the next reader every frame, in order, and then waiting.
+    async with open_stream(stats, version=1) as (rig, stream):
+        read: list[tuple[str, Any, Any]] = []
+
+        async def read_one() -> None:
+            read.extend(await take(stream, 1))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read_one)
+            for _ in range(3):
+                await anyio.lowlevel.checkpoint()  # the reader waits
+            rig.put(patch(1, 2))  # wakes it ...
+            tg.cancel_scope.cancel()  # ... and it is cancelled: it may or may not have read
+        rig.put(patch(2, 3), patch(3, 4))  # more wake-ups, no reader
+        read += await take(stream, 3 - len(read))
+        assert read == [("session_patch", 1, 2), ("session_patch", 2, 3), ("session_patch", 3, 4)]
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read_one)
+            for _ in range(3):
+                await anyio.lowlevel.checkpoint()  # any wake-up left over has come and gone
+            assert len(read) == 3  # nothing to read: it waits
+            rig.put(patch(4, 5))
+        assert read[3:] == [("session_patch", 4, 5)]
+        assert await nothing_more(stream)
+
+
 async def test_patches_not_newer_than_the_socket_are_dropped(stats: BridgeStats) -> None:
     async with open_stream(stats, version=5) as (rig, stream):
         rig.put(patch(3, 4), patch(4, 5), patch(5, 6))
