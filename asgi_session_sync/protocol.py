@@ -609,7 +609,11 @@ def sse_event(frame: Frame) -> bytes:
         lines.append(f"event: {frame.kind.value}")
     if frame.version is not None:
         lines.append(f"id: {frame.version}")
-    lines.extend(f"data: {line}" for line in _LINE_BREAK.split(frame.text))
+    text = frame.text
+    if "\n" in text or "\r" in text:
+        lines.extend(f"data: {line}" for line in _LINE_BREAK.split(text))
+    else:  # JSON as encoders write it: one line, found in C (the split scans in Python's re)
+        lines.append(f"data: {text}")
     return ("\n".join(lines) + "\n\n").encode()
 
 

@@ -22,6 +22,7 @@ from asgi_session_sync.protocol import (
     as_version,
     parse_frame,
     patch_problem,
+    sse_event,
     version_from_text,
 )
 
@@ -485,3 +486,17 @@ def test_every_event_model_reads_back_as_its_kind() -> None:
         frame = parse_frame(data.decode(), size=len(data))
         assert isinstance(frame, Frame)
         assert (frame.kind, frame.session_id, frame.version) == (kind, "s1", event.version)
+
+
+@pytest.mark.parametrize(
+    ("text", "data"),
+    [
+        ('{"type":"session_patch","version":8}', ['{"type":"session_patch","version":8}']),
+        # A raw line break comes only from text that is not JSON as encoders write it: each
+        # of the three (CRLF, CR, LF) starts a data line; U+2028 does not.
+        ('{"a":\r\n1,\r"b":\n2,"c":"\u2028"}', ['{"a":', "1,", '"b":', '2,"c":"\u2028"}']),
+    ],
+)
+def test_an_event_has_a_data_line_per_line_of_its_text(text: str, data: list[str]) -> None:
+    event = sse_event(Frame(text, Kind.OTHER)).decode()
+    assert event == "".join(f"data: {line}\n" for line in data) + "\n"
