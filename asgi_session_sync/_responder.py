@@ -203,16 +203,21 @@ class SnapshotResponder:
 
     async def _send_accepted(self, message: Message) -> None:
         """Send after the accept, judged by the cursor while the fence is up."""
-        if self._cursor is None or self._passes(message):
+        fence_lock = self._fence_lock
+        if (self._cursor is None and not fence_lock.locked()) or self._passes(message):
             await self._send(message)
             return
         # One frame at a time while fencing: a repair's snapshot and the frames it releases
         # go out together, and a second app task cannot start a second, older repair. The lock
         # is made when the app first sends a session event while fencing.
-        if self._fence_lock is _NO_LOCK:
-            self._fence_lock = anyio.Lock(fast_acquire=True)
-        async with self._fence_lock:
+        if fence_lock is _NO_LOCK:
+            fence_lock = self._fence_lock = anyio.Lock(fast_acquire=True)
+        async with fence_lock:
             await self._send_fenced(message)
+        if self._cursor is None and self.phase is _FENCING and not fence_lock.locked():
+            # The fence ended while this frame held the lock, and no frame waits for it now:
+            # from here on frames pass unjudged (none can overtake one still waiting).
+            self.phase = _SETTLED
 
     async def _send_fenced(self, message: Message) -> None:
         cursor = self._cursor
@@ -273,8 +278,10 @@ class SnapshotResponder:
             await self._send({"type": "websocket.send", "text": frame.text})
 
     def _settle(self) -> None:
+        """End the fence. While a frame holds its lock, others may wait for it: the phase
+        stays fencing, so later frames queue behind them, until the lock is let go."""
         self._cursor = None
-        if self.phase is Phase.FENCING:
+        if self.phase is _FENCING and not self._fence_lock.locked():
             self.phase = _SETTLED
 
     def close(self) -> None:
