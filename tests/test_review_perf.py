@@ -17,6 +17,8 @@ import anyio.lowlevel
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_fence import event, patch
+from test_hub import MemoryBroker
 
 from asgi_session_sync import SessionContext, SessionSync, SessionSyncMiddleware, Snapshot
 from asgi_session_sync._types import Receive, Scope, Send
@@ -41,22 +43,6 @@ WAIT = 5.0
 # --------------------------------------------------------------------------------------------
 # Frames
 # --------------------------------------------------------------------------------------------
-
-
-def event(version: Any, type_: str = "session_update", session_id: str = "s1") -> str:
-    return json.dumps({"type": type_, "session_id": session_id, "version": version})
-
-
-def patch_text(base: int, version: int, session_id: str = "s1") -> str:
-    return json.dumps(
-        {
-            "type": "session_patch",
-            "session_id": session_id,
-            "base_version": base,
-            "version": version,
-            "patch": [{"op": "replace", "path": "/n", "value": version}],
-        }
-    )
 
 
 def text(value: str) -> dict[str, Any]:
@@ -198,7 +184,7 @@ async def test_a_close_sent_while_a_repair_loads_goes_after_the_repairs_frames()
         await receive()
         await send({"type": "websocket.accept"})
         async with anyio.create_task_group() as tg:
-            tg.start_soon(send, text(patch_text(8, 9)))  # does not chain: a repair, held
+            tg.start_soon(send, text(patch(8, 9)))  # does not chain: a repair, held
             await loads.started[2].wait()
             tg.start_soon(send, CLOSE)
             await anyio.wait_all_tasks_blocked()
@@ -219,7 +205,7 @@ async def test_a_close_waits_for_a_hung_repair_load_until_the_load_times_out() -
         await receive()
         await send({"type": "websocket.accept"})
         async with anyio.create_task_group() as tg:
-            tg.start_soon(send, text(patch_text(8, 9)))
+            tg.start_soon(send, text(patch(8, 9)))
             await loads.started[2].wait()
             await send(CLOSE)
 
@@ -235,9 +221,9 @@ async def test_bytes_and_plain_text_from_other_tasks_wait_for_a_repair_in_order(
         await receive()
         await send({"type": "websocket.accept"})
         async with anyio.create_task_group() as tg:
-            tg.start_soon(send, text(patch_text(8, 9)))
+            tg.start_soon(send, text(patch(8, 9)))
             await loads.started[2].wait()
-            for message in (binary(b"b1"), text("t1"), binary(b"b2"), text(patch_text(9, 10))):
+            for message in (binary(b"b1"), text("t1"), binary(b"b2"), text(patch(9, 10))):
                 tg.start_soon(send, message)
                 await anyio.wait_all_tasks_blocked()  # each queued behind the one before
             assert server.sent == ["accept", ("session_update", 6)]
@@ -273,7 +259,7 @@ async def test_frames_sent_while_the_accept_is_held_keep_their_order_through_the
                 text("a"),
                 binary(b"b"),
                 text(event(5)),
-                text(patch_text(6, 7)),
+                text(patch(6, 7)),
                 text("c"),
                 text(event(4)),  # after the fence ended: passes
                 CLOSE,
@@ -382,11 +368,11 @@ async def test_a_frame_sent_after_a_repair_released_the_lock_is_still_fenced() -
         await receive()
         await send({"type": "websocket.accept"})
         for message in (
-            text(patch_text(8, 9)),
+            text(patch(8, 9)),
             text("plain"),
             text(event(9)),  # what the client has: dropped
             binary(b"b"),
-            text(patch_text(9, 10)),
+            text(patch(9, 10)),
             text(event(5)),
         ):
             await send(message)
@@ -427,7 +413,7 @@ async def test_a_frame_waiting_for_a_failed_repair_is_not_overtaken_by_a_later_o
         await send({"type": "websocket.accept"})
 
         async def repairing() -> None:
-            await send(text(patch_text(8, 9)))  # a repair, whose load finds nothing
+            await send(text(patch(8, 9)))  # a repair, whose load finds nothing
             await send(text("later"))  # after the repair gave up
 
         async with anyio.create_task_group() as tg:
@@ -467,7 +453,7 @@ async def test_coroutines_made_together_keep_the_order_they_were_made_in() -> No
             await anyio.wait_all_tasks_blocked()
             loads.gate.set()
 
-        await asyncio.gather(send(text(patch_text(8, 9))), send(text("after")), open_gate())
+        await asyncio.gather(send(text(patch(8, 9))), send(text("after")), open_gate())
         await send(CLOSE)
 
     await serve(app, loads, server)
@@ -605,26 +591,12 @@ async def test_context_with_authenticate_still_asks_it_and_a_failure_is_none() -
 # --------------------------------------------------------------------------------------------
 
 
-class Broker:
-    def __init__(self) -> None:
-        self.subscribers: dict[str, Callable[[bytes], None]] = {}
+class Broker(MemoryBroker):
+    """The hub tests' broker, publishing to session ``s1``."""
 
-    async def subscribe_subject(
-        self, session_id: str, deliver: Callable[[bytes], None]
-    ) -> Callable[[], Any]:
-        self.subscribers[session_id] = deliver
-
-        async def unsubscribe() -> None:
-            del self.subscribers[session_id]
-
-        return unsubscribe
-
-    async def catch_up(self, session_id: str, version: int) -> bytes | None:
-        return None
-
-    def publish(self, *texts: str) -> None:
+    def put(self, *texts: str) -> None:
         for value in texts:
-            self.subscribers["s1"](value.encode())
+            self.publish("s1", value)
 
 
 def hub_patch(base: int, version: int) -> str:
@@ -671,7 +643,7 @@ async def assert_reader_waits(stream: SessionStream, broker: Broker, next_versio
             await anyio.wait_all_tasks_blocked()  # a spinning reader would never let this return
             assert got == []
             assert stream._wakeup.statistics().tasks_waiting == 1
-            broker.publish(hub_patch(next_version - 1, next_version))
+            broker.put(hub_patch(next_version - 1, next_version))
     assert versions_of(got) == [next_version]
 
 
@@ -679,7 +651,7 @@ async def test_many_wake_ups_without_a_reader_leave_one_and_every_frame_in_order
     h, broker = hub()
     async with h.subscribe("s1") as stream:
         stream.version = 0
-        broker.publish(*(hub_patch(v, v + 1) for v in range(200)))
+        broker.put(*(hub_patch(v, v + 1) for v in range(200)))
         assert stream._wakeup.value == 1
         assert versions_of(await take(stream, 200)) == list(range(1, 201))
         await assert_reader_waits(stream, broker, 201)
@@ -690,7 +662,7 @@ async def test_end_after_many_wake_ups_ends_after_the_queued_frames() -> None:
     h, broker = hub()
     async with h.subscribe("s1") as stream:
         stream.version = 0
-        broker.publish(hub_patch(0, 1), hub_patch(1, 2))
+        broker.put(hub_patch(0, 1), hub_patch(1, 2))
         stream.end()
         stream.end()
         assert stream._wakeup.value == 1
@@ -714,7 +686,7 @@ async def test_end_wakes_a_waiting_reader() -> None:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(read_all)
                 await anyio.wait_all_tasks_blocked()
-                broker.publish(hub_patch(0, 1))
+                broker.put(hub_patch(0, 1))
                 stream.end()
                 await done.wait()
         assert versions_of(rest) == [1]
@@ -746,7 +718,7 @@ async def test_request_resync_wakes_a_waiting_reader_and_frames_during_the_load_
                 stream.request_resync("test")
                 await started.wait()
                 # Wake-ups while the reader is in the load: they must neither be lost nor pile.
-                broker.publish(hub_patch(5, 6), hub_patch(6, 7))
+                broker.put(hub_patch(5, 6), hub_patch(6, 7))
                 assert stream._wakeup.value <= 1
                 gate.set()
         assert versions_of(got) == [("reset", 5), 6, 7]
@@ -772,8 +744,8 @@ async def test_readers_cancelled_as_they_are_woken_never_lose_or_repeat_a_frame(
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(read_one)
                     await anyio.wait_all_tasks_blocked()
-                    broker.publish(hub_patch(version, version + 1))
-                    broker.publish(hub_patch(version + 1, version + 2))
+                    broker.put(hub_patch(version, version + 1))
+                    broker.put(hub_patch(version + 1, version + 2))
                     version += 2
                     tg.cancel_scope.cancel()
             assert stream._wakeup.value <= 2
@@ -795,7 +767,7 @@ async def test_a_reader_task_cancelled_after_its_wake_up_gives_it_back_and_then_
         stream.version = 0
         task = asyncio.ensure_future(stream.__anext__())
         await anyio.wait_all_tasks_blocked()
-        broker.publish(hub_patch(0, 1), hub_patch(1, 2))
+        broker.put(hub_patch(0, 1), hub_patch(1, 2))
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
