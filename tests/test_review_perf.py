@@ -244,30 +244,55 @@ async def test_bytes_and_plain_text_from_other_tasks_wait_for_a_repair_in_order(
     ]
 
 
-async def test_frames_sent_while_the_accept_is_held_keep_their_order_through_the_fence() -> None:
-    # LOADING: the accept is held while the first snapshot loads; other tasks' sends queue.
-    # Plain text, bytes, a stale event (dropped), a chaining patch (ends the fence), a close.
-    server = Server()
-    loads = Loads(server, 6, gated=(1,))
+def sending(*messages: dict[str, Any]) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+    """An app that accepts, then sends ``messages`` one after another from one task."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        for message in messages:
+            await send(message)
+
+    return app
+
+
+def queued_while_the_accept_is_held(
+    server: Server, loads: Loads, messages: tuple[dict[str, Any], ...], *, then: Any = None
+) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+    """An app whose accept is held by the first load while its other tasks send ``messages``
+    in turn (each queued before the next starts), then, once the load is let go, ``then``."""
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         await receive()
         async with anyio.create_task_group() as tg:
             tg.start_soon(send, {"type": "websocket.accept"})
             await loads.started[1].wait()
-            for message in (
-                text("a"),
-                binary(b"b"),
-                text(event(5)),
-                text(patch(6, 7)),
-                text("c"),
-                text(event(4)),  # after the fence ended: passes
-                CLOSE,
-            ):
+            for message in messages:
                 tg.start_soon(send, message)
                 await anyio.wait_all_tasks_blocked()
             assert server.sent == []
             loads.gate.set()
+        if then is not None:
+            await send(then)
+
+    return app
+
+
+async def test_frames_sent_while_the_accept_is_held_keep_their_order_through_the_fence() -> None:
+    # LOADING: the accept is held while the first snapshot loads; other tasks' sends queue.
+    # Plain text, bytes, a stale event (dropped), a chaining patch (ends the fence), a close.
+    server = Server()
+    loads = Loads(server, 6, gated=(1,))
+    messages = (
+        text("a"),
+        binary(b"b"),
+        text(event(5)),
+        text(patch(6, 7)),
+        text("c"),
+        text(event(4)),  # after the fence ended: passes
+        CLOSE,
+    )
+    app = queued_while_the_accept_is_held(server, loads, messages)
 
     await serve(app, loads, server)
     assert server.sent == [
@@ -288,14 +313,7 @@ async def test_bytes_frames_count_against_the_window() -> None:
     server = Server()
     loads = Loads(server, 6)
 
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        await receive()
-        await send({"type": "websocket.accept"})
-        await send(binary(b"x"))
-        await send(text("y"))
-        await send(text(event(3)))
-        await send(CLOSE)
-
+    app = sending(binary(b"x"), text("y"), text(event(3)), CLOSE)
     await serve(app, loads, server, fence_max_frames=2)
     assert server.sent == [
         "accept",
@@ -311,14 +329,8 @@ async def test_the_window_ends_on_the_fast_path_while_no_lock_was_ever_made() ->
     server = Server()
     loads = Loads(server, 6)
 
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        await receive()
-        await send({"type": "websocket.accept"})
-        for n in range(3):
-            await send(text(f"plain {n}"))
-        await send(text(event(2)))  # the window (3 frames) is over: not judged
-        await send(CLOSE)
-
+    plain = [text(f"plain {n}") for n in range(3)]
+    app = sending(*plain, text(event(2)), CLOSE)  # the window (3 frames) is over: not judged
     await serve(app, loads, server, fence_max_frames=3)
     assert server.sent == [
         "accept",
@@ -334,17 +346,8 @@ async def test_the_window_ends_on_the_fast_path_while_no_lock_was_ever_made() ->
 async def test_the_window_ends_among_the_sends_queued_while_the_accept_is_held() -> None:
     server = Server()
     loads = Loads(server, 6, gated=(1,))
-
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        await receive()
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(send, {"type": "websocket.accept"})
-            await loads.started[1].wait()
-            for message in (text("a"), binary(b"b"), text(event(3)), text(event(2))):
-                tg.start_soon(send, message)
-                await anyio.wait_all_tasks_blocked()
-            loads.gate.set()
-        await send(CLOSE)
+    messages = (text("a"), binary(b"b"), text(event(3)), text(event(2)))
+    app = queued_while_the_accept_is_held(server, loads, messages, then=CLOSE)
 
     await serve(app, loads, server, fence_max_frames=2)
     assert server.sent == [
