@@ -13,8 +13,9 @@ import signal
 import socket
 import sys
 import sysconfig
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,28 @@ def restarted(server: EmbeddedNats) -> EmbeddedNats:
     return EmbeddedNats(port=server.port, user=server.user, password=server.password)
 
 
+def wait_until_stopped(pid: int, timeout: float = WAIT) -> None:
+    """Return once every thread of ``pid`` is stopped; raise ``TimeoutError`` after ``timeout``.
+
+    ``kill`` returns before a multi-threaded process has stopped: one thread takes the signal
+    and stops the others when it next runs, and on a busy machine a server thread can still
+    read and answer what arrives meanwhile. The states are the third field of
+    ``/proc/<pid>/task/<tid>/stat`` (``T``: stopped).
+    """
+    deadline = time.monotonic() + timeout
+    tasks = Path(f"/proc/{pid}/task")
+    while True:
+        states = set()
+        for task in tasks.iterdir():
+            with suppress(FileNotFoundError, ProcessLookupError):  # a thread that ended
+                states.add(task.joinpath("stat").read_text().rsplit(")", 1)[1].split()[0])
+        if states <= {"T"}:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"nats-server {pid} not stopped after {timeout}s: {states}")
+        time.sleep(0.001)  # no event tells that a process has stopped; the wait is bounded
+
+
 @contextmanager
 def paused(server: EmbeddedNats) -> Iterator[None]:
     """The server stopped (``SIGSTOP``) for the block: a broker that answers late, not gone."""
@@ -114,6 +137,7 @@ def paused(server: EmbeddedNats) -> Iterator[None]:
     pid = server.process.pid
     os.kill(pid, signal.SIGSTOP)
     try:
+        wait_until_stopped(pid)
         yield
     finally:
         os.kill(pid, signal.SIGCONT)
