@@ -73,18 +73,22 @@ FAILED = FirstFrame(None, None, failed=True)
 class SnapshotFetcher:
     """Loads snapshots for the connections of one middleware; holds its loads and counters.
 
-    Every wait (``authenticate``, the version load, the snapshot load with its queueing and
-    sharing) is bounded by ``timeout`` seconds on its own.
+    Every call (``authenticate``, the version loader, the loader) is bounded by ``timeout``
+    seconds, and a load's wait for one of ``max_concurrent_loads`` slots by ``queue_timeout``.
+    A load shared by several connections is bounded once, for all of them: its timeout is one
+    failure, counted, logged and reported once, as a loader that raises is.
     """
 
     def __init__(self, config: SyncConfig, stats: SessionSyncStats) -> None:
         self.config = config
         self.stats = stats
-        limiter = anyio.Semaphore(config.max_concurrent_loads, fast_acquire=True)
+        # A fair (FIFO) semaphore: at most max_concurrent_loads calls run at once, over every
+        # key, and the rest start in the order they asked.
+        self._slots = anyio.Semaphore(config.max_concurrent_loads, fast_acquire=True)
         self._snapshots: SingleFlight[FirstFrame] = SingleFlight(
-            limiter=limiter, ttl=config.cache_ttl, keep=lambda frame: not frame.failed
+            ttl=config.cache_ttl, keep=lambda frame: not frame.failed
         )
-        self._versions: SingleFlight[Version] = SingleFlight(limiter=limiter)
+        self._versions: SingleFlight[Version] = SingleFlight()
         self._flight_key = config.shared_key
 
     async def context(self, ctx: SessionContext) -> SessionContext | None:
@@ -141,20 +145,54 @@ class SnapshotFetcher:
         except Exception as exc:
             self._fail(ctx, exc, "no snapshot: flight_key raised")
             return failure
-        with anyio.move_on_after(self.config.timeout):
-            result, how = await flights.run(key, lambda: load(ctx), fresh=fresh)
-            if how != "loaded":
-                self.stats.incr("coalesced" if how == "coalesced" else "cache_hits")
-            return result
+        result, how = await flights.run(
+            key, lambda: self._call(ctx, load, what, failure), fresh=fresh
+        )
+        if how != "loaded":
+            self.stats.incr("coalesced" if how == "coalesced" else "cache_hits")
+        return result
+
+    async def _call(
+        self,
+        ctx: SessionContext,
+        load: Callable[[SessionContext], Awaitable[T | None]],
+        what: str,
+        failure: T | None,
+    ) -> T | None:
+        """One call of ``load``, for every connection sharing it: a slot within
+        ``queue_timeout``, then the call within ``timeout``; either bound passed is ``failure``.
+
+        The timeout bounds the work, not the wait for a turn: in a reconnect storm the queue is
+        long because the process is busy, and a late snapshot beats none. A hung loader still
+        holds a slot for ``timeout`` at most, and fails every connection sharing its call.
+        """
+        config = self.config
+        slots = self._slots
+        try:
+            slots.acquire_nowait()  # at once when a slot is free: no event loop turn
+        except anyio.WouldBlock:
+            with anyio.move_on_after(config.queue_timeout) as queued:
+                await slots.acquire()
+            if queued.cancelled_caught:
+                return self._timed_out(
+                    ctx,
+                    failure,
+                    f"{what} not started: no free slot of max_concurrent_loads="
+                    f"{config.max_concurrent_loads} within queue_timeout={config.queue_timeout}s",
+                )
+        try:
+            with anyio.move_on_after(config.timeout):
+                return await load(ctx)
+        finally:
+            slots.release()
+        return self._timed_out(ctx, failure, f"{what} timed out after {config.timeout}s")
+
+    def _timed_out(self, ctx: SessionContext, failure: T | None, problem: str) -> T | None:
         self.stats.incr("timeouts")
         logger.warning(
-            "%s timed out after %ss session_id=%s path=%r",
-            what,
-            self.config.timeout,
-            ctx.session_id,
-            clip_for_log(ctx.scope["path"]),
+            "%s session_id=%s path=%r", problem, ctx.session_id, clip_for_log(ctx.scope["path"])
         )
-        self.report(ctx, TimeoutError(f"{what} timed out after {self.config.timeout}s"))
+        self.report(ctx, TimeoutError(problem))
         return failure
 
     async def _load_snapshot(self, ctx: SessionContext) -> FirstFrame | None:

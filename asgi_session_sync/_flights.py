@@ -1,4 +1,4 @@
-"""Single-flight loads: concurrent loads of one key share one call, under a concurrency bound."""
+"""Single-flight loads: concurrent loads of one key share one call."""
 
 from __future__ import annotations
 
@@ -38,15 +38,12 @@ class SingleFlight(Generic[T]):
     """Runs at most one call per key at a time; callers that arrive meanwhile share its result.
 
     The caller that finds no flight for its key is the leader: it runs the call in its own task,
-    so its cancel scopes (timeout) apply. A waiter that is cancelled just stops waiting; the
-    leader and the other waiters go on. If the leader is cancelled, the call is abandoned and
-    one of the waiters becomes the new leader, so nobody is left without a load. ``fn`` must not
-    raise ``Exception``: failures are results (``None``, or what ``keep`` refuses), shared like
-    any other with the callers in flight, but never cached. A key of ``None`` is never shared
-    and never cached.
-
-    Leaders hold a slot of ``limiter``, a fair (FIFO) semaphore, while their call runs, so at
-    most its initial value of calls run at once however many keys are loading.
+    so the bounds ``fn`` sets on itself (its timeout) end the call for every caller sharing it. A
+    waiter that is cancelled just stops waiting; the leader and the other waiters go on. If the
+    leader is cancelled, the call is abandoned and one of the waiters becomes the new leader, so
+    nobody is left without a load. ``fn`` must not raise ``Exception``: failures (a timeout
+    included) are results (``None``, or what ``keep`` refuses), shared like any other with the
+    callers in flight, but never cached. A key of ``None`` is never shared and never cached.
 
     With ``ttl``, a successful result stays in the table for ``ttl`` seconds and answers later
     callers. Entries expire in the order they were made (one ``ttl`` for all), so expiring
@@ -56,13 +53,11 @@ class SingleFlight(Generic[T]):
     def __init__(
         self,
         *,
-        limiter: anyio.Semaphore,
         ttl: float | None = None,
         keep: Callable[[T], bool] = lambda result: True,
     ) -> None:
         self._flights: dict[Hashable, _Flight[T]] = {}
         self._expiry: deque[tuple[Hashable, _Flight[T]]] = deque()
-        self._limiter = limiter
         self._ttl = ttl
         self._keep = keep
         self._started = 0
@@ -86,11 +81,7 @@ class SingleFlight(Generic[T]):
         calls for one key thus makes at most two runs.
         """
         if key is None:
-            await self._acquire()
-            try:
-                return await fn(), "loaded"
-            finally:
-                self._limiter.release()
+            return await fn(), "loaded"
         asked = self._started
         if self._expiry:
             self._expire()
@@ -118,11 +109,7 @@ class SingleFlight(Generic[T]):
         self._flights[key] = flight
         cached = False
         try:
-            await self._acquire()
-            try:
-                flight.result = await fn()
-            finally:
-                self._limiter.release()
+            flight.result = await fn()
             flight.finished = True
             result = flight.result
             if (
@@ -141,14 +128,6 @@ class SingleFlight(Generic[T]):
             if flight.done is not None:
                 flight.done.set()
         return flight.result
-
-    async def _acquire(self) -> None:
-        """Take a slot of the limiter: at once when one is free and nobody waits (no event
-        loop turn, which ``acquire`` always costs), else in turn."""
-        try:
-            self._limiter.acquire_nowait()
-        except anyio.WouldBlock:
-            await self._limiter.acquire()
 
     def _owns(self, key: Hashable, flight: _Flight[T]) -> bool:
         return self._flights.get(key) is flight

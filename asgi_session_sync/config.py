@@ -79,13 +79,19 @@ class SyncConfig:
             for connections whose user the app does not give and ``scope["user"]`` lacks.
         on_error: Optional ``def on_error(ctx, exc)`` called with the exception whenever a
             connection gets no snapshot because something failed: the loader,
-            ``version_loader``, ``authenticate`` or ``flight_key`` raised, a wait timed out (a
-            ``TimeoutError``), or the server's ``send`` refused the snapshot frame.
-        timeout: Seconds a connection waits for its snapshot (queueing, loading, sharing).
-            ``authenticate`` and ``version_loader`` each have a budget of the same length, so
-            a resuming connection waits at most three times this, and the middleware holds its
-            handshake as long. The bound cancels the loader: a loader that cannot be cancelled
-            (a thread not abandoned on cancel) holds the connection until it returns.
+            ``version_loader``, ``authenticate`` or ``flight_key`` raised, a call or its wait for a
+            slot timed out (a ``TimeoutError``; once per load, however many connections
+            shared it), or the server's ``send`` refused the snapshot frame.
+        timeout: Seconds each call of the loader, ``version_loader`` and ``authenticate`` may
+            take. A call past it is cancelled and fails every connection sharing it: they get
+            no snapshot. A loader that cannot be cancelled (a thread not abandoned on cancel)
+            holds its connections until it returns.
+        queue_timeout: Seconds a load may wait for one of ``max_concurrent_loads`` slots before
+            it gives up (no snapshot), or ``None`` to wait its turn however long (each call
+            ahead is still bounded by ``timeout``). A connection's snapshot thus takes at most
+            ``queue_timeout + timeout``; a resuming one waits for a version load first, and one
+            with ``authenticate`` for it too (``timeout``), and the middleware holds the
+            handshake as long.
         max_bytes: Largest snapshot frame sent, in bytes of JSON; larger ones are logged and
             dropped. ``None`` for no limit.
         send_synced: Send a ``session_synced`` event when resume skips the snapshot.
@@ -113,6 +119,7 @@ class SyncConfig:
     authenticate: Authenticate | None = None
     on_error: ErrorHook | None = None
     timeout: float = 5.0
+    queue_timeout: float | None = 30.0
     max_bytes: int | None = 4 * 1024 * 1024
     send_synced: bool = False
     single_flight: bool = True
@@ -138,6 +145,7 @@ class SyncConfig:
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False: got {getattr(self, name)!r}")
         _check_number("timeout", self.timeout, optional=False, whole=False)
+        _check_number("queue_timeout", self.queue_timeout, optional=True, whole=False)
         _check_number("max_bytes", self.max_bytes, optional=True, whole=True)
         _check_number("max_concurrent_loads", self.max_concurrent_loads, optional=False, whole=True)
         _check_number("cache_ttl", self.cache_ttl, optional=True, whole=False)
@@ -180,6 +188,7 @@ class SyncOptions(TypedDict, total=False):
     authenticate: Authenticate | None
     on_error: ErrorHook | None
     timeout: float
+    queue_timeout: float | None
     max_bytes: int | None
     send_synced: bool
     single_flight: bool

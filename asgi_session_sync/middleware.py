@@ -48,8 +48,9 @@ class SessionSyncMiddleware:
     A snapshot is never worth a broken connection: when the loader raises, times out, returns
     ``None`` or something too large, the accept goes out without a snapshot, the reason is
     logged on the ``asgi_session_sync`` logger, and the app goes on. A client that leaves during
-    the load is not noticed until the load ends (``timeout`` at most); the server then tells the
-    app as it would without the middleware. A server's handshake timeout must allow the load.
+    the load is not noticed until the load ends (``queue_timeout`` then ``timeout`` at most); the
+    server then tells the app as it would without the middleware. A server's handshake timeout
+    must allow the load.
 
     Guarantees beyond the first frame:
 
@@ -63,7 +64,7 @@ class SessionSyncMiddleware:
       without the full load.
     - **Single-flight and a bound.** Concurrent loads with the same ``flight_key`` (by default
       the session and the user) share one loader call; at most ``max_concurrent_loads`` loader
-      calls run at once, queued fairly, each connection still bounded by ``timeout``.
+      calls run at once, queued fairly (``queue_timeout``), each call bounded by ``timeout``.
     - **Counters** in :attr:`stats`, and every increment through ``on_metric``.
 
     Args:
@@ -82,7 +83,8 @@ class SessionSyncMiddleware:
         sync: A :class:`~asgi_session_sync.SessionSync` to use instead of ``loader`` and its
             options, for an app that also accepts sockets with
             :meth:`~asgi_session_sync.SessionSync.accept`: one service, one set of counters.
-        **options: How snapshots are loaded, shared and sent (``timeout``, ``max_bytes``,
+        **options: How snapshots are loaded, shared and sent (``timeout``, ``queue_timeout``,
+            ``max_bytes``,
             ``authenticate``, ``on_error``, ``version_loader``, ``since_param``,
             ``send_synced``, ``single_flight``, ``flight_key``, ``max_concurrent_loads``,
             ``cache_ttl``, ``session_id_pattern``): the fields of

@@ -147,8 +147,8 @@ METRICS: tuple[Metric, ...] = (
         _SYNC,
         "counter",
         "{timeout}",
-        "Waits for a snapshot or a version load that ran past timeout; a resuming connection "
-        "can count twice.",
+        "Loads (snapshot or version) whose call ran past timeout, or that found no free slot "
+        "within queue_timeout; once per load, however many connections shared it.",
     ),
     Metric("oversize", _SYNC, "counter", "{snapshot}", "Snapshots over max_bytes, not sent."),
     Metric("load_seconds", _SYNC, "histogram", "s", "Duration of each loader call."),

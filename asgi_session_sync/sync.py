@@ -55,8 +55,8 @@ class SessionSync:
             model, a :class:`~asgi_session_sync.Snapshot`, or ``None`` for "nothing to send".
         on_metric: Optional ``def on_metric(name, value)`` called for each counter increment.
         **options: ``version_loader``, ``authenticate``, ``on_error``, ``timeout`` (seconds),
-            ``max_bytes``, ``send_synced``, ``single_flight``, ``flight_key``,
-            ``max_concurrent_loads``, ``cache_ttl`` (seconds), ``since_param``,
+            ``queue_timeout`` (seconds), ``max_bytes``, ``send_synced``, ``single_flight``,
+            ``flight_key``, ``max_concurrent_loads``, ``cache_ttl`` (seconds), ``since_param``,
             ``session_id_pattern``: see :class:`~asgi_session_sync.config.SyncConfig`.
 
     Raises:

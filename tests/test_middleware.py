@@ -522,6 +522,7 @@ async def test_send_failure_of_snapshot_is_not_raised_into_app() -> None:
         ({"send_synced": "false"}, "send_synced must be True or False"),
         ({"timeout": "5"}, "timeout must be a positive number of seconds"),
         ({"cache_ttl": "1"}, "cache_ttl must be a positive number of seconds or None"),
+        ({"queue_timeout": 0}, "queue_timeout must be a positive number of seconds or None"),
         ({"max_bytes": True}, "max_bytes must be a positive int or None"),
         ({"max_bytes": "1"}, "max_bytes must be a positive int or None"),
         ({"since_param": 5}, "since_param must be a non-empty"),

@@ -100,8 +100,8 @@ class Load:
         return call
 
 
-def flights(ttl: float | None = None, limit: int = 64) -> SingleFlight[int]:
-    return SingleFlight(limiter=anyio.Semaphore(limit, fast_acquire=True), ttl=ttl)
+def flights(ttl: float | None = None) -> SingleFlight[int]:
+    return SingleFlight(ttl=ttl)
 
 
 async def test_cancelled_waiter_leaves_the_shared_load_alone() -> None:
@@ -304,7 +304,8 @@ async def test_loads_never_exceed_max_concurrent_loads() -> None:
     assert sorted(done) == sorted(f"s{n}" for n in range(20))
 
 
-async def test_queued_load_times_out_when_the_db_is_slow() -> None:
+async def test_each_call_to_a_hung_db_times_out_in_its_turn() -> None:
+    # The bound is on the call: a queued load waits for its slot, then gets its own timeout.
     loader = GatedLoader()
     app = wrap(loader, max_concurrent_loads=1, timeout=0.2)
     firsts: list[str] = []
@@ -318,7 +319,90 @@ async def test_queued_load_times_out_when_the_db_is_slow() -> None:
             tg.start_soon(client, n)
     assert firsts == ["hello"] * 3
     assert app.stats.timeouts == 3
-    assert loader.most_running == 1
+    assert (len(loader.calls), loader.cancelled, loader.most_running) == (3, 3, 1)
+
+
+async def test_a_shared_load_that_times_out_fails_its_connections_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    loader = GatedLoader()
+    errors: list[BaseException] = []
+    app = wrap(loader, timeout=0.2, on_error=lambda ctx, exc: errors.append(exc))
+    firsts: list[str] = []
+
+    async def client() -> None:
+        async with connect_websocket(app, "/ws/s1") as ws:
+            firsts.append(await ws.receive_text())
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(5):
+            tg.start_soon(client)
+    assert firsts == ["hello"] * 5
+    # One call, cancelled once: no waiter takes over a hung load to hang again.
+    assert (len(loader.calls), loader.cancelled) == (1, 1)
+    assert (app.stats.timeouts, app.stats.coalesced) == (1, 4)
+    assert [type(error) for error in errors] == [TimeoutError]
+    [record] = [r for r in caplog.records if "timed out" in r.getMessage()]
+    assert record.getMessage().startswith("snapshot load timed out after 0.2s session_id=s1")
+
+
+async def test_a_load_waits_for_its_slot_past_timeout() -> None:
+    # A reconnect storm makes the queue long, not the loads: a late snapshot beats none. Each
+    # call takes well within its timeout (1 s); the last of four waits three calls for its slot.
+    async def loader(ctx: SessionContext) -> Snapshot:
+        await anyio.sleep(0.4)  # the load's own duration, not synchronisation
+        return Snapshot({"id": ctx.session_id}, version=1)
+
+    app = wrap(loader, max_concurrent_loads=1, timeout=1.0)
+    done: list[str] = []
+
+    async def client(n: int) -> None:
+        async with connect_websocket(app, f"/ws/s{n}") as ws:
+            done.append((await ws.receive_json())["session"]["id"])
+
+    started = anyio.current_time()
+    async with anyio.create_task_group() as tg:
+        for n in range(4):
+            tg.start_soon(client, n)
+    assert anyio.current_time() - started > 1.2  # the last one waited longer than timeout
+    assert sorted(done) == ["s0", "s1", "s2", "s3"]
+    assert app.stats.timeouts == 0
+
+
+async def test_a_load_gives_up_waiting_for_a_slot_after_queue_timeout(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    loader = GatedLoader()
+    errors: list[BaseException] = []
+    app = wrap(
+        loader,
+        max_concurrent_loads=1,
+        queue_timeout=0.2,
+        on_error=lambda ctx, exc: errors.append(exc),
+    )
+    firsts: dict[str, Any] = {}
+
+    async def client(session_id: str) -> None:
+        async with connect_websocket(app, f"/ws/{session_id}") as ws:
+            firsts[session_id] = await ws.receive_text()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(client, "s0")
+        await wait_until(lambda: loader.running == 1)
+        for _ in range(3):  # three connections share the one queued load of s1
+            tg.start_soon(client, "s1")
+        await wait_until(lambda: "s1" in firsts)
+        assert loader.calls == ["s0"]  # s1 never reached the loader
+        loader.release.set()
+    assert firsts["s1"] == "hello"
+    assert '"session_id":"s0"' in firsts["s0"]
+    assert (app.stats.timeouts, app.stats.coalesced) == (1, 2)
+    assert [type(error) for error in errors] == [TimeoutError]
+    [record] = [r for r in caplog.records if "queue_timeout" in r.getMessage()]
+    assert record.getMessage().startswith(
+        "snapshot load not started: no free slot of max_concurrent_loads=1 "
+        "within queue_timeout=0.2s session_id=s1"
+    )
 
 
 async def test_cache_ttl_reuses_a_finished_load() -> None:
