@@ -472,6 +472,9 @@ async def test_a_socket_connecting_mid_answer_is_made_current_by_the_producer_no
         await llm.give(answer, "Once", " upon")
         await until(lambda: len(rig.db.commits) == 1)  # a checkpoint: "Once upon"
         await llm.give(answer, " a", " time")  # published, not saved
+        # Delivered before the late socket subscribes: on a busy machine the delta could else
+        # reach the late socket's stream before its snapshot did, and be caught up at once.
+        await until(lambda: early.text == "Once upon a time")
         commits = len(rig.db.commits)
         async with connected(rig.api, rig.db) as late:
             # The snapshot is the database's: behind the stream.
