@@ -9,6 +9,7 @@ encodes the result as a ``session_update`` event and reports every failure: coun
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import NamedTuple, TypeVar
@@ -146,7 +147,7 @@ class SnapshotFetcher:
             self._fail(ctx, exc, "no snapshot: flight_key raised")
             return failure
         result, how = await flights.run(
-            key, lambda: self._call(ctx, load, what, failure), fresh=fresh
+            key, lambda since: self._call(ctx, load, what, failure, since), fresh=fresh
         )
         if how != "loaded":
             self.stats.incr("coalesced" if how == "coalesced" else "cache_hits")
@@ -158,9 +159,11 @@ class SnapshotFetcher:
         load: Callable[[SessionContext], Awaitable[T | None]],
         what: str,
         failure: T | None,
+        since: float | None,
     ) -> T | None:
         """One call of ``load``, for every connection sharing it: a slot within
-        ``queue_timeout``, then the call within ``timeout``; either bound passed is ``failure``.
+        ``queue_timeout`` of ``since`` (when the caller began to wait on shared loads; else
+        now), then the call within ``timeout``; either bound passed is ``failure``.
 
         The timeout bounds the work, not the wait for a turn: in a reconnect storm the queue is
         long because the process is busy, and a late snapshot beats none. A hung loader still
@@ -171,7 +174,11 @@ class SnapshotFetcher:
         try:
             slots.acquire_nowait()  # at once when a slot is free: no event loop turn
         except anyio.WouldBlock:
-            with anyio.move_on_after(config.queue_timeout) as queued:
+            if config.queue_timeout is None:
+                deadline = math.inf
+            else:
+                deadline = (anyio.current_time() if since is None else since) + config.queue_timeout
+            with anyio.CancelScope(deadline=deadline) as queued:
                 await slots.acquire()
             if queued.cancelled_caught:
                 return self._timed_out(

@@ -8,11 +8,14 @@ from typing import Generic, Literal, TypeVar
 
 import anyio
 
-__all__ = ["How", "SingleFlight"]
+__all__ = ["Call", "How", "SingleFlight"]
 
 T = TypeVar("T")
 
 How = Literal["loaded", "coalesced", "cached"]
+
+Call = Callable[[float | None], Awaitable[T | None]]
+"""A run: ``fn(waiting_since)``, see :meth:`SingleFlight.run`."""
 
 
 class _Flight(Generic[T]):
@@ -70,46 +73,56 @@ class SingleFlight(Generic[T]):
         return len(self._flights)
 
     async def run(
-        self, key: Hashable | None, fn: Callable[[], Awaitable[T | None]], *, fresh: bool = False
+        self, key: Hashable | None, fn: Call[T], *, fresh: bool = False
     ) -> tuple[T | None, How]:
-        """Return ``fn()``'s result for ``key`` and how it was obtained.
+        """Return ``fn(waiting_since)``'s result for ``key`` and how it was obtained.
 
         The second item is ``"loaded"`` (this caller ran ``fn``), ``"coalesced"`` (it shared
         another caller's run) or ``"cached"`` (a finished run within ``ttl``). A ``fresh`` call
         needs state read after it was asked for: it skips the cache and shares only a run that
         started after the call did, waiting for an older run to end first. A burst of fresh
         calls for one key thus makes at most two runs.
+
+        ``waiting_since`` is ``None`` for a caller that leads at once, and for one that leads
+        after waiting on other runs (their leaders left, or it was ``fresh``), the time
+        (``anyio.current_time()``) it began to wait: ``fn`` bounds its own waits from there, so
+        a run handed from leader to leader does not start its caller's clock again.
         """
         if key is None:
-            return await fn(), "loaded"
+            return await fn(None), "loaded"
         asked = self._started
+        since: float | None = None
         if self._expiry:
             self._expire()
         while True:
             flight = self._flights.get(key)
             if flight is None:
-                return await self._lead(key, fn), "loaded"
+                return await self._lead(key, fn, since), "loaded"
             if fresh and flight.serial <= asked:
                 # Started before the ask: it may have read state older than what the caller
                 # needs. Wait for it to end rather than load beside it, so every fresh caller
                 # of a burst (a broker restart resyncs every socket) shares the next load.
                 if flight.finished:
-                    return await self._lead(key, fn), "loaded"
+                    return await self._lead(key, fn, since), "loaded"
+                if since is None:
+                    since = anyio.current_time()
                 await flight.wait()
                 continue
             if flight.finished:
                 return flight.result, "cached"
+            if since is None:
+                since = anyio.current_time()
             await flight.wait()
             if flight.finished:
                 return flight.result, "coalesced"
 
-    async def _lead(self, key: Hashable, fn: Callable[[], Awaitable[T | None]]) -> T | None:
+    async def _lead(self, key: Hashable, fn: Call[T], since: float | None) -> T | None:
         self._started += 1
         flight: _Flight[T] = _Flight(self._started)
         self._flights[key] = flight
         cached = False
         try:
-            flight.result = await fn()
+            flight.result = await fn(since)
             flight.finished = True
             result = flight.result
             if (

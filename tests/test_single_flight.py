@@ -88,9 +88,11 @@ class Load:
         self.release = anyio.Event()
         self.calls = 0
         self.cancelled = 0
+        self.waiting_since: list[float | None] = []
 
-    async def __call__(self) -> int:
+    async def __call__(self, waiting_since: float | None) -> int:
         self.calls += 1
+        self.waiting_since.append(waiting_since)
         call = self.calls
         try:
             await self.release.wait()
