@@ -19,23 +19,13 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import pytest
+from test_single_flight import wait_until, wrap
 
 from asgi_session_sync import SessionContext, SessionSync, SessionSyncMiddleware, Snapshot
 from asgi_session_sync._fetcher import FAILED
-from asgi_session_sync._types import Receive, Scope, Send
 from asgi_session_sync.testing import connect_websocket
 
 pytestmark = pytest.mark.anyio
-
-
-async def accepting_app(scope: Scope, receive: Receive, send: Send) -> None:
-    await receive()
-    await send({"type": "websocket.accept"})
-    try:
-        await send({"type": "websocket.send", "text": "hello"})
-    except OSError:  # the client left during the load, as the server tells the app
-        return
-    await receive()
 
 
 class Gates:
@@ -62,13 +52,6 @@ class Gates:
         finally:
             self.running -= 1
         return Snapshot({"id": ctx.session_id}, version=len(self.calls))
-
-
-def wrap(loader: Any, **options: Any) -> SessionSyncMiddleware:
-    options.setdefault("timeout", 30)
-    return SessionSyncMiddleware(
-        accepting_app, loader=loader, paths=["/ws/{session_id}"], **options
-    )
 
 
 def scope_for(path: str) -> dict[str, Any]:
@@ -100,12 +83,6 @@ async def connect_and_hold(app: Any) -> None:
         await ws.receive()
 
 
-async def wait_until(condition: Any) -> None:
-    with anyio.fail_after(5):
-        while not condition():
-            await anyio.lowlevel.checkpoint()
-
-
 def waited_on(fetcher: Any) -> bool:
     """Whether a connection waits on another's snapshot load (anonymous session "s1")."""
     flight = fetcher._snapshots._flights.get(("s1", None))
@@ -116,18 +93,31 @@ def queued(app: SessionSyncMiddleware) -> int:
     return app.sync.fetcher._slots.statistics().tasks_waiting
 
 
+class Clients:
+    """An app whose clients connect to ``path``, with a :class:`Gates` loader (the ``answering``
+    sessions answered at once); collects the clients' first frames and ``on_error``'s reports."""
+
+    def __init__(self, path: str, *, answering: tuple[str, ...] = (), **options: Any) -> None:
+        self.path = path
+        self.loader = Gates()
+        for session_id in answering:
+            self.loader.gate(session_id).set()
+        self.errors: list[BaseException] = []
+        self.firsts: list[Any] = []
+        self.app = wrap(self.loader, on_error=lambda ctx, exc: self.errors.append(exc), **options)
+
+    async def client(self) -> None:
+        async with connect_websocket(self.app, self.path) as ws:
+            self.firsts.append(await ws.receive_json())
+
+
 # --- A leader that leaves -------------------------------------------------------------------
 
 
 async def test_a_leader_that_leaves_while_queued_hands_its_load_over() -> None:
-    loader = Gates()
-    app = wrap(loader, max_concurrent_loads=1)
+    clients = Clients("/ws/s1", max_concurrent_loads=1)
+    loader, app, firsts, client = clients.loader, clients.app, clients.firsts, clients.client
     leader = anyio.CancelScope()
-    firsts: list[Any] = []
-
-    async def client() -> None:
-        async with connect_websocket(app, "/ws/s1") as ws:
-            firsts.append(await ws.receive_json())
 
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
@@ -149,14 +139,9 @@ async def test_a_leader_that_leaves_while_queued_hands_its_load_over() -> None:
 
 
 async def test_a_leader_that_leaves_mid_call_frees_its_slot_and_a_waiter_loads_again() -> None:
-    loader = Gates()
-    app = wrap(loader, max_concurrent_loads=1)
+    clients = Clients("/ws/s1", max_concurrent_loads=1)
+    loader, app, firsts, client = clients.loader, clients.app, clients.firsts, clients.client
     leader = anyio.CancelScope()
-    firsts: list[Any] = []
-
-    async def client() -> None:
-        async with connect_websocket(app, "/ws/s1") as ws:
-            firsts.append(await ws.receive_json())
 
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
@@ -312,20 +297,10 @@ async def test_a_version_load_that_times_out_is_reported_once_then_the_full_load
         await never.wait()
         return 1
 
-    loader = Gates()
-    loader.gate("s1").set()
-    errors: list[BaseException] = []
-    app = wrap(
-        loader,
-        version_loader=version_loader,
-        timeout=0.3,
-        on_error=lambda ctx, exc: errors.append(exc),
+    clients = Clients(
+        "/ws/s1?since=99", answering=("s1",), version_loader=version_loader, timeout=0.3
     )
-    firsts: list[Any] = []
-
-    async def client() -> None:
-        async with connect_websocket(app, "/ws/s1?since=99") as ws:
-            firsts.append(await ws.receive_json())
+    app, errors, firsts, client = clients.app, clients.errors, clients.firsts, clients.client
 
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
@@ -342,21 +317,15 @@ async def test_a_version_load_with_no_free_slot_falls_back_to_the_full_load() ->
     async def version_loader(ctx: SessionContext) -> int:
         raise AssertionError("never reached: no slot")
 
-    loader = Gates()
-    loader.gate("s1").set()
-    errors: list[BaseException] = []
-    app = wrap(
-        loader,
+    clients = Clients(
+        "/ws/s1?since=99",
+        answering=("s1",),
         version_loader=version_loader,
         max_concurrent_loads=1,
         queue_timeout=0.3,
-        on_error=lambda ctx, exc: errors.append(exc),
     )
-    firsts: list[Any] = []
-
-    async def client() -> None:
-        async with connect_websocket(app, "/ws/s1?since=99") as ws:
-            firsts.append(await ws.receive_json())
+    app, errors, firsts, client = clients.app, clients.errors, clients.firsts, clients.client
+    loader = clients.loader
 
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
