@@ -197,7 +197,12 @@ class SnapshotFetcher:
     def _timed_out(self, ctx: SessionContext, failure: T | None, problem: str) -> T | None:
         self.stats.incr("timeouts")
         logger.warning(
-            "%s session_id=%s path=%r", problem, ctx.session_id, clip_for_log(ctx.scope["path"])
+            "%s%s session_id=%s path=%r",
+            problem,
+            # Only a version load fails with None: the full load runs instead.
+            ", loading in full" if failure is None else "",
+            ctx.session_id,
+            clip_for_log(ctx.scope["path"]),
         )
         self.report(ctx, TimeoutError(problem))
         return failure

@@ -36,7 +36,8 @@ __all__ = ["RESYNC_RETRY_DELAYS", "Backend", "Hub", "Resync", "SessionStream"]
 logger = logging.getLogger("asgi_session_sync")
 
 RESYNC_RETRY_DELAYS: tuple[float, ...] = (0.25, 1.0, 4.0)
-"""Seconds to wait before each retry of a failed resync: four attempts in about 5 s."""
+"""Seconds to wait before each retry of a failed resync: four attempts, 5.25 s of waits between
+them (each attempt's load is bounded on its own: ``queue_timeout``, then ``timeout``)."""
 
 _HEARTBEAT_FRAME = Frame(HEARTBEAT, Kind.OTHER, size=len(HEARTBEAT))
 _DISCONNECTS = frozenset({"websocket.disconnect", "http.disconnect"})

@@ -288,7 +288,9 @@ def test_queue_timeout_accepts_none_and_positive_numbers(value: float | None) ->
 # --- The version load (resume) --------------------------------------------------------------
 
 
-async def test_a_version_load_that_times_out_is_reported_once_then_the_full_load_runs() -> None:
+async def test_a_version_load_that_times_out_is_reported_once_then_the_full_load_runs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     never = anyio.Event()
     version_calls: list[str] = []
 
@@ -310,6 +312,10 @@ async def test_a_version_load_that_times_out_is_reported_once_then_the_full_load
     assert [first["session"]["id"] for first in firsts] == ["s1"] * 3
     assert (app.stats.timeouts, app.stats.version_loads) == (1, 1)
     assert [str(error) for error in errors] == ["version load timed out after 0.3s"]
+    [record] = [r for r in caplog.records if "timed out" in r.getMessage()]
+    assert record.getMessage().startswith(
+        "version load timed out after 0.3s, loading in full session_id=s1"
+    )
     assert app.sync.fetcher._slots.value == 64
 
 
