@@ -120,6 +120,38 @@ async def test_client_leaving_during_slow_load_is_told_to_the_app_after_it(serve
     assert loader.session_ids == [SLOW_SESSION_ID, "s2"]
 
 
+async def test_a_load_with_no_free_slot_gives_up_at_queue_timeout_and_the_app_goes_on(
+    serve: Serve,
+) -> None:
+    # The slow session's load holds the only slot; another session's load waits for it for
+    # queue_timeout, not for the slow call's timeout, and its client is accepted without a
+    # snapshot, under a real server's handshake.
+    loader = Loader()
+    middleware = SessionSyncMiddleware(
+        greeting_app,
+        loader=loader,
+        paths=PATHS,
+        max_concurrent_loads=1,
+        queue_timeout=0.3,
+        timeout=WAIT / 2,
+    )
+    url = serve(middleware)
+
+    async def slow_client() -> None:
+        async with client(f"{url}/ws/sessions/{SLOW_SESSION_ID}") as ws:
+            await assert_greets_and_echoes(ws)  # accepted once its call timed out
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(slow_client)
+        await wait_for(loader.slow_started)
+        async with client(f"{url}/ws/sessions/s2") as ws:
+            await assert_greets_and_echoes(ws)
+            assert not loader.slow_cancelled.is_set(), "s2 waited for the slow call to end"
+            assert middleware.stats.timeouts == 1  # s2's wait for a slot
+    assert loader.session_ids == [SLOW_SESSION_ID]  # s2 never reached the loader
+    assert middleware.stats.timeouts == 2
+
+
 async def test_app_subprotocol_choice_reaches_client(serve: Serve) -> None:
     url = serve(wrap(Loader()))
     async with client(f"{url}/ws/sessions/s1", subprotocols=["v1", "v2"]) as ws:
