@@ -54,13 +54,16 @@ def _is_async(value: object) -> bool:
 
 def _check_number(name: str, value: object, *, optional: bool, whole: bool) -> None:
     """Refuse ``value`` unless it is a positive number (an int when ``whole``), or ``None``
-    when ``optional``; the message names the option and the fix."""
+    when ``optional``; the message names the option and the fix. A value of the wrong type
+    (a bool, a str, a float where an int is needed) is a ``TypeError``; a number out of range
+    (zero, negative, NaN) a ``ValueError``."""
     if value is None and optional:
         return
     kind = int if whole else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or not value > 0:
+    right_type = isinstance(value, kind) and not isinstance(value, bool)
+    if not right_type or not value > 0:  # type: ignore[operator]
         what = "a positive int" if whole else "a positive number of seconds"
-        raise (ValueError if isinstance(value, (int, float)) else TypeError)(
+        raise (ValueError if right_type else TypeError)(
             f"{name} must be {what}{' or None' if optional else ''}: got {value!r}"
         )
 

@@ -525,6 +525,7 @@ async def test_send_failure_of_snapshot_is_not_raised_into_app() -> None:
         ({"queue_timeout": 0}, "queue_timeout must be a positive number of seconds or None"),
         ({"max_bytes": True}, "max_bytes must be a positive int or None"),
         ({"max_bytes": "1"}, "max_bytes must be a positive int or None"),
+        ({"max_concurrent_loads": 1.5}, "max_concurrent_loads must be a positive int: got 1.5"),
         ({"since_param": 5}, "since_param must be a non-empty"),
         ({"fence_max_frames": 2.5}, "fence_max_frames must be an int"),
         ({"session_id_param": 3}, "session_id_param must be a non-empty"),
