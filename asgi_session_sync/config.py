@@ -92,9 +92,9 @@ class SyncConfig:
         queue_timeout: Seconds a load may wait for one of ``max_concurrent_loads`` slots before
             it gives up (no snapshot), or ``None`` to wait its turn however long (each call
             ahead is still bounded by ``timeout``). A connection's snapshot thus takes at most
-            ``queue_timeout + timeout``; a resuming one waits for a version load first, and one
-            with ``authenticate`` for it too (``timeout``), and the middleware holds the
-            handshake as long.
+            ``queue_timeout + timeout``; a resuming one waits for a version load first, with
+            the same two bounds, and one with ``authenticate`` for it too (``timeout``), and
+            the middleware holds the handshake as long.
         max_bytes: Largest snapshot frame sent, in bytes of JSON; larger ones are logged and
             dropped. ``None`` for no limit.
         send_synced: Send a ``session_synced`` event when resume skips the snapshot.
