@@ -214,10 +214,10 @@ class SnapshotResponder:
             fence_lock = self._fence_lock = anyio.Lock(fast_acquire=True)
         async with fence_lock:
             await self._send_fenced(message)
-        if self._cursor is None and self.phase is _FENCING and not fence_lock.locked():
-            # The fence ended while this frame held the lock, and no frame waits for it now:
-            # from here on frames pass unjudged (none can overtake one still waiting).
-            self.phase = _SETTLED
+        if self._cursor is None:
+            # The fence ended while this frame held the lock: settle now, unless another frame
+            # waits for the lock (none may overtake it; the last one out settles).
+            self._settle()
 
     async def _send_fenced(self, message: Message) -> None:
         cursor = self._cursor
